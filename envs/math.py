@@ -1,0 +1,74 @@
+"""Math environments: one turn, the final `\\boxed{}` answer checked by `reward.math`.
+
+`BoxedAnswerEnv` is the shared single-turn logic; `MathEnv` reads the public GSM8K and MATH-500
+files (and any JSONL with `problem`/`question` and `answer` fields).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from envs.base import Action, EnvParams, Environment, Message, Observation, StepResult, Task
+from envs.data import read_records, resolve
+from envs.registry import register_env
+from reward.math import extract_hashes, shared_verifier
+
+BOXED_INSTRUCTION = "Put the final answer in \\boxed{}."
+
+
+class BoxedAnswerEnv(Environment):
+    """Single turn: show the prompt, grade the reply's final answer against `task.hidden["answer"]`."""
+
+    allow_hashes: ClassVar[bool] = False
+
+    async def reset(self, task: Task) -> Observation:
+        self.task = task
+        return Observation(messages=task.prompt)
+
+    async def step(self, action: Action) -> StepResult:
+        verdict = await shared_verifier().verify(action.text, str(self.task.hidden["answer"]),
+                                                 allow_hashes=self.allow_hashes)
+        return StepResult(done=True, reward=verdict.reward, info=verdict.model_dump())
+
+
+class MathParams(EnvParams):
+    format: Literal["auto", "gsm8k", "math500"] = "auto"
+    """File format; auto picks by the fields of the first row."""
+    instruction: str = BOXED_INSTRUCTION
+    """Appended to every problem."""
+    limit: int | None = None
+    """Use only the first N rows."""
+
+
+def _row_to_task(row: dict[str, Any], index: int, fmt: str, instruction: str) -> Task:
+    if fmt == "gsm8k":
+        problem, answer = row["question"], extract_hashes(row["answer"])
+        task_id = f"gsm8k-{index}"
+    else:
+        problem, answer = row.get("problem") or row["question"], row["answer"]
+        task_id = str(row.get("unique_id") or row.get("id") or f"math-{index}")
+    return Task(id=task_id, prompt=[Message(role="user", content=f"{problem}\n{instruction}")],
+                hidden={"answer": str(answer)}, meta={k: row[k] for k in ("level", "subject") if k in row})
+
+
+@register_env("math")
+class MathEnv(BoxedAnswerEnv):
+    """Competition/grade-school math from a public JSONL file (GSM8K, MATH-500, ...)."""
+
+    Params = MathParams
+
+    @classmethod
+    def load_tasks(cls, params: MathParams, data: Path | None, split: str) -> Sequence[Task]:
+        path = resolve(data, f"math500/test.jsonl")
+        rows = read_records(path)[: params.limit]
+        if not rows:
+            raise ValueError(f"Dataset file {str(path)!r} has no rows.")
+        fmt = params.format
+        if fmt == "auto":
+            fmt = "gsm8k" if "question" in rows[0] and "####" in str(rows[0].get("answer")) else "math500"
+        try:
+            return [_row_to_task(r, i, fmt, params.instruction) for i, r in enumerate(rows)]
+        except KeyError as err:
+            raise ValueError(f"{path}: rows lack the field {err.args[0]!r} of format {fmt!r}.") from None

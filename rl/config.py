@@ -1,0 +1,230 @@
+"""The run configuration: typed sections loaded from YAML, with `dotted.key=value` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names its key path instead of a
+setting silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors; field docstrings are the docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = "run"
+    """Run name: used for the run directory, the Redis stream and the weight exchange folder."""
+    dir: Path = Path("runs/run")
+    """Where metrics, plots, checkpoints and summary.json are written."""
+    seed: int = 0
+    """Seed for task sampling, model init and sampling."""
+    steps: int = Field(100, ge=1)
+    """Learner steps to run."""
+    max_wall_s: float | None = Field(None, gt=0)
+    """Stop after the step during which this many seconds of training have passed (None: no limit)."""
+
+
+class ModelSection(Section):
+    path: Path = Path("runs/tiny")
+    """A local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Engine dtype. Training logprobs are always computed in fp32."""
+
+
+class RolloutSection(Section):
+    num_workers: int = Field(1, ge=1)
+    """vLLM engines (one Ray actor each)."""
+    max_tokens: int = Field(32, ge=1)
+    """Token limit of one model turn."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (the learner divides logits by the same value)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling; keep 1.0 for unbiased policy-gradient estimates."""
+    max_model_len: int = Field(1024, ge=16)
+    """Longest sequence (prompt plus all turns) the engine accepts."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """KV-cache memory per engine on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Share of GPU memory a GPU engine may take."""
+    enforce_eager: bool = True
+    """Skip torch.compile / CUDA graphs: starts ~3x faster, generates a little slower."""
+    max_concurrent_episodes: int = Field(512, ge=1)
+    """Episodes running at once across all workers (beyond admission control)."""
+
+
+class AlgorithmSection(Section):
+    group_size: int = Field(8, ge=1)
+    """Samples per task (G); advantages are normalised within a group."""
+    batch_size: int = Field(64, ge=1)
+    """Groups per learner step."""
+    max_staleness: int = Field(1, ge=0)
+    """How many versions generation may run ahead of the learner (0: synchronous on-policy)."""
+    max_age: int | None = Field(None, ge=0)
+    """Hard cap on a trajectory's age in versions; older ones are dropped and counted
+    (None: max_staleness + 1)."""
+    loss: Literal["decoupled_ppo", "truncated_is"] = "decoupled_ppo"
+    """decoupled_ppo: clipped ratio against the sampler's logprobs, the behaviour policy;
+    truncated_is: REINFORCE with importance weights min(ratio, is_cap), no clipping."""
+    clip_low: float = Field(0.2, ge=0)
+    """Lower clip range: ratio >= 1 - clip_low."""
+    clip_high: float = Field(0.2, ge=0)
+    """Upper clip range: ratio <= 1 + clip_high."""
+    is_cap: float = Field(2.0, ge=1)
+    """Truncation of importance weights (truncated_is)."""
+    normalize_std: bool = True
+    """Divide advantages by the group's reward std (GRPO) or only subtract its mean."""
+    filter_zero_variance: bool = True
+    """Drop groups whose rewards are all equal: they carry no gradient."""
+
+    @property
+    def effective_max_age(self) -> int:
+        return self.max_staleness + 1 if self.max_age is None else self.max_age
+
+
+class LearnerSection(Section):
+    world_size: int = Field(1, ge=1)
+    """Learner ranks (Ray actors); FSDP2 shards the model across them."""
+    lr: float = Field(3e-4, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Global gradient-norm clip."""
+    micro_batch_tokens: int = Field(16384, ge=1)
+    """Tokens per forward/backward micro-batch on one rank (gradient accumulation beyond)."""
+    threads_per_rank: int = Field(1, ge=1)
+    """torch intra-op threads per rank on CPU."""
+    mixed_precision: Literal["off", "bf16"] = "off"
+    """FSDP2 parameter dtype for compute; reductions and logprobs stay fp32."""
+    float8: Literal["off", "rowwise", "tensorwise"] = "off"
+    """torchao float8 training of linear layers (GPU; `float8_emulate` on CPU)."""
+    float8_emulate: bool = False
+    """Emulate float8 matmuls (for CPU tests)."""
+    attention: Literal["sdpa", "fa3"] = "sdpa"
+    """Attention kernel: FlashAttention-3 needs a Hopper GPU and flash_attn_interface."""
+
+
+class EnvSection(Section):
+    name: str
+    """Registered environment name (`codeworld envs list`)."""
+    weight: float = Field(1.0, gt=0)
+    """Relative sampling weight among the run's environments."""
+    data: Path | None = None
+    """Dataset file, when the environment reads one."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Environment-specific parameters, validated by the environment's Params model."""
+
+
+class EvalSection(Section):
+    env: str | None = None
+    """Environment (by index name in `envs`) for the held-out greedy evaluation; None: skip."""
+    n: int = Field(500, ge=1)
+    """Held-out tasks evaluated before and after training."""
+
+
+class BusSection(Section):
+    redis_url: str | None = None
+    """Redis to use; unset: codeworld starts a private redis-server and stops it at exit."""
+    block_ms: int = Field(1000, ge=1)
+    """How long one read waits for trajectories before checking for shutdown."""
+
+
+class CheckpointSection(Section):
+    every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0: never). Trajectories are acknowledged on the bus only once the
+    step that used them is checkpointed (or right after the step when checkpointing is off)."""
+
+
+class LoggingSection(Section):
+    tensorboard: bool = True
+    """Write TensorBoard event files under the run dir."""
+    plot: bool = True
+    """Write reward_curve.png at the end of the run."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    rollout: RolloutSection = RolloutSection()
+    algorithm: AlgorithmSection = AlgorithmSection()
+    learner: LearnerSection = LearnerSection()
+    envs: list[EnvSection] = Field(default_factory=list, min_length=1)
+    eval: EvalSection = EvalSection()
+    bus: BusSection = BusSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _eval_env_known(self) -> Config:
+        names = [e.name for e in self.envs]
+        if self.eval.env is not None and self.eval.env not in names:
+            raise ValueError(f"eval.env {self.eval.env!r} is not one of envs: {names}.")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the key path."""
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.0.c=value` in a nested dict/list tree; the value is parsed as YAML."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"Override {override!r} is not of the form dotted.key=value.")
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+    last = parts[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"Override key {path!r} goes below a value that is not a section.")
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list[Any], part: str, path: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"Override key {path!r}: {part!r} is not an index of a {len(node)}-item list.")
+    return int(part)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or defaults when `path` is None) and apply `dotted.key=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {str(p)!r} does not exist.")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"Config file {str(p)!r} must hold a mapping at the top level.")
+    for override in overrides:
+        apply_override(tree, override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(x) for x in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError("Invalid config: " + "; ".join(lines)) from None

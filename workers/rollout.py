@@ -1,0 +1,173 @@
+"""`RolloutWorker`: a Ray actor owning one vLLM `AsyncLLM` engine.
+
+Token in, token out: `generate` takes prompt token ids and returns, for each sample, the sampled
+token ids, the sampler's logprob of each sampled token and the policy version that produced each
+token. `update_weights` swaps weights while requests are in flight: pause (mode "keep") → reload
+from the pushed checkpoint → reset the prefix cache (cached prefixes hold old-weight KV) → resume.
+Tokens sampled after the swap carry the new version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rl.weights import WeightPush, verify_push
+
+
+class EngineConfig(BaseModel):
+    """How one vLLM engine is started."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model_path: str
+    """Hugging Face checkpoint directory the engine starts from (version 0)."""
+    dtype: str = "float32"
+    """Engine dtype; fp32 makes sampler logprobs match the learner's to ~1e-6."""
+    max_model_len: int = 1024
+    """Longest sequence accepted."""
+    enforce_eager: bool = True
+    """Skip torch.compile and CUDA graphs."""
+    kv_cache_gib: float = 1.0
+    """CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = 0.5
+    """Share of GPU memory for the engine (GPU only)."""
+    seed: int = 0
+    """Engine seed."""
+
+
+class Sampling(BaseModel):
+    """Sampling parameters of one `generate` call."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    n: int = Field(1, ge=1)
+    """Samples of the same prompt."""
+    max_tokens: int = Field(32, ge=1)
+    """Token limit per sample."""
+    temperature: float = Field(1.0, ge=0)
+    """0 means greedy."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling."""
+    seed: int | None = None
+    """Per-request seed for reproducible samples (sample i uses seed + i)."""
+    stop_token_ids: list[int] = Field(default_factory=list)
+    """Extra tokens that end a turn (the tokenizer's EOS always does)."""
+
+
+class Generation(BaseModel):
+    """One sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_ids: list[int]
+    """Sampled token ids (the stop token included when one ended the sample)."""
+    logprobs: list[float]
+    """The sampler's logprob of each sampled token, after temperature scaling."""
+    versions: list[int]
+    """The policy version that sampled each token."""
+    finish_reason: str
+    """"stop" (end-of-turn token) or "length" (token limit)."""
+
+
+def _engine_env(config: EngineConfig) -> dict[str, str]:
+    """Environment for the engine's processes; set before vLLM spawns them."""
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(config.kv_cache_gib))),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{max(0, (os.cpu_count() or 1) - 1)}"
+    return env
+
+
+class RolloutWorker:
+    """Owns one vLLM AsyncLLM engine. Create it as a Ray actor with `RolloutWorker.remote_actor`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        os.environ.update(_engine_env(config))
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
+            enforce_eager=config.enforce_eager, seed=config.seed, enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs", gpu_memory_utilization=config.gpu_memory_utilization,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.version = 0
+        self._ids = itertools.count()
+
+    def get_version(self) -> int:
+        return self.version
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:
+        """Sample `sampling.n` completions of `prompt_ids`."""
+        return list(await asyncio.gather(*(self._one(prompt_ids, sampling, i) for i in range(sampling.n))))
+
+    async def _one(self, prompt_ids: list[int], sampling: Sampling, index: int) -> Generation:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            seed=None if sampling.seed is None else sampling.seed + index, logprobs=0,
+            stop_token_ids=sampling.stop_token_ids, output_kind=RequestOutputKind.DELTA,
+        )
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        versions: list[int] = []
+        finish = "length"
+        request_id = f"r{next(self._ids)}"
+        async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
+            delta = out.outputs[0]
+            # Tag tokens as they arrive: a weight swap between two deltas changes the version.
+            for tok, lp in zip(delta.token_ids, delta.logprobs or [], strict=True):
+                tokens.append(tok)
+                logprobs.append(lp[tok].logprob)
+                versions.append(self.version)
+            if delta.finish_reason is not None:
+                finish = delta.finish_reason
+        return Generation(token_ids=tokens, logprobs=logprobs, versions=versions, finish_reason=finish)
+
+    async def update_weights(self, push: WeightPush) -> float:
+        """Verify the push's checksum, then swap weights without dropping in-flight requests.
+        Returns the seconds generation was paused."""
+        await asyncio.to_thread(verify_push, push)
+        start = time.perf_counter()
+        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            await self.engine.collective_rpc(
+                "reload_weights", kwargs={"weights_path": str(push.path), "is_checkpoint_format": True})
+            await self.engine.reset_prefix_cache()
+            self.version = push.version
+        finally:
+            await self.engine.resume_generation()
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        """Stop the engine and its processes."""
+        self.engine.shutdown()
+
+    @classmethod
+    def remote_actor(cls, config: EngineConfig, **options: Any):  # -> ray.actor.ActorHandle
+        """Start the worker as a Ray actor. On CPU it claims no Ray CPU: vLLM binds its own
+        threads, and a CPU claim would starve the learner on small machines."""
+        import ray
+
+        defaults: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000,
+                                    "runtime_env": {"env_vars": _engine_env(config)}}
+        return ray.remote(cls).options(**(defaults | options)).remote(config)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Validate an engine's model directory early, with a clear message."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {str(p)!r} is not a Hugging Face checkpoint directory "
+                                "(no config.json); build one with `codeworld model init-tiny`.")
+    return p
