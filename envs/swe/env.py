@@ -1,0 +1,207 @@
+"""The SWE environment: a multi-turn agent in a sandbox with the repository at its base state.
+
+Each turn the model calls one tool (`tools.py`); the environment runs it in the episode's
+sandbox session and answers with the tool's output and the turns and tokens left. The episode
+ends on `submit`, or when the turns or the token budget run out; the repository's diff against
+its start is then graded by `reward.swe.grade_swe` in a fresh sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from envs.base import Action, EnvParams, Environment, Message, Observation, StepResult, Task
+from envs.data import resolve
+from envs.registry import register_env
+from envs.swe.pools import shared_pool
+from envs.swe.task import SWETask, load_swe_tasks, official_image
+from envs.swe.tools import TOOL_DOC, ToolCall, ToolFormatError, parse_tool_call
+from envs.swe.workspace import SandboxFailure, Workspace
+from reward.swe import grade_swe
+from workers.sandbox import SandboxError, SandboxUnavailable
+
+MAX_TURNS = 200
+
+SYSTEM_PROMPT = """You are a software engineer fixing a problem in a repository inside a sandbox \
+with no network access. Explore the code, make the fix, check it by running the tests, then \
+submit. When you submit (or run out of turns or tokens) your changes are graded by hidden tests. \
+Changes to test files are discarded before grading.
+
+""" + TOOL_DOC
+
+
+class SWEParams(EnvParams):
+    """Settings of the SWE environment."""
+
+    backend: Literal["docker", "local"] = "docker"
+    """Sandbox backend (`workers.sandbox`)."""
+    image: str = "codeworld-sandbox:py311"
+    """Image for tasks that bring their repository as a tarball and name no image."""
+    pool_size: int = Field(default=2, ge=1)
+    """Sandboxes kept warm per image."""
+    max_turns: int = Field(default=30, ge=1, le=MAX_TURNS)
+    """Model turns per episode."""
+    token_budget: int = Field(default=32768, ge=1)
+    """Tokens the model may generate over the whole episode."""
+    command_timeout_s: float = Field(default=60.0, gt=0)
+    """Time limit of one tool call."""
+    test_timeout_s: float = Field(default=900.0, gt=0)
+    """Time limit of the grading test run."""
+    memory_mb: int = Field(default=2048, ge=256)
+    """Memory of the episode's and the grader's sandbox."""
+    max_observation_chars: int = Field(default=8000, ge=200)
+    """Tool output longer than this is cut (head and tail kept)."""
+
+
+def task_image(task: SWETask, params: SWEParams) -> str:
+    """The image a task runs in: its own, else the default (tarball tasks) or SWE-bench's."""
+    if task.image:
+        return task.image
+    return params.image if task.source is not None else official_image(task.instance_id)
+
+
+def swe_task_to_task(swe: SWETask, params: SWEParams) -> Task:
+    """The `Task` row of a SWE task: the prompt, and the record itself as hidden data."""
+    user = (f"{swe.problem_statement}\n\nThe shell starts in the repository's root folder and file paths "
+            f"are relative to it. You have {params.max_turns} turns and {params.token_budget} tokens.")
+    return Task(id=swe.instance_id, prompt=[Message(role="system", content=SYSTEM_PROMPT),
+                                            Message(role="user", content=user)],
+                hidden={"swe": swe.model_dump(mode="json")}, meta={"repo": swe.repo, "version": swe.version})
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters, keeping its head and tail."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
+
+
+@register_env("swe")
+class SWEEnv(Environment):
+    """Agentic SWE: bash / view / edit / create / submit in a sandbox, graded by hidden tests."""
+
+    Params = SWEParams
+    max_turns: ClassVar[int] = MAX_TURNS
+
+    def __init__(self, params: SWEParams) -> None:
+        super().__init__(params)
+        self.params: SWEParams = params
+        self._stack = contextlib.AsyncExitStack()
+        self._workspace: Workspace | None = None
+        self._broken = ""
+        self.turns = self.tokens = 0
+
+    @classmethod
+    def load_tasks(cls, params: SWEParams, data: Path | None, split: str) -> Sequence[Task]:
+        path = resolve(data, "swebench_lite/test.json" if split == "test" else "swebench_lite/dev.json")
+        return [swe_task_to_task(t, params) for t in load_swe_tasks(path)]
+
+    async def reset(self, task: Task) -> Observation:
+        self.swe = SWETask.model_validate(task.hidden["swe"])
+        try:
+            self.pool = await shared_pool(self.params.backend, task_image(self.swe, self.params),
+                                          self.params.pool_size)
+            box = await self._stack.enter_async_context(self.pool.session())
+            self._workspace = Workspace(box, self.swe, self.params.memory_mb)
+            await self._workspace.prepare()
+            await self._workspace.snapshot()
+        except (SandboxFailure, SandboxError, SandboxUnavailable, ValueError) as err:
+            # Reported by the first step as a dropped sample (reward None), per the contract.
+            self._broken = f"the episode's sandbox could not be prepared: {err}"
+        return Observation(messages=task.prompt)
+
+    async def step(self, action: Action) -> StepResult:
+        self.turns += 1
+        self.tokens += len(action.token_ids)
+        if self._broken:
+            return StepResult(done=True, reward=None, info={"error": self._broken})
+        try:
+            call = parse_tool_call(action.text)
+        except ToolFormatError as err:
+            output = f"Error: {err}"
+        else:
+            if call.name == "submit":
+                return await self._finish("submitted")
+            try:
+                output = await self._run_tool(call)
+            except (SandboxFailure, SandboxError) as err:
+                return StepResult(done=True, reward=None, info={"error": f"sandbox failed during {call.name}: {err}"})
+        if self.turns >= self.params.max_turns or self.tokens >= self.params.token_budget:
+            return await self._finish("out of turns" if self.turns >= self.params.max_turns else "out of tokens")
+        text = clip(output, self.params.max_observation_chars)
+        footer = (f"[{self.params.max_turns - self.turns} turns and "
+                  f"{self.params.token_budget - self.tokens} tokens left]")
+        return StepResult(observation=Observation(messages=[Message(role="user", content=f"{text}\n{footer}")]),
+                          done=False)
+
+    async def _finish(self, reason: str) -> StepResult:
+        """Take the diff, release the episode's sandbox, grade in a fresh one."""
+        assert self._workspace is not None
+        info: dict[str, Any] = {"reason": reason, "turns": self.turns, "tokens": self.tokens}
+        try:
+            diff, skipped = await self._workspace.diff()
+        except (SandboxFailure, SandboxError) as err:
+            return StepResult(done=True, reward=None, info={**info, "error": f"could not read the diff: {err}"})
+        await self.close()
+        grade = await grade_swe(self.swe, diff, self.pool, timeout_s=self.params.test_timeout_s,
+                                memory_mb=self.params.memory_mb)
+        info.update(diff=diff, skipped_files=skipped, grade=grade.model_dump())
+        return StepResult(done=True, reward=grade.reward, info=info)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def _run_tool(self, call: ToolCall) -> str:
+        assert self._workspace is not None
+        if call.name == "bash":
+            return await self._bash(call.arg)
+        files = await self._workspace.read_files([call.arg])
+        current = files[call.arg]
+        if call.name == "create":
+            await self._workspace.write_files({call.arg: call.text.encode()})
+            return f"{'Overwrote' if current is not None else 'Created'} {call.arg} ({call.text.count(chr(10))} lines)."
+        if current is None:
+            return f"Error: {call.arg} does not exist (paths are relative to the repository root)."
+        text = current.decode("utf-8", errors="replace")
+        if call.name == "view":
+            return number_lines(text, call.start or 1, call.end if call.end is not None else -1)
+        return await self._edit(call, text)
+
+    async def _bash(self, command: str) -> str:
+        assert self._workspace is not None
+        out = await self._workspace.shell(command, self.params.command_timeout_s)
+        if out.timed_out:
+            status = (f"[timed out after {self.params.command_timeout_s:g} s and killed; the shell's directory "
+                      "and exports from this command were not kept]")
+        else:
+            status = f"[exit code {out.exit_code}]"
+        cut = " (output cut at 1 MiB)" if out.total_bytes > len(out.text.encode()) + 1 else ""
+        return f"{out.text.rstrip()}\n{status}{cut}"
+
+    async def _edit(self, call: ToolCall, text: str) -> str:
+        assert self._workspace is not None
+        count = text.count(call.search)
+        if count != 1:
+            where = "does not occur" if count == 0 else f"occurs {count} times"
+            return f"Error: the SEARCH text {where} in {call.arg}; it must match exactly once."
+        start_line = text[: text.index(call.search)].count("\n") + 1
+        new_text = text.replace(call.search, call.text, 1)
+        await self._workspace.write_files({call.arg: new_text.encode()})
+        end_line = start_line + call.text.count("\n")
+        return f"Edited {call.arg}. Lines {max(1, start_line - 2)}-{end_line + 2} now read:\n" + \
+            number_lines(new_text, max(1, start_line - 2), end_line + 2)
+
+
+def number_lines(text: str, start: int, end: int) -> str:
+    """Lines `start`..`end` (1-based, -1 = last) of `text`, each prefixed with its number."""
+    lines = text.splitlines()
+    last = len(lines) if end == -1 else min(end, len(lines))
+    if start > max(len(lines), 1):
+        return f"Error: the file has {len(lines)} lines; line {start} does not exist."
+    return "\n".join(f"{i:6d}\t{lines[i - 1]}" for i in range(start, last + 1))

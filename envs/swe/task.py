@@ -1,0 +1,156 @@
+"""The SWE task record: a SWE-bench instance as published, plus the few fields that say how to
+materialise and test it here. SWE-bench files (JSON arrays) are read as they are; tasks made by
+`codeworld swe build-tasks` are JSONL rows of the same shape with `source` and `test_cmd` set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from swebench.harness.log_parsers import PARSER_REGISTRY
+from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY, parse_log_pytest
+
+from envs.data import read_records
+from envs.swe.diffs import touched_paths
+
+# Test commands of the pure-Python SWE-bench repositories (from the SWE-bench harness specs);
+# the test files of the task are appended. Repositories not listed here use plain pytest.
+SWEBENCH_TEST_CMDS: dict[str, str] = {
+    "django/django": "./tests/runtests.py --verbosity 2 --settings=test_sqlite --parallel 1",
+    "sympy/sympy": "PYTHONWARNINGS='ignore::UserWarning,ignore::SyntaxWarning' bin/test -C --verbose",
+    "sphinx-doc/sphinx": "tox --current-env -epy39 -v --",
+    "astropy/astropy": "pytest -rA -vv -o console_output_style=classic --tb=no",
+    "mwaskom/seaborn": "pytest --no-header -rA",
+}
+DEFAULT_TEST_CMD = "pytest -rA"
+# How the official SWE-bench images start a shell: the repository's conda environment.
+SWEBENCH_SHELL_INIT = "source /opt/miniconda3/bin/activate && conda activate testbed"
+
+
+class SourceSpec(BaseModel):
+    """Where the repository's base files come from when they are not inside the image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tarball: str
+    """A .tar.gz holding the repository (e.g. a PyPI sdist); relative to the task file's folder."""
+    prefix: str = ""
+    """The folder inside the tarball that is the repository root ('' = the tarball's top)."""
+    setup_patch: str = ""
+    """A diff applied on the host after unpacking to make the base state (the injected bug of a
+    built task). Host-side only: it never enters a sandbox."""
+    deps: str | None = None
+    """A .tar.gz of installed dependencies (`pip install --target`), relative like `tarball`;
+    unpacked next to the repository and put on PYTHONPATH."""
+    pythonpath: list[str] = []
+    """Repository folders put on PYTHONPATH, for the shell and the tests (e.g. `src`)."""
+
+
+class SWETask(BaseModel):
+    """One SWE task: SWE-bench's fields (extra ones ignored) and how to run it here."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    instance_id: str
+    """Unique id, e.g. `pallets__flask-4992` or `toolz-1.2.0-m0007`."""
+    repo: str
+    """`owner/name` for SWE-bench, the PyPI name for built tasks."""
+    problem_statement: str
+    """The issue text shown to the model."""
+    version: str = ""
+    """The repository's version (SWE-bench's environment key)."""
+    base_commit: str = ""
+    """The commit of the base state (SWE-bench); for built tasks the sdist's sha256."""
+    patch: str = ""
+    """The gold fix (a diff); never shown to the model."""
+    test_patch: str = ""
+    """A diff that adds or updates the tests that judge the fix; applied only when grading."""
+    FAIL_TO_PASS: list[str]
+    """Tests that fail at the base and must pass after the fix (the grader refuses a task
+    without any: it would reward every diff)."""
+    PASS_TO_PASS: list[str]
+    """Tests that pass at the base and must still pass after the fix."""
+    image: str | None = None
+    """Sandbox image for this task; None = the environment's default for its kind."""
+    source: SourceSpec | None = None
+    """Base files to unpack; None = the repository is already in the image at `image_workdir`."""
+    image_workdir: str = "/testbed"
+    """Where an image-resident repository lives (SWE-bench images: /testbed)."""
+    test_cmd: str | None = None
+    """Shell command that runs the tests, the test files appended; None = by repository."""
+    test_files: list[str] = []
+    """Test files to run; empty = the files the test_patch touches (SWE-bench's directives)."""
+    trusted_files: list[str] = []
+    """Test files a model's diff may not change, beyond those of the test_patch."""
+    log_parser: str | None = None
+    """Name of the `swebench.harness.log_parsers` parser that reads the test output; None = the
+    one SWE-bench uses for this repository (pytest's for repositories it does not know)."""
+    shell_init: str | None = None
+    """Shell commands run before every command (e.g. activating a conda env); None = by kind."""
+
+    @field_validator("FAIL_TO_PASS", "PASS_TO_PASS", mode="before")
+    @classmethod
+    def _json_list(cls, value: Any) -> Any:
+        # SWE-bench publishes these as JSON-encoded strings.
+        return json.loads(value) if isinstance(value, str) else value
+
+    def resolved_test_cmd(self) -> str:
+        """The full test command: the command for this repository and the test files."""
+        base = self.test_cmd or SWEBENCH_TEST_CMDS.get(self.repo, DEFAULT_TEST_CMD)
+        return " ".join([base, *self.test_directives()])
+
+    def test_directives(self) -> list[str]:
+        """What to pass the test command: the test files (Django: dotted test module labels)."""
+        files = self.test_files or touched_paths(self.test_patch)[1]
+        files = [f for f in files if f.endswith(".py")]
+        if self.repo == "django/django":
+            return [f.removeprefix("tests/").removesuffix(".py").replace("/", ".") for f in files]
+        return files
+
+    def trusted(self) -> set[str]:
+        """Paths a model's diff may not change: the test_patch's files and `trusted_files`."""
+        reads, writes = touched_paths(self.test_patch) if self.test_patch else ([], [])
+        return set(reads) | set(writes) | set(self.trusted_files)
+
+    def resolved_log_parser(self) -> str:
+        """The `PARSER_REGISTRY` name of the parser for this task's test output."""
+        if self.log_parser is not None:
+            if self.log_parser not in PARSER_REGISTRY:
+                raise ValueError(f"Task {self.instance_id}: unknown log_parser {self.log_parser!r}.")
+            return self.log_parser
+        parser = MAP_REPO_TO_PARSER_PY.get(self.repo, parse_log_pytest)
+        return next(name for name, fn in PARSER_REGISTRY.items() if fn is parser)
+
+    def image_resident(self) -> bool:
+        """Whether the repository comes with the image rather than from `source`."""
+        return self.source is None
+
+
+def official_image(instance_id: str) -> str:
+    """The name of SWE-bench's prebuilt evaluation image of an instance (Docker Hub
+    `swebench/sweb.eval.x86_64.*`, where Docker Hub's naming forbids `__`)."""
+    return f"swebench/sweb.eval.x86_64.{instance_id.replace('__', '_1776_')}:latest".lower()
+
+
+def load_swe_tasks(path: Path) -> list[SWETask]:
+    """Read SWE tasks from a SWE-bench JSON array or a JSONL file; relative tarball paths are
+    made absolute against the file's folder. An error names the file and the record at fault."""
+    tasks = []
+    for index, row in enumerate(read_records(path)):
+        try:
+            task = SWETask.model_validate(row)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{path}: record {index} is not a SWE task ({field}: {first['msg']}).") from None
+        if task.source is not None:
+            src = task.source
+            task.source = src.model_copy(update={
+                "tarball": str((path.parent / src.tarball).resolve()),
+                "deps": str((path.parent / src.deps).resolve()) if src.deps else None,
+            })
+        tasks.append(task)
+    return tasks

@@ -1,0 +1,140 @@
+"""SWE grading: a model's diff against a task's hidden tests, in a fresh sandbox.
+
+The diff loses its changes to trusted test files (and to files that would run code inside the
+test process) before it is applied, the task's test_patch is applied after it, the
+FAIL_TO_PASS and PASS_TO_PASS tests run, and `swebench`'s own log parser and report functions
+read the output. Reward 1 only if every one of those tests passes. No reward at all (None, the
+sample is dropped) when the sandbox fails or the task itself is broken; a diff that does not
+apply, tests that time out or a crashed test run are the model's doing and score 0.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Protocol
+
+from pydantic import BaseModel, Field
+from swebench.harness.constants import (
+    END_TEST_OUTPUT,
+    FAIL_TO_PASS,
+    PASS_TO_PASS,
+    START_TEST_OUTPUT,
+    TEST_EXIT_CODE,
+    ResolvedStatus,
+)
+from swebench.harness.grading import get_eval_tests_report, get_logs_eval, get_resolution_status
+from swebench.types import TestSpec
+
+from envs.swe.diffs import PatchError, drop_protected
+from envs.swe.task import SWETask
+from envs.swe.workspace import SandboxFailure, SandboxSession, Workspace
+from workers.sandbox import ExecResult, SandboxError, SandboxUnavailable, Status
+
+
+class SessionPool(Protocol):
+    """What grading needs of a `workers.sandbox.SandboxPool`: fresh sessions."""
+
+    def session(self): ...  # an async context manager yielding a SandboxSession
+
+
+class TestOutcome(BaseModel):
+    """Which tests of one group passed and which did not."""
+
+    passed: list[str] = Field(default_factory=list)
+    """Tests that passed (or, for PASS_TO_PASS, were skipped: not a regression)."""
+    failed: list[str] = Field(default_factory=list)
+    """Tests that failed, errored or did not run."""
+
+
+class GradeResult(BaseModel):
+    """The verdict on one diff."""
+
+    reward: float | None
+    """1.0 if every FAIL_TO_PASS and PASS_TO_PASS test passes, else 0.0; None when no verdict
+    could be reached for reasons that are not the model's (sandbox failure, broken task)."""
+    resolved: bool = False
+    """SWE-bench's "resolved" (RESOLVED_FULL)."""
+    applied: bool = False
+    """Whether the model's diff (after dropping protected files) applied."""
+    dropped_paths: list[str] = Field(default_factory=list)
+    """Protected paths the diff touched; those changes were ignored."""
+    fail_to_pass: TestOutcome = Field(default_factory=TestOutcome)
+    """Outcome of the tests the fix must make pass."""
+    pass_to_pass: TestOutcome = Field(default_factory=TestOutcome)
+    """Outcome of the tests the fix must not break."""
+    error: str = ""
+    """Why there is no test verdict (diff does not apply, timeout, sandbox failure), else ''."""
+    log_tail: str = ""
+    """The last lines of the test output, for people reading a sample."""
+    sandbox_s: float = 0.0
+    """Seconds spent waiting on the sandbox."""
+    total_s: float = 0.0
+    """Seconds the whole grading took."""
+
+
+async def grade_swe(task: SWETask, diff: str, pool: SessionPool, *, timeout_s: float = 900.0,
+                    memory_mb: int = 2048) -> GradeResult:
+    """Grade `diff` (a unified diff against the task's base) on `task` in a fresh sandbox
+    session from `pool`."""
+    start = time.perf_counter()
+    result = await _grade(task, diff, pool, timeout_s, memory_mb)
+    result.total_s = time.perf_counter() - start
+    return result
+
+
+async def _grade(task: SWETask, diff: str, pool: SessionPool, timeout_s: float, memory_mb: int) -> GradeResult:
+    if not task.FAIL_TO_PASS:
+        return GradeResult(reward=None, error=f"task {task.instance_id} is broken: it has no FAIL_TO_PASS tests")
+    try:
+        kept, dropped = drop_protected(diff, task.trusted()) if diff.strip() else ("", [])
+    except PatchError as err:
+        return GradeResult(reward=0.0, error=str(err))
+    workspace: Workspace | None = None
+    try:
+        async with pool.session() as box:
+            workspace = Workspace(box, task, memory_mb)
+            await workspace.prepare()
+            try:
+                await workspace.apply(kept)
+            except PatchError as err:
+                return GradeResult(reward=0.0, dropped_paths=dropped, error=f"model diff: {err}",
+                                   sandbox_s=workspace.sandbox_s)
+            try:
+                await workspace.apply(task.test_patch)
+            except PatchError as err:
+                return GradeResult(reward=None, applied=True, dropped_paths=dropped,
+                                   error=f"task {task.instance_id} is broken: its test_patch: {err}",
+                                   sandbox_s=workspace.sandbox_s)
+            run = await workspace.run_tests(timeout_s)
+    except (SandboxFailure, SandboxError, SandboxUnavailable, PatchError) as err:
+        # PatchError here: the task's own setup_patch does not apply, a broken task.
+        return GradeResult(reward=None, dropped_paths=dropped, error=f"no verdict: {err}",
+                           sandbox_s=workspace.sandbox_s if workspace else 0.0)
+    verdict = judge(task, run)
+    verdict.dropped_paths, verdict.applied, verdict.sandbox_s = dropped, True, workspace.sandbox_s
+    return verdict
+
+
+def judge(task: SWETask, run: ExecResult) -> GradeResult:
+    """The verdict on one test run, read with swebench's parser and report functions."""
+    output = run.stdout.decode(errors="replace")
+    tail = "\n".join(output.splitlines()[-30:])
+    if run.status in (Status.TIMEOUT, Status.OOM, Status.OUTPUT_LIMIT):
+        return GradeResult(reward=0.0, error=f"tests ended as {run.status.value}", log_tail=tail)
+    log = f"{START_TEST_OUTPUT}\n{output}\n{END_TEST_OUTPUT}\n{TEST_EXIT_CODE}: {run.exit_code}\n"
+    spec = TestSpec(instance_id=task.instance_id, image=task.image or "", eval_script_list=[],
+                    repo=task.repo, version=task.version, FAIL_TO_PASS=task.FAIL_TO_PASS,
+                    PASS_TO_PASS=task.PASS_TO_PASS, log_parser=task.resolved_log_parser())
+    with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
+        f.write(log)
+        f.flush()
+        status_map, found = get_logs_eval(spec, f.name)
+    if not found:
+        return GradeResult(reward=0.0, error="the test output holds no test results", log_tail=tail)
+    report = get_eval_tests_report(status_map, {FAIL_TO_PASS: task.FAIL_TO_PASS, PASS_TO_PASS: task.PASS_TO_PASS})
+    resolved = get_resolution_status(report) == ResolvedStatus.FULL.value
+    outcome = {k: TestOutcome(passed=report[k]["success"], failed=report[k]["failure"])
+               for k in (FAIL_TO_PASS, PASS_TO_PASS)}
+    return GradeResult(reward=1.0 if resolved else 0.0, resolved=resolved, fail_to_pass=outcome[FAIL_TO_PASS],
+                       pass_to_pass=outcome[PASS_TO_PASS], log_tail=tail)
