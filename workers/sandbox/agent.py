@@ -1,0 +1,704 @@
+"""The in-sandbox agent. Standard library only: it runs on the sandbox's own python3 and is shipped
+as `python3 -c <this source> agent <config json>`, so no file has to be placed in the sandbox.
+
+Two processes, both under the workload's uid:
+* the agent speaks length-prefixed frames with the host on its stdin/stdout, writes files, pumps the
+  program's stdin/stdout/stderr with byte caps, enforces the deadline, kills every leftover process
+  and wipes the writable directories between tasks;
+* the zygote is a fresh interpreter that never sees task data (so a forked program cannot find the
+  last task's bytes in its inherited memory); it forks one child per run (the Python fast path
+  runs the program inside that fork, everything else execs) and reports the exit status.
+
+Frames: 4-byte big-endian header length, JSON header, then the raw blobs whose lengths the header
+lists under "blobs". An exec request's last blob (stdin) is streamed, not buffered.
+"""
+
+import ctypes
+import errno
+import io
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import tarfile
+import time
+
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+CHUNK = 1 << 16
+LIBC = ctypes.CDLL(None, use_errno=True)
+PYTHON_NAMES = ("python", "python3", "python3.%d" % sys.version_info[1])
+
+
+def read_exact(fd, n):
+    parts, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("host closed the channel")
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def send_frame(fd, header, blobs=()):
+    header = dict(header, blobs=[len(b) for b in blobs])
+    raw = json.dumps(header).encode()
+    write_all(fd, struct.pack(">I", len(raw)) + raw)
+    for blob in blobs:
+        write_all(fd, blob)
+
+
+# ----------------------------------------------------------------------------------- file transfer
+def open_dir(root_fd, parts, create):
+    """Walks `parts` below root_fd without following any symlink; returns a new dir fd."""
+    fd = os.dup(root_fd)
+    for part in parts:
+        if create:
+            try:
+                os.mkdir(part, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+        try:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = nxt
+    return fd
+
+
+def checked_parts(name):
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or name.startswith("/") or ".." in parts:
+        raise ValueError("unsafe path %r" % name)
+    return parts
+
+
+def unpack(tar_bytes, root):
+    """Writes a host-made tar of regular files below root; refuses anything that could escape."""
+    if not tar_bytes:
+        return
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise ValueError("only regular files may be sent, not %r" % member.name)
+                parts = checked_parts(member.name)
+                data = tar.extractfile(member).read()
+                dir_fd = open_dir(root_fd, parts[:-1], create=True)
+                try:
+                    mode = 0o755 if data.startswith(b"#!") else 0o644
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                    fd = os.open(parts[-1], flags, mode, dir_fd=dir_fd)
+                    try:
+                        write_all(fd, data)
+                    finally:
+                        os.close(fd)
+                finally:
+                    os.close(dir_fd)
+    finally:
+        os.close(root_fd)
+
+
+def read_regular(root_fd, name, budget):
+    """Content of a regular file below root_fd, or None if missing, a symlink or not regular."""
+    try:
+        parts = checked_parts(name)
+        dir_fd = open_dir(root_fd, parts[:-1], create=False)
+    except (OSError, ValueError):
+        return None
+    try:
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > budget:
+            return None
+        return read_exact(fd, st.st_size) if st.st_size else b""
+    except (OSError, EOFError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def pack(root, names, budget):
+    buf = io.BytesIO()
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with tarfile.open(fileobj=buf, mode="w:") as tar:
+            for name in names:
+                data = read_regular(root_fd, name, budget)
+                if data is None:
+                    continue
+                budget -= len(data)
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    finally:
+        os.close(root_fd)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------- cleanup
+def proc_status(pid):
+    fields = {}
+    with open("/proc/%d/status" % pid, "rb") as f:
+        for line in f:
+            key, _, value = line.partition(b":")
+            fields[key] = value.split()
+    return fields
+
+
+def session_of(pid):
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[3])
+
+
+def other_processes(spare, sessions):
+    """Live processes of our real uid other than `spare` (the agent and the zygote); with
+    `sessions` (no pid namespace, shared uid) only those in the programs' own sessions."""
+    uid = os.getuid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in spare:
+            continue
+        try:
+            fields = proc_status(int(name))
+            if sessions is not None and session_of(int(name)) not in sessions:
+                continue
+        except OSError:
+            continue
+        if int(fields[b"Uid"][0]) == uid and fields[b"State"][0] not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def kill_all(spare, sessions=None):
+    """SIGKILLs every other process of our uid until none is left; False if a fork bomb outran us."""
+    for _ in range(2000):
+        victims = other_processes(spare, sessions)
+        if not victims:
+            return True
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.0005)
+    return False
+
+
+def remove_ipc():
+    """Removes System V IPC objects of our uid: they outlive processes and could carry data over."""
+    uid = os.getuid()
+    tables = (("shm", 7, lambda i: LIBC.shmctl(i, 0, None)),
+              ("msg", 7, lambda i: LIBC.msgctl(i, 0, None)),
+              ("sem", 4, lambda i: LIBC.semctl(i, 0, 0, 0)))
+    for table, uid_col, remove in tables:
+        try:
+            with open("/proc/sysvipc/" + table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            continue
+        for row in rows:
+            if len(row) > uid_col and int(row[uid_col]) == uid:
+                remove(int(row[1]))
+
+
+def wipe_dir(root):
+    """Deletes everything below root without following symlinks, first making dirs writable."""
+    stack, dirs = [root], []
+    while stack:
+        path = stack.pop()
+        if path != root:
+            os.chmod(path, 0o700)
+            dirs.append(path)
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+    for path in reversed(dirs):
+        os.rmdir(path)
+
+
+# --------------------------------------------------------------------------------------- the zygote
+def zygote_main(sock_fd):
+    LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    sock = socket.socket(fileno=sock_fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    import runpy, traceback, types, atexit  # noqa: F401,E401 - preloaded for the fast path's forks
+    tracked = set()
+    while True:
+        ready, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+            reap(sock, tracked)
+        if sock in ready:
+            msg, fds, _, _ = socket.recv_fds(sock, 64, 8)
+            if not msg:
+                os._exit(0)
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                for fd in (wake_r, wake_w):
+                    os.close(fd)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                child_main(fds)
+            for fd in fds:
+                os.close(fd)
+            tracked.add(pid)
+            sock.send(b"P %d" % pid)
+
+
+def reap(sock, tracked):
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid in tracked:
+            tracked.discard(pid)
+            sock.send(b"E %d %d %.6f" % (pid, status, usage.ru_utime + usage.ru_stime))
+
+
+def child_main(fds):
+    """In the fork: become the program. Never returns."""
+    params = {"argv": ["program"]}
+    try:
+        in_r, out_w, err_w, par_r = fds
+        params = json.loads(read_exact(par_r, struct.unpack(">I", read_exact(par_r, 4))[0]))
+        os.setsid()
+        for target, fd in ((0, in_r), (1, out_w), (2, err_w)):
+            os.dup2(fd, target)
+        os.closerange(3, 1 << 16)
+        LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+        import resource
+        for name, value in params["rlimits"].items():
+            resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, value))
+        os.chdir(params["cwd"])
+        if params.get("fast"):
+            run_python(params["fast"], params["env"])
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        argv = params["argv"]
+        os.execvpe(argv[0], argv, params["env"])
+    except OSError as exc:
+        os.write(2, ("%s: %s\n" % (params["argv"][0], exc.strerror)).encode())
+        os._exit(127 if exc.errno == errno.ENOENT else 126)
+    except BaseException as exc:  # the fork must never fall back into the zygote's loop
+        os.write(2, ("sandbox: could not start the program: %r\n" % (exc,)).encode())
+        os._exit(126)
+
+
+def run_python(spec, env):
+    """The fast path: run a Python program in this pre-loaded interpreter, as `python3` would."""
+    import atexit, builtins, traceback, types  # noqa: E401
+    os.environ.clear()
+    os.environ.update(env)
+    sys.dont_write_bytecode = spec["no_bytecode"] or sys.dont_write_bytecode
+    write_through = spec["unbuffered"]
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
+                                                  encoding="utf-8")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                                    encoding="utf-8", write_through=write_through)
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                                                    encoding="utf-8", errors="backslashreplace",
+                                                    line_buffering=True)
+    try:
+        if spec["kind"] == "module":
+            import runpy
+            sys.argv = ["-m"] + spec["args"]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(spec["target"], run_name="__main__", alter_sys=True)
+            exit_code = 0
+        else:
+            exit_code = run_source(spec, types, builtins)
+    except SystemExit as exc:
+        exit_code = system_exit_code(exc)
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != spec["filename"]:
+            tb = tb.tb_next
+        traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
+        exit_code = 1
+    os._exit(finish_python(exit_code, atexit))
+
+
+def run_source(spec, types, builtins):
+    if spec["kind"] == "file":
+        with open(spec["target"], "rb") as f:
+            source = f.read()
+        sys.argv = [spec["target"]] + spec["args"]
+        sys.path[0] = os.path.dirname(os.path.abspath(spec["target"]))
+    else:
+        source = spec["target"].encode()
+        sys.argv = ["-c"] + spec["args"]
+        sys.path[0] = ""
+    code = compile(source, spec["filename"], "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    if spec["kind"] == "file":
+        main.__file__ = spec["target"]
+    sys.modules["__main__"] = main
+    exec(code, main.__dict__)
+    return 0
+
+
+def system_exit_code(exc):
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def finish_python(exit_code, atexit):
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        atexit._run_exitfuncs()
+    except SystemExit as exc:
+        exit_code = system_exit_code(exc)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            exit_code = 120
+    return exit_code
+
+
+# ----------------------------------------------------------------------------------------- agent
+class Agent:
+    def __init__(self, config):
+        self.config = config
+        self.work = config["work"]
+        # Roots the host listed that this sandbox lacks (no /dev/mqueue, say) are skipped.
+        self.wipe_roots = [r for r in config["wipe"] if os.path.isdir(r) and os.access(r, os.W_OK)]
+        self.oom_file = next((p for p in config.get("oom_files", []) if os.path.exists(p)), None)
+        self.python = os.path.realpath(sys.executable)
+        self.zsock = None
+        # Without a pid namespace or a uid of its own, only the programs' sessions may be killed.
+        self.sessions = set() if config.get("kill_scope") == "session" else None
+        self.start_zygote()
+
+    def start_zygote(self):
+        """A fresh exec, never a fork of the agent: the zygote must hold no task's bytes."""
+        if self.zsock is not None:
+            self.zsock.close()
+        zsock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = list(sys.orig_argv[:3]) + ["zygote", str(child_sock.fileno())]
+        os.set_inheritable(child_sock.fileno(), True)
+        self.zygote = os.posix_spawn(sys.executable, argv, dict(os.environ))
+        child_sock.close()
+        self.zsock = zsock
+        self.zygote_dead = False
+        self.spare = {os.getpid(), self.zygote}
+
+    def reap_orphans(self):
+        """When the agent is PID 1 (local backend), orphans of a dead zygote land here."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def serve(self):
+        send_frame(1, {"ok": True, "ready": True, "pid": os.getpid(), "uid": os.getuid(),
+                       "python": sys.version.split()[0]})
+        while True:
+            try:
+                raw = read_exact(0, struct.unpack(">I", read_exact(0, 4))[0])
+            except EOFError:
+                os._exit(0)
+            header = json.loads(raw)
+            handler = getattr(self, "op_" + header["op"])
+            try:
+                reply, blobs = handler(header)
+            except (OSError, ValueError, tarfile.TarError) as exc:
+                reply, blobs = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}, ()
+            send_frame(1, reply, blobs)
+
+    def read_blobs(self, header, streamed=0):
+        sizes = header["blobs"]
+        return [read_exact(0, n) for n in sizes[:len(sizes) - streamed]]
+
+    def op_ping(self, header):
+        return {"ok": True, "pid": os.getpid()}, ()
+
+    def op_put(self, header):
+        (tar_bytes,) = self.read_blobs(header)
+        unpack(tar_bytes, self.work)
+        return {"ok": True}, ()
+
+    def op_get(self, header):
+        self.read_blobs(header)
+        return {"ok": True}, (pack(self.work, header["paths"], header["max_bytes"]),)
+
+    def op_reset(self, header):
+        self.read_blobs(header)
+        return {"ok": True, "clean": self.reset()}, ()
+
+    def reset(self):
+        """Kills every process of the last task and empties every writable directory."""
+        clean = kill_all(self.spare, self.sessions)
+        if self.sessions is not None:
+            self.sessions.clear()
+        self.reap_orphans()
+        remove_ipc()
+        for root in self.wipe_roots:
+            try:
+                wipe_dir(root)
+            except OSError:
+                clean = False
+            clean = clean and not os.listdir(root)
+        return clean
+
+    def op_exec(self, header):
+        files, = self.read_blobs(header, streamed=1)
+        stdin_len = header["blobs"][-1]
+        try:
+            unpack(files, self.work)
+            cwd = os.path.join(self.work, header["cwd"])
+            if not os.path.isdir(cwd):
+                raise ValueError("workdir %r does not exist in the sandbox" % header["cwd"])
+        except (OSError, ValueError, tarfile.TarError):
+            discard(stdin_len)
+            raise
+        run = Run(self, header, cwd, stdin_len)
+        reply, blobs = run.execute()
+        reply["clean"] = self.reset() if header["wipe"] else kill_all(self.spare, self.sessions)
+        if self.zygote_dead:
+            self.reap_orphans()
+            self.start_zygote()
+        return reply, blobs
+
+    def fast_spec(self, argv, env):
+        """How to run argv as a fork of the zygote, or None when it needs a real exec."""
+        exe = which(argv[0], env.get("PATH", ""))
+        if exe is None or os.path.realpath(exe) != self.python:
+            return None
+        spec = {"unbuffered": False, "no_bytecode": False, "args": []}
+        rest = argv[1:]
+        while rest and rest[0] in ("-u", "-B"):
+            spec["unbuffered" if rest.pop(0) == "-u" else "no_bytecode"] = True
+        if not rest or rest[0] == "-" or (rest[0].startswith("-") and rest[0] not in ("-c", "-m")):
+            return None
+        if rest[0] in ("-c", "-m"):
+            if len(rest) < 2:
+                return None
+            kind = "code" if rest[0] == "-c" else "module"
+            spec.update(kind=kind, target=rest[1], args=rest[2:], filename="<string>")
+        else:
+            spec.update(kind="file", target=rest[0], args=rest[1:], filename=rest[0])
+        return spec
+
+
+def which(name, path):
+    if "/" in name:
+        return name if os.access(name, os.X_OK) else None
+    for directory in path.split(":"):
+        candidate = os.path.join(directory, name)
+        if directory and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def discard(n):
+    while n:
+        n -= len(read_exact(0, min(n, 1 << 20)))
+
+
+def read_oom_kills(path):
+    if not path:
+        return 0
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Run:
+    """One execution: spawn through the zygote, pump bytes with caps, enforce the deadline."""
+
+    def __init__(self, agent, header, cwd, stdin_len):
+        self.agent, self.header, self.cwd = agent, header, cwd
+        self.stdin_left, self.stdin_buf = stdin_len, b""
+        self.cap = header["max_output"]
+        self.out, self.err = bytearray(), bytearray()
+        self.out_truncated = self.err_truncated = False
+        self.outcome, self.status, self.cpu = None, None, 0.0
+
+    def spawn(self):
+        in_r, self.in_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        par_r, par_w = os.pipe()
+        env = dict(self.agent.config["env"], **self.header["env"])
+        argv = self.header["argv"]
+        fast = self.agent.fast_spec(argv, env) if self.header["fast"] else None
+        params = json.dumps({"argv": argv, "env": env, "cwd": self.cwd, "fast": fast,
+                             "rlimits": self.header["rlimits"]}).encode()
+        socket.send_fds(self.agent.zsock, [b"F"], [in_r, out_w, err_w, par_r])
+        for fd in (in_r, out_w, err_w, par_r):
+            os.close(fd)
+        reply = self.agent.zsock.recv(64)
+        if not reply.startswith(b"P "):
+            raise OSError("the zygote did not answer")
+        self.pid = int(reply.split()[1])
+        if self.agent.sessions is not None:
+            self.agent.sessions.add(self.pid)
+        self.start = time.monotonic()
+        write_all(par_w, struct.pack(">I", len(params)) + params)
+        os.close(par_w)
+        os.set_blocking(self.in_w, False)
+
+    def execute(self):
+        oom_file = self.agent.oom_file
+        ooms = read_oom_kills(oom_file)
+        self.spawn()
+        self.pump(self.start + self.header["timeout_s"])
+        wall = time.monotonic() - self.start
+        discard(self.stdin_left)
+        oom = read_oom_kills(oom_file) > ooms
+        exit_code = decode_status(self.status) if self.status is not None else None
+        if self.outcome is None:
+            self.outcome = "oom" if oom and exit_code != 0 else "exited"
+        reply = {"ok": True, "outcome": self.outcome, "exit_code": exit_code, "wall_s": wall,
+                 "cpu_s": self.cpu, "stdout_truncated": self.out_truncated,
+                 "stderr_truncated": self.err_truncated}
+        return reply, (bytes(self.out), bytes(self.err))
+
+    def pump(self, deadline):
+        open_reads = {self.out_r, self.err_r}
+        while open_reads or self.status is None:
+            if self.status is not None or self.outcome is not None:
+                self.finish(open_reads)
+                return
+            rlist = list(open_reads) + ([] if self.agent.zygote_dead else [self.agent.zsock])
+            if self.stdin_left and len(self.stdin_buf) < (1 << 20):
+                rlist.append(0)
+            wlist = [self.in_w] if self.in_w is not None and self.stdin_buf else []
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                self.outcome = "timeout"
+                continue
+            ready_r, ready_w, _ = select.select(rlist, wlist, [], timeout)
+            self.on_ready(ready_r, ready_w, open_reads)
+
+    def on_ready(self, ready_r, ready_w, open_reads):
+        if self.agent.zsock in ready_r:
+            self.on_zygote(self.agent.zsock.recv(64))
+        if 0 in ready_r:
+            chunk = os.read(0, min(CHUNK, self.stdin_left))
+            if not chunk:
+                raise EOFError("host closed the channel mid-stdin")
+            self.stdin_left -= len(chunk)
+            self.stdin_buf += chunk
+        if ready_w:
+            self.feed_stdin()
+        if self.in_w is not None and not self.stdin_left and not self.stdin_buf:
+            os.close(self.in_w)
+            self.in_w = None
+        for fd in ready_r:
+            if fd in open_reads:
+                self.on_output(fd, open_reads)
+
+    def feed_stdin(self):
+        try:
+            sent = os.write(self.in_w, self.stdin_buf[:CHUNK])
+            self.stdin_buf = self.stdin_buf[sent:]
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:  # the program closed its stdin: the rest is dropped
+            os.close(self.in_w)
+            self.in_w, self.stdin_buf = None, b""
+
+    def on_output(self, fd, open_reads):
+        chunk = os.read(fd, CHUNK)
+        if not chunk:
+            open_reads.discard(fd)
+            os.close(fd)
+            return
+        buf = self.out if fd == self.out_r else self.err
+        room = self.cap - len(buf)
+        buf += chunk[:room]
+        if len(chunk) > room:
+            if fd == self.out_r:
+                self.out_truncated, self.outcome = True, "output_limit"
+            else:
+                self.err_truncated = True
+
+    def on_zygote(self, msg):
+        parts = msg.split()
+        if parts and parts[0] == b"E" and int(parts[1]) == self.pid:
+            self.status, self.cpu = int(parts[2]), float(parts[3])
+        elif not msg:  # only the program can have killed it: same uid, nothing else runs here
+            self.agent.zygote_dead = True
+            self.outcome = "launcher_killed"
+
+    def finish(self, open_reads):
+        """The program ended or must end: kill everything it started, then drain what it wrote."""
+        kill_all(self.agent.spare, self.agent.sessions)
+        end = time.monotonic() + 2.0
+        while (open_reads or self.status is None) and time.monotonic() < end:
+            if self.agent.zygote_dead and not open_reads:
+                break
+            rlist = list(open_reads) + ([] if self.agent.zygote_dead else [self.agent.zsock])
+            ready_r, _, _ = select.select(rlist, [], [], max(0.0, end - time.monotonic()))
+            if self.agent.zsock in ready_r:
+                self.on_zygote(self.agent.zsock.recv(64))
+            for fd in ready_r:
+                if fd in open_reads:
+                    self.on_output(fd, open_reads)
+        for fd in list(open_reads) + ([self.in_w] if self.in_w is not None else []):
+            os.close(fd)
+        self.in_w = None
+
+
+def decode_status(status):
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def main():
+    role = sys.argv[1]
+    if role == "zygote":
+        zygote_main(int(sys.argv[2]))
+    # Non-dumpable: a program running under the same uid cannot ptrace the agent or read its memory.
+    LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    Agent(json.loads(sys.argv[2])).serve()
+
+
+if __name__ == "__main__":
+    main()

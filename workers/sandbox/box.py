@@ -1,0 +1,112 @@
+"""The host-side handle of one warm sandbox, whatever holds it (a container or a local process)."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+
+from workers.sandbox.channel import AgentChannel, ChannelClosed
+from workers.sandbox.config import SandboxLimits
+from workers.sandbox.files import pack_files, unpack_files
+from workers.sandbox.models import ExecRequest, ExecResult, Isolation, Status, validate_relative_path
+
+HOST_GRACE_S = 2.0
+"""The agent enforces the deadline; the host gives up this much later (agent hung or stopped)."""
+TRANSFER_BYTES_PER_S = 20e6
+"""Slowest transfer rate assumed when stretching the host deadline for big stdin or files."""
+_OUTCOMES = {"timeout": Status.TIMEOUT, "output_limit": Status.OUTPUT_LIMIT, "oom": Status.OOM,
+             "launcher_killed": Status.RUNTIME_ERROR}
+
+
+class SandboxBroken(Exception):
+    """This sandbox can no longer be used (its agent, container or daemon failed)."""
+
+
+class Box(abc.ABC):
+    """One warm sandbox: runs programs through its agent, resets between tasks."""
+
+    isolation: Isolation
+
+    def __init__(self, channel: AgentChannel, limits: SandboxLimits) -> None:
+        self.channel = channel
+        self.limits = limits
+        self.dirty = False
+        self.memory_mb: int | None = None
+
+    @abc.abstractmethod
+    async def set_memory(self, memory_mb: int) -> None:
+        """Applies the request's memory limit to the whole sandbox."""
+
+    @abc.abstractmethod
+    async def is_alive(self) -> bool:
+        """Whether the sandbox itself (not just the agent) still exists."""
+
+    @abc.abstractmethod
+    async def destroy(self) -> None:
+        """Kills the sandbox and frees everything it held; safe to call twice."""
+
+    def rlimits(self, request: ExecRequest) -> dict[str, int]:
+        """Per-process limits the agent sets before the program starts."""
+        return {"NOFILE": self.limits.nofile, "CORE": 0,
+                "FSIZE": max(self.limits.work_mb, self.limits.tmp_mb) << 20}
+
+    async def exec(self, request: ExecRequest, wipe: bool) -> ExecResult:
+        """Runs one program; `wipe` also empties the work dirs afterwards (end of a task)."""
+        await self.set_memory(request.memory_mb)
+        header = {"op": "exec", "argv": request.command, "env": request.env, "cwd": request.workdir,
+                  "timeout_s": request.timeout_s, "max_output": request.max_output_bytes,
+                  "fast": request.fast_path, "wipe": wipe, "rlimits": self.rlimits(request)}
+        files = pack_files(request.files)
+        limit = request.timeout_s + HOST_GRACE_S + (len(files) + len(request.stdin)) / TRANSFER_BYTES_PER_S
+        started = time.monotonic()
+        try:
+            reply, blobs = await asyncio.wait_for(self._request(header, [files, request.stdin]), limit)
+        except asyncio.TimeoutError:
+            self.dirty = True
+            return ExecResult(status=Status.TIMEOUT, wall_s=time.monotonic() - started,
+                              isolation=self.isolation,
+                              error=f"the sandbox did not report within {limit:.1f} s; it was destroyed")
+        if not reply.get("ok"):
+            return ExecResult(status=Status.RUNTIME_ERROR, isolation=self.isolation, error=reply.get("error", ""))
+        self.dirty = self.dirty or not reply.get("clean", False)
+        return self._result(reply, blobs)
+
+    def _result(self, reply: dict, blobs: list[bytes]) -> ExecResult:
+        stdout, stderr = blobs
+        status = _OUTCOMES.get(reply["outcome"])
+        if status is None:
+            status = Status.OK if reply["exit_code"] == 0 else Status.RUNTIME_ERROR
+        if status is Status.RUNTIME_ERROR and self.isolation in (Isolation.BWRAP_RLIMIT, Isolation.RLIMIT):
+            # Without a cgroup, memory runs out as a failed allocation, not as an OOM kill.
+            if b"MemoryError" in stderr[-4096:] or b"std::bad_alloc" in stderr[-4096:]:
+                status = Status.OOM
+        error = "the program killed the sandbox's process launcher" if reply["outcome"] == "launcher_killed" else ""
+        return ExecResult(status=status, exit_code=reply["exit_code"], stdout=stdout, stderr=stderr,
+                          stdout_truncated=reply["stdout_truncated"], stderr_truncated=reply["stderr_truncated"],
+                          wall_s=reply["wall_s"], cpu_s=reply["cpu_s"], isolation=self.isolation, error=error)
+
+    async def put_files(self, files: dict[str, bytes]) -> None:
+        blob = pack_files({validate_relative_path(p): d for p, d in files.items()})
+        reply, _ = await self._request({"op": "put"}, [blob])
+        if not reply.get("ok"):
+            raise ValueError(f"could not write files into the sandbox: {reply.get('error')}")
+
+    async def get_files(self, paths: list[str]) -> dict[str, bytes]:
+        names = [validate_relative_path(p) for p in paths]
+        reply, blobs = await self._request({"op": "get", "paths": names, "max_bytes": self.limits.max_file_bytes})
+        if not reply.get("ok"):
+            raise ValueError(f"could not read files from the sandbox: {reply.get('error')}")
+        return unpack_files(blobs[0])
+
+    async def reset(self) -> bool:
+        """Kills every process of the last task and wipes the work dirs; False if that failed."""
+        reply, _ = await self._request({"op": "reset"})
+        return bool(reply.get("ok") and reply.get("clean"))
+
+    async def _request(self, header: dict, blobs: list[bytes] = ()) -> tuple[dict, list[bytes]]:
+        try:
+            return await self.channel.request(header, blobs)
+        except ChannelClosed as exc:
+            self.dirty = True
+            raise SandboxBroken(str(exc)) from exc

@@ -1,0 +1,210 @@
+"""The Docker backend: hardened warm containers, each with the agent attached over one long-lived
+`docker exec` stream (so a run costs a frame round trip, not an exec)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Callable
+
+import docker
+import docker.errors
+
+from workers.sandbox.box import Box, SandboxBroken
+from workers.sandbox.channel import AGENT_SOURCE, AgentChannel, ChannelClosed, TailBuffer
+from workers.sandbox.config import SandboxLimits
+from workers.sandbox.models import Isolation
+from workers.sandbox.owner import Owner
+from workers.sandbox.reaper import LABEL, owner_labels, reap_containers
+
+KEEPALIVE_UID = 65534
+# PID 1 only reaps zombies; it runs as a uid the program cannot signal or ptrace.
+KEEPALIVE = """import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+while True:
+    signal.sigwait([signal.SIGCHLD])
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+"""
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+_OOM_FILES = ["/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events"]
+
+
+def docker_available(base_url: str | None = None) -> bool:
+    try:
+        _client(base_url).ping()
+        return True
+    except Exception:  # any failure to reach the daemon means "not available"
+        return False
+
+
+def _client(base_url: str | None) -> docker.DockerClient:
+    if base_url:
+        return docker.DockerClient(base_url=base_url, max_pool_size=64)
+    return docker.from_env(max_pool_size=64)
+
+
+class _ExecStream(asyncio.Protocol):
+    """Demultiplexes a non-tty `docker exec` stream: stdout frames go to the agent channel,
+    stderr frames to a tail buffer; writes apply transport flow control."""
+
+    def __init__(self, reader: asyncio.StreamReader, stderr: TailBuffer) -> None:
+        self.reader, self.stderr = reader, stderr
+        self._buf = bytearray()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.lost = False
+        self.on_lost: Callable[[], None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        pos = 0
+        while len(self._buf) - pos >= 8:
+            size = int.from_bytes(self._buf[pos + 4:pos + 8], "big")
+            if len(self._buf) - pos - 8 < size:
+                break
+            payload = bytes(self._buf[pos + 8:pos + 8 + size])
+            (self.reader.feed_data if self._buf[pos] == 1 else self.stderr.add)(payload)
+            pos += 8 + size
+        del self._buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost()
+        self.reader.feed_eof()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def write(self, data: bytes) -> None:
+        if self.lost or self.transport is None:
+            raise ChannelClosed("the docker exec stream is closed")
+        self.transport.write(data)
+        await self._writable.wait()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class DockerBox(Box):
+    """One warm container."""
+
+    isolation = Isolation.DOCKER
+
+    def __init__(self, channel: AgentChannel, limits: SandboxLimits, client: docker.DockerClient,
+                 container_id: str, memory_mb: int) -> None:
+        super().__init__(channel, limits)
+        self.client, self.container_id = client, container_id
+        self.memory_mb = memory_mb
+
+    async def set_memory(self, memory_mb: int) -> None:
+        if memory_mb == self.memory_mb:
+            return
+        try:
+            await asyncio.to_thread(self.client.api.update_container, self.container_id,
+                                    mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m")
+        except docker.errors.DockerException as exc:
+            raise SandboxBroken(f"could not set the container's memory limit: {exc}") from exc
+        self.memory_mb = memory_mb
+
+    async def is_alive(self) -> bool:
+        try:
+            state = await asyncio.to_thread(self.client.api.inspect_container, self.container_id)
+        except Exception:  # daemon gone or container gone: either way not alive
+            return False
+        return bool(state["State"]["Running"])
+
+    async def destroy(self) -> None:
+        self.channel.close()
+        try:
+            await asyncio.to_thread(self.client.api.remove_container, self.container_id, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.DockerException:
+            pass  # daemon down: the pool's reaper removes it at close or at the next start
+
+
+class DockerBackend:
+    """Creates hardened containers of one image for one pool."""
+
+    def __init__(self, image: str, limits: SandboxLimits, owner: Owner, base_url: str | None = None) -> None:
+        self.image, self.limits, self.owner = image, limits, owner
+        self.base_url = base_url
+        self.client: docker.DockerClient | None = None
+        self.memory_mb = 512
+
+    async def start(self) -> None:
+        from workers.sandbox.pool import SandboxUnavailable
+
+        try:
+            self.client = await asyncio.to_thread(_client, self.base_url)
+            await asyncio.to_thread(self.client.ping)
+        except Exception as exc:
+            raise SandboxUnavailable(f"the Docker daemon is not reachable ({exc}); start dockerd or use "
+                                     "backend='local'.") from exc
+        try:
+            await asyncio.to_thread(self.client.images.get, self.image)
+        except docker.errors.ImageNotFound as exc:
+            raise SandboxUnavailable(f"sandbox image {self.image!r} does not exist; build it with "
+                                     "`codeworld sandbox build-image`.") from exc
+        await asyncio.to_thread(reap_containers, self.client, None)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await asyncio.to_thread(reap_containers, self.client, self.owner.pool)
+
+    def _container_kwargs(self) -> dict:
+        lim, uid = self.limits, self.limits.workload_uid
+        return dict(
+            image=self.image, command=["python3", "-c", KEEPALIVE], detach=True,
+            user=f"{KEEPALIVE_UID}:{KEEPALIVE_UID}", network_mode="none", read_only=True,
+            cap_drop=["ALL"], security_opt=["no-new-privileges"], ipc_mode="private",
+            pids_limit=lim.pids, mem_limit=f"{self.memory_mb}m", memswap_limit=f"{self.memory_mb}m",
+            nano_cpus=int(lim.cpus * 1e9), shm_size=f"{lim.shm_mb}m", hostname="sandbox",
+            tmpfs={"/work": f"size={lim.work_mb}m,uid={uid},gid={uid},mode=0700,exec",
+                   "/tmp": f"size={lim.tmp_mb}m,mode=1777,exec"},
+            labels={LABEL: "1", **owner_labels(self.owner)})
+
+    async def create(self) -> DockerBox:
+        assert self.client is not None, "DockerBackend.start() must run first"
+        container = await asyncio.to_thread(self.client.containers.run, **self._container_kwargs())
+        try:
+            channel = await self._attach_agent(container.id)
+            await asyncio.wait_for(channel.ready(), 60)
+        except BaseException as exc:
+            await asyncio.to_thread(self.client.api.remove_container, container.id, force=True)
+            if isinstance(exc, Exception):
+                raise SandboxBroken(f"the sandbox agent did not start in {container.short_id}: {exc}") from exc
+            raise
+        return DockerBox(channel, self.limits, self.client, container.id, self.memory_mb)
+
+    async def _attach_agent(self, container_id: str) -> AgentChannel:
+        uid = self.limits.workload_uid
+        config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm", "/dev/mqueue"], "env": _ENV,
+                  "oom_files": _OOM_FILES, "kill_scope": "uid"}
+        api = self.client.api
+        exec_id = (await asyncio.to_thread(
+            api.exec_create, container_id, ["python3", "-c", AGENT_SOURCE, "agent", json.dumps(config)],
+            stdin=True, stdout=True, stderr=True, user=f"{uid}:{uid}", workdir="/work", environment=_ENV))["Id"]
+        sock = await asyncio.to_thread(api.exec_start, exec_id, socket=True)
+        raw = sock._sock  # the upgraded connection; docker-py hands it over wrapped in a SocketIO
+        raw.setblocking(False)
+        loop = asyncio.get_running_loop()
+        reader, stderr = asyncio.StreamReader(limit=1 << 20), TailBuffer()
+        _, stream = await loop.create_connection(lambda: _ExecStream(reader, stderr), sock=raw)
+        channel = AgentChannel(reader, stream, stderr, max_reply_bytes=1 << 31)
+        stream.on_lost = channel.mark_closed
+        return channel

@@ -1,0 +1,281 @@
+"""SandboxPool: a warm pool of sandboxes of one image behind one async API, for one-shot runs and
+for sessions that keep a sandbox (and its files) across several calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import AsyncIterator, Literal, Protocol
+
+from workers.sandbox.box import Box, SandboxBroken
+from workers.sandbox.config import SandboxLimits
+from workers.sandbox.models import ExecRequest, ExecResult, PoolStats, Status
+from workers.sandbox.owner import Owner
+
+DEFAULT_IMAGE = "codeworld-sandbox:py311"
+_CREATE_AT_ONCE = 4
+
+
+class SandboxUnavailable(RuntimeError):
+    """No sandbox can be had: the backend is down, or the wait for a free one ran out."""
+
+
+class SandboxError(RuntimeError):
+    """A session's sandbox failed; its state is lost."""
+
+
+class Backend(Protocol):
+    """What a pool needs from a backend."""
+
+    async def start(self) -> None:
+        """Checks the backend works and removes what dead owners left behind."""
+
+    async def create(self) -> Box:
+        """Starts one warm sandbox."""
+
+    async def close(self) -> None:
+        """Removes whatever of this pool is left."""
+
+
+class SandboxPool:
+    """`async with SandboxPool(backend="docker", image=..., size=4) as pool: await pool.run(req)`."""
+
+    def __init__(self, backend: Literal["docker", "local", "auto"] = "docker", image: str = DEFAULT_IMAGE,
+                 size: int = 4, *, limits: SandboxLimits | None = None, max_waiting: int = 10_000,
+                 acquire_timeout_s: float = 300.0, local_isolation: Literal["bwrap", "rlimit"] | None = None,
+                 docker_url: str | None = None) -> None:
+        if backend not in ("docker", "local", "auto"):
+            raise ValueError(f"sandbox backend {backend!r} is unknown; use 'docker', 'local' or 'auto'.")
+        if size < 1:
+            raise ValueError(f"sandbox pool size must be at least 1, not {size}.")
+        self.backend_name, self.image, self.size = backend, image, size
+        self.limits = limits or SandboxLimits()
+        self.max_waiting, self.acquire_timeout_s = max_waiting, acquire_timeout_s
+        self._local_isolation, self._docker_url = local_isolation, docker_url
+        self.owner = Owner.current(uuid.uuid4().hex[:12])
+        self._backend: Backend | None = None
+        self._idle: asyncio.Queue[Box] = asyncio.Queue()
+        self._live: set[Box] = set()
+        self._need = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._last_error = ""
+        self._closed = False
+        self._counts = {"waiting": 0, "max_waiting": 0, "runs": 0, "sandbox_errors": 0, "retries": 0, "replaced": 0}
+
+    async def __aenter__(self) -> "SandboxPool":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self, ready_timeout_s: float = 120.0) -> None:
+        """Starts the backend and waits until every sandbox is warm."""
+        self._backend = await self._make_backend()
+        await self._backend.start()
+        self._spawn(self._replenish())
+        self._need.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ready_timeout_s
+        while len(self._live) < self.size:
+            if loop.time() > deadline:
+                await self.close()
+                raise SandboxUnavailable(f"the {self.backend_name} sandbox pool did not start: {self._last_error}")
+            await asyncio.sleep(0.02)
+
+    async def _make_backend(self) -> Backend:
+        from workers.sandbox.docker_backend import DockerBackend, docker_available
+        from workers.sandbox.local import LocalBackend
+
+        name = self.backend_name
+        if name == "auto":
+            name = "docker" if await asyncio.to_thread(docker_available, self._docker_url) else "local"
+            self.backend_name = name
+        if name == "docker":
+            return DockerBackend(self.image, self.limits, self.owner, self._docker_url)
+        return LocalBackend(self.limits, self.owner, self._local_isolation)
+
+    async def close(self) -> None:
+        """Destroys every sandbox of the pool; runs still in flight end as SANDBOX_ERROR."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(box.destroy() for box in list(self._live)), return_exceptions=True)
+        self._live.clear()
+        if self._backend is not None:
+            await self._backend.close()
+
+    def stats(self) -> PoolStats:
+        return PoolStats(size=self.size, ready=self._idle.qsize(), **self._counts)
+
+    # ------------------------------------------------------------------------------------ running
+    async def run(self, request: ExecRequest) -> ExecResult:
+        """Runs one program in a clean sandbox; an infrastructure failure is retried once."""
+        for attempt in range(2):
+            try:
+                box = await self._acquire()
+            except SandboxUnavailable as exc:
+                return self._sandbox_error(str(exc))
+            try:
+                result = await box.exec(request, wipe=True)
+            except SandboxBroken as exc:
+                if await self._program_killed_agent(box):
+                    result = ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, isolation=box.isolation,
+                                        error="the program killed the sandbox agent; the sandbox was replaced")
+                    self._discard(box)
+                    self._counts["runs"] += 1
+                    return result
+                self._discard(box)
+                if attempt == 0 and not self._closed:
+                    self._counts["retries"] += 1
+                    continue
+                return self._sandbox_error(str(exc))
+            except BaseException:
+                self._discard(box)
+                raise
+            self._release(box)
+            self._counts["runs"] += 1
+            return result
+        raise AssertionError("unreachable: the loop returns on its second attempt")
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator["Session"]:
+        """Leases one sandbox for several calls; it is reset (or replaced) when the block ends."""
+        box = await self._acquire()
+        session = Session(box)
+        try:
+            yield session
+        finally:
+            await self._end_session(box)
+
+    async def _end_session(self, box: Box) -> None:
+        try:
+            clean = not box.dirty and await box.reset()
+        except SandboxBroken:
+            clean = False
+        if clean:
+            self._release(box)
+        else:
+            self._discard(box)
+
+    def _sandbox_error(self, why: str) -> ExecResult:
+        self._counts["sandbox_errors"] += 1
+        self._counts["runs"] += 1
+        return ExecResult(status=Status.SANDBOX_ERROR, error=why)
+
+    async def _program_killed_agent(self, box: Box) -> bool:
+        """The agent's channel died: if its sandbox still lives, only the program can have done it
+        (it runs under the agent's uid; PID 1 and the daemon are out of its reach)."""
+        for _ in range(2):
+            if not await box.is_alive():
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+    # ------------------------------------------------------------------------------- pool upkeep
+    async def _acquire(self) -> Box:
+        if self._closed:
+            raise SandboxUnavailable("the sandbox pool is closed.")
+        if self._counts["waiting"] >= self.max_waiting:
+            raise SandboxUnavailable(f"more than {self.max_waiting} callers are already waiting for a sandbox.")
+        self._counts["waiting"] += 1
+        self._counts["max_waiting"] = max(self._counts["max_waiting"], self._counts["waiting"])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.acquire_timeout_s
+        try:
+            while True:
+                left = deadline - loop.time()
+                try:
+                    box = await asyncio.wait_for(self._idle.get(), max(left, 0.001))
+                except asyncio.TimeoutError:
+                    raise SandboxUnavailable(f"no sandbox became free within {self.acquire_timeout_s:.0f} s"
+                                             + (f"; last failure: {self._last_error}" if self._last_error else "."))
+                if not box.channel.closed:
+                    return box
+                self._discard(box)
+        finally:
+            self._counts["waiting"] -= 1
+
+    def _release(self, box: Box) -> None:
+        if box.dirty or box.channel.closed or self._closed:
+            self._discard(box)
+        else:
+            self._idle.put_nowait(box)
+
+    def _discard(self, box: Box) -> None:
+        if box in self._live:
+            self._live.discard(box)
+            self._counts["replaced"] += 1
+        self._spawn(box.destroy())
+        self._need.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _replenish(self) -> None:
+        """Keeps `size` sandboxes alive, creating replacements with backoff while the backend is down."""
+        delay = 0.2
+        while True:
+            await self._need.wait()
+            self._need.clear()
+            while len(self._live) < self.size:
+                batch = min(self.size - len(self._live), _CREATE_AT_ONCE)
+                results = await asyncio.gather(*(self._backend.create() for _ in range(batch)),
+                                               return_exceptions=True)
+                failed = False
+                for result in results:
+                    if isinstance(result, BaseException):
+                        self._last_error, failed = f"{type(result).__name__}: {result}", True
+                    else:
+                        self._live.add(result)
+                        self._idle.put_nowait(result)
+                if failed:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                else:
+                    delay, self._last_error = 0.2, ""
+
+
+class Session:
+    """One leased sandbox: files persist across exec calls; every process a call started is killed
+    when that call returns."""
+
+    def __init__(self, box: Box) -> None:
+        self._box = box
+
+    @property
+    def isolation(self):
+        return self._box.isolation
+
+    async def exec(self, request: ExecRequest) -> ExecResult:
+        self._check()
+        try:
+            return await self._box.exec(request, wipe=False)
+        except SandboxBroken as exc:
+            return ExecResult(status=Status.SANDBOX_ERROR, error=f"the session's sandbox was lost: {exc}")
+
+    async def put_files(self, files: dict[str, bytes]) -> None:
+        """Writes files into the work dir (paths relative to it; symlinks are never followed)."""
+        self._check()
+        try:
+            await self._box.put_files(files)
+        except SandboxBroken as exc:
+            raise SandboxError(f"the session's sandbox was lost: {exc}") from exc
+
+    async def get_files(self, paths: list[str]) -> dict[str, bytes]:
+        """Reads regular files back; missing paths, symlinks and special files are left out."""
+        self._check()
+        try:
+            return await self._box.get_files(paths)
+        except SandboxBroken as exc:
+            raise SandboxError(f"the session's sandbox was lost: {exc}") from exc
+
+    def _check(self) -> None:
+        if self._box.channel.closed:
+            raise SandboxError("the session's sandbox is gone (its agent or container died).")
