@@ -1,0 +1,331 @@
+"""The program that runs inside the sandbox to exercise a candidate solution on test inputs.
+
+`reward.code` ships this file's own source into the sandbox, so it uses the standard library only.
+Expected outputs never reach it: it reports what the candidate produced and the host compares.
+Reports go to a private copy of stdout, one line per record, each prefixed with a nonce that the
+host sends on stdin; whatever the candidate prints is discarded or captured separately, so a
+program cannot forge a report by printing. The host imports `encode`/`decode` from here so that
+values produced in the sandbox and values read from a dataset share one canonical form.
+
+Modes (field "mode" of the spec file):
+* "call": import the candidate as a module, run the setup source, evaluate each probe expression
+  (e.g. ``add(*[1, 2])``) and report its value in canonical JSON.
+* "stdio": run the candidate as a separate process once per test input and report its stdout.
+* "record": run a trusted program with a dataset's own test code (e.g. HumanEval's
+  ``check(candidate)``) through a recorder that reports every call's arguments, as a probe
+  expression, and the returned value; the dataset's asserts run as written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+MAX_DEPTH = 64
+WALL_FACTOR = 3.0  # a test's wall-clock allowance, in multiples of its CPU-time limit
+MAX_INT_DIGITS = 4000
+MAX_ERROR_CHARS = 400
+
+
+class Unencodable(Exception):
+    """The value has a type the canonical form does not admit (e.g. a custom class)."""
+
+
+class _TestTimeout(BaseException):
+    """Raised by the per-test timer; a BaseException so that `except Exception` cannot swallow it."""
+
+
+def _encode_scalar(value):
+    # Exact builtin types and their subclasses are read through the builtin's own methods, so an
+    # overridden __eq__/__str__/__iter__ on a subclass has no say in what gets reported.
+    if isinstance(value, bool):
+        return value is True
+    if isinstance(value, int):
+        value = int.__index__(value)
+        if value.bit_length() > MAX_INT_DIGITS * 3.33:
+            raise Unencodable("integer with more than 4000 digits")
+        return value
+    if isinstance(value, float):
+        value = float.__float__(value)
+        return value if math.isfinite(value) else {"__float__": repr(value)}
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, (bytes, bytearray)):
+        return {"__bytes__": bytes(value).hex()}
+    if isinstance(value, complex):
+        value = complex.__complex__(value)
+        return {"__complex__": [_encode_scalar(value.real), _encode_scalar(value.imag)]}
+    raise Unencodable(f"unsupported return type {type(value).__name__}")
+
+
+def to_source(value, _depth: int = 0) -> str:
+    """Python source that rebuilds `value` (builtin data types only), for probe expressions."""
+    if _depth > MAX_DEPTH:
+        raise Unencodable(f"value nested deeper than {MAX_DEPTH}")
+    depth = _depth + 1
+    if value is None or isinstance(value, bool):
+        return repr(value is True if value is not None else None)
+    if isinstance(value, int):
+        return repr(int.__index__(value))
+    if isinstance(value, str):
+        return repr(str.__str__(value))
+    if isinstance(value, (bytes, bytearray)):
+        return repr(bytes(value))
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else f"float({repr(value)!r})"
+    if isinstance(value, list):
+        return "[" + ", ".join(to_source(v, depth) for v in value) + "]"
+    if isinstance(value, tuple):
+        items = [to_source(v, depth) for v in value]
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    if isinstance(value, (set, frozenset)):
+        inner = "[" + ", ".join(to_source(v, depth) for v in value) + "]"
+        return f"{type(value).__name__}({inner})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{to_source(k, depth)}: {to_source(v, depth)}" for k, v in value.items()) + "}"
+    raise Unencodable(f"cannot write a {type(value).__name__} argument as source")
+
+
+def _sort_key(encoded) -> str:
+    return json.dumps(encoded, sort_keys=True)
+
+
+def encode(value, _depth: int = 0):
+    """Canonical JSON of a Python value: JSON scalars and lists as they are; tuples, sets, dicts,
+    bytes, complex numbers and non-finite floats as one-key tagged objects."""
+    if _depth > MAX_DEPTH:
+        raise Unencodable(f"value nested deeper than {MAX_DEPTH}")
+    if value is None:
+        return None
+    depth = _depth + 1
+    if isinstance(value, list):
+        return [encode(v, depth) for v in list.__iter__(value)]
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode(v, depth) for v in tuple.__iter__(value)]}
+    if isinstance(value, (set, frozenset)):
+        items = [encode(v, depth) for v in (set.__iter__(value) if isinstance(value, set) else frozenset.__iter__(value))]
+        return {"__set__": sorted(items, key=_sort_key)}
+    if isinstance(value, dict):
+        pairs = [[encode(k, depth), encode(v, depth)] for k, v in dict.items(value)]
+        return {"__dict__": sorted(pairs, key=lambda kv: _sort_key(kv[0]))}
+    return _encode_scalar(value)
+
+
+def _freeze(value):
+    """Make a decoded value hashable so that it can sit in a set or be a dict key."""
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, set):
+        return frozenset(value)
+    if isinstance(value, dict):
+        return tuple(sorted(((_freeze(k), _freeze(v)) for k, v in value.items()), key=repr))
+    return value
+
+
+def decode(encoded):
+    """Inverse of `encode`: canonical JSON back to the Python value (pure data, no code runs)."""
+    if isinstance(encoded, list):
+        return [decode(v) for v in encoded]
+    if not isinstance(encoded, dict):
+        return encoded
+    (tag, body), = encoded.items()
+    if tag == "__tuple__":
+        return tuple(decode(v) for v in body)
+    if tag == "__set__":
+        return {_freeze(decode(v)) for v in body}
+    if tag == "__dict__":
+        return {_freeze(decode(k)): decode(v) for k, v in body}
+    if tag == "__float__":
+        return float(body)
+    if tag == "__bytes__":
+        return bytes.fromhex(body)
+    if tag == "__complex__":
+        return complex(decode(body[0]), decode(body[1]))
+    raise ValueError(f"unknown canonical tag {tag!r}")
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+
+
+class _Reporter:
+    """Writes nonce-framed records to a private duplicate of the original stdout."""
+
+    def __init__(self, nonce: bytes) -> None:
+        self._fd = os.dup(1)
+        self._nonce = nonce
+
+    def emit(self, record: dict) -> None:
+        # The leading newline ends any partial line a candidate may have written to the same pipe.
+        line = b"\n" + self._nonce + b" " + json.dumps(record).encode() + b"\n"
+        os.write(self._fd, line)
+
+
+def _silence_candidate_io() -> None:
+    """Point the candidate's stdin/stdout at /dev/null, at both the Python and the fd level."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    sys.stdin = open(os.devnull)
+    sys.stdout = open(os.devnull, "w")
+
+
+def _on_alarm(signum, frame):
+    raise _TestTimeout()
+
+
+def _arm(cpu_s: float) -> None:
+    """Start a test's limits: CPU time (load-independent) and a looser wall-clock bound (for
+    programs that sleep or block). Zero disarms both."""
+    signal.setitimer(signal.ITIMER_PROF, cpu_s)
+    signal.setitimer(signal.ITIMER_REAL, cpu_s * WALL_FACTOR)
+
+
+def _run_call(spec: dict, report: _Reporter) -> None:
+    _silence_candidate_io()
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGPROF, _on_alarm)
+    per_test = float(spec["timeout_per_test"])
+    namespace = {"__name__": "solution", "__builtins__": __builtins__}
+    try:
+        _arm(per_test)
+        with open(spec["program"]) as f:
+            source = f.read()
+        exec(compile(source, "solution.py", "exec"), namespace)
+        if spec.get("setup"):
+            exec(compile(spec["setup"], "setup.py", "exec"), namespace)
+        _arm(0)
+    except BaseException as exc:  # SystemExit, SkipTest, timeouts: all mean the program failed
+        _arm(0)
+        report.emit({"load_error": _error_text(exc)})
+        return
+    for i, probe in enumerate(spec["probes"]):
+        report.emit(_probe_record(i, probe, namespace, per_test, int(spec["max_output_bytes"])))
+    report.emit({"done": len(spec["probes"])})
+
+
+def _probe_record(i: int, probe: str, namespace: dict, timeout: float, cap: int) -> dict:
+    start = time.perf_counter()
+    try:
+        _arm(timeout)
+        value = eval(compile(probe, f"probe{i}", "eval"), namespace)
+        _arm(0)
+        encoded = encode(value)
+    except _TestTimeout:
+        return {"i": i, "error": f"time limit exceeded ({timeout} s CPU)"}
+    except BaseException as exc:
+        _arm(0)
+        return {"i": i, "error": _error_text(exc)}
+    if len(json.dumps(encoded)) > cap:
+        return {"i": i, "error": f"returned value over {cap} bytes as JSON"}
+    return {"i": i, "value": encoded, "s": round(time.perf_counter() - start, 6)}
+
+
+def _run_record(spec: dict, report: _Reporter) -> None:
+    _silence_candidate_io()
+    namespace = {"__name__": "reference", "__builtins__": __builtins__}
+    count = 0
+    target = None
+
+    def recorder(*args, **kwargs):
+        nonlocal count
+        # Arguments are written down before the call: the function may mutate them.
+        probe = f"{spec['entry']}(*{to_source(list(args))}, **{to_source(kwargs)})"
+        value = target(*args, **kwargs)
+        report.emit({"i": count, "probe": probe, "value": encode(value)})
+        count += 1
+        return value
+
+    try:
+        with open(spec["program"]) as f:
+            exec(compile(f.read(), "reference.py", "exec"), namespace)
+        target = namespace[spec["entry"]]
+        namespace["__record__"] = recorder
+        eval(compile(spec["check"], "check", "eval"), namespace)
+    except BaseException as exc:
+        report.emit({"check_error": _error_text(exc)})
+    report.emit({"recorded": count})
+
+
+def _read_capped(proc: subprocess.Popen, cap: int, deadline: float) -> tuple[bytes, bool, bool]:
+    """Read the child's stdout up to `cap` bytes until it exits or the deadline passes.
+    Returns (output, truncated, timed_out); kills the child on truncation or timeout."""
+    chunks, size = [], 0
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            return b"".join(chunks), False, True
+        if not sel.select(timeout=left):
+            continue
+        data = os.read(proc.stdout.fileno(), 65536)
+        if not data:
+            return b"".join(chunks), False, False
+        chunks.append(data)
+        size += len(data)
+        if size > cap:
+            proc.kill()
+            return b"".join(chunks)[:cap], True, False
+
+
+def _limit_cpu(cpu_s: float):
+    def apply() -> None:  # runs in the child between fork and exec
+        import resource
+
+        soft = max(1, math.ceil(cpu_s))
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+    return apply
+
+
+def _run_one_stdio(i: int, program: str, stdin: str, timeout: float, cap: int) -> dict:
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_limit_cpu(timeout),
+    )
+    try:
+        proc.stdin.write(stdin.encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # the program exited without reading its input; its output still counts
+    out, truncated, timed_out = _read_capped(proc, cap, start + timeout * WALL_FACTOR)
+    code = proc.wait()
+    timed_out |= code == -signal.SIGXCPU
+    record = {"i": i, "stdout": out.decode("utf-8", "replace"), "exit": code,
+              "s": round(time.monotonic() - start, 6)}
+    if timed_out:
+        record["error"] = f"time limit exceeded ({timeout} s CPU)"
+    elif truncated:
+        record["error"] = f"output over {cap} bytes"
+    elif code != 0:
+        record["error"] = f"exit code {code}"
+    return record
+
+
+def _run_stdio(spec: dict, report: _Reporter) -> None:
+    for i, stdin in enumerate(spec["inputs"]):
+        report.emit(_run_one_stdio(i, spec["program"], stdin, float(spec["timeout_per_test"]),
+                                   int(spec["max_output_bytes"])))
+    report.emit({"done": len(spec["inputs"])})
+
+
+def main() -> None:
+    nonce = sys.stdin.buffer.readline().strip()
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    report = _Reporter(nonce)
+    run = {"call": _run_call, "stdio": _run_stdio, "record": _run_record}[spec["mode"]]
+    run(spec, report)
+    os._exit(0)  # skip interpreter teardown: candidate atexit hooks must not add output
+
+
+if __name__ == "__main__":
+    main()

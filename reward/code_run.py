@@ -1,0 +1,145 @@
+"""Running code tests in a sandbox: grade a program, and fill in the expected values of tests
+that take them from a trusted solution (recorded HumanEval checks, MBPP+ inputs).
+
+Expected values computed from a trusted solution are cached per process, keyed by the tests'
+content, so each task pays that extra sandbox run once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Protocol
+
+from reward.code import (
+    HARNESS_SOURCE,
+    PYTHON,
+    CodeTests,
+    ExecLimits,
+    GradeResult,
+    judge,
+    new_nonce,
+    parse_report,
+    reward_from,
+)
+from reward.code_harness import WALL_FACTOR
+
+
+class Runner(Protocol):
+    """What grading needs from a sandbox pool: `workers.sandbox.SandboxPool` satisfies it."""
+
+    async def run(self, request: Any) -> Any: ...
+
+
+class SandboxFailed(Exception):
+    """The sandbox could not run the program (infrastructure); the sample gets no reward."""
+
+
+class ReferenceFailed(Exception):
+    """The dataset's trusted solution failed its own tests, so the task has no expected values."""
+
+
+_expected_cache: dict[str, CodeTests] = {}
+
+
+def _cache_key(tests: CodeTests) -> str:
+    return hashlib.sha256(tests.model_dump_json().encode()).hexdigest()
+
+
+async def run_harness(pool: Runner, spec: dict[str, Any], program: str, limits: ExecLimits,
+                      count: int) -> tuple[Any, str]:
+    """Run `program` under the harness with `spec` (mode, probes or inputs) in one sandbox
+    execution; returns the sandbox result and the nonce framing its reports."""
+    from workers.sandbox import ExecRequest, Status
+
+    nonce = new_nonce()
+    spec = {**spec, "program": "solution.py", "timeout_per_test": limits.timeout_per_test_s,
+            "max_output_bytes": limits.max_output_bytes}
+    timeout = min(limits.timeout_total_s, 5.0 + WALL_FACTOR * limits.timeout_per_test_s * (count + 1))
+    request = ExecRequest(
+        command=[PYTHON, "harness.py", "spec.json"],
+        files={"harness.py": HARNESS_SOURCE, "solution.py": program.encode(),
+               "spec.json": json.dumps(spec).encode()},
+        stdin=(nonce + "\n").encode(), timeout_s=timeout, memory_mb=limits.memory_mb,
+        max_output_bytes=min(1 << 30, 65536 + count * (limits.max_output_bytes + 1024)),
+    )
+    result = await pool.run(request)
+    if result.status == Status.SANDBOX_ERROR:
+        raise SandboxFailed(result.error or "sandbox error")
+    return result, nonce
+
+
+def _spec(tests: CodeTests) -> dict[str, Any]:
+    if tests.mode == "call":
+        return {"mode": "call", "probes": tests.probes, "setup": tests.setup}
+    return {"mode": "stdio", "inputs": tests.inputs}
+
+
+async def _record(pool: Runner, tests: CodeTests, limits: ExecLimits) -> CodeTests:
+    """Run the dataset's own test code against its solution, recording every call."""
+    record = tests.record
+    spec = {"mode": "record", "entry": record.entry, "check": record.check}
+    result, nonce = await run_harness(pool, spec, record.program, limits, count=200)
+    prefix = nonce + " "
+    probes, expected, error, finished = [], [], None, False
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        if not line.startswith(prefix):
+            continue
+        item = json.loads(line[len(prefix):])
+        if "probe" in item:
+            probes.append(item["probe"])
+            expected.append(item["value"])
+        error = item.get("check_error", error)
+        finished |= "recorded" in item
+    if error or not finished or not probes:
+        why = error or f"the recording run ended as {result.status.value} before finishing"
+        raise ReferenceFailed(f"the reference solution failed the dataset's tests: {why}")
+    return tests.model_copy(update={"probes": probes, "expected": expected, "record": None})
+
+
+async def _reference(pool: Runner, tests: CodeTests, limits: ExecLimits) -> CodeTests:
+    """Expected values = the trusted solution's outputs on the probes."""
+    result, nonce = await run_harness(pool, _spec(tests), tests.reference, limits, tests.count)
+    report = parse_report(result.stdout, nonce, tests.count)
+    missing = [i for i in range(tests.count) if "value" not in report.records.get(i, {})]
+    if report.load_error or missing:
+        first = report.load_error or report.records.get(missing[0], {}).get("error", "not reported")
+        raise ReferenceFailed(f"the reference solution failed on {len(missing)} of {tests.count} "
+                              f"inputs (first: {first})")
+    values = [report.records[i]["value"] for i in range(tests.count)]
+    return tests.model_copy(update={"expected": values, "reference": None})
+
+
+async def materialize(pool: Runner, tests: CodeTests, limits: ExecLimits) -> CodeTests:
+    """`tests` with probes and expected values filled in (cached); unchanged if already full."""
+    if tests.expected is not None and tests.record is None:
+        return tests
+    key = _cache_key(tests)
+    if key not in _expected_cache:
+        fill = _record if tests.record is not None else _reference
+        if tests.record is None and tests.reference is None:
+            raise ReferenceFailed("the tests have neither expected values nor a reference solution")
+        _expected_cache[key] = await fill(pool, tests, limits)
+    return _expected_cache[key]
+
+
+async def grade(pool: Runner, tests: CodeTests, program: str, limits: ExecLimits,
+                reward_mode: Literal["all", "fraction"] = "all") -> GradeResult:
+    """Run `program` on every test in the sandbox and compare on the host. Infrastructure
+    failures and broken tasks give `reward=None` with the reason in `error`."""
+    try:
+        tests = await materialize(pool, tests, limits)
+        result, nonce = await run_harness(pool, _spec(tests), program, limits, tests.count)
+    except (SandboxFailed, ReferenceFailed) as exc:
+        return GradeResult(reward=None, passed=0, total=tests.count, error=str(exc),
+                           status="sandbox_error" if isinstance(exc, SandboxFailed) else "no_reference")
+    report = parse_report(result.stdout, nonce, tests.count)
+    outcomes = judge(tests, report)
+    error = report.load_error
+    if error is None and not report.done:
+        error = f"run ended as {result.status.value} before all tests were reported"
+    return GradeResult(
+        reward=reward_from(outcomes, reward_mode), passed=sum(o.passed for o in outcomes),
+        total=len(outcomes), outcomes=outcomes, status=result.status.value, error=error,
+        sandbox_s=result.wall_s,
+    )
