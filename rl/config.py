@@ -30,6 +30,8 @@ class RunSection(Section):
     """Learner steps to run."""
     max_wall_s: float | None = Field(None, gt=0)
     """Stop after the step during which this many seconds of training have passed (None: no limit)."""
+    record_batches: bool = False
+    """Write every step's batch to <dir>/batches/step_N.msgpack (for replay and tests)."""
 
 
 class ModelSection(Section):
@@ -70,6 +72,9 @@ class AlgorithmSection(Section):
     max_age: int | None = Field(None, ge=0)
     """Hard cap on a trajectory's age in versions; older ones are dropped and counted
     (None: max_staleness + 1)."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per learner step (the batch split into this many parts). With more than
+    one, decoupled PPO's ratio against the step-start policy moves and its clip acts."""
     loss: Literal["decoupled_ppo", "truncated_is"] = "decoupled_ppo"
     """decoupled_ppo: clipped ratio against the sampler's logprobs, the behaviour policy;
     truncated_is: REINFORCE with importance weights min(ratio, is_cap), no clipping."""

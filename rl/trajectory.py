@@ -37,6 +37,8 @@ class Trajectory(BaseModel):
     """The task's id within its dataset."""
     group_id: str
     """Trajectories of one group share a task and are normalised together."""
+    group_size: int
+    """How many trajectories of this group were published (samples without a reward are not)."""
     prompt_ids: np.ndarray
     """The first prompt's token ids (int32)."""
     completion_ids: np.ndarray

@@ -58,13 +58,26 @@ def publish(state_dict: Mapping[str, "torch.Tensor"], root: Path, version: int) 
     target = root / f"v{version:06d}"
     target.mkdir(parents=True, exist_ok=True)
     tmp = target / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
+    save_file(_without_aliases(state_dict), str(tmp), metadata={"format": "pt"})
     final = target / WEIGHTS_FILE
     os.replace(tmp, final)
     for old in root.glob("v*"):
         if old != target and old.name < target.name:
             shutil.rmtree(old, ignore_errors=True)
     return WeightPush(version=version, path=target, checksum=_sha256(final), num_bytes=final.stat().st_size)
+
+
+def _without_aliases(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    """Drop tensors that alias an earlier one (tied embeddings): the checkpoint format stores
+    them once, as Hugging Face does, and the loader re-ties them."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.contiguous()
+    return out
 
 
 def verify_push(push: WeightPush) -> None:

@@ -1,7 +1,73 @@
 """Top-level run commands: `codeworld train` and `codeworld sft`."""
 
+import asyncio
+import json
+import sys
+from pathlib import Path
+
 import typer
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"codeworld: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def train(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    overrides: list[str] = typer.Argument(None, help="dotted.key=value overrides."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resource plan only."),
+) -> None:
+    """Run asynchronous RL as configured."""
+    from rl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        if dry_run:
+            import torch
+
+            from rl.resources import describe
+
+            typer.echo(describe(cfg, gpu=torch.cuda.is_available()))
+            return
+        from rl.orchestrator import run_training
+
+        summary = asyncio.run(run_training(cfg))
+    except (ConfigError, FileNotFoundError, KeyError) as err:
+        _fail(str(err).strip('"'))
+    except KeyboardInterrupt:
+        typer.echo("codeworld: interrupted; everything the run started has been stopped.", err=True)
+        raise typer.Exit(130)
+    typer.echo(json.dumps(summary.model_dump(), indent=2))
+
+
+def sft(
+    config: Path = typer.Argument(..., help="SFT config (YAML)."),
+    model: Path = typer.Option(..., help="Hugging Face checkpoint to start from."),
+    out: Path = typer.Option(..., help="Where to write the trained checkpoint."),
+    overrides: list[str] = typer.Argument(None, help="dotted.key=value overrides."),
+) -> None:
+    """Supervised warm start on tasks with known answers."""
+    import yaml
+    from pydantic import ValidationError
+
+    from rl.config import ConfigError, apply_override
+    from rl.sft import SftConfig, run_sft
+
+    try:
+        tree = yaml.safe_load(config.read_text()) if config.is_file() else _fail(f"config {str(config)!r} does not exist.")
+        for o in overrides or []:
+            apply_override(tree, o)
+        cfg = SftConfig.model_validate(tree)
+    except ValidationError as err:
+        _fail("invalid SFT config: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()))
+    except ConfigError as err:
+        _fail(str(err))
+    result = run_sft(cfg, model, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    typer.echo(json.dumps({"out": str(out), **result}))
 
 
 def register(app: typer.Typer) -> None:
     """Add the run commands to the top-level app."""
+    app.command("train")(train)
+    app.command("sft")(sft)

@@ -32,7 +32,7 @@ def make_trajectory(i: int, n: int = 7) -> Trajectory:
     rng = np.random.default_rng(i)
     mask = rng.integers(0, 2, n)
     return Trajectory(
-        id=f"traj-{i}", run_id="r", env="math", task_id=f"task-{i // 4}", group_id=f"g-{i // 4}",
+        id=f"traj-{i}", run_id="r", env="math", task_id=f"task-{i // 4}", group_id=f"g-{i // 4}", group_size=4,
         prompt_ids=rng.integers(0, 50_000, 5), completion_ids=rng.integers(0, 50_000, n),
         loss_mask=mask, sampler_logprobs=np.where(mask, -rng.random(n), 0.0),
         policy_versions=np.where(mask, i % 3, -1), reward=float(i) / 2,

@@ -1,0 +1,159 @@
+"""`EpisodeRunner`: drives one episode token in / token out and emits one `Trajectory`.
+
+The conversation is never decoded and re-encoded between turns: the prompt is rendered once, each
+model turn appends exactly the sampled tokens, and each environment turn appends the rendering of
+only the new messages. What the learner trains on is therefore exactly what the sampler saw.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from envs.base import Action, Environment, Message, Task
+from rl.trajectory import Trajectory
+from workers.rollout import Generation, Sampling
+
+
+class ChatRenderer:
+    """Renders chat messages to token ids with the model's chat template."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.eos_id: int = tokenizer.eos_token_id
+        probe = "\x00PROBE\x00"
+        # The text the template puts between the end of an assistant turn (its EOS, which the
+        # model samples) and the next messages: everything after "probe<eos>" in a rendering.
+        rendered = self._text([Message(role="assistant", content=probe)], add_generation_prompt=False)
+        self._after_eos = rendered.split(probe + tokenizer.eos_token, 1)[-1] if probe in rendered else ""
+
+    def _text(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt(self, messages: list[Message]) -> list[int]:
+        """Token ids of the first prompt, ending with the assistant's generation header."""
+        return self.encode(self._text(messages, add_generation_prompt=True))
+
+    def followup(self, messages: list[Message], model_ended_with_eos: bool) -> list[int]:
+        """Token ids appended after a model turn: closing the turn if the model did not, then the
+        new messages and the next assistant header."""
+        head = "" if model_ended_with_eos else self.tokenizer.eos_token
+        return self.encode(head + self._after_eos + self._text(messages, add_generation_prompt=True))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class EpisodeOutcome(BaseModel):
+    """A finished episode: its trajectory, or why it has none."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    trajectory: Trajectory | None
+    """None when no reward could be computed (the sample is dropped and counted)."""
+    error: str | None = None
+    """Why there is no trajectory."""
+    generate_s: float = 0.0
+    """Seconds spent waiting on the engine."""
+
+
+class _Buffer:
+    """Completion tokens with their per-token mask, sampler logprobs and versions."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.mask: list[int] = []
+        self.logprobs: list[float] = []
+        self.versions: list[int] = []
+
+    def add_model(self, gen: Generation) -> None:
+        self.ids += gen.token_ids
+        self.mask += [1] * len(gen.token_ids)
+        self.logprobs += gen.logprobs
+        self.versions += gen.versions
+
+    def add_env(self, ids: list[int]) -> None:
+        self.ids += ids
+        self.mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [-1] * len(ids)
+
+
+class EpisodeRunner:
+    """Runs episodes of any environment against a rollout worker (a Ray actor handle or a local
+    `RolloutWorker`)."""
+
+    def __init__(self, renderer: ChatRenderer, run_id: str, max_model_len: int) -> None:
+        self.renderer = renderer
+        self.run_id = run_id
+        self.max_model_len = max_model_len
+
+    async def run(self, env: Environment, task: Task, worker: Any, sampling: Sampling,
+                  group_id: str) -> EpisodeOutcome:
+        """One episode; `env.close()` always runs."""
+        start = time.perf_counter()
+        try:
+            prompt_ids, buf, result, gen_s, truncated = await self._turns(env, task, worker, sampling)
+        finally:
+            await env.close()
+        if result is None or not result.done:
+            return EpisodeOutcome(trajectory=None, error="episode did not finish within the model's "
+                                  "turn or length limits", generate_s=gen_s)
+        if result.reward is None:
+            return EpisodeOutcome(trajectory=None, error=str(result.info.get("error", "no reward")),
+                                  generate_s=gen_s)
+        traj = Trajectory(
+            id=uuid.uuid4().hex, run_id=self.run_id, env=env.name, task_id=task.id, group_id=group_id,
+            group_size=0, prompt_ids=np.array(prompt_ids), completion_ids=np.array(buf.ids),
+            loss_mask=np.array(buf.mask), sampler_logprobs=np.array(buf.logprobs),
+            policy_versions=np.array(buf.versions), reward=result.reward, reward_info=_jsonable(result.info),
+            timings={"generate": gen_s, "episode": time.perf_counter() - start}, truncated=truncated)
+        return EpisodeOutcome(trajectory=traj, generate_s=gen_s)
+
+    async def _turns(self, env: Environment, task: Task, worker: Any, sampling: Sampling):
+        obs = await env.reset(task)
+        prompt_ids = self.renderer.prompt(obs.messages)
+        buf, result, gen_s, truncated = _Buffer(), None, 0.0, False
+        for _ in range(env.max_turns):
+            budget = self.max_model_len - len(prompt_ids) - len(buf.ids)
+            if budget <= 0:
+                break
+            turn = sampling.model_copy(update={"n": 1, "max_tokens": min(sampling.max_tokens, budget)})
+            t0 = time.perf_counter()
+            gen: Generation = (await _generate(worker, prompt_ids + buf.ids, turn))[0]
+            gen_s += time.perf_counter() - t0
+            buf.add_model(gen)
+            truncated = gen.finish_reason == "length"
+            action = Action(text=self.renderer.decode(gen.token_ids), token_ids=gen.token_ids, truncated=truncated)
+            result = await env.step(action)
+            if result.done:
+                break
+            ended = bool(gen.token_ids) and gen.token_ids[-1] == self.renderer.eos_id
+            buf.add_env(self.renderer.followup(result.observation.messages, ended))
+        return prompt_ids, buf, result, gen_s, truncated
+
+
+async def _generate(worker: Any, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:
+    """Call a Ray actor handle or an in-process worker alike."""
+    method = worker.generate
+    return await (method.remote(prompt_ids, sampling) if hasattr(method, "remote") else method(prompt_ids, sampling))
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    """Keep reward_info msgpack-safe: string keys, primitive leaves (others become strings)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+    return clean(info)
+
