@@ -22,7 +22,6 @@ from envs.swe.pools import shared_pool
 from envs.swe.task import SWETask, load_swe_tasks, official_image
 from envs.swe.tools import TOOL_DOC, ToolCall, ToolFormatError, parse_tool_call
 from envs.swe.workspace import SandboxFailure, Workspace
-from reward.swe import grade_swe
 from workers.sandbox import SandboxError, SandboxUnavailable
 
 MAX_TURNS = 200
@@ -74,6 +73,15 @@ def swe_task_to_task(swe: SWETask, params: SWEParams) -> Task:
                 hidden={"swe": swe.model_dump(mode="json")}, meta={"repo": swe.repo, "version": swe.version})
 
 
+def unavailable_message(task: SWETask, image: str, err: Exception) -> str:
+    """Why a task's sandbox cannot start, naming what is missing."""
+    if task.image_resident():
+        return (f"{task.instance_id} needs SWE-bench's image {image}, which this Docker engine does not have "
+                f"({err}); pull it where a registry is reachable, or stand an sdist in for the repository with "
+                "`codeworld swe from-sdist`.")
+    return f"the sandbox for {task.instance_id} cannot start: {err}"
+
+
 def clip(text: str, limit: int) -> str:
     """`text` cut to about `limit` characters, keeping its head and tail."""
     if len(text) <= limit:
@@ -111,8 +119,10 @@ class SWEEnv(Environment):
             self._workspace = Workspace(box, self.swe, self.params.memory_mb)
             await self._workspace.prepare()
             await self._workspace.snapshot()
-        except (SandboxFailure, SandboxError, SandboxUnavailable, ValueError) as err:
+        except SandboxUnavailable as err:
             # Reported by the first step as a dropped sample (reward None), per the contract.
+            self._broken = unavailable_message(self.swe, task_image(self.swe, self.params), err)
+        except (SandboxFailure, SandboxError, ValueError) as err:
             self._broken = f"the episode's sandbox could not be prepared: {err}"
         return Observation(messages=task.prompt)
 
@@ -149,9 +159,13 @@ class SWEEnv(Environment):
         except (SandboxFailure, SandboxError) as err:
             return StepResult(done=True, reward=None, info={**info, "error": f"could not read the diff: {err}"})
         await self.close()
+        from reward.swe import grade_swe  # swebench takes seconds to import; only grading needs it
+
         grade = await grade_swe(self.swe, diff, self.pool, timeout_s=self.params.test_timeout_s,
                                 memory_mb=self.params.memory_mb)
         info.update(diff=diff, skipped_files=skipped, grade=grade.model_dump())
+        if grade.reward is None:
+            info["error"] = grade.error
         return StepResult(done=True, reward=grade.reward, info=info)
 
     async def close(self) -> None:

@@ -10,9 +10,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from swebench.harness.log_parsers import PARSER_REGISTRY
-from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY, parse_log_pytest
-
 from envs.data import read_records
 from envs.swe.diffs import touched_paths
 
@@ -117,6 +114,10 @@ class SWETask(BaseModel):
 
     def resolved_log_parser(self) -> str:
         """The `PARSER_REGISTRY` name of the parser for this task's test output."""
+        # Imported here: `swebench` takes seconds to import, and loading tasks should not.
+        from swebench.harness.log_parsers import PARSER_REGISTRY
+        from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY, parse_log_pytest
+
         if self.log_parser is not None:
             if self.log_parser not in PARSER_REGISTRY:
                 raise ValueError(f"Task {self.instance_id}: unknown log_parser {self.log_parser!r}.")
@@ -138,6 +139,8 @@ def official_image(instance_id: str) -> str:
 def load_swe_tasks(path: Path) -> list[SWETask]:
     """Read SWE tasks from a SWE-bench JSON array or a JSONL file; relative tarball paths are
     made absolute against the file's folder. An error names the file and the record at fault."""
+    if not path.is_file():
+        raise FileNotFoundError(f"SWE task file {str(path)!r} does not exist.")
     tasks = []
     for index, row in enumerate(read_records(path)):
         try:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from envs.swe.build.pypi import read_tree, tree_tarball
 from envs.swe.diffs import apply_diff, touched_paths, tree_diff
-from envs.swe.task import SWEBENCH_SHELL_INIT, SWETask
+from envs.swe.task import SWEBENCH_SHELL_INIT, SourceSpec, SWETask
 from workers.sandbox import ExecRequest, ExecResult, Status
 
 REPO_DIR = "repo"
@@ -41,6 +41,18 @@ trap 'rc=$?; pwd > "$S/cwd"; export -p > "$S/env"; head -c "$LIMIT" "$S/out";
 ulimit -f 262144
 . "$S/cmd.sh" > "$S/out" 2>&1 < /dev/null
 """
+
+
+def base_tree(source: SourceSpec) -> dict[str, bytes]:
+    """A task's base files: the tarball's tree with the host-side setup patch applied."""
+    tree = read_tree(Path(source.tarball), source.prefix)
+    reads, _ = touched_paths(source.setup_patch)
+    for path, data in apply_diff({p: tree[p] for p in reads if p in tree}, source.setup_patch).items():
+        if data is None:
+            tree.pop(path, None)
+        else:
+            tree[path] = data
+    return tree
 
 
 class SandboxSession(Protocol):
@@ -104,7 +116,7 @@ class Workspace:
         self.root = (await self._checked(["pwd"], "pwd")).decode().strip()
         path = [f"{self._abs(STATE_DIR)}/bin"]
         if self.task.source is not None:
-            await self._unpack(self._base_tree(), REPO_DIR)
+            await self._unpack(base_tree(self.task.source), REPO_DIR)
             if self.task.source.deps:
                 await self._unpack(read_tree(Path(self.task.source.deps)), DEPS_DIR)
                 path.append(f"{self._abs(DEPS_DIR)}/bin")
@@ -128,18 +140,6 @@ class Workspace:
         repo = self._abs(REPO_DIR)
         found = [posixpath.normpath(f"{repo}/{p}") for p in source.pythonpath]
         return found + ([self._abs(DEPS_DIR)] if source.deps else [])
-
-    def _base_tree(self) -> dict[str, bytes]:
-        """The base files: the tarball's tree with the host-side setup patch applied."""
-        source = self.task.source
-        assert source is not None
-        tree = read_tree(Path(source.tarball), source.prefix)
-        for path, data in apply_diff(tree, source.setup_patch).items():
-            if data is None:
-                tree.pop(path, None)
-            else:
-                tree[path] = data
-        return tree
 
     async def _unpack(self, tree: dict[str, bytes], dest: str) -> None:
         await self._checked(["bash", "-c", f"mkdir -p {dest} && tar -xzf - -C {dest}"], f"unpack into {dest}",
