@@ -1,5 +1,5 @@
-"""Per-sandbox cgroups for the local backend: a memory limit with an OOM-kill counter, and a pids
-limit. Works with cgroup v1 (memory + pids hierarchies) and v2; without write access to the
+"""Per-sandbox cgroups for the local backend: a memory limit with an OOM-kill counter, a pids
+limit and a CPU quota. Works with cgroup v1 (memory + pids hierarchies) and v2; without write access to the
 cgroup tree the local backend falls back to rlimits and says so in its isolation label."""
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ def _own_paths() -> dict[str, str]:
 class SlotCgroup:
     """The cgroup(s) one local sandbox's processes live in."""
 
-    def __init__(self, dirs: list[Path], memory_dir: Path, pids_dir: Path, v2: bool) -> None:
+    def __init__(self, dirs: list[Path], memory_dir: Path, pids_dir: Path, cpu_dir: Path, v2: bool) -> None:
         self.dirs = dirs
-        self.memory_dir = memory_dir
-        self.pids_dir = pids_dir
+        self.memory_dir, self.pids_dir, self.cpu_dir = memory_dir, pids_dir, cpu_dir
         self.v2 = v2
 
     @classmethod
@@ -36,18 +35,17 @@ class SlotCgroup:
         """Makes the cgroup(s) below our own; None if the tree is not writable here."""
         try:
             own = _own_paths()
-            if "memory" in own and "pids" in own and (_ROOT / "memory").is_dir():
-                memory_dir = _ROOT / "memory" / own["memory"].lstrip("/") / name
-                pids_dir = _ROOT / "pids" / own["pids"].lstrip("/") / name
-                dirs, v2 = [memory_dir, pids_dir], False
+            if all(c in own for c in ("memory", "pids", "cpu")) and (_ROOT / "memory").is_dir():
+                memory_dir, pids_dir, cpu_dir = (_ROOT / c / own[c].lstrip("/") / name for c in ("memory", "pids", "cpu"))
+                dirs, v2 = [memory_dir, pids_dir, cpu_dir], False
             elif "" in own and (_ROOT / "cgroup.controllers").exists():
-                memory_dir = pids_dir = _ROOT / own[""].lstrip("/") / name
+                memory_dir = pids_dir = cpu_dir = _ROOT / own[""].lstrip("/") / name
                 dirs, v2 = [memory_dir], True
             else:
                 return None
             for path in dirs:
                 path.mkdir(exist_ok=True)
-            group = cls(dirs, memory_dir, pids_dir, v2)
+            group = cls(dirs, memory_dir, pids_dir, cpu_dir, v2)
             group.set_memory(256)
             return group
         except OSError:
@@ -77,6 +75,15 @@ class SlotCgroup:
 
     def set_pids(self, pids: int) -> None:
         (self.pids_dir / "pids.max").write_text(str(pids))
+
+    def set_cpus(self, cpus: float) -> None:
+        period = 100_000
+        quota = max(1000, int(cpus * period))
+        if self.v2:
+            (self.cpu_dir / "cpu.max").write_text(f"{quota} {period}")
+        else:
+            (self.cpu_dir / "cpu.cfs_period_us").write_text(str(period))
+            (self.cpu_dir / "cpu.cfs_quota_us").write_text(str(quota))
 
     def procs_files(self) -> list[Path]:
         """Files a process writes "0" to in order to join (before it execs the sandbox)."""

@@ -18,8 +18,10 @@ from workers.sandbox.owner import Owner
 from workers.sandbox.reaper import LABEL, owner_labels, reap_containers
 
 KEEPALIVE_UID = 65534
-# PID 1 only reaps zombies; it runs as a uid the program cannot signal or ptrace.
+# PID 1 reaps zombies and exits on SIGTERM (so a stopping daemon need not wait); it runs as a
+# uid the program cannot signal or ptrace.
 KEEPALIVE = """import os, signal
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
 while True:
     signal.sigwait([signal.SIGCHLD])
@@ -165,6 +167,7 @@ class DockerBackend:
     async def close(self) -> None:
         if self.client is not None:
             await asyncio.to_thread(reap_containers, self.client, self.owner.pool)
+            self.client.close()
 
     def _container_kwargs(self) -> dict:
         lim, uid = self.limits, self.limits.workload_uid

@@ -68,10 +68,15 @@ class LocalBox(Box):
         return self.process.returncode is None
 
     async def destroy(self) -> None:
+        # Closing stdin makes the agent (PID 1 of the sandbox) exit, which takes every process in
+        # its pid namespace with it and lets each bwrap reap its child. SIGKILL on the outer bwrap
+        # is only the fallback: it would orphan the inner bwrap to the host's init.
         self.channel.close()
-        if self.process.returncode is None:
+        try:
+            await asyncio.wait_for(self.process.wait(), 5.0)
+        except asyncio.TimeoutError:
             self.process.kill()
-        await self.process.wait()
+            await self.process.wait()
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.remove)
         if self.scratch is not None:
@@ -111,6 +116,7 @@ class LocalBackend:
         cgroup = await asyncio.to_thread(SlotCgroup.create, name) if os.geteuid() == 0 else None
         if cgroup is not None:
             cgroup.set_pids(self.limits.pids)
+            cgroup.set_cpus(self.limits.cpus)
         uid = unprivileged_uid(self.owner.pid, self._count) if os.geteuid() == 0 else os.geteuid()
         scratch = None if self.use_bwrap else Path(tempfile.mkdtemp(prefix="codeworld-sbx-"))
         try:

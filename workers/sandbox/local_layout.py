@@ -89,7 +89,7 @@ class BwrapLayout:
         inner = ["--unshare-user", "--disable-userns", "--unshare-pid", "--as-pid-1", "--die-with-parent"]
         if os.geteuid() == 0:
             return [*outer, "--bind", "/proc", "/proc", *self.setpriv(self.uid), "bwrap", *inner,
-                    "--bind", "/", "/", "--proc", "/proc", "--chdir", "/work", "--", self.python]
+                    "--dev-bind", "/", "/", "--proc", "/proc", "--chdir", "/work", "--", self.python]
         return [*outer, *inner, "--proc", "/proc", "--chdir", "/work", "--", self.python]
 
     def agent_config(self) -> dict:

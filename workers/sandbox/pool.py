@@ -59,6 +59,7 @@ class SandboxPool:
         self._live: set[Box] = set()
         self._need = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._replenisher: asyncio.Task | None = None
         self._last_error = ""
         self._closed = False
         self._counts = {"waiting": 0, "max_waiting": 0, "runs": 0, "sandbox_errors": 0, "retries": 0, "replaced": 0}
@@ -74,12 +75,13 @@ class SandboxPool:
         """Starts the backend and waits until every sandbox is warm."""
         self._backend = await self._make_backend()
         await self._backend.start()
-        self._spawn(self._replenish())
+        self._replenisher = asyncio.get_running_loop().create_task(self._replenish())
         self._need.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ready_timeout_s
         while len(self._live) < self.size:
-            if loop.time() > deadline:
+            # Fail fast when not a single sandbox could be made: the cause is not transient.
+            if loop.time() > deadline or (self._last_error and not self._live):
                 await self.close()
                 raise SandboxUnavailable(f"the {self.backend_name} sandbox pool did not start: {self._last_error}")
             await asyncio.sleep(0.02)
@@ -101,9 +103,10 @@ class SandboxPool:
         if self._closed:
             return
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._replenisher is not None:
+            self._replenisher.cancel()
+            await asyncio.gather(self._replenisher, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # destroys in progress finish
         await asyncio.gather(*(box.destroy() for box in list(self._live)), return_exceptions=True)
         self._live.clear()
         if self._backend is not None:
