@@ -117,14 +117,19 @@ class CodeEnv(Environment):
         """The program a reply stands for, on this episode's task."""
         return build_program(self.task.hidden["prefix"], reply)
 
-    async def run_tests(self, tests: CodeTests, program: str) -> GradeResult:
-        """Grade `program` on `tests` in this process's shared sandbox pool."""
+    async def pool(self):
+        """This process's shared sandbox pool for the configured backend and image."""
         from envs.swe.pools import shared_pool
-        from reward.code_run import grade
 
         p = self.params.sandbox
-        pool = await shared_pool(p.backend, p.image, p.size)
-        return await grade(pool, tests, program, self.params.limits, self.params.reward_mode)
+        return await shared_pool(p.backend, p.image, p.size)
+
+    async def run_tests(self, tests: CodeTests, program: str) -> GradeResult:
+        """Grade `program` on `tests` in the shared sandbox pool."""
+        from reward.code_run import grade
+
+        return await grade(await self.pool(), tests, program, self.params.limits,
+                           self.params.reward_mode)
 
     async def step(self, action: Action) -> StepResult:
         tests = CodeTests.model_validate(self.task.hidden["tests"])

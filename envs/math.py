@@ -1,7 +1,8 @@
 """Math environments: one turn, the final `\\boxed{}` answer checked by `reward.math`.
 
 `BoxedAnswerEnv` is the shared single-turn logic; `MathEnv` reads the public GSM8K and MATH-500
-files (and any JSONL with `problem`/`question` and `answer` fields).
+files (and any JSONL with `problem`/`question` and `answer` fields): also the full MATH release
+(answer = the last `\\boxed{}` of `solution`), AIME 2024 and 1983-2023, and AMC 2023.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, ClassVar, Literal
 from envs.base import Action, EnvParams, Environment, Message, Observation, StepResult, Task
 from envs.data import read_records, resolve
 from envs.registry import register_env
-from reward.math import extract_hashes, shared_verifier
+from reward.math import extract_boxed, extract_hashes, shared_verifier
 
 BOXED_INSTRUCTION = "Put the final answer in \\boxed{}."
 
@@ -32,6 +33,10 @@ class BoxedAnswerEnv(Environment):
                                                  allow_hashes=self.allow_hashes)
         return StepResult(done=True, reward=verdict.reward, info=verdict.model_dump())
 
+    async def gold_output(self, task: Task) -> str:
+        """A reply holding the gold answer (for `codeworld envs validate`)."""
+        return f"\\boxed{{{task.hidden['answer']}}}"
+
 
 class MathParams(EnvParams):
     format: Literal["auto", "gsm8k", "math500"] = "auto"
@@ -42,13 +47,29 @@ class MathParams(EnvParams):
     """Use only the first N rows."""
 
 
+def _gold_answer(row: dict[str, Any]) -> str | None:
+    """The row's `answer` (AMC23 stores integers as floats: 27.0 -> "27"), else the last
+    `\\boxed{}` of its `solution` (the full MATH release has no answer field)."""
+    if "answer" not in row:
+        return extract_boxed(row["solution"])
+    answer = row["answer"]
+    return str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)
+
+
+def _aime_id(row: dict[str, Any]) -> str | None:
+    """AIME 1983-2023 rows carry year and numbers instead of an id."""
+    if {"year", "aime_number", "problem_number"} <= row.keys():
+        return f"aime-{row['year']}-{row['aime_number']}-{row['problem_number']}"
+    return None
+
+
 def _row_to_task(row: dict[str, Any], index: int, fmt: str, instruction: str) -> Task:
     if fmt == "gsm8k":
         problem, answer = row["question"], extract_hashes(row["answer"])
         task_id = f"gsm8k-{index}"
     else:
-        problem, answer = row.get("problem") or row["question"], row["answer"]
-        task_id = str(row.get("unique_id") or row.get("id") or f"math-{index}")
+        problem, answer = row.get("problem") or row["question"], _gold_answer(row)
+        task_id = str(row.get("unique_id") or row.get("id") or _aime_id(row) or f"math-{index}")
     return Task(id=task_id, prompt=[Message(role="user", content=f"{problem}\n{instruction}")],
                 hidden={"answer": str(answer)}, meta={k: row[k] for k in ("level", "subject") if k in row})
 

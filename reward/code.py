@@ -75,6 +75,14 @@ class CodeTests(BaseModel):
         return len(self.probes) if self.mode == "call" else len(self.inputs)
 
 
+def first_tests(tests: CodeTests, k: int) -> CodeTests:
+    """The first `k` tests of filled-in `tests` (self-debug shows these as examples)."""
+    if tests.expected is None:
+        raise ValueError("first_tests() needs expected values; compute them from the reference first.")
+    return tests.model_copy(update={"probes": tests.probes[:k], "inputs": tests.inputs[:k],
+                                    "expected": tests.expected[:k]})
+
+
 class ExecLimits(BaseModel):
     """Resource limits for one grading run in the sandbox."""
 
