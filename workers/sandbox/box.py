@@ -20,7 +20,12 @@ _OUTCOMES = {"timeout": Status.TIMEOUT, "output_limit": Status.OUTPUT_LIMIT, "oo
 
 
 class SandboxBroken(Exception):
-    """This sandbox can no longer be used (its agent, container or daemon failed)."""
+    """This sandbox can no longer be used (its agent, container or daemon failed). `started` is
+    False when the request never reached the sandbox, so it is safe to run it elsewhere."""
+
+    def __init__(self, message: str, started: bool = True) -> None:
+        super().__init__(message)
+        self.started = started
 
 
 class Box(abc.ABC):
@@ -109,4 +114,4 @@ class Box(abc.ABC):
             return await self.channel.request(header, blobs)
         except ChannelClosed as exc:
             self.dirty = True
-            raise SandboxBroken(str(exc)) from exc
+            raise SandboxBroken(str(exc), started=exc.sent) from exc

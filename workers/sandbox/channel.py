@@ -18,7 +18,13 @@ _MAX_HEADER = 1 << 20
 
 
 class ChannelClosed(ConnectionError):
-    """The agent's byte stream ended: the agent, its sandbox or the daemon in between went away."""
+    """The agent's byte stream ended: the agent, its sandbox or the daemon in between went away.
+    `sent` is False when the request provably never reached the agent (the stream was already
+    gone), so running it elsewhere cannot run the program twice."""
+
+    def __init__(self, message: str, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class ByteSink(Protocol):
@@ -68,10 +74,14 @@ class AgentChannel:
     async def request(self, header: dict[str, Any], blobs: list[bytes] = ()) -> tuple[dict[str, Any], list[bytes]]:
         async with self._lock:
             if self.closed:
-                raise ChannelClosed("the sandbox channel is closed")
+                raise ChannelClosed("the sandbox channel was already closed", sent=False)
+            raw = json.dumps(dict(header, blobs=[len(b) for b in blobs])).encode()
             try:
-                raw = json.dumps(dict(header, blobs=[len(b) for b in blobs])).encode()
                 await self._sink.write(_HEADER.pack(len(raw)) + raw)
+            except (ConnectionError, OSError) as exc:
+                self.closed = True
+                raise ChannelClosed(self._why(exc), sent=False) from exc
+            try:
                 for blob in blobs:
                     if blob:
                         await self._sink.write(blob)

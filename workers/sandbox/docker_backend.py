@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Callable
 
 import docker
 import docker.errors
+import requests.exceptions
 
 from workers.sandbox.box import Box, SandboxBroken
 from workers.sandbox.channel import AGENT_SOURCE, AgentChannel, ChannelClosed, TailBuffer
@@ -17,6 +19,7 @@ from workers.sandbox.models import Isolation
 from workers.sandbox.owner import Owner
 from workers.sandbox.reaper import LABEL, owner_labels, reap_containers
 
+log = logging.getLogger(__name__)
 KEEPALIVE_UID = 65534
 # PID 1 reaps zombies and exits on SIGTERM (so a stopping daemon need not wait); it runs as a
 # uid the program cannot signal or ptrace.
@@ -118,8 +121,8 @@ class DockerBox(Box):
         try:
             await asyncio.to_thread(self.client.api.update_container, self.container_id,
                                     mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m")
-        except docker.errors.DockerException as exc:
-            raise SandboxBroken(f"could not set the container's memory limit: {exc}") from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise SandboxBroken(f"could not set the container's memory limit: {exc}", started=False) from exc
         self.memory_mb = memory_mb
 
     async def is_alive(self) -> bool:
@@ -133,10 +136,8 @@ class DockerBox(Box):
         self.channel.close()
         try:
             await asyncio.to_thread(self.client.api.remove_container, self.container_id, force=True)
-        except docker.errors.NotFound:
+        except Exception:  # gone already, or daemon down: the reaper removes it at close or next start
             pass
-        except docker.errors.DockerException:
-            pass  # daemon down: the pool's reaper removes it at close or at the next start
 
 
 class DockerBackend:
@@ -165,9 +166,14 @@ class DockerBackend:
         await asyncio.to_thread(reap_containers, self.client, None)
 
     async def close(self) -> None:
-        if self.client is not None:
+        if self.client is None:
+            return
+        try:
             await asyncio.to_thread(reap_containers, self.client, self.owner.pool)
-            self.client.close()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("sandbox pool %s could not remove its containers (%s); the next pool start "
+                        "on this host removes them", self.owner.pool, exc)
+        self.client.close()
 
     def _container_kwargs(self) -> dict:
         lim, uid = self.limits, self.limits.workload_uid

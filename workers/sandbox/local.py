@@ -53,7 +53,7 @@ class LocalBox(Box):
             try:
                 self.cgroup.set_memory(memory_mb)
             except OSError as exc:
-                raise SandboxBroken(f"could not set the sandbox's memory limit: {exc}") from exc
+                raise SandboxBroken(f"could not set the sandbox's memory limit: {exc}", started=False) from exc
         self.memory_mb = memory_mb
 
     def rlimits(self, request: ExecRequest) -> dict[str, int]:

@@ -117,7 +117,9 @@ class SandboxPool:
 
     # ------------------------------------------------------------------------------------ running
     async def run(self, request: ExecRequest) -> ExecResult:
-        """Runs one program in a clean sandbox; an infrastructure failure is retried once."""
+        """Runs one program in a clean sandbox. A sandbox found dead when the run is handed to it
+        is replaced and the run retried once; a failure after the program started is a
+        SANDBOX_ERROR (it is never run twice)."""
         for attempt in range(2):
             try:
                 box = await self._acquire()
@@ -133,7 +135,7 @@ class SandboxPool:
                     self._counts["runs"] += 1
                     return result
                 self._discard(box)
-                if attempt == 0 and not self._closed:
+                if attempt == 0 and not exc.started and not self._closed:
                     self._counts["retries"] += 1
                     continue
                 return self._sandbox_error(str(exc))

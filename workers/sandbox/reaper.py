@@ -10,6 +10,7 @@ import logging
 
 import docker
 import docker.errors
+import requests.exceptions
 
 from workers.sandbox.owner import Owner
 
@@ -48,5 +49,5 @@ def _remove(client: docker.DockerClient, container_id: str) -> None:
         client.api.remove_container(container_id, force=True)
     except docker.errors.NotFound:
         pass
-    except docker.errors.DockerException as exc:
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
         log.warning("could not remove sandbox container %s: %s", container_id[:12], exc)
