@@ -157,3 +157,16 @@ def load_swe_tasks(path: Path) -> list[SWETask]:
             })
         tasks.append(task)
     return tasks
+
+
+def write_swe_tasks(tasks: list[SWETask], out: Path) -> None:
+    """Write tasks as JSONL, their tarball paths made relative to the file's folder."""
+    lines = []
+    for task in tasks:
+        row = task.model_dump(mode="json")
+        for key in ("tarball", "deps"):
+            if row["source"] and row["source"][key]:
+                row["source"][key] = str(Path(row["source"][key]).relative_to(out.parent.resolve()))
+        lines.append(json.dumps(row))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(line + "\n" for line in lines))

@@ -79,8 +79,7 @@ def from_sdist_cmd(
 ) -> None:
     """Point a SWE-bench instance at a PyPI sdist (checked against its patches) so it runs here."""
     from envs.swe.build.swebench_sdist import from_sdist
-    from envs.swe.build.tasks import write_tasks
-    from envs.swe.task import load_swe_tasks
+    from envs.swe.task import load_swe_tasks, write_swe_tasks
 
     try:
         found = [t for t in load_swe_tasks(data) if t.instance_id == instance]
@@ -92,7 +91,7 @@ def from_sdist_cmd(
         task = from_sdist(found[0], package, dep, cache.resolve(), out.resolve().parent)
     except (ValueError, RuntimeError) as err:
         _fail(str(err))
-    write_tasks([task], out.resolve())
+    write_swe_tasks([task], out.resolve())
     typer.echo(json.dumps({"instance_id": instance, "package": package, "out": str(out)}))
 
 

@@ -21,7 +21,7 @@ from envs.swe.build.mutate import Mutation, sample_mutations
 from envs.swe.build.pypi import fetch_deps, fetch_sdist, parse_spec, read_tree, sdist_prefix, sha256_file
 from envs.swe.build.statement import write_statement
 from envs.swe.diffs import file_diff
-from envs.swe.task import SourceSpec, SWETask
+from envs.swe.task import SourceSpec, SWETask, write_swe_tasks
 from envs.swe.workspace import Workspace
 from reward.swe import SessionPool
 from workers.sandbox import Status
@@ -166,17 +166,6 @@ async def build_tasks(cfg: BuildConfig, pool: SessionPool, workers: int = 2) -> 
         if len(built) >= cfg.n:
             break
     built = built[: cfg.n]
-    write_tasks(built, cfg.out)
+    write_swe_tasks(built, cfg.out)
     return built
 
-
-def write_tasks(tasks: list[SWETask], out: Path) -> None:
-    """Write tasks as JSONL, their tarball paths made relative to the file's folder."""
-    lines = []
-    for task in tasks:
-        row = task.model_dump(mode="json")
-        for key in ("tarball", "deps"):
-            if row["source"] and row["source"][key]:
-                row["source"][key] = str(Path(row["source"][key]).relative_to(out.parent.resolve()))
-        lines.append(SWETask.model_validate(row).model_dump_json())
-    out.write_text("".join(line + "\n" for line in lines))

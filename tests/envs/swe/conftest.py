@@ -22,16 +22,33 @@ CACHE = REPO / ".cache" / "swe"
 CODEWORLD = [str(Path(sys.executable).parent / "codeworld")]
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run `codeworld ARGS` as a user would; stdout's last line is its JSON summary."""
+class CliRun:
+    """One `codeworld` run: its process, and the JSON summary its stdout ends with."""
+
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.proc = proc
+        lines = proc.stdout.strip().splitlines()
+        self.summary = json.loads(lines[-1]) if lines else None
+
+
+def run_cli(*args: str, check: bool = True) -> CliRun:
+    """Run `codeworld ARGS` as a user would."""
     proc = subprocess.run([*CODEWORLD, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"codeworld {' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return proc
+    return CliRun(proc)
 
 
-def last_json(proc: subprocess.CompletedProcess[str]) -> dict:
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="session")
+def swe_cli():
+    """`swe_cli(*args, check=True)` runs the codeworld command line."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def swe_cache() -> Path:
+    """The download cache the SWE tests share (gitignored)."""
+    return CACHE
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -55,8 +72,8 @@ async def toolz_tasks(swe_pool: SandboxPool, tmp_path_factory: pytest.TempPathFa
 def inflection_tasks(tmp_path_factory: pytest.TempPathFactory) -> list[SWETask]:
     """Two tasks built from inflection 0.5.1 by the `codeworld swe build-tasks` command."""
     out = tmp_path_factory.mktemp("inflection") / "inflection.jsonl"
-    summary = last_json(run_cli("swe", "build-tasks", "--package", "inflection==0.5.1", "--n", "2",
-                                "--out", str(out), "--cache", str(CACHE)))
+    summary = run_cli("swe", "build-tasks", "--package", "inflection==0.5.1", "--n", "2",
+                      "--out", str(out), "--cache", str(CACHE)).summary
     assert summary["built"] == 2 and summary["out"] == str(out)
     return load_swe_tasks(out)
 

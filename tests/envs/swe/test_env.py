@@ -25,13 +25,15 @@ def bash(command: str) -> Action:
     return act(f"<tool: bash>\n{command}\n</tool>")
 
 
-def fix_lines(task: SWETask) -> tuple[str, str, str, int]:
-    """(file, buggy line, fixed line, line number) of a built task's one-line gold patch."""
+def fix_edit(task: SWETask) -> tuple[str, str, str, int, str]:
+    """(file, SEARCH, REPLACE, buggy line number, buggy line) of a built task's gold patch, the
+    hunk's context lines included so that SEARCH is unique, as an agent would write it."""
     (patched,) = parse_diff(task.patch)
     (hunk,) = patched
+    search = "".join(line.value for line in hunk if not line.is_added).rstrip("\n")
+    replace = "".join(line.value for line in hunk if not line.is_removed).rstrip("\n")
     removed = next(line for line in hunk if line.is_removed)
-    added = next(line for line in hunk if line.is_added)
-    return patched.path, removed.value.rstrip("\n"), added.value.rstrip("\n"), removed.source_line_no
+    return patched.path, search, replace, removed.source_line_no, removed.value.rstrip("\n")
 
 
 async def start(task: SWETask, **params) -> tuple[SWEEnv, Task]:
@@ -43,7 +45,7 @@ async def start(task: SWETask, **params) -> tuple[SWEEnv, Task]:
     return env, row
 
 
-def test_registered_and_prompt_documents_the_tools(built_tasks):
+async def test_registered_and_prompt_documents_the_tools(built_tasks):
     assert get_env("swe") is SWEEnv
     row = swe_task_to_task(built_tasks[0], SWEParams(max_turns=7, token_budget=900))
     system, user = row.prompt
@@ -54,7 +56,7 @@ def test_registered_and_prompt_documents_the_tools(built_tasks):
 
 async def test_scripted_agent_fixes_the_bug_and_scores_1(built_tasks):
     task = built_tasks[0]
-    path, buggy, fixed, lineno = fix_lines(task)
+    path, search, replace, lineno, buggy = fix_edit(task)
     env, _ = await start(task, max_turns=12, token_budget=1000)
     try:
         out = await env.step(bash("ls"))
@@ -68,7 +70,7 @@ async def test_scripted_agent_fixes_the_bug_and_scores_1(built_tasks):
         out = await env.step(act("I will just think."))
         assert out.observation.messages[0].content.startswith("Error: No tool call found")
         assert not out.done
-        edit = f"<tool: edit>\n{path}\n<<<<<<< SEARCH\n{buggy}\n=======\n{fixed}\n>>>>>>> REPLACE\n</tool>"
+        edit = f"<tool: edit>\n{path}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n</tool>"
         out = await env.step(act(edit))
         assert out.observation.messages[0].content.startswith(f"Edited {path}.")
         tests = " ".join(task.FAIL_TO_PASS)
