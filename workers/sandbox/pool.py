@@ -193,10 +193,10 @@ class SandboxPool:
         deadline = loop.time() + self.acquire_timeout_s
         try:
             while True:
-                left = deadline - loop.time()
                 try:
-                    box = await asyncio.wait_for(self._idle.get(), max(left, 0.001))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout_at(deadline):
+                        box = await self._idle.get()
+                except TimeoutError:
                     raise SandboxUnavailable(f"no sandbox became free within {self.acquire_timeout_s:.0f} s"
                                              + (f"; last failure: {self._last_error}" if self._last_error else "."))
                 if not box.channel.closed:
