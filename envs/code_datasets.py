@@ -153,7 +153,7 @@ def _split_assert(test: ast.expr, where: str) -> _Split | None:
     return _Split(probe=probe, expected=not negated)
 
 
-def tests_from_asserts(source: str, where: str) -> CodeTests:
+def asserts_to_tests(source: str, where: str) -> CodeTests:
     """Turn a block of assert statements (see `_split_assert`) (with helper statements between
     them) into call-mode tests. Variables assigned more than once are per-test inputs and get
     inlined into the probes; everything else that is not an assert becomes setup."""
@@ -212,7 +212,7 @@ def load_mbpp(path: Path) -> list[CodeProblem]:
     for row in read_records(path):
         where = f"{path.name} task {row['task_id']}"
         setup = "\n".join(row.get("test_imports") or []) or row.get("test_setup_code", "")
-        tests = tests_from_asserts(setup + "\n" + "\n".join(row["test_list"]), where)
+        tests = asserts_to_tests(setup + "\n" + "\n".join(row["test_list"]), where)
         if tests.expected is None:
             tests.reference = row["code"]
         text = row.get("text") or row.get("prompt")
@@ -257,7 +257,7 @@ def load_leetcode(path: Path) -> list[CodeProblem]:
     `test` is `test_input = {...}` / `assert my_solution.f(**test_input) == value` pairs."""
     problems = []
     for row in read_records(path):
-        tests = tests_from_asserts(row["test"], f"{path.name} task {row['task_id']}")
+        tests = asserts_to_tests(row["test"], f"{path.name} task {row['task_id']}")
         if tests.expected is None:
             raise ValueError(f"{path.name} task {row['task_id']}: tests without literal "
                              "expected values need a reference solution, which this format lacks.")
