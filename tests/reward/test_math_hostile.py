@@ -45,7 +45,9 @@ async def _pool_still_works(verifier: MathVerifier) -> None:
 async def test_explosive_expressions_hit_the_deadline(verifier: MathVerifier, prediction: str) -> None:
     verdict, elapsed = await _timed(verifier, prediction, "3")
     assert elapsed < DEADLINE_S + SLACK_S
-    assert verdict.reward is None and "deadline" in verdict.error
+    # math-verify's own internal timeout may answer first (a wrong answer: 0); otherwise the
+    # process deadline kills the worker (no reward: None). Never a hang, never credit.
+    assert verdict.reward is None and "deadline" in verdict.error or verdict.reward == 0.0
     await _pool_still_works(verifier)
 
 
@@ -72,6 +74,6 @@ async def test_hostile_and_normal_answers_in_flight_together(verifier: MathVerif
     normal = [verifier.verify(f"\\boxed{{{k}}}", str(k)) for k in range(4)]
     start = time.monotonic()
     verdicts = await asyncio.gather(*hostile, *normal)
-    assert [v.reward for v in verdicts[:3]] == [None] * 3
+    assert all(v.reward in (None, 0.0) for v in verdicts[:3])
     assert [v.reward for v in verdicts[3:]] == [1.0] * 4
     assert time.monotonic() - start < 2 * DEADLINE_S + SLACK_S  # 3 hostile on 2 workers: 2 rounds
