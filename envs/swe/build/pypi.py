@@ -33,9 +33,10 @@ def fetch_sdist(spec: str, cache: Path) -> Path:
     name, version = parse_spec(spec)
     folder = cache / "sdists"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{_normalise(name)}-{version}"
+    # Sdist names vary (`python-slugify` ships `python_slugify-9.2.0.tar.gz`): compare normalised.
+    wanted = _normalise(f"{name}-{version}")
     for found in sorted(folder.glob("*.tar.gz")):
-        if _normalise(found.name.removesuffix(".tar.gz")) == stem.lower():
+        if _normalise(found.name.removesuffix(".tar.gz")) == wanted:
             return found
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from envs.swe.build.pypi import fetch_deps, fetch_sdist, read_tree, sdist_prefix
 from envs.swe.diffs import PatchError, apply_diff, touched_paths
-from envs.swe.task import SourceSpec, SWETask
+from envs.swe.task import SourceSpec, SWETask, official_image
 
 
 def from_sdist(task: SWETask, package: str, deps: list[str], cache: Path, out_dir: Path) -> SWETask:
@@ -32,8 +32,8 @@ def from_sdist(task: SWETask, package: str, deps: list[str], cache: Path, out_di
         except PatchError as err:
             raise ValueError(
                 f"The sdist of {package} is not the repository of {task.instance_id} at {task.base_commit[:12]}: "
-                f"its {name} does not apply ({err}); the repository at that commit (or SWE-bench's image "
-                f"{task.instance_id}) is what is missing."
+                f"its {name} does not apply ({err}); what is missing is the repository at that commit, or "
+                f"SWE-bench's image {official_image(task.instance_id)}."
             ) from None
     bundle = Path(shutil.copy2(fetch_deps(deps, cache), sources)) if deps else None
     source = SourceSpec(tarball=str(sdist), prefix=sdist_prefix(sdist), deps=str(bundle) if bundle else None,
