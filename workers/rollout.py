@@ -97,6 +97,7 @@ class RolloutWorker:
             model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
             enforce_eager=config.enforce_eager, seed=config.seed, enable_prefix_caching=True,
             logprobs_mode="processed_logprobs", gpu_memory_utilization=config.gpu_memory_utilization,
+            worker_extension_cls="workers.vllm_extension.WeightSyncExtension",
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self.version = 0
@@ -141,8 +142,7 @@ class RolloutWorker:
         start = time.perf_counter()
         await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
-            await self.engine.collective_rpc(
-                "reload_weights", kwargs={"weights_path": str(push.path), "is_checkpoint_format": True})
+            await self.engine.collective_rpc("load_pushed_weights", args=(str(push.path),))
             await self.engine.reset_prefix_cache()
             self.version = push.version
         finally:
