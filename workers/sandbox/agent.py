@@ -24,7 +24,6 @@ import socket
 import stat
 import struct
 import sys
-import tarfile
 import time
 
 PR_SET_DUMPABLE = 4
@@ -88,6 +87,7 @@ def unpack(tar_bytes, root):
     """Writes a host-made tar of regular files below root; refuses anything that could escape."""
     if not tar_bytes:
         return
+    import tarfile  # here, not at the top: the zygote (same source) must stay small to fork fast
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
@@ -107,6 +107,8 @@ def unpack(tar_bytes, root):
                         os.close(fd)
                 finally:
                     os.close(dir_fd)
+    except tarfile.TarError as exc:
+        raise ValueError("the files sent are not a valid tar stream: %s" % exc)
     finally:
         os.close(root_fd)
 
@@ -136,6 +138,7 @@ def read_regular(root_fd, name, budget):
 
 
 def pack(root, names, budget):
+    import tarfile
     buf = io.BytesIO()
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -169,7 +172,7 @@ def session_of(pid):
 
 
 def other_processes(spare, sessions):
-    """Live processes of our real uid other than `spare` (the agent and the zygote); with
+    """Live processes of our real uid other than `spare` (agent, zygote, its waiting spare); with
     `sessions` (no pid namespace, shared uid) only those in the programs' own sessions."""
     uid = os.getuid()
     found = []
@@ -187,10 +190,11 @@ def other_processes(spare, sessions):
     return found
 
 
-def kill_all(spare, sessions=None):
-    """SIGKILLs every other process of our uid until none is left; False if a fork bomb outran us."""
+def kill_all(spared, sessions=None):
+    """SIGKILLs every other process of our uid until none is left; False if a fork bomb outran us.
+    `spared()` names the processes to keep; it is asked again each round (the spare changes)."""
     for _ in range(2000):
-        victims = other_processes(spare, sessions)
+        victims = other_processes(spared(), sessions)
         if not victims:
             return True
         for pid in victims:
@@ -238,55 +242,85 @@ def wipe_dir(root):
 
 
 # --------------------------------------------------------------------------------------- the zygote
+class Zygote:
+    """Keeps one spare fork waiting for the next run, so no fork is on the latency path. The
+    spare takes the run's pipes straight from the agent's socket, tells the zygote (which forks
+    the next spare) and the agent, then becomes the program. The zygote reports exits."""
+
+    def __init__(self, sock_fd):
+        self.sock = socket.socket(fileno=sock_fd)
+        self.wake_r, self.wake_w = os.pipe()
+        self.taken_r, self.taken_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.spare, self.running = None, set()
+
+    def serve(self):
+        self.fork_spare()
+        while True:
+            ready, _, _ = select.select([self.taken_r, self.wake_r], [], [])
+            if self.taken_r in ready:  # before reaping: a taken spare may already have exited
+                for (pid,) in struct.iter_unpack(">I", os.read(self.taken_r, 4096)):
+                    self.running.add(pid)
+                    self.spare = None if pid == self.spare else self.spare
+                if self.spare is None:
+                    self.fork_spare()
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+                self.reap()
+
+    def fork_spare(self):
+        pid = os.fork()
+        if pid == 0:
+            for fd in (self.wake_r, self.wake_w, self.taken_r):
+                os.close(fd)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            spare_main(self.sock, self.taken_w)
+        self.spare = pid
+        self.sock.send(b"S %d" % pid)
+
+    def reap(self):
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.running:
+                self.running.discard(pid)
+                self.sock.send(b"E %d %d %.6f" % (pid, status, usage.ru_utime + usage.ru_stime))
+            elif pid == self.spare:
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == SPARE_SAW_NO_AGENT:
+                    os._exit(0)
+                self.fork_spare()  # killed while waiting (by a program or a cleanup): replace it
+
+
+SPARE_SAW_NO_AGENT = 3
+
+
+def spare_main(sock, taken_w):
+    msg, fds, _, _ = socket.recv_fds(sock, 64, 8)
+    if not msg:
+        os._exit(SPARE_SAW_NO_AGENT)
+    os.write(taken_w, struct.pack(">I", os.getpid()))
+    sock.send(b"P %d" % os.getpid())
+    child_main(fds)
+
+
 def zygote_main(sock_fd):
     LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    sock = socket.socket(fileno=sock_fd)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
+    zygote = Zygote(sock_fd)
     import runpy, traceback, types, atexit, resource  # noqa: F401,E401 - preloaded for the forks
     import gc
     # Objects made so far never need collecting: moving them out of the collector's reach keeps
     # a fork's collections from touching (and copying) every inherited page.
     gc.collect()
     gc.freeze()
-    tracked = set()
-    while True:
-        ready, _, _ = select.select([sock, wake_r], [], [])
-        if wake_r in ready:
-            os.read(wake_r, 4096)
-            reap(sock, tracked)
-        if sock in ready:
-            msg, fds, _, _ = socket.recv_fds(sock, 64, 8)
-            if not msg:
-                os._exit(0)
-            pid = os.fork()
-            if pid == 0:
-                sock.close()
-                for fd in (wake_r, wake_w):
-                    os.close(fd)
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                child_main(fds)
-            for fd in fds:
-                os.close(fd)
-            tracked.add(pid)
-            sock.send(b"P %d" % pid)
-
-
-def reap(sock, tracked):
-    while True:
-        try:
-            pid, status, usage = os.wait4(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        if pid in tracked:
-            tracked.discard(pid)
-            sock.send(b"E %d %d %.6f" % (pid, status, usage.ru_utime + usage.ru_stime))
+    zygote.serve()
 
 
 def child_main(fds):
@@ -416,14 +450,41 @@ class Agent:
         """A fresh exec, never a fork of the agent: the zygote must hold no task's bytes."""
         if self.zsock is not None:
             self.zsock.close()
+            os.close(self.zygote_fd)
         zsock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = list(sys.orig_argv[:3]) + ["zygote", str(child_sock.fileno())]
         os.set_inheritable(child_sock.fileno(), True)
         self.zygote = os.posix_spawn(sys.executable, argv, dict(os.environ))
         child_sock.close()
         self.zsock = zsock
+        self.zygote_fd = os.pidfd_open(self.zygote)
         self.zygote_dead = False
-        self.spare = {os.getpid(), self.zygote}
+        self.spare_pid, self.taken, self.exits = None, set(), {}
+
+    def on_zygote(self, msg):
+        """Handles one message of the zygote or its spare: "S pid" (a new spare waits), "P pid"
+        (a spare took a run), "E pid status cpu" (a run's program exited, kept in self.exits)."""
+        if not msg:
+            self.zygote_dead = True
+            return ("X", 0)
+        parts = msg.split()
+        kind, pid = parts[0].decode(), int(parts[1])
+        # A spare can take a run before the zygote's "S" for it arrives: never spare a taken pid.
+        if kind == "S" and pid not in self.taken:
+            self.spare_pid = pid
+        elif kind == "P":
+            self.taken.add(pid)
+            self.spare_pid = None if pid == self.spare_pid else self.spare_pid
+        if kind == "E":
+            self.taken.discard(pid)
+            self.exits[pid] = (int(parts[2]), float(parts[3]))
+        return (kind, pid)
+
+    def spared(self):
+        """The processes a cleanup must not kill, after reading any news of a new spare."""
+        while not self.zygote_dead and select.select([self.zsock], [], [], 0)[0]:
+            self.on_zygote(self.zsock.recv(64))
+        return {os.getpid(), self.zygote, self.spare_pid}
 
     def reap_orphans(self):
         """When the agent is PID 1 (local backend), orphans of a dead zygote land here."""
@@ -438,42 +499,50 @@ class Agent:
     def serve(self):
         send_frame(1, {"ok": True, "ready": True, "pid": os.getpid(), "uid": os.getuid(),
                        "python": sys.version.split()[0]})
+        dirty = False
         while True:
             try:
                 raw = read_exact(0, struct.unpack(">I", read_exact(0, 4))[0])
             except EOFError:
                 os._exit(0)
             header = json.loads(raw)
-            handler = getattr(self, "op_" + header["op"])
+            if dirty:  # the last cleanup failed: refuse, so the host replaces this sandbox
+                discard(sum(header["blobs"]))
+                send_frame(1, {"ok": False, "dirty": True, "error": "the sandbox could not be cleaned"})
+                continue
+            after = None
             try:
-                reply, blobs = handler(header)
-            except (OSError, ValueError, tarfile.TarError) as exc:
+                reply, blobs, after = getattr(self, "op_" + header["op"])(header)
+            except (OSError, ValueError) as exc:
                 reply, blobs = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}, ()
             send_frame(1, reply, blobs)
+            # The end-of-task cleanup runs after the reply, while the host turns around; the next
+            # request is read only when it is done.
+            dirty = after is not None and not after()
 
     def read_blobs(self, header, streamed=0):
         sizes = header["blobs"]
         return [read_exact(0, n) for n in sizes[:len(sizes) - streamed]]
 
     def op_ping(self, header):
-        return {"ok": True, "pid": os.getpid()}, ()
+        return {"ok": True, "pid": os.getpid()}, (), None
 
     def op_put(self, header):
         (tar_bytes,) = self.read_blobs(header)
         unpack(tar_bytes, self.work)
-        return {"ok": True}, ()
+        return {"ok": True}, (), None
 
     def op_get(self, header):
         self.read_blobs(header)
-        return {"ok": True}, (pack(self.work, header["paths"], header["max_bytes"]),)
+        return {"ok": True}, (pack(self.work, header["paths"], header["max_bytes"]),), None
 
     def op_reset(self, header):
         self.read_blobs(header)
-        return {"ok": True, "clean": self.reset()}, ()
+        return {"ok": True, "clean": self.reset()}, (), None
 
     def reset(self):
         """Kills every process of the last task and empties every writable directory."""
-        clean = kill_all(self.spare, self.sessions)
+        clean = kill_all(self.spared, self.sessions)
         if self.sessions is not None:
             self.sessions.clear()
         self.reap_orphans()
@@ -494,16 +563,17 @@ class Agent:
             cwd = os.path.join(self.work, header["cwd"])
             if not os.path.isdir(cwd):
                 raise ValueError("workdir %r does not exist in the sandbox" % header["cwd"])
-        except (OSError, ValueError, tarfile.TarError):
+        except (OSError, ValueError):
             discard(stdin_len)
             raise
         run = Run(self, header, cwd, stdin_len)
         reply, blobs = run.execute()
-        reply["clean"] = self.reset() if header["wipe"] else kill_all(self.spare, self.sessions)
         if self.zygote_dead:
+            kill_all(self.spared, self.sessions)
             self.reap_orphans()
             self.start_zygote()
-        return reply, blobs
+        reply["clean"] = run.clean
+        return reply, blobs, (self.reset if header["wipe"] else None)
 
     def fast_spec(self, argv, env):
         """How to run argv as a fork of the zygote, or None when it needs a real exec."""
@@ -564,6 +634,7 @@ class Run:
         self.out, self.err = bytearray(), bytearray()
         self.out_truncated = self.err_truncated = False
         self.outcome, self.status, self.cpu = None, None, 0.0
+        self.clean = False
 
     def spawn(self):
         in_r, self.in_w = os.pipe()
@@ -578,10 +649,12 @@ class Run:
         socket.send_fds(self.agent.zsock, [b"F"], [in_r, out_w, err_w, par_r])
         for fd in (in_r, out_w, err_w, par_r):
             os.close(fd)
-        reply = self.agent.zsock.recv(64)
-        if not reply.startswith(b"P "):
-            raise OSError("the zygote did not answer")
-        self.pid = int(reply.split()[1])
+        self.pid = None
+        while self.pid is None:
+            ready, _, _ = select.select(self.launcher_fds(), [], [])
+            self.on_launcher(ready)
+            if self.agent.zygote_dead:
+                raise OSError("the sandbox's process launcher died")
         if self.agent.sessions is not None:
             self.agent.sessions.add(self.pid)
         self.start = time.monotonic()
@@ -607,11 +680,8 @@ class Run:
 
     def pump(self, deadline):
         open_reads = {self.out_r, self.err_r}
-        while open_reads or self.status is None:
-            if self.status is not None or self.outcome is not None:
-                self.finish(open_reads)
-                return
-            rlist = list(open_reads) + ([] if self.agent.zygote_dead else [self.agent.zsock])
+        while self.status is None and self.outcome is None:
+            rlist = list(open_reads) + self.launcher_fds()
             if self.stdin_left and len(self.stdin_buf) < (1 << 20):
                 rlist.append(0)
             wlist = [self.in_w] if self.in_w is not None and self.stdin_buf else []
@@ -621,10 +691,27 @@ class Run:
                 continue
             ready_r, ready_w, _ = select.select(rlist, wlist, [], timeout)
             self.on_ready(ready_r, ready_w, open_reads)
+        self.finish(open_reads)
+
+    def launcher_fds(self):
+        return [] if self.agent.zygote_dead else [self.agent.zsock, self.agent.zygote_fd]
+
+    def on_launcher(self, ready):
+        """News from the zygote side: our program's pid, its exit, or the zygote's death (only
+        the program can have killed it: same uid, and nothing else runs here)."""
+        if not self.agent.zygote_dead and self.agent.zsock in ready:
+            kind, pid = self.agent.on_zygote(self.agent.zsock.recv(64))
+            if kind == "P" and self.pid is None:
+                self.pid = pid
+        if self.pid in self.agent.exits:  # also news read while a cleanup looked for the spare
+            self.status, self.cpu = self.agent.exits.pop(self.pid)
+        if not self.agent.zygote_dead and self.agent.zygote_fd in ready:
+            self.agent.zygote_dead = True
+        if self.agent.zygote_dead and self.status is None:
+            self.outcome = "launcher_killed"
 
     def on_ready(self, ready_r, ready_w, open_reads):
-        if self.agent.zsock in ready_r:
-            self.on_zygote(self.agent.zsock.recv(64))
+        self.on_launcher(ready_r)
         if 0 in ready_r:
             chunk = os.read(0, min(CHUNK, self.stdin_left))
             if not chunk:
@@ -665,25 +752,16 @@ class Run:
             else:
                 self.err_truncated = True
 
-    def on_zygote(self, msg):
-        parts = msg.split()
-        if parts and parts[0] == b"E" and int(parts[1]) == self.pid:
-            self.status, self.cpu = int(parts[2]), float(parts[3])
-        elif not msg:  # only the program can have killed it: same uid, nothing else runs here
-            self.agent.zygote_dead = True
-            self.outcome = "launcher_killed"
-
     def finish(self, open_reads):
         """The program ended or must end: kill everything it started, then drain what it wrote."""
-        kill_all(self.agent.spare, self.agent.sessions)
+        self.clean = kill_all(self.agent.spared, self.agent.sessions)
         end = time.monotonic() + 2.0
         while (open_reads or self.status is None) and time.monotonic() < end:
             if self.agent.zygote_dead and not open_reads:
                 break
-            rlist = list(open_reads) + ([] if self.agent.zygote_dead else [self.agent.zsock])
+            rlist = list(open_reads) + self.launcher_fds()
             ready_r, _, _ = select.select(rlist, [], [], max(0.0, end - time.monotonic()))
-            if self.agent.zsock in ready_r:
-                self.on_zygote(self.agent.zsock.recv(64))
+            self.on_launcher(ready_r)
             for fd in ready_r:
                 if fd in open_reads:
                     self.on_output(fd, open_reads)

@@ -111,7 +111,11 @@ class Box(abc.ABC):
 
     async def _request(self, header: dict, blobs: list[bytes] = ()) -> tuple[dict, list[bytes]]:
         try:
-            return await self.channel.request(header, blobs)
+            reply, out = await self.channel.request(header, blobs)
         except ChannelClosed as exc:
             self.dirty = True
             raise SandboxBroken(str(exc), started=exc.sent) from exc
+        if reply.get("dirty"):  # the agent refused: its last cleanup failed, nothing was run
+            self.dirty = True
+            raise SandboxBroken(reply.get("error", "the sandbox is dirty"), started=False)
+        return reply, out

@@ -16,12 +16,15 @@ TEST_LIMITS = SandboxLimits(pids=96, work_mb=64, tmp_mb=32, shm_mb=8, nofile=256
 PROBE = r"""
 import json, os
 me = os.getpid()
-parents = {me, os.getppid()}
-with open("/proc/%d/status" % os.getppid()) as f:
-    parents.add(int([l for l in f if l.startswith("PPid:")][0].split()[1]))
+launcher_session = os.getsid(os.getppid())
 procs = []
 for name in os.listdir("/proc"):
-    if not name.isdigit() or int(name) in parents:
+    if not name.isdigit() or int(name) == me:
+        continue
+    try:
+        if os.getsid(int(name)) == launcher_session:  # agent, zygote and its waiting spare
+            continue
+    except OSError:
         continue
     try:
         with open("/proc/%s/status" % name) as f:
@@ -35,7 +38,8 @@ ipc = {t: open("/proc/sysvipc/" + t).read().splitlines()[1:] for t in ("shm", "m
 print(json.dumps({"procs": procs, "files": files, "ipc": ipc}))
 """
 """Run as the next task: lists what it can see of earlier tasks (processes of its uid other than
-itself and the sandbox's agent/launcher, files in writable dirs, System V IPC objects)."""
+itself and the sandbox's own agent, zygote and spare, which share a session no program can join;
+files in writable dirs; System V IPC objects)."""
 
 CLEAN_VIEW = {"procs": [], "files": {"/work": [], "/tmp": [], "/dev/shm": []}, "ipc": {"shm": [], "msg": [], "sem": []}}
 
