@@ -193,6 +193,9 @@ class SWEEnv(Environment):
         if out.timed_out:
             status = (f"[timed out after {self.params.command_timeout_s:g} s and killed; the shell's directory "
                       "and exports from this command were not kept]")
+        elif out.exit_code is None:
+            status = ("[exit status unknown: the command replaced the shell's EXIT trap; its directory and "
+                      "exports were not kept]")
         else:
             status = f"[exit code {out.exit_code}]"
         cut = " (output cut at 1 MiB)" if out.total_bytes > len(out.text.encode()) + 1 else ""

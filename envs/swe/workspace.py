@@ -32,14 +32,15 @@ _EXIT_MARK = "__codeworld_exit__"
 
 # The shell: restore cwd and exports, run the command (its output to a file, so that a flood of
 # output neither kills the run nor is lost), then save the state and print the output's head.
+# Its own variables have odd names so that the command's variables cannot clobber them.
 _SHELL = r"""
-S="$1"; LIMIT="$2"
-cd "$(cat "$S/cwd")" 2>/dev/null || cd /
-. "$S/env"
-trap 'rc=$?; pwd > "$S/cwd"; export -p > "$S/env"; head -c "$LIMIT" "$S/out";
-      echo; echo "__codeworld_exit__ $rc $(stat -c %s "$S/out")"' EXIT
+__cw_s="$1"; __cw_limit="$2"; shift 2
+cd "$(cat "$__cw_s/cwd")" 2>/dev/null || cd /
+. "$__cw_s/env"
+trap '__cw_rc=$?; pwd > "$__cw_s/cwd"; export -p > "$__cw_s/env"; head -c "$__cw_limit" "$__cw_s/out";
+      echo; echo "__codeworld_exit__ $__cw_rc $(stat -c %s "$__cw_s/out")"' EXIT
 ulimit -f 262144
-. "$S/cmd.sh" > "$S/out" 2>&1 < /dev/null
+. "$__cw_s/cmd.sh" > "$__cw_s/out" 2>&1 < /dev/null
 """
 
 

@@ -62,7 +62,7 @@ async def test_scripted_agent_fixes_the_bug_and_scores_1(built_tasks):
         out = await env.step(bash("ls"))
         assert "pyproject.toml" in out.observation.messages[0].content
         assert out.observation.messages[0].content.endswith("[exit code 0]\n[11 turns and 990 tokens left]")
-        await env.step(bash("cd toolz && export PROBE=persisted"))
+        await env.step(bash("S=clobbered; LIMIT=0; cd toolz && export PROBE=persisted"))
         out = await env.step(bash('pwd; echo "$PROBE"'))
         assert re.search(r"/toolz\npersisted\n\[exit code 0\]", out.observation.messages[0].content)
         out = await env.step(act(f"<tool: view>\n{path}\n{lineno} {lineno}\n</tool>"))
