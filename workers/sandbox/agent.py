@@ -448,7 +448,12 @@ class Agent:
 
     def start_zygote(self):
         """A fresh exec, never a fork of the agent: the zygote must hold no task's bytes."""
-        if self.zsock is not None:
+        if self.zsock is not None:  # the old zygote is dead, stopped or tampered with: end it
+            for pid in (self.zygote, self.spare_pid):
+                try:
+                    os.kill(pid, signal.SIGKILL) if pid else None
+                except ProcessLookupError:
+                    pass
             self.zsock.close()
             os.close(self.zygote_fd)
         zsock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -547,6 +552,7 @@ class Agent:
             self.sessions.clear()
         self.reap_orphans()
         remove_ipc()
+        clean = clean and self.launcher_untouched()
         for root in self.wipe_roots:
             try:
                 wipe_dir(root)
@@ -554,6 +560,19 @@ class Agent:
                 clean = False
             clean = clean and not os.listdir(root)
         return clean
+
+    def launcher_untouched(self):
+        """A program shares the launcher's uid: it may have stopped or reniced the zygote or its
+        spare, which would slow every later task. Either one found so makes the sandbox dirty."""
+        for pid in self.spared() - {os.getpid(), None}:
+            try:
+                with open("/proc/%d/stat" % pid, "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue  # a spare killed just now: the zygote makes another
+            if fields[0] in (b"T", b"t") or int(fields[16]) != os.getpriority(os.PRIO_PROCESS, 0):
+                return False
+        return True
 
     def op_exec(self, header):
         files, = self.read_blobs(header, streamed=1)
@@ -634,7 +653,7 @@ class Run:
         self.out, self.err = bytearray(), bytearray()
         self.out_truncated = self.err_truncated = False
         self.outcome, self.status, self.cpu = None, None, 0.0
-        self.clean = False
+        self.clean, self.pid_fd = False, None
 
     def spawn(self):
         in_r, self.in_w = os.pipe()
@@ -657,6 +676,8 @@ class Run:
                 raise OSError("the sandbox's process launcher died")
         if self.agent.sessions is not None:
             self.agent.sessions.add(self.pid)
+        # Exit news of our own: if the program stops the zygote, its exit report never comes.
+        self.pid_fd = os.pidfd_open(self.pid)
         self.start = time.monotonic()
         write_all(par_w, struct.pack(">I", len(params)) + params)
         os.close(par_w)
@@ -694,7 +715,8 @@ class Run:
         self.finish(open_reads)
 
     def launcher_fds(self):
-        return [] if self.agent.zygote_dead else [self.agent.zsock, self.agent.zygote_fd]
+        fds = [] if self.agent.zygote_dead else [self.agent.zsock, self.agent.zygote_fd]
+        return fds + ([self.pid_fd] if getattr(self, "pid_fd", None) is not None else [])
 
     def on_launcher(self, ready):
         """News from the zygote side: our program's pid, its exit, or the zygote's death (only
@@ -707,6 +729,11 @@ class Run:
             self.status, self.cpu = self.agent.exits.pop(self.pid)
         if not self.agent.zygote_dead and self.agent.zygote_fd in ready:
             self.agent.zygote_dead = True
+        if self.pid_fd is not None and self.pid_fd in ready:
+            os.close(self.pid_fd)
+            self.pid_fd = None
+            if self.status is None and process_state(self.agent.zygote) in (b"T", b"t"):
+                self.agent.zygote_dead = True  # stopped by the program: replaced after this run
         if self.agent.zygote_dead and self.status is None:
             self.outcome = "launcher_killed"
 
@@ -765,9 +792,17 @@ class Run:
             for fd in ready_r:
                 if fd in open_reads:
                     self.on_output(fd, open_reads)
-        for fd in list(open_reads) + ([self.in_w] if self.in_w is not None else []):
+        for fd in list(open_reads) + [fd for fd in (self.in_w, self.pid_fd) if fd is not None]:
             os.close(fd)
-        self.in_w = None
+        self.in_w = self.pid_fd = None
+
+
+def process_state(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return b"X"
 
 
 def decode_status(status):

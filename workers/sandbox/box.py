@@ -66,7 +66,8 @@ class Box(abc.ABC):
         limit = request.timeout_s + HOST_GRACE_S + (len(files) + len(request.stdin)) / TRANSFER_BYTES_PER_S
         started = time.monotonic()
         try:
-            reply, blobs = await asyncio.wait_for(self._request(header, [files, request.stdin]), limit)
+            reply, blobs = await asyncio.wait_for(
+                self._request(header, [files, request.stdin], 2 * request.max_output_bytes), limit)
         except asyncio.TimeoutError:
             self.dirty = True
             return ExecResult(status=Status.TIMEOUT, wall_s=time.monotonic() - started,
@@ -86,7 +87,7 @@ class Box(abc.ABC):
             # Without a cgroup, memory runs out as a failed allocation, not as an OOM kill.
             if b"MemoryError" in stderr[-4096:] or b"std::bad_alloc" in stderr[-4096:]:
                 status = Status.OOM
-        error = "the program killed the sandbox's process launcher" if reply["outcome"] == "launcher_killed" else ""
+        error = "the program killed or stopped the sandbox's process launcher" if reply["outcome"] == "launcher_killed" else ""
         return ExecResult(status=status, exit_code=reply["exit_code"], stdout=stdout, stderr=stderr,
                           stdout_truncated=reply["stdout_truncated"], stderr_truncated=reply["stderr_truncated"],
                           wall_s=reply["wall_s"], cpu_s=reply["cpu_s"], isolation=self.isolation, error=error)
@@ -99,7 +100,9 @@ class Box(abc.ABC):
 
     async def get_files(self, paths: list[str]) -> dict[str, bytes]:
         names = [validate_relative_path(p) for p in paths]
-        reply, blobs = await self._request({"op": "get", "paths": names, "max_bytes": self.limits.max_file_bytes})
+        # Tar adds at most a 512-byte header and 511 bytes of padding per file.
+        reply, blobs = await self._request({"op": "get", "paths": names, "max_bytes": self.limits.max_file_bytes},
+                                           max_reply_bytes=self.limits.max_file_bytes + 1024 * (len(names) + 2))
         if not reply.get("ok"):
             raise ValueError(f"could not read files from the sandbox: {reply.get('error')}")
         return unpack_files(blobs[0])
@@ -109,9 +112,10 @@ class Box(abc.ABC):
         reply, _ = await self._request({"op": "reset"})
         return bool(reply.get("ok") and reply.get("clean"))
 
-    async def _request(self, header: dict, blobs: list[bytes] = ()) -> tuple[dict, list[bytes]]:
+    async def _request(self, header: dict, blobs: list[bytes] = (),
+                       max_reply_bytes: int = 0) -> tuple[dict, list[bytes]]:
         try:
-            reply, out = await self.channel.request(header, blobs)
+            reply, out = await self.channel.request(header, blobs, max_reply_bytes)
         except ChannelClosed as exc:
             self.dirty = True
             raise SandboxBroken(str(exc), started=exc.sent) from exc

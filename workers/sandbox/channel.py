@@ -57,21 +57,21 @@ class AgentChannel:
     """One request at a time to one agent; replies are parsed with size checks so a broken or
     hostile agent cannot make the host allocate without bound."""
 
-    def __init__(self, reader: asyncio.StreamReader, sink: ByteSink, stderr: TailBuffer,
-                 max_reply_bytes: int) -> None:
+    def __init__(self, reader: asyncio.StreamReader, sink: ByteSink, stderr: TailBuffer) -> None:
         self._reader = reader
         self._sink = sink
         self.stderr = stderr
-        self._max_reply = max_reply_bytes
         self._lock = asyncio.Lock()
         self.closed = False
 
     async def ready(self) -> dict[str, Any]:
         """Waits for the agent's first frame, which says it started."""
-        header, _ = await self._read_frame()
+        header, _ = await self._read_frame(0)
         return header
 
-    async def request(self, header: dict[str, Any], blobs: list[bytes] = ()) -> tuple[dict[str, Any], list[bytes]]:
+    async def request(self, header: dict[str, Any], blobs: list[bytes] = (),
+                      max_reply_bytes: int = 0) -> tuple[dict[str, Any], list[bytes]]:
+        """Sends one request and reads its reply, whose blobs may total at most max_reply_bytes."""
         async with self._lock:
             if self.closed:
                 raise ChannelClosed("the sandbox channel was already closed", sent=False)
@@ -85,7 +85,7 @@ class AgentChannel:
                 for blob in blobs:
                     if blob:
                         await self._sink.write(blob)
-                return await self._read_frame()
+                return await self._read_frame(max_reply_bytes)
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
                 self.closed = True
                 raise ChannelClosed(self._why(exc)) from exc
@@ -94,14 +94,14 @@ class AgentChannel:
                 self.closed = True
                 raise
 
-    async def _read_frame(self) -> tuple[dict[str, Any], list[bytes]]:
+    async def _read_frame(self, max_reply_bytes: int) -> tuple[dict[str, Any], list[bytes]]:
         try:
             (size,) = _HEADER.unpack(await self._reader.readexactly(4))
             if size > _MAX_HEADER:
                 raise ChannelClosed(f"the agent sent a {size}-byte header; the channel is corrupt")
             header = json.loads(await self._reader.readexactly(size))
             sizes = header.get("blobs", [])
-            if sum(sizes) > self._max_reply:
+            if sum(sizes) > max_reply_bytes:
                 raise ChannelClosed(f"the agent announced {sum(sizes)} reply bytes, over the cap")
             blobs = [await self._reader.readexactly(n) if n else b"" for n in sizes]
         except asyncio.IncompleteReadError as exc:

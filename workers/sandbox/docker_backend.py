@@ -214,6 +214,6 @@ class DockerBackend:
         loop = asyncio.get_running_loop()
         reader, stderr = asyncio.StreamReader(limit=1 << 20), TailBuffer()
         _, stream = await loop.create_connection(lambda: _ExecStream(reader, stderr), sock=raw)
-        channel = AgentChannel(reader, stream, stderr, max_reply_bytes=1 << 31)
+        channel = AgentChannel(reader, stream, stderr)
         stream.on_lost = channel.mark_closed
         return channel

@@ -127,7 +127,7 @@ class LocalBackend:
                 cgroup.remove()
             raise
         stderr = TailBuffer()
-        channel = AgentChannel(process.stdout, _PipeSink(process.stdin), stderr, 1 << 31)
+        channel = AgentChannel(process.stdout, _PipeSink(process.stdin), stderr)
         asyncio.get_running_loop().create_task(_watch(process, stderr, channel))
         box = LocalBox(channel, self.limits, process, cgroup, isolation, scratch)
         try:

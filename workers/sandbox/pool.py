@@ -128,17 +128,11 @@ class SandboxPool:
             try:
                 result = await box.exec(request, wipe=True)
             except SandboxBroken as exc:
-                if await self._program_killed_agent(box):
-                    result = ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, isolation=box.isolation,
-                                        error="the program killed the sandbox agent; the sandbox was replaced")
-                    self._discard(box)
-                    self._counts["runs"] += 1
-                    return result
-                self._discard(box)
-                if attempt == 0 and not exc.started and not self._closed:
+                result = await self._after_broken(box, exc)
+                if result is None and attempt == 0 and not self._closed:
                     self._counts["retries"] += 1
                     continue
-                return self._sandbox_error(str(exc))
+                return result or self._sandbox_error(str(exc))
             except BaseException:
                 self._discard(box)
                 raise
@@ -171,6 +165,19 @@ class SandboxPool:
         self._counts["sandbox_errors"] += 1
         self._counts["runs"] += 1
         return ExecResult(status=Status.SANDBOX_ERROR, error=why)
+
+    async def _after_broken(self, box: Box, exc: SandboxBroken) -> ExecResult | None:
+        """Replaces a broken sandbox. None: the program never started there, so it may be retried;
+        a SANDBOX_ERROR, or RUNTIME_ERROR when the program itself killed the sandbox's agent."""
+        killed_by_program = exc.started and await self._program_killed_agent(box)
+        self._discard(box)
+        if not exc.started:
+            return None
+        if killed_by_program:
+            self._counts["runs"] += 1
+            return ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, isolation=box.isolation,
+                              error="the program killed the sandbox agent; the sandbox was replaced")
+        return self._sandbox_error(str(exc))
 
     async def _program_killed_agent(self, box: Box) -> bool:
         """The agent's channel died: if its sandbox still lives, only the program can have done it
