@@ -103,7 +103,7 @@ class CodeEnv(Environment):
     @classmethod
     def load_tasks(cls, params: CodeParams, data: Path | None, split: str) -> Sequence[Task]:
         """The problems of the file (these benchmarks ship one split: `split` is not used).
-        A row whose id repeats an earlier row's is left out (the APPS subset has 21 such)."""
+        A row whose id repeats an earlier row's is left out (22 rows of the APPS subset)."""
         problems = cls.loader(resolve(data, cls.default_file))
         seen: set[str] = set()
         unique = [p for p in problems if not (p.id in seen or seen.add(p.id))]

@@ -11,7 +11,6 @@ come from running the dataset's own solution in the sandbox (see `reward.code_re
 from __future__ import annotations
 
 import ast
-import copy
 import gzip
 import json
 import tempfile
@@ -98,9 +97,13 @@ class _Inline(ast.NodeTransformer):
     def __init__(self, bindings: dict[str, ast.expr]) -> None:
         self.bindings = bindings
 
+    def visit_Constant(self, node: ast.Constant) -> ast.expr:
+        return node  # leaves: skip the generic walk (LeetCode inputs hold ~10^5 constants)
+
     def visit_Name(self, node: ast.Name) -> ast.expr:
+        # Sharing the bound node between probes is safe: the trees are only unparsed.
         if isinstance(node.ctx, ast.Load) and node.id in self.bindings:
-            return copy.deepcopy(self.bindings[node.id])
+            return self.bindings[node.id]
         return node
 
 
@@ -169,13 +172,13 @@ def asserts_to_tests(source: str, where: str) -> CodeTests:
             split = _split_assert(stmt.test, where)
             if split is None:
                 continue
-            probes.append(ast.unparse(_Inline(bindings).visit(copy.deepcopy(split.probe))))
+            probes.append(ast.unparse(_Inline(bindings).visit(split.probe)))
             expected.append(encode(split.expected) if split.literal else None)
             all_literal &= split.literal
             rel_tol = max(rel_tol, split.rel_tol or 0.0)
         elif (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
               and isinstance(stmt.targets[0], ast.Name) and counts[stmt.targets[0].id] > 1):
-            bindings[stmt.targets[0].id] = _Inline(bindings).visit(copy.deepcopy(stmt.value))
+            bindings[stmt.targets[0].id] = _Inline(bindings).visit(stmt.value)
         else:
             setup.append(ast.unparse(stmt))
     if not probes:
