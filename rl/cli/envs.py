@@ -18,13 +18,19 @@ import typer
 app = typer.Typer(no_args_is_help=True, help="List, inspect, validate and grade with environments.")
 
 
+def _fail(message: str) -> None:
+    """Report a user error as one plain line on stderr and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
 def _env_class(name: str):
     from envs.registry import get_env
 
     try:
         return get_env(name)
     except KeyError as exc:
-        raise typer.BadParameter(str(exc.args[0]), param_hint="NAME") from None
+        _fail(str(exc.args[0]))
 
 
 def _first_line(doc: str | None) -> str:
@@ -77,18 +83,24 @@ def show_cmd(name: str = typer.Argument(..., help="Registered environment name."
 
 
 def _make_params(cls, params_json: str | None):
+    from pydantic import ValidationError
+
     try:
         raw = json.loads(params_json) if params_json else {}
         return cls.Params.model_validate(raw)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise typer.BadParameter(f"{exc}".splitlines()[0], param_hint="--params") from None
+    except json.JSONDecodeError as exc:
+        _fail(f"--params is not valid JSON ({exc.msg}).")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "(top level)"
+        _fail(f"--params field {where} is not valid for {cls.name}: {first['msg']}.")
 
 
 def _load(cls, params, data: Path | None) -> list:
     try:
         return list(cls.load_tasks(params, data, "test"))
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--data") from None
+        _fail(str(exc))
 
 
 async def _episode(cls, params, task, output: str | None) -> dict[str, Any]:
@@ -168,7 +180,7 @@ def validate_cmd(name: str = typer.Argument(..., help="Registered environment na
 
 def _read_predictions(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise typer.BadParameter(f"Predictions file {path} does not exist.", param_hint="--predictions")
+        _fail(f"Predictions file {path} does not exist.")
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -178,8 +190,8 @@ def _read_predictions(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict) or "task_id" not in row or not isinstance(row.get("output"), str):
-            raise typer.BadParameter(f"{path} line {n} is not a JSON object with a task_id and a "
-                                     "string output.", param_hint="--predictions")
+            _fail(f"Predictions file {path} line {n} is not a JSON object with a task_id and a "
+                  "string output.")
         rows.append(row)
     return rows
 
