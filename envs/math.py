@@ -49,27 +49,36 @@ class MathParams(EnvParams):
 
 def _gold_answer(row: dict[str, Any]) -> str | None:
     """The row's `answer` (AMC23 stores integers as floats: 27.0 -> "27"), else the last
-    `\\boxed{}` of its `solution` (the full MATH release has no answer field)."""
+    `\\boxed{}` of its `solution` (the full MATH release has no answer field); None if neither."""
     if "answer" not in row:
         return extract_boxed(row["solution"])
     answer = row["answer"]
+    if answer is None:
+        return None
     return str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)
 
 
-def _aime_id(row: dict[str, Any]) -> str | None:
-    """AIME 1983-2023 rows carry year and numbers instead of an id."""
+def _task_id(row: dict[str, Any], index: int) -> str:
+    """`unique_id` (MATH) or `id` (AIME 2024, AMC23: 0 is an id too), else year and numbers
+    (AIME 1983-2023), else the row index."""
+    for key in ("unique_id", "id"):
+        if row.get(key) is not None:
+            return str(row[key])
     if {"year", "aime_number", "problem_number"} <= row.keys():
         return f"aime-{row['year']}-{row['aime_number']}-{row['problem_number']}"
-    return None
+    return f"math-{index}"
 
 
-def _row_to_task(row: dict[str, Any], index: int, fmt: str, instruction: str) -> Task:
+def _row_to_task(row: dict[str, Any], index: int, fmt: str, instruction: str) -> Task | None:
+    """The row as a task; None for a row without a gold answer (2 of MATH train's 7,500)."""
     if fmt == "gsm8k":
         problem, answer = row["question"], extract_hashes(row["answer"])
         task_id = f"gsm8k-{index}"
     else:
         problem, answer = row.get("problem") or row["question"], _gold_answer(row)
-        task_id = str(row.get("unique_id") or row.get("id") or _aime_id(row) or f"math-{index}")
+        task_id = _task_id(row, index)
+    if answer is None:
+        return None
     return Task(id=task_id, prompt=[Message(role="user", content=f"{problem}\n{instruction}")],
                 hidden={"answer": str(answer)}, meta={k: row[k] for k in ("level", "subject") if k in row})
 
@@ -90,6 +99,7 @@ class MathEnv(BoxedAnswerEnv):
         if fmt == "auto":
             fmt = "gsm8k" if "question" in rows[0] and "####" in str(rows[0].get("answer")) else "math500"
         try:
-            return [_row_to_task(r, i, fmt, params.instruction) for i, r in enumerate(rows)]
+            tasks = [_row_to_task(r, i, fmt, params.instruction) for i, r in enumerate(rows)]
+            return [t for t in tasks if t is not None]
         except KeyError as err:
             raise ValueError(f"{path}: rows lack the field {err.args[0]!r} of format {fmt!r}.") from None
