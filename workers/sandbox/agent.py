@@ -6,8 +6,9 @@ Two processes, both under the workload's uid:
   program's stdin/stdout/stderr with byte caps, enforces the deadline, kills every leftover process
   and wipes the writable directories between tasks;
 * the zygote is a fresh interpreter that never sees task data (so a forked program cannot find the
-  last task's bytes in its inherited memory); it forks one child per run (the Python fast path
-  runs the program inside that fork, everything else execs) and reports the exit status.
+  last task's bytes in its inherited memory); it keeps one forked spare waiting, which takes the
+  next run's pipes and becomes the program (the Python fast path runs it inside that fork,
+  everything else execs), and it reports each program's exit status.
 
 Frames: 4-byte big-endian header length, JSON header, then the raw blobs whose lengths the header
 lists under "blobs". An exec request's last blob (stdin) is streamed, not buffered.
@@ -30,7 +31,6 @@ PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 CHUNK = 1 << 16
 LIBC = ctypes.CDLL(None, use_errno=True)
-PYTHON_NAMES = ("python", "python3", "python3.%d" % sys.version_info[1])
 
 
 def read_exact(fd, n):
@@ -302,6 +302,7 @@ SPARE_SAW_NO_AGENT = 3
 
 
 def spare_main(sock, taken_w):
+    """A waiting fork: take the next run's pipes, tell the zygote and the agent, run it."""
     msg, fds, _, _ = socket.recv_fds(sock, 64, 8)
     if not msg:
         os._exit(SPARE_SAW_NO_AGENT)

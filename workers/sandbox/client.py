@@ -8,6 +8,7 @@ from typing import AsyncIterator
 import httpx
 
 from workers.sandbox.models import ExecRequest, ExecResult, PoolStats, Status
+from workers.sandbox.pool import SandboxError
 from workers.sandbox.sessions import FilesPayload, PathsRequest, SessionOpened
 
 _SLACK_S = 30.0
@@ -34,6 +35,10 @@ class SandboxClient:
                                          timeout=timeout_s)
         if response.status_code == 401:
             raise PermissionError("the sandbox service refused the bearer token.")
+        if response.status_code == 400:
+            raise ValueError(response.json()["detail"])
+        if response.status_code == 503:
+            raise SandboxError(response.json()["detail"])
         response.raise_for_status()
         return response.content
 

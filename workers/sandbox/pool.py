@@ -17,6 +17,20 @@ DEFAULT_IMAGE = "codeworld-sandbox:py311"
 _CREATE_AT_ONCE = 4
 
 
+_KILLED_AGENT = ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9,
+                           error="the program killed the sandbox agent; the sandbox was replaced")
+
+
+async def program_killed_agent(box: Box) -> bool:
+    """The agent's channel died: if its sandbox still lives, only the program can have done it
+    (it runs under the agent's uid; PID 1 and the daemon are out of its reach)."""
+    for _ in range(2):
+        if not await box.is_alive():
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
 class SandboxUnavailable(RuntimeError):
     """No sandbox can be had: the backend is down, or the wait for a free one ran out."""
 
@@ -169,24 +183,14 @@ class SandboxPool:
     async def _after_broken(self, box: Box, exc: SandboxBroken) -> ExecResult | None:
         """Replaces a broken sandbox. None: the program never started there, so it may be retried;
         a SANDBOX_ERROR, or RUNTIME_ERROR when the program itself killed the sandbox's agent."""
-        killed_by_program = exc.started and await self._program_killed_agent(box)
+        killed_by_program = exc.started and await program_killed_agent(box)
         self._discard(box)
         if not exc.started:
             return None
         if killed_by_program:
             self._counts["runs"] += 1
-            return ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, isolation=box.isolation,
-                              error="the program killed the sandbox agent; the sandbox was replaced")
+            return _KILLED_AGENT.model_copy(update={"isolation": box.isolation})
         return self._sandbox_error(str(exc))
-
-    async def _program_killed_agent(self, box: Box) -> bool:
-        """The agent's channel died: if its sandbox still lives, only the program can have done it
-        (it runs under the agent's uid; PID 1 and the daemon are out of its reach)."""
-        for _ in range(2):
-            if not await box.is_alive():
-                return False
-            await asyncio.sleep(0.2)
-        return True
 
     # ------------------------------------------------------------------------------- pool upkeep
     async def _acquire(self) -> Box:
@@ -270,6 +274,8 @@ class Session:
         try:
             return await self._box.exec(request, wipe=False)
         except SandboxBroken as exc:
+            if exc.started and await program_killed_agent(self._box):
+                return _KILLED_AGENT.model_copy(update={"isolation": self._box.isolation})
             return ExecResult(status=Status.SANDBOX_ERROR, error=f"the session's sandbox was lost: {exc}")
 
     async def put_files(self, files: dict[str, bytes]) -> None:

@@ -7,13 +7,14 @@ import contextlib
 import secrets
 from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, HTTPException, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from workers.sandbox.config import SandboxLimits
 from workers.sandbox.models import ExecRequest, ExecResult, PoolStats
-from workers.sandbox.pool import DEFAULT_IMAGE, SandboxPool
+from workers.sandbox.pool import DEFAULT_IMAGE, SandboxError, SandboxPool, SandboxUnavailable, Session
 from workers.sandbox.sessions import FilesPayload, PathsRequest, SessionOpened, SessionRegistry
 
 
@@ -35,6 +36,7 @@ class ServerConfig(BaseModel):
 
 
 def create_app(config: ServerConfig) -> FastAPI:
+    """The service: the pool starts with the app and closes with it."""
     state: dict = {}
 
     @contextlib.asynccontextmanager
@@ -59,11 +61,14 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="codeworld sandbox", lifespan=lifespan, dependencies=[Depends(authorized)])
 
-    def session(session_id: str):
-        try:
-            return state["sessions"].get(session_id)
-        except KeyError as exc:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from exc
+    @app.exception_handler(ValueError)
+    async def bad_input(_: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_400_BAD_REQUEST)
+
+    @app.exception_handler(SandboxError)
+    @app.exception_handler(SandboxUnavailable)
+    async def no_sandbox(_: Request, exc: RuntimeError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
     @app.post("/v1/run", response_model=ExecResult)
     async def run(request: ExecRequest) -> ExecResult:
@@ -72,6 +77,19 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/v1/stats", response_model=PoolStats)
     async def stats() -> PoolStats:
         return state["pool"].stats()
+
+    _add_session_routes(app, state)
+    return app
+
+
+def _add_session_routes(app: FastAPI, state: dict) -> None:
+    """Sessions by id: open, exec / put / get, close (idle ones expire)."""
+
+    def session(session_id: str) -> Session:
+        try:
+            return state["sessions"].get(session_id)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from exc
 
     @app.post("/v1/sessions", response_model=SessionOpened)
     async def open_session() -> SessionOpened:
@@ -94,5 +112,3 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def close_session(session_id: str) -> dict:
         await state["sessions"].close(session_id)
         return {"ok": True}
-
-    return app

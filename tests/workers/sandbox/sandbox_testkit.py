@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
 
 import docker
+
 from workers.sandbox import ExecRequest, SandboxLimits, SandboxPool
 
 BACKENDS = ["docker", "local"]

@@ -45,6 +45,8 @@ async def test_http_service_runs_and_holds_sessions() -> None:
                 r = await box.exec(ExecRequest(command=["sh", "-c", "cat a.txt > b.txt"]))
                 assert r.status is Status.OK
                 assert await box.get_files(["b.txt", "nope"]) == {"b.txt": b"one"}
+                with pytest.raises(ValueError, match="contains '..'"):
+                    await box.put_files({"../escape": b"x"})
             assert (await client.stats()).runs == 1
         async with SandboxClient(url, "wrong-token-0123456789") as intruder:
             with pytest.raises(PermissionError):
