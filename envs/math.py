@@ -49,13 +49,12 @@ class MathParams(EnvParams):
 
 def _gold_answer(row: dict[str, Any]) -> str | None:
     """The row's `answer` (AMC23 stores integers as floats: 27.0 -> "27"), else the last
-    `\\boxed{}` of its `solution` (the full MATH release has no answer field); None if neither."""
-    if "answer" not in row:
-        return extract_boxed(row["solution"])
-    answer = row["answer"]
-    if answer is None:
-        return None
-    return str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer)
+    `\\boxed{}` of its `solution` (the full MATH release has no answer field); None when there
+    is none or it is empty (a few MATH train solutions box nothing)."""
+    answer = row["answer"] if "answer" in row else extract_boxed(row["solution"])
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    return str(answer) if answer is not None and str(answer).strip() else None
 
 
 def _task_id(row: dict[str, Any], index: int) -> str:
