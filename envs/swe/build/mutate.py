@@ -8,7 +8,6 @@ formatting) is untouched and the gold fix is a one-line diff.
 from __future__ import annotations
 
 import ast
-import copy
 import random
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -117,10 +116,11 @@ def _splice(source: str, target: ast.AST, replacement: ast.AST) -> str:
 
 
 def mutations(path: str, source: str) -> Iterator[Mutation]:
-    """Every single-line mutation of `source` that still parses, in file order."""
+    """Every single-line mutation of `source` that still parses (rewrites build new nodes around
+    the old children and never change the parsed tree, so one parse serves them all)."""
     for node in ast.walk(ast.parse(source)):
         for kind, rewrite in _REWRITES.items():
-            replacement = rewrite(copy.deepcopy(node))
+            replacement = rewrite(node)
             if replacement is None:
                 continue
             target = _target(node, kind)

@@ -22,9 +22,9 @@ from envs.swe.build.pypi import fetch_deps, fetch_sdist, parse_spec, read_tree, 
 from envs.swe.build.statement import write_statement
 from envs.swe.diffs import file_diff
 from envs.swe.task import SourceSpec, SWETask, write_swe_tasks
-from envs.swe.workspace import Workspace
+from envs.swe.workspace import SandboxFailure, Workspace
 from reward.swe import SessionPool
-from workers.sandbox import Status
+from workers.sandbox import SandboxError, Status
 
 TEST_CMD = "python3 -m pytest -rA --tb=short -p no:cacheprovider"
 _TEST_DIRS = frozenset({"test", "tests", "testing"})
@@ -101,11 +101,18 @@ def detect_layout(tree: dict[str, bytes], package: str) -> Layout:
 
 async def run_suite(task: SWETask, pool: SessionPool, timeout_s: float) -> tuple[dict[str, str], str, bool]:
     """Run the task's tests at its base in a fresh sandbox: (status map, test output, whether
-    the run ended by itself rather than by a limit)."""
-    async with pool.session() as box:
-        workspace = Workspace(box, task)
-        await workspace.prepare()
-        run = await workspace.run_tests(timeout_s)
+    the run ended by itself rather than by a limit). A lost sandbox is retried once on a fresh
+    one, since the build is long and a daemon hiccup should not end it."""
+    for attempt in range(2):
+        try:
+            async with pool.session() as box:
+                workspace = Workspace(box, task)
+                await workspace.prepare()
+                run = await workspace.run_tests(timeout_s)
+            break
+        except (SandboxFailure, SandboxError) as err:
+            if attempt == 1:
+                raise RuntimeError(f"The sandbox failed twice while testing {task.instance_id}: {err}") from err
     output = run.stdout.decode(errors="replace")
     return parse_log_pytest(output, None), output, run.status in (Status.OK, Status.RUNTIME_ERROR)
 

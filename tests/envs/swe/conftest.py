@@ -60,12 +60,18 @@ async def swe_pool() -> AsyncIterator[SandboxPool]:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def toolz_tasks(swe_pool: SandboxPool, tmp_path_factory: pytest.TempPathFactory) -> list[SWETask]:
-    """Three tasks built in-process from toolz 1.2.0, read back from the written task file."""
+async def toolz_task_file(swe_pool: SandboxPool, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A task file of three tasks built in-process from toolz 1.2.0."""
     out = tmp_path_factory.mktemp("toolz") / "toolz.jsonl"
     built = await build_tasks(BuildConfig(package="toolz==1.2.0", n=3, out=out, cache=CACHE), swe_pool)
     assert len(built) == 3
-    return load_swe_tasks(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toolz_tasks(toolz_task_file: Path) -> list[SWETask]:
+    """The toolz tasks, read back from the written task file."""
+    return load_swe_tasks(toolz_task_file)
 
 
 @pytest.fixture(scope="session")
