@@ -30,6 +30,7 @@ import time
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 CHUNK = 1 << 16
+LAUNCHER_GRACE_S = 2.0
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -654,7 +655,7 @@ class Run:
         self.out, self.err = bytearray(), bytearray()
         self.out_truncated = self.err_truncated = False
         self.outcome, self.status, self.cpu = None, None, 0.0
-        self.clean, self.pid_fd = False, None
+        self.clean, self.pid_fd, self.exited_at = False, None, None
 
     def spawn(self):
         in_r, self.in_w = os.pipe()
@@ -711,6 +712,8 @@ class Run:
             if timeout <= 0:
                 self.outcome = "timeout"
                 continue
+            if self.exited_at is not None:  # waiting for the exit report: look at the zygote often
+                timeout = min(timeout, 0.02)
             ready_r, ready_w, _ = select.select(rlist, wlist, [], timeout)
             self.on_ready(ready_r, ready_w, open_reads)
         self.finish(open_reads)
@@ -732,9 +735,13 @@ class Run:
             self.agent.zygote_dead = True
         if self.pid_fd is not None and self.pid_fd in ready:
             os.close(self.pid_fd)
-            self.pid_fd = None
-            if self.status is None and process_state(self.agent.zygote) in (b"T", b"t"):
-                self.agent.zygote_dead = True  # stopped by the program: replaced after this run
+            self.pid_fd, self.exited_at = None, time.monotonic()
+        if self.exited_at is not None and self.status is None and not self.agent.zygote_dead:
+            # The program is gone but its exit report is not: a stopped (by the program) or stuck
+            # zygote. It is replaced after this run.
+            stuck = time.monotonic() - self.exited_at > LAUNCHER_GRACE_S
+            if stuck or process_state(self.agent.zygote) in (b"T", b"t"):
+                self.agent.zygote_dead = True
         if self.agent.zygote_dead and self.status is None:
             self.outcome = "launcher_killed"
 

@@ -88,7 +88,9 @@ class BwrapLayout:
                  "--unshare-uts", *self._system_mounts(), *self._scratch_mounts()]
         inner = ["--unshare-user", "--disable-userns", "--unshare-pid", "--as-pid-1", "--die-with-parent"]
         if os.geteuid() == 0:
-            return [*outer, "--bind", "/proc", "/proc", *self.setpriv(self.uid), "bwrap", *inner,
+            # The outer pid namespace ties everything to the outer bwrap: when it dies with its
+            # owner, the kernel kills the whole namespace (uid changes clear parent-death signals).
+            return [*outer, "--unshare-pid", "--bind", "/proc", "/proc", *self.setpriv(self.uid), "bwrap", *inner,
                     "--dev-bind", "/", "/", "--proc", "/proc", "--chdir", "/work", "--", self.python]
         return [*outer, *inner, "--proc", "/proc", "--chdir", "/work", "--", self.python]
 

@@ -90,14 +90,15 @@ async def test_reaper_removes_dead_owners_containers_and_spares_live_ones() -> N
 
 TRAINER = """
 import asyncio, sys
-from workers.sandbox import SandboxPool
+from workers.sandbox import ExecRequest, SandboxPool
 async def main():
     pool = SandboxPool(backend=sys.argv[1], size=2)
     await pool.start()
     print(pool.owner.pool, flush=True)
-    await asyncio.sleep(600)
+    await pool.run(ExecRequest(command=["sleep", "600"], timeout_s=900))
 asyncio.run(main())
 """
+"""Starts a pool, says its id, and is killed while one of its sandboxes runs a program."""
 
 
 def _start_trainer(backend: str) -> tuple[subprocess.Popen, str]:
@@ -128,8 +129,8 @@ async def test_killed_trainer_leaves_no_local_sandbox() -> None:
     proc.wait()
     low = 1_000_000_000 + (proc.pid % 1_000_000) * 1000
     for _ in range(100):  # they die with their parent at once; the host's init reaps them soon after
-        uids = subprocess.run(["ps", "-eo", "uid="], capture_output=True, text=True).stdout.split()
-        left = [u for u in uids if low <= int(u) < low + 1000]
+        rows = subprocess.run(["ps", "-eo", "uid=,stat=,pid=,ppid=,args="], capture_output=True, text=True).stdout
+        left = [r for r in rows.splitlines() if low <= int(r.split()[0]) < low + 1000]
         if not left:
             break
         await asyncio.sleep(0.1)
