@@ -59,7 +59,9 @@ async def test_http_service_runs_and_holds_sessions() -> None:
 
 
 async def test_ray_actor_per_node() -> None:
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    started_here = not ray.is_initialized()  # the whole suite may share one Ray runtime
+    if started_here:
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         async with RaySandboxPool(backend="local", size=1) as pool:
             node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
@@ -73,4 +75,5 @@ async def test_ray_actor_per_node() -> None:
             stats = await pool.stats()
             assert [s.runs for s in stats.values()] == [1]
     finally:
-        ray.shutdown()
+        if started_here:
+            ray.shutdown()
