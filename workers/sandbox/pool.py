@@ -10,7 +10,7 @@ from typing import AsyncIterator, Literal, Protocol
 
 from workers.sandbox.box import Box, SandboxBroken
 from workers.sandbox.config import SandboxLimits
-from workers.sandbox.models import ExecRequest, ExecResult, PoolStats, Status
+from workers.sandbox.models import ExecRequest, ExecResult, Isolation, PoolStats, Status
 from workers.sandbox.owner import Owner
 
 DEFAULT_IMAGE = "codeworld-sandbox:py311"
@@ -101,6 +101,7 @@ class SandboxPool:
             await asyncio.sleep(0.02)
 
     async def _make_backend(self) -> Backend:
+        # Imported here: a local-only user never loads the docker SDK.
         from workers.sandbox.docker_backend import DockerBackend, docker_available
         from workers.sandbox.local import LocalBackend
 
@@ -266,7 +267,7 @@ class Session:
         self._box = box
 
     @property
-    def isolation(self):
+    def isolation(self) -> Isolation | None:
         return self._box.isolation
 
     async def exec(self, request: ExecRequest) -> ExecResult:
