@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from pydantic import BaseModel, Field
@@ -35,7 +36,7 @@ from workers.sandbox import ExecResult, SandboxError, SandboxUnavailable, Status
 class SessionPool(Protocol):
     """What grading needs of a `workers.sandbox.SandboxPool`: fresh sessions."""
 
-    def session(self): ...  # an async context manager yielding a SandboxSession
+    def session(self) -> AbstractAsyncContextManager[SandboxSession]: ...
 
 
 class TestOutcome(BaseModel):

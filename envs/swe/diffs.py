@@ -93,6 +93,8 @@ def apply_diff(files: dict[str, bytes], diff: str, reverse: bool = False) -> dic
     if not diff.strip():
         return {}
     reads, writes = touched_paths(diff)
+    for path in reads + writes:
+        _check_inside(path)
     missing = [p for p in reads if p not in files]
     if missing:
         raise PatchError(f"The diff changes {missing[0]!r}, which is not in the repository.")
@@ -108,5 +110,16 @@ def apply_diff(files: dict[str, bytes], diff: str, reverse: bool = False) -> dic
         if proc.returncode != 0:
             reason = proc.stderr.decode(errors="replace").strip().splitlines()
             raise PatchError(f"The diff does not apply: {reason[0] if reason else 'git apply failed'}.")
-        return {p: (root / p).read_bytes() if (root / p).is_file() else None
-                for p in dict.fromkeys(reads + writes)}
+        touched = list(dict.fromkeys(reads + writes))
+        if any((root / p).is_symlink() for p in touched):
+            # Reading through a link would read the host's files, not the repository's.
+            raise PatchError("The diff creates a symbolic link, which is not supported.")
+        return {p: (root / p).read_bytes() if (root / p).is_file() else None for p in touched}
+
+
+def _check_inside(path: str) -> None:
+    """PatchError unless `path` is a plain relative path inside the repository: the files are
+    written on the host, where `../` would escape the scratch folder."""
+    parts = PurePosixPath(path).parts
+    if not parts or path.startswith("/") or ".." in parts or "\0" in path:
+        raise PatchError(f"The diff touches {path!r}, which is outside the repository.")

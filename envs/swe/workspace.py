@@ -14,6 +14,7 @@ import json
 import posixpath
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,11 +67,18 @@ class SandboxFailure(RuntimeError):
     """The sandbox could not do its part (SANDBOX_ERROR or a broken helper): no reward is given."""
 
 
+@dataclass(frozen=True)
 class ShellOutput:
     """What one shell command printed, and how it ended."""
 
-    def __init__(self, text: str, exit_code: int | None, timed_out: bool, total_bytes: int) -> None:
-        self.text, self.exit_code, self.timed_out, self.total_bytes = text, exit_code, timed_out, total_bytes
+    text: str
+    """Its output (stdout and stderr interleaved), cut to the call's byte limit."""
+    exit_code: int | None
+    """Its exit status; None when unknown (timed out, or its state was not saved)."""
+    timed_out: bool
+    """Whether the sandbox killed it at the time limit."""
+    total_bytes: int
+    """How many bytes of output it wrote in all."""
 
 
 class Workspace:

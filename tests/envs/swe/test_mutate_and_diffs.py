@@ -97,3 +97,17 @@ def test_a_diff_that_does_not_apply_says_so():
         apply_diff({"a.py": b"y = 1\n"}, diff)
     with pytest.raises(PatchError, match="not in the repository"):
         apply_diff({}, diff)
+
+
+@pytest.mark.parametrize("path", ["../escape.py", "a/../../escape.py", "/etc/passwd"])
+def test_paths_outside_the_repository_are_refused_before_touching_the_host(path):
+    diff = f"diff --git a/{path} b/{path}\nnew file mode 100644\n--- /dev/null\n+++ b/{path}\n@@ -0,0 +1 @@\n+x\n"
+    with pytest.raises(PatchError, match="outside the repository"):
+        apply_diff({}, diff)
+
+
+def test_a_diff_creating_a_symlink_is_refused():
+    diff = ("diff --git a/link b/link\nnew file mode 120000\n--- /dev/null\n+++ b/link\n@@ -0,0 +1 @@\n"
+            "+/etc/hostname\n\\ No newline at end of file\n")
+    with pytest.raises(PatchError, match="symbolic link"):
+        apply_diff({}, diff)
