@@ -94,6 +94,17 @@ async def test_stdio_output_flood_is_cut(pool: SandboxPool) -> None:
     assert "over 10000 bytes" in result.outcomes[0].error
 
 
+async def test_stdio_big_input_unread_and_leftover_children(pool: SandboxPool) -> None:
+    big = CodeTests(mode="stdio", inputs=["7\n" + "x" * 2_000_000], expected=["7"])
+    unread = await grade(pool, big, "print(input())\n", LIMITS)  # reads one line of 2 MB
+    assert unread.reward == 1.0
+    spawner = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\nprint(3)\n"
+    started = await grade(pool, ECHO_TESTS, spawner, LIMITS)
+    # The sleeping grandchild keeps stdout open: the test runs into its wall-clock bound.
+    assert started.reward == 0.0 and "time limit" in started.outcomes[0].error
+    assert started.sandbox_s < 2 * 3 * LIMITS.timeout_per_test_s + 5
+
+
 class _BrokenSandbox:
     """Stands in for a sandbox whose infrastructure fails: a fault the tests cannot cause."""
 
