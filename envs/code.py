@@ -104,10 +104,10 @@ class CodeEnv(Environment):
     def load_tasks(cls, params: CodeParams, data: Path | None, split: str) -> Sequence[Task]:
         """The problems of the file (these benchmarks ship one split: `split` is not used).
         A row whose id repeats an earlier row's is left out (22 rows of the APPS subset)."""
-        problems = cls.loader(resolve(data, cls.default_file))
-        seen: set[str] = set()
-        unique = [p for p in problems if not (p.id in seen or seen.add(p.id))]
-        return [problem_to_task(p) for p in unique[: params.limit]]
+        unique: dict[str, CodeProblem] = {}
+        for problem in cls.loader(resolve(data, cls.default_file)):
+            unique.setdefault(problem.id, problem)
+        return [problem_to_task(p) for p in list(unique.values())[: params.limit]]
 
     async def reset(self, task: Task) -> Observation:
         self.task = task

@@ -356,7 +356,8 @@ def _apps_subset_problem(row: dict[str, Any]) -> CodeProblem:
 def _apps_full_problem(row: dict[str, Any]) -> CodeProblem:
     starter = row.get("starter_code") or ""
     io = json.loads(row["input_output"]) if isinstance(row["input_output"], str) else row["input_output"]
-    solutions = json.loads(row["solutions"]) if isinstance(row.get("solutions"), str) else row.get("solutions")
+    solutions = row.get("solutions")
+    solutions = json.loads(solutions) if isinstance(solutions, str) else solutions
     if io.get("fn_name") and not starter.strip():
         starter = f"def {io['fn_name']}(*args):\n"
     pairs = list(zip(io["inputs"], io["outputs"]))

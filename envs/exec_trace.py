@@ -137,7 +137,8 @@ def trace_tasks(problems: list[CodeProblem], max_steps: int) -> list[Task]:
         entry, call = found
         program = problem.gold.replace("\r\n", "\n").expandtabs(4)
         tasks.append(Task(
-            id=f"trace/{problem.id}", prompt=[Message(role="user", content=_prompt(program, entry, call, max_steps))],
+            id=f"trace/{problem.id}",
+            prompt=[Message(role="user", content=_prompt(program, entry, call, max_steps))],
             hidden={"program": program, "entry": entry, "call": call},
             meta={"source_task": problem.id},
         ))
@@ -200,8 +201,8 @@ class ExecTraceEnv(Environment):
         predicted = parse_trace(action.text)
         if predicted is None:
             return StepResult(done=True, reward=0.0, info={"error": "no <trace> block", "steps": len(gold)})
-        reward = score(predicted, gold)
-        return StepResult(done=True, reward=reward, info={"steps": len(gold), "predicted_steps": len(predicted)})
+        info = {"steps": len(gold), "predicted_steps": len(predicted)}
+        return StepResult(done=True, reward=score(predicted, gold), info=info)
 
     async def gold_output(self, task: Task) -> str:
         """The true trace in the prompt's format (for `codeworld envs validate`)."""

@@ -37,7 +37,8 @@ def trace_call(namespace: dict, entry: str, call: str, max_steps: int) -> dict:
 
     def on_event(frame, event, arg):
         if event == "line":
-            steps.append(["line", frame.f_lineno, sorted((k, short_repr(v)) for k, v in frame.f_locals.items())])
+            local_vars = sorted((k, short_repr(v)) for k, v in frame.f_locals.items())
+            steps.append(["line", frame.f_lineno, local_vars])
         elif event == "exception":
             steps.append(["exception", arg[0].__name__])
         elif event == "return" and (not steps or steps[-1][0] != "exception"):

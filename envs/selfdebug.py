@@ -80,8 +80,8 @@ class SelfDebugEnv(CodeEnv):
         inner = source.Params.model_validate(params.model_dump(include=set(CodeParams.model_fields)))
         note = ("\nYou will see your program's results on the example tests and may revise it "
                 f"up to {params.turns - 1} time(s).")
-        return [task.model_copy(update={"prompt": [Message(role="user", content=task.prompt[0].content + note)]})
-                for task in source.load_tasks(inner, data, split)]
+        return [t.model_copy(update={"prompt": [Message(role="user", content=t.prompt[0].content + note)]})
+                for t in source.load_tasks(inner, data, split)]
 
     async def reset(self, task: Task) -> Observation:
         self.turn = 0
@@ -111,8 +111,8 @@ class SelfDebugEnv(CodeEnv):
             if result.reward is None:
                 return StepResult(done=True, reward=None, info={**grade_info(result), "turns": self.turn})
             if result.passed < result.total:
-                message = feedback(public, result, self.params.turns - self.turn)
-                return StepResult(done=False, observation=Observation(messages=[Message(role="user", content=message)]),
+                text = feedback(public, result, self.params.turns - self.turn)
+                return StepResult(done=False, observation=Observation(messages=[Message(role="user", content=text)]),
                                   info={"public_passed": result.passed, "public_total": result.total})
         final = await self.run_tests(CodeTests.model_validate(self.task.hidden["tests"]), program)
         return StepResult(done=True, reward=final.reward, info={**grade_info(final), "turns": self.turn})

@@ -91,7 +91,8 @@ def to_source(value, _depth: int = 0) -> str:
         inner = "[" + ", ".join(to_source(v, depth) for v in value) + "]"
         return f"{type(value).__name__}({inner})"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{to_source(k, depth)}: {to_source(v, depth)}" for k, v in value.items()) + "}"
+        pairs = [f"{to_source(k, depth)}: {to_source(v, depth)}" for k, v in value.items()]
+        return "{" + ", ".join(pairs) + "}"
     raise Unencodable(f"cannot write a {type(value).__name__} argument as source")
 
 
@@ -112,7 +113,8 @@ def encode(value, _depth: int = 0):
     if isinstance(value, tuple):
         return {"__tuple__": [encode(v, depth) for v in tuple.__iter__(value)]}
     if isinstance(value, (set, frozenset)):
-        items = [encode(v, depth) for v in (set.__iter__(value) if isinstance(value, set) else frozenset.__iter__(value))]
+        members = set.__iter__(value) if isinstance(value, set) else frozenset.__iter__(value)
+        items = [encode(v, depth) for v in members]
         return {"__set__": sorted(items, key=_sort_key)}
     if isinstance(value, dict):
         pairs = [[encode(k, depth), encode(v, depth)] for k, v in dict.items(value)]
