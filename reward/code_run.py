@@ -85,7 +85,10 @@ async def _record(pool: Runner, tests: CodeTests, limits: ExecLimits) -> CodeTes
     for line in result.stdout.decode("utf-8", "replace").splitlines():
         if not line.startswith(prefix):
             continue
-        item = json.loads(line[len(prefix):])
+        try:
+            item = json.loads(line[len(prefix):])
+        except json.JSONDecodeError:
+            break  # cut by the output cap: the recording did not finish
         if "probe" in item:
             probes.append(item["probe"])
             expected.append(item["value"])
