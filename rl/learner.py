@@ -150,7 +150,7 @@ class LearnerRank:
         prox = t["proximal"] if t["proximal"] is not None else logp.detach()
         out = policy_loss(logp, prox, t["sampler"], t["adv"], t["mask"], self.algo)
         # FSDP averages gradients over ranks; scale so the result is the batch's token mean.
-        (out.loss_sum * (self.world_size / max(total_tokens, 1))).backward()
+        (out.loss_sum / max(total_tokens, 1) * self.world_size).backward()
         with torch.no_grad():
             m = t["mask"]
             diff = (prox - t["sampler"]) * m  # learner (step start) vs sampler, same tokens

@@ -35,7 +35,7 @@ from rl.loss import group_advantages
 from rl.metrics import MetricsWriter, plot_reward_curve
 from rl.redis_server import connect_or_start
 from rl.trajectory import Trajectory
-from rl.weights import exchange_dir
+from rl.weights import exchange_dir, save_hf_checkpoint
 from workers.episode import ChatRenderer, EpisodeRunner
 from workers.rollout import EngineConfig, RolloutWorker, Sampling, checkpoint_dir
 
@@ -98,7 +98,8 @@ class Orchestrator:
 
         cfg = self.cfg
         model_dir = checkpoint_dir(cfg.model.path)
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                      num_cpus=None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, cfg.learner.world_size))
         url, self._private_redis = connect_or_start(cfg.bus.redis_url)
@@ -129,7 +130,7 @@ class Orchestrator:
                 pass  # the actor is killed with Ray below either way
         if hasattr(self, "learner"):
             await asyncio.to_thread(self.learner.shutdown)
-        if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        if getattr(self, "_owns_ray", False) and ray.is_initialized():
             ray.shutdown()
         if hasattr(self, "bus"):
             self.bus.close()
@@ -230,15 +231,16 @@ class Orchestrator:
     async def train_step(self, samples: list[TrainSample]) -> StepStats | None:
         if not samples:
             return None
-        self.rng.shuffle(samples)
         n = self.cfg.algorithm.minibatches
+        if n > 1:  # random minibatch membership; with one minibatch order cannot matter
+            self.rng.shuffle(samples)
         minibatches = [samples[i::n] for i in range(n) if samples[i::n]]
         return await asyncio.to_thread(self.learner.train_step, minibatches)
 
-    async def push_weights(self) -> float:
-        """Publish the learner's weights as the current version and load them into every engine."""
+    async def push_weights(self, version: int) -> float:
+        """Publish the learner's weights as `version` and load them into every engine."""
         start = time.perf_counter()
-        push = await asyncio.to_thread(self.learner.publish, self.weights_root, self.version)
+        push = await asyncio.to_thread(self.learner.publish, self.weights_root, version)
         await asyncio.gather(*(w.update_weights.remote(push) for w in self.workers))
         return time.perf_counter() - start
 
@@ -274,6 +276,8 @@ class Orchestrator:
         train_wall = time.perf_counter() - train_start
         for task in list(self.tasks):
             task.cancel()
+        state = await asyncio.to_thread(self.learner.full_state_dict)
+        save_hf_checkpoint(state, Path(cfg.model.path), self.run_dir / "model")
         after = await self.evaluate()
         summary = RunSummary(run=cfg.run.name, steps=step, wall_s=time.perf_counter() - t0, train_wall_s=train_wall,
                              heldout_acc_before=before, heldout_acc_after=after, final_train_reward=last_reward,
@@ -289,10 +293,10 @@ class Orchestrator:
         if self.cfg.run.record_batches:
             _record(self.run_dir / "batches" / f"step_{step:06d}.msgpack", flat)
         stats = await self.train_step(self.to_samples(groups))
-        async with self.admission:
+        sync_s = await self.push_weights(step)
+        async with self.admission:  # admit the next groups only once the engines serve `step`
             self.version = step
             self.admission.notify_all()
-        sync_s = await self.push_weights()
         await self._checkpoint_and_ack(step, ids)
         wall = time.perf_counter() - step_start
         record = _step_record(self, flat, stats, wait_s, sync_s, wall, time.perf_counter() - train_start,

@@ -80,6 +80,18 @@ def _without_aliases(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, "tor
     return out
 
 
+def save_hf_checkpoint(state_dict: Mapping[str, "torch.Tensor"], like: Path, out: Path) -> None:  # noqa: F821
+    """Save weights as a Hugging Face checkpoint: `like`'s config and tokenizer files plus the
+    weights, so vLLM, transformers and `model.path` load it."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in like.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+    save_file(_without_aliases(state_dict), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
 def verify_push(push: WeightPush) -> None:
     """Raise `ChecksumMismatch` unless the pushed file is exactly the one announced."""
     file = push.path / WEIGHTS_FILE

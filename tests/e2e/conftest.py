@@ -1,0 +1,23 @@
+"""A dense-reward environment for loop tests: a random tiny model earns varied rewards on it,
+so every group carries gradient (arithmetic would give all-zero groups before warm start)."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from envs.base import Action, EnvParams, Environment, Message, Observation, StepResult, Task
+from envs.registry import register_env
+
+
+@register_env("test-reply-length")
+class ReplyLengthEnv(Environment):
+    """Reward: the reply's length in characters / 40 (random tokens differ in length)."""
+
+    @classmethod
+    def load_tasks(cls, params: EnvParams, data: Path | None, split: str) -> Sequence[Task]:
+        return [Task(id=f"t{i}", prompt=[Message(role="user", content=f"{i}+7=?")]) for i in range(50)]
+
+    async def reset(self, task: Task) -> Observation:
+        return Observation(messages=task.prompt)
+
+    async def step(self, action: Action) -> StepResult:
+        return StepResult(done=True, reward=len(action.text) / 40)

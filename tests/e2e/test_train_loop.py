@@ -1,0 +1,136 @@
+"""The whole loop with the real parts: Ray actors, vLLM, Redis Streams, FSDP2 learner ranks."""
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rl.config import load_config
+from rl.loss import group_advantages, policy_loss, token_logprobs
+from rl.orchestrator import load_recorded, run_training
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sync_config(tmp_path: Path, model: str, redis_url: str, steps: int):
+    return load_config(None, [
+        "run.name=sync0", f"run.dir={tmp_path / 'run'}", f"run.steps={steps}", "run.record_batches=true",
+        f"model.path={model}", "rollout.max_tokens=8", "rollout.max_model_len=128",
+        "algorithm.group_size=4", "algorithm.batch_size=4", "algorithm.max_staleness=0",
+        "learner.world_size=2", "learner.lr=0.01", "logging.tensorboard=false", "logging.progress=false",
+        "envs=[{name: test-reply-length}]", f"bus.redis_url={redis_url}"])
+
+
+def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """A plain synchronous loop over the same trajectories: one process, no FSDP, no Ray, no bus.
+    Samples are laid out in the learner's micro-batch shapes so that float sums run in the same
+    order (AdamW turns reordering noise on near-zero gradients into visible weight differences)."""
+    from transformers import AutoModelForCausalLM
+
+    from rl.learner import TrainSample, _micro_batches, _to_tensors
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    norms = []
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, betas=cfg.learner.betas, weight_decay=0.0)
+    for trajs in batches:
+        groups = collections.defaultdict(list)
+        for t in trajs:
+            groups[t.group_id].append(t)
+        samples = [TrainSample(input_ids=np.concatenate([t.prompt_ids, t.completion_ids]), prompt_len=len(t.prompt_ids),
+                               loss_mask=t.loss_mask, sampler_logprobs=t.sampler_logprobs, advantage=a)
+                   for g in groups.values() if len({t.reward for t in g}) > 1
+                   for t, a in zip(g, group_advantages([t.reward for t in g], True))]
+        total = sum(int(s.loss_mask.sum()) for s in samples)
+        if not samples:  # the learner skips a step whose groups all had equal rewards
+            norms.append(None)
+            continue
+        opt.zero_grad()
+        for micro in _micro_batches(samples, cfg.learner.micro_batch_tokens):
+            b = _to_tensors(micro, "cpu")
+            logp, _ = token_logprobs(model(input_ids=b["input_ids"]).logits[:, :-1], b["targets"], 1.0)
+            out = policy_loss(logp, logp.detach(), b["sampler"], b["adv"], b["mask"], cfg.algorithm)
+            (out.loss_sum / total).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip)))
+        opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}, norms
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_staleness_zero_matches_a_plain_synchronous_loop(tmp_path: Path, tiny_model: str, redis_url: str,
+                                                         ray_session: None, world_size: int) -> None:
+    steps = 3
+    cfg = sync_config(tmp_path, tiny_model, redis_url, steps)
+    cfg.learner.world_size = world_size
+    summary = asyncio.run(run_training(cfg))
+    assert summary.steps == steps
+    batches = [load_recorded(cfg.run.dir / "batches" / f"step_{s:06d}.msgpack") for s in range(1, steps + 1)]
+    for step, trajs in enumerate(batches, 1):
+        assert len(trajs) == cfg.algorithm.batch_size * cfg.algorithm.group_size
+        # on-policy: every token of batch v was sampled by weights v
+        assert {int(v) for t in trajs for v in t.policy_versions[t.loss_mask == 1]} == {step - 1}
+    ref, ref_norms = reference_loop(tiny_model, batches, cfg)
+    got = load_file(str(cfg.run.dir / "model" / "model.safetensors"))
+    initial = load_file(str(Path(tiny_model) / "model.safetensors"))
+    moved = max(float((got[k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-3, "training must have changed the weights for the comparison to mean anything"
+    diff = max(float((got[k] - ref[k]).abs().max()) for k in initial)
+    off = sum(int(((got[k] - ref[k]).abs() > 1e-6).sum()) for k in initial)
+    mean = sum(float((got[k] - ref[k]).abs().sum()) for k in initial) / sum(v.numel() for v in initial.values())
+    print(f"world_size {world_size}: max |weight diff| vs plain loop = {diff:.2e}, "
+          f"{off} elements over 1e-6, mean {mean:.1e} (weights moved up to {moved:.2e})")
+    rows = (cfg.run.dir / "metrics.jsonl").read_text().splitlines()
+    # AdamW is blind to a gradient's scale: the pre-clip gradient norm catches scaling errors.
+    assert [json.loads(r)["grad_norm"] for r in rows] == pytest.approx(ref_norms, rel=1e-5)
+    if world_size == 1:
+        assert diff <= 1e-6
+    else:
+        # Two ranks sum gradients in another order (~1e-7 relative). AdamW's m/sqrt(v) turns that
+        # into full-size steps where a gradient is ~0, and later steps spread it; a lost or doubled
+        # shard instead moves the gradient norm and every weight by ~lr.
+        assert diff <= 0.1 * cfg.learner.lr and mean <= 1e-3 * cfg.learner.lr
+    assert len(rows) == steps and (cfg.run.dir / "reward_curve.png").stat().st_size > 1000
+    assert '"mismatch_kl"' in rows[0] and '"staleness": {"0": 16}' in rows[0]
+
+
+def _service_pids() -> set[int]:
+    names = ("raylet", "gcs_server", "redis-server", "EngineCore", "ray::", "VLLM")
+    found = set()
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        text = (p.info["name"] or "") + " " + " ".join(p.info["cmdline"] or [])
+        if any(n in text for n in names):
+            found.add(p.info["pid"])
+    return found
+
+
+def test_ctrl_c_stops_everything_it_started(tmp_path: Path, tiny_model: str) -> None:
+    before = _service_pids()
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"), f"model.path={tiny_model}",
+         f"run.dir={run_dir}", "run.name=ctrlc", "run.steps=1000", "eval.env=null", "algorithm.batch_size=4",
+         "logging.progress=false"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=False)
+    deadline = time.time() + 600
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "the run never finished a step"
+        time.sleep(1)
+    started = _service_pids() - before
+    assert started, "the run should have started Ray, vLLM and Redis processes"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out.decode()[-3000:]
+    time.sleep(3)
+    leaked = {p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+    assert not leaked, [psutil.Process(p).cmdline() for p in leaked]

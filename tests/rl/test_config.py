@@ -1,0 +1,71 @@
+"""Config loading, overrides and the errors a user sees."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides_reach_typed_fields(tmp_path: Path) -> None:
+    p = write(tmp_path, "run: {steps: 7}\nenvs:\n  - name: arithmetic\n  - name: math\n    weight: 2\n")
+    cfg = load_config(p, ["algorithm.max_staleness=0", "envs.1.weight=0.5", "learner.betas=[0.8, 0.9]",
+                          "envs.0.params.max_digits=3"])
+    assert cfg.run.steps == 7
+    assert cfg.algorithm.max_staleness == 0 and cfg.algorithm.effective_max_age == 1
+    assert [e.weight for e in cfg.envs] == [1.0, 0.5]
+    assert cfg.learner.betas == (0.8, 0.9)
+    assert cfg.envs[0].params == {"max_digits": 3}
+
+
+@pytest.mark.parametrize(("override", "path"), [
+    ("algorithm.group_sise=4", "algorithm.group_sise"),
+    ("learner.lr=-1", "learner.lr"),
+    ("rollout.temperature=hot", "rollout.temperature"),
+    ("envs.0.weight=0", "envs.0.weight"),
+])
+def test_bad_key_or_value_names_its_path(tmp_path: Path, override: str, path: str) -> None:
+    p = write(tmp_path, "envs: [{name: arithmetic}]\n")
+    with pytest.raises(ConfigError, match=re.escape(path + ":")):
+        load_config(p, [override])
+
+
+def test_override_errors_are_one_sentence(tmp_path: Path) -> None:
+    p = write(tmp_path, "envs: [{name: arithmetic}]\n")
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(p, ["algorithm.max_staleness"])
+    with pytest.raises(ConfigError, match="'envs.5'"):
+        load_config(p, ["envs.5.weight=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="eval.env 'math' is not one of envs"):
+        load_config(p, ["eval.env=math"])
+
+
+def test_dry_run_prints_the_plan_without_starting_anything(tiny_model: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"), f"model.path={tiny_model}",
+         "learner.world_size=2", "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "1.04 M params" in out.stdout
+    assert "learner rank (FSDP2)                           2" in out.stdout
+    assert "rollout worker (vLLM)" in out.stdout
+
+
+def test_cli_rejects_unknown_key_with_its_path(tiny_model: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"), "rollout.max_tokenz=3",
+         "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 2
+    assert "rollout.max_tokenz: Extra inputs are not permitted" in out.stderr
