@@ -3,8 +3,9 @@
 Token in, token out: `generate` takes prompt token ids and returns, for each sample, the sampled
 token ids, the sampler's logprob of each sampled token and the policy version that produced each
 token. `update_weights` swaps weights while requests are in flight: pause (mode "keep") → reload
-from the pushed checkpoint → reset the prefix cache (cached prefixes hold old-weight KV) → resume.
-Tokens sampled after the swap carry the new version.
+from the pushed checkpoint → reset the prefix cache (cached prefixes hold old-weight KV; running
+requests are preempted and recompute theirs) → resume. Tokens sampled after the swap carry the
+new version, and are sampled from KV computed entirely by the new weights.
 """
 
 from __future__ import annotations
@@ -143,7 +144,11 @@ class RolloutWorker:
         await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
             await self.engine.collective_rpc("load_pushed_weights", args=(str(push.path),))
-            await self.engine.reset_prefix_cache()
+            # Paused requests still hold KV blocks, and a plain reset refuses (returns False) while
+            # any block is in use, silently leaving old-weight KV for every cached prompt prefix.
+            # Preempting them frees their blocks; on resume they recompute under the new weights.
+            if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+                raise RuntimeError("vLLM refused to reset its prefix cache after a weight update.")
             self.version = push.version
         finally:
             await self.engine.resume_generation()

@@ -84,7 +84,7 @@ def test_corrupt_push_is_rejected_and_version_kept(worker, learner, tmp_path: Pa
     shutil.rmtree(bad_dir)
 
 
-def test_in_flight_requests_continue_under_new_weights(worker, learner, tmp_path: Path) -> None:
+def test_in_flight_requests_continue_under_new_weights(worker, learner, tiny_model: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     long = Sampling(n=8, max_tokens=400, seed=11)
     pending = worker.generate.remote(PROMPT, long)
@@ -100,5 +100,10 @@ def test_in_flight_requests_continue_under_new_weights(worker, learner, tmp_path
     assert all(len(g.token_ids) == 400 or g.finish_reason == "stop" for g in gens)
     versions = {v for g in gens for v in g.versions}
     assert 20 in versions, "tokens after the swap must carry the new version"
+    state = learner.full_state_dict()
     for g in gens:  # versions never go backwards within a sequence
         assert g.versions == sorted(g.versions)
+        # Tokens after the swap come from KV recomputed under the new weights, not stale cache.
+        new = [i for i, v in enumerate(g.versions) if v == 20]
+        ref = reference_logprobs(state, tiny_model, PROMPT, g.token_ids)
+        assert np.max(np.abs(ref[new] - np.array(g.logprobs)[new])) <= 1e-4
