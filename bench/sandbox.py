@@ -4,8 +4,9 @@ a trivial Python program for
   (b) `docker exec` in a warm container,
   (c) the pool's fast path (Docker backend: warm container, agent, zygote fork),
   (d) the local backend (bubblewrap, same agent),
-one execution at a time, then (c) and (d) with concurrent callers. Goals: (c) >= 10x the throughput
-of (a), and (c) p50 <= 15 ms.
+one execution at a time, then (c) and (d) with concurrent callers, then the load case: 200
+concurrent run() calls on a pool of 4 (latency includes the wait for a free sandbox). Goals:
+(c) >= 10x the throughput of (a), and (c) p50 <= 15 ms.
 
     python bench/sandbox.py [--runs 200] [--cold-runs 20] [--image codeworld-sandbox:py311]
 """
@@ -90,6 +91,21 @@ def docker_figures(image: str, cold_runs: int, runs: int) -> list[Figures]:
     return figures
 
 
+async def load_figures(backend: str, image: str, calls: int) -> tuple[Figures, int]:
+    """`calls` run() calls at once on 4 sandboxes; returns latencies and sandbox errors."""
+    async with SandboxPool(backend=backend, image=image, size=4) as pool:  # type: ignore[arg-type]
+        async def once(i: int) -> float:
+            t = time.perf_counter()
+            result = await pool.run(ExecRequest(command=["python3", "-c", f"print({i})"], timeout_s=60))
+            assert result.status in (Status.OK, Status.SANDBOX_ERROR), result
+            return time.perf_counter() - t
+
+        started = time.perf_counter()
+        latencies = await asyncio.gather(*(once(i) for i in range(calls)))
+        wall = time.perf_counter() - started
+        return Figures(f"load: {calls} at once, {backend}, 4 sandboxes", list(latencies), wall), pool.stats().sandbox_errors
+
+
 async def pool_figures(backend: str, label: str, image: str, runs: int) -> list[Figures]:
     request = ExecRequest(command=PROGRAM)
 
@@ -115,10 +131,13 @@ def main() -> None:
     cold, warm_exec = docker_figures(args.image, args.cold_runs, args.runs)
     fast_seq, fast_par = asyncio.run(pool_figures("docker", "(c) pool fast path (docker)", args.image, args.runs))
     local_seq, local_par = asyncio.run(pool_figures("local", "(d) local backend (bwrap)", args.image, args.runs))
+    loads = [asyncio.run(load_figures(backend, args.image, 200)) for backend in ("docker", "local")]
     print(f"trivial program: {' '.join(PROGRAM)}   machine: {os.cpu_count()} cores, "
           f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     for figures in (cold, warm_exec, fast_seq, fast_par, local_seq, local_par):
         print(figures.line())
+    for figures, errors in loads:
+        print(f"{figures.line()}   sandbox errors {errors}")
     ratio = fast_seq.per_s / cold.per_s
     print(f"throughput (c)/(a): {ratio:.1f}x one at a time, {fast_par.per_s / cold.per_s:.1f}x with "
           f"concurrent callers (goal >= 10x: {'met' if ratio >= 10 else 'MISSED'})")

@@ -158,44 +158,35 @@ def pack(root, names, budget):
 
 
 # --------------------------------------------------------------------------------------- cleanup
-def proc_status(pid):
-    fields = {}
-    with open("/proc/%d/status" % pid, "rb") as f:
-        for line in f:
-            key, _, value = line.partition(b":")
-            fields[key] = value.split()
-    return fields
-
-
-def session_of(pid):
-    with open("/proc/%d/stat" % pid, "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[3])
-
-
-def other_processes(spare, sessions):
-    """Live processes of our real uid other than `spare` (agent, zygote, its waiting spare); with
-    `sessions` (no pid namespace, shared uid) only those in the programs' own sessions."""
-    uid = os.getuid()
+def our_processes():
+    """(pid, session id, state) of every process of our real uid; the real uid from `status`,
+    because a non-dumpable process's /proc entry is owned by root whatever its uid."""
+    uid = str(os.getuid()).encode()
     found = []
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in spare:
+        if not name.isdigit():
             continue
+        fields = {}
         try:
-            fields = proc_status(int(name))
-            if sessions is not None and session_of(int(name)) not in sessions:
-                continue
+            with open("/proc/%s/status" % name, "rb") as f:
+                for line in f:
+                    key, _, value = line.partition(b":")
+                    fields[key] = value.split()
         except OSError:
             continue
-        if int(fields[b"Uid"][0]) == uid and fields[b"State"][0] not in (b"Z", b"X"):
-            found.append(int(name))
+        if fields.get(b"Uid", [b""])[0] == uid and b"NSsid" in fields:
+            found.append((int(name), int(fields[b"NSsid"][-1]), fields[b"State"][0]))
     return found
 
 
 def kill_all(spared, sessions=None):
     """SIGKILLs every other process of our uid until none is left; False if a fork bomb outran us.
-    `spared()` names the processes to keep; it is asked again each round (the spare changes)."""
+    `spared(pid, session)` says which to keep; with `sessions` (no pid namespace and a shared uid)
+    only processes in the programs' own sessions are candidates."""
     for _ in range(2000):
-        victims = other_processes(spared(), sessions)
+        victims = [pid for pid, sid, state in our_processes()
+                   if state not in (b"Z", b"X") and not spared(pid, sid)
+                   and (sessions is None or sid in sessions)]
         if not victims:
             return True
         for pid in victims:
@@ -280,7 +271,6 @@ class Zygote:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             spare_main(self.sock, self.taken_w)
         self.spare = pid
-        self.sock.send(b"S %d" % pid)
 
     def reap(self):
         while True:
@@ -443,6 +433,7 @@ class Agent:
         self.wipe_roots = [r for r in config["wipe"] if os.path.isdir(r) and os.access(r, os.W_OK)]
         self.oom_file = next((p for p in config.get("oom_files", []) if os.path.exists(p)), None)
         self.python = os.path.realpath(sys.executable)
+        self.agent_pid, self.launcher_session = os.getpid(), os.getsid(0)
         self.zsock = None
         # Without a pid namespace or a uid of its own, only the programs' sessions may be killed.
         self.sessions = set() if config.get("kill_scope") == "session" else None
@@ -451,11 +442,10 @@ class Agent:
     def start_zygote(self):
         """A fresh exec, never a fork of the agent: the zygote must hold no task's bytes."""
         if self.zsock is not None:  # the old zygote is dead, stopped or tampered with: end it
-            for pid in (self.zygote, self.spare_pid):
-                try:
-                    os.kill(pid, signal.SIGKILL) if pid else None
-                except ProcessLookupError:
-                    pass
+            try:  # its spare exits by itself when it sees the old socket close
+                os.kill(self.zygote, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.zsock.close()
             os.close(self.zygote_fd)
         zsock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -466,32 +456,32 @@ class Agent:
         self.zsock = zsock
         self.zygote_fd = os.pidfd_open(self.zygote)
         self.zygote_dead = False
-        self.spare_pid, self.taken, self.exits = None, set(), {}
+        self.taken, self.exits = set(), {}
 
     def on_zygote(self, msg):
-        """Handles one message of the zygote or its spare: "S pid" (a new spare waits), "P pid"
-        (a spare took a run), "E pid status cpu" (a run's program exited, kept in self.exits)."""
+        """Handles one message from the zygote side: "P pid" (a spare took a run) or
+        "E pid status cpu" (a run's program exited; kept in self.exits)."""
         if not msg:
             self.zygote_dead = True
             return ("X", 0)
         parts = msg.split()
         kind, pid = parts[0].decode(), int(parts[1])
-        # A spare can take a run before the zygote's "S" for it arrives: never spare a taken pid.
-        if kind == "S" and pid not in self.taken:
-            self.spare_pid = pid
-        elif kind == "P":
+        if kind == "P":
             self.taken.add(pid)
-            self.spare_pid = None if pid == self.spare_pid else self.spare_pid
-        if kind == "E":
+        elif kind == "E":
             self.taken.discard(pid)
             self.exits[pid] = (int(parts[2]), float(parts[3]))
         return (kind, pid)
 
-    def spared(self):
-        """The processes a cleanup must not kill, after reading any news of a new spare."""
+    def spared(self, pid, session):
+        """Kept by a cleanup: the agent, the zygote, and its spares, which are the processes of
+        the launcher's session that took no run (a program starts with setsid() and can never
+        join that session again)."""
+        if pid in (self.agent_pid, self.zygote):
+            return True
         while not self.zygote_dead and select.select([self.zsock], [], [], 0)[0]:
             self.on_zygote(self.zsock.recv(64))
-        return {os.getpid(), self.zygote, self.spare_pid}
+        return session == self.launcher_session and pid not in self.taken
 
     def reap_orphans(self):
         """When the agent is PID 1 (local backend), orphans of a dead zygote land here."""
@@ -566,12 +556,14 @@ class Agent:
     def launcher_untouched(self):
         """A program shares the launcher's uid: it may have stopped or reniced the zygote or its
         spare, which would slow every later task. Either one found so makes the sandbox dirty."""
-        for pid in self.spared() - {os.getpid(), None}:
+        for pid, sid, _ in our_processes():
+            if sid != self.launcher_session or pid == self.agent_pid:
+                continue
             try:
                 with open("/proc/%d/stat" % pid, "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()
             except OSError:
-                continue  # a spare killed just now: the zygote makes another
+                continue  # a spare that just exited: the zygote makes another
             if fields[0] in (b"T", b"t") or int(fields[16]) != os.getpriority(os.PRIO_PROCESS, 0):
                 return False
         return True
