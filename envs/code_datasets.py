@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from envs.code_evalplus import NOT_NONE_ENTRIES, restore_inputs
 from envs.data import read_records as _read_plain
 from reward.code import CodeTests, RecordSpec
 from reward.code_harness import encode, to_source
@@ -229,12 +230,16 @@ def load_mbpp(path: Path) -> list[CodeProblem]:
 
 
 def load_mbpp_plus(path: Path) -> list[CodeProblem]:
-    """MBPP+ (EvalPlus): base and extra inputs; expected values are the reference solution's
-    outputs, compared with the row's `atol` when it sets one (as EvalPlus does)."""
+    """MBPP+ (EvalPlus): base and extra inputs (their Python types restored as EvalPlus does);
+    expected values are the reference solution's outputs, compared with the row's `atol` when
+    it sets one. Functions that return regex matches are judged on `is not None`."""
     problems = []
     for row in read_records(path):
-        inputs = list(row["base_input"]) + list(row["plus_input"])
-        probes = [f"{row['entry_point']}(*{to_source(args)})" for args in inputs]
+        inputs = restore_inputs(row["task_id"], list(row["base_input"]) + list(row["plus_input"]))
+        call = row["entry_point"] + "(*{})"
+        if row["entry_point"] in NOT_NONE_ENTRIES:
+            call = f"({call} is not None)"
+        probes = [call.format(to_source(list(args))) for args in inputs]
         tests = CodeTests(mode="call", probes=probes, reference=row["canonical_solution"])
         if row.get("atol"):
             tests.abs_tol = float(row["atol"])

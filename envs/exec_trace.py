@@ -91,17 +91,17 @@ def _literal_call(node: ast.AST, callee: str) -> bool:
 
 
 def first_call(problem: CodeProblem) -> tuple[str, str] | None:
-    """(entry function, call source) of the problem's first test call with literal arguments."""
+    """(entry function, call source) of the problem's first test call, with literal arguments,
+    of a function the solution defines at top level (not a class, not a builtin wrapper)."""
     if problem.tests.record is not None:  # HumanEval: calls to `candidate` inside check()
         entry = problem.tests.record.entry
-        tree, callee = ast.parse(problem.tests.record.program), "candidate"
+        tree, callees = ast.parse(problem.tests.record.program), {"candidate"}
     else:
-        tree = ast.parse("\n".join(problem.tests.probes))
-        callee = entry = None
+        entry, tree = None, ast.parse("\n".join(problem.tests.probes))
+        callees = {n.name for n in ast.parse(problem.gold).body if isinstance(n, ast.FunctionDef)}
     for node in ast.walk(tree):
         name = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
-        target = callee or name
-        if name and _literal_call(node, target) and name not in ("bool", "set", "sorted"):
+        if name in callees and _literal_call(node, name):
             entry = entry or name
             node.func = ast.Name(entry, ast.Load())
             return entry, ast.unparse(node)

@@ -95,8 +95,10 @@ class ExecLimits(BaseModel):
     """Wall-clock limit for the whole run; tests not reported by then fail."""
     memory_mb: int = 1024
     """Memory limit of the sandboxed process tree."""
-    max_output_bytes: int = 1_000_000
-    """Stdio mode: a program printing more than this on one test fails that test."""
+    max_output_bytes: int = 4_000_000
+    """Output of one test (stdout, or a returned value as JSON) above this fails that test."""
+    max_total_output_bytes: int = 64_000_000
+    """Output of the whole run above this ends it (tests not reported by then fail)."""
 
 
 class TestOutcome(BaseModel):

@@ -82,6 +82,8 @@ def to_source(value, _depth: int = 0) -> str:
         return repr(bytes(value))
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else f"float({repr(value)!r})"
+    if isinstance(value, complex):
+        return f"complex({to_source(value.real)}, {to_source(value.imag)})"
     if isinstance(value, list):
         return "[" + ", ".join(to_source(v, depth) for v in value) + "]"
     if isinstance(value, tuple):

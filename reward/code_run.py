@@ -61,7 +61,7 @@ async def run_harness(pool: Runner, spec: dict[str, Any], program: str, limits: 
         files={"harness.py": HARNESS_SOURCE, "solution.py": program.encode(),
                "spec.json": json.dumps(spec).encode()},
         stdin=(nonce + "\n").encode(), timeout_s=timeout, memory_mb=limits.memory_mb,
-        max_output_bytes=min(1 << 30, 65536 + count * (limits.max_output_bytes + 1024)),
+        max_output_bytes=min(limits.max_total_output_bytes, 65536 + count * (limits.max_output_bytes + 1024)),
     )
     result = await pool.run(request)
     if result.status == Status.SANDBOX_ERROR:
@@ -106,7 +106,8 @@ async def _reference(pool: Runner, tests: CodeTests, limits: ExecLimits) -> Code
     report = parse_report(result.stdout, nonce, tests.count)
     missing = [i for i in range(tests.count) if "value" not in report.records.get(i, {})]
     if report.load_error or missing:
-        first = report.load_error or report.records.get(missing[0], {}).get("error", "not reported")
+        unreported = f"not reported: the run ended as {result.status.value}"
+        first = report.load_error or report.records.get(missing[0], {}).get("error", unreported)
         raise ReferenceFailed(f"the reference solution failed on {len(missing)} of {tests.count} "
                               f"inputs (first: {first})")
     values = [report.records[i]["value"] for i in range(tests.count)]
