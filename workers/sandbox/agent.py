@@ -30,7 +30,6 @@ import time
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 CHUNK = 1 << 16
-LAUNCHER_GRACE_S = 2.0
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -729,10 +728,9 @@ class Run:
             os.close(self.pid_fd)
             self.pid_fd, self.exited_at = None, time.monotonic()
         if self.exited_at is not None and self.status is None and not self.agent.zygote_dead:
-            # The program is gone but its exit report is not: a stopped (by the program) or stuck
-            # zygote. It is replaced after this run.
-            stuck = time.monotonic() - self.exited_at > LAUNCHER_GRACE_S
-            if stuck or process_state(self.agent.zygote) in (b"T", b"t"):
+            # The program is gone but its exit report is not: if the zygote is stopped, the
+            # program stopped it (same uid). It is replaced after this run.
+            if process_state(self.agent.zygote) in (b"T", b"t"):
                 self.agent.zygote_dead = True
         if self.agent.zygote_dead and self.status is None:
             self.outcome = "launcher_killed"
@@ -782,6 +780,7 @@ class Run:
     def finish(self, open_reads):
         """The program ended or must end: kill everything it started, then drain what it wrote."""
         self.clean = kill_all(self.agent.spared, self.agent.sessions)
+        self.on_launcher([])  # the exit report may have been read during the cleanup
         end = time.monotonic() + 2.0
         while (open_reads or self.status is None) and time.monotonic() < end:
             if self.agent.zygote_dead and not open_reads:

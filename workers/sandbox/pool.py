@@ -4,6 +4,7 @@ for sessions that keep a sandbox (and its files) across several calls."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import uuid
 from typing import AsyncIterator, Literal, Protocol
@@ -69,7 +70,8 @@ class SandboxPool:
         self._local_isolation, self._docker_url = local_isolation, docker_url
         self.owner = Owner.current(uuid.uuid4().hex[:12])
         self._backend: Backend | None = None
-        self._idle: asyncio.Queue[Box] = asyncio.Queue()
+        self._idle: collections.deque[Box] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[Box]] = collections.deque()
         self._live: set[Box] = set()
         self._need = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -128,7 +130,7 @@ class SandboxPool:
             await self._backend.close()
 
     def stats(self) -> PoolStats:
-        return PoolStats(size=self.size, ready=self._idle.qsize(), **self._counts)
+        return PoolStats(size=self.size, ready=len(self._idle), **self._counts)
 
     # ------------------------------------------------------------------------------------ running
     async def run(self, request: ExecRequest) -> ExecResult:
@@ -206,8 +208,7 @@ class SandboxPool:
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        box = await self._idle.get()
+                    box = await self._next_idle(deadline)
                 except TimeoutError:
                     raise SandboxUnavailable(f"no sandbox became free within {self.acquire_timeout_s:.0f} s"
                                              + (f"; last failure: {self._last_error}" if self._last_error else "."))
@@ -217,11 +218,34 @@ class SandboxPool:
         finally:
             self._counts["waiting"] -= 1
 
+    async def _next_idle(self, deadline: float) -> Box:
+        """First come, first served: a freed sandbox goes straight to the longest waiter, so a
+        caller that just released one cannot take it back ahead of the queue."""
+        if self._idle and not self._waiters:
+            return self._idle.popleft()
+        handed: asyncio.Future[Box] = asyncio.get_running_loop().create_future()
+        self._waiters.append(handed)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await handed
+        except BaseException:
+            if handed.done() and not handed.cancelled():
+                self._make_idle(handed.result())  # handed over just as we gave up: pass it on
+            raise
+
+    def _make_idle(self, box: Box) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(box)
+                return
+        self._idle.append(box)
+
     def _release(self, box: Box) -> None:
         if box.dirty or box.channel.closed or self._closed:
             self._discard(box)
         else:
-            self._idle.put_nowait(box)
+            self._make_idle(box)
 
     def _discard(self, box: Box) -> None:
         if box in self._live:
@@ -251,7 +275,7 @@ class SandboxPool:
                         self._last_error, failed = f"{type(result).__name__}: {result}", True
                     else:
                         self._live.add(result)
-                        self._idle.put_nowait(result)
+                        self._make_idle(result)
                 if failed:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
