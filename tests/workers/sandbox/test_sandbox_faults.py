@@ -56,7 +56,7 @@ async def test_program_already_running_is_never_run_twice() -> None:
         client = docker.from_env()
         run = asyncio.ensure_future(pool.run(ExecRequest(command=["sleep", "30"], timeout_s=60)))
         await asyncio.sleep(1.0)
-        busy = [box for box in pool._live if box not in pool._idle._queue]
+        busy = [box for box in pool._live if box not in pool._idle]
         await asyncio.to_thread(client.api.kill, busy[0].container_id)
         result = await run
         assert result.status is Status.SANDBOX_ERROR and pool.stats().retries == 0, result
