@@ -68,12 +68,11 @@ class LocalBox(Box):
         return self.process.returncode is None
 
     async def destroy(self) -> None:
-        # Closing stdin makes the agent (PID 1 of the sandbox) exit, which takes every process in
-        # its pid namespace with it and lets each bwrap reap its child. SIGKILL on the outer bwrap
-        # is only the fallback: it would orphan the inner bwrap to the host's init.
+        # An idle agent exits on EOF; a busy one is killed, which ends its pid namespace (bwrap)
+        # and leaves the rest to the cgroup's removal, which kills whatever is still inside.
         self.channel.close()
         try:
-            await asyncio.wait_for(self.process.wait(), 5.0)
+            await asyncio.wait_for(self.process.wait(), 0.5)
         except asyncio.TimeoutError:
             self.process.kill()
             await self.process.wait()

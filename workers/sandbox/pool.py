@@ -103,16 +103,18 @@ class SandboxPool:
             await asyncio.sleep(0.02)
 
     async def _make_backend(self) -> Backend:
-        # Imported here: a local-only user never loads the docker SDK.
-        from workers.sandbox.docker_backend import DockerBackend, docker_available
+        # Backends are imported here: a local-only user never loads the docker SDK.
+        if self.backend_name == "auto":
+            from workers.sandbox.docker_backend import docker_available
+
+            available = await asyncio.to_thread(docker_available, self._docker_url)
+            self.backend_name = "docker" if available else "local"
+        if self.backend_name == "docker":
+            from workers.sandbox.docker_backend import DockerBackend
+
+            return DockerBackend(self.image, self.limits, self.owner, self._docker_url)
         from workers.sandbox.local import LocalBackend
 
-        name = self.backend_name
-        if name == "auto":
-            name = "docker" if await asyncio.to_thread(docker_available, self._docker_url) else "local"
-            self.backend_name = name
-        if name == "docker":
-            return DockerBackend(self.image, self.limits, self.owner, self._docker_url)
         return LocalBackend(self.limits, self.owner, self._local_isolation)
 
     async def close(self) -> None:
@@ -120,6 +122,9 @@ class SandboxPool:
         if self._closed:
             return
         self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(SandboxUnavailable("the sandbox pool closed."))
         if self._replenisher is not None:
             self._replenisher.cancel()
             await asyncio.gather(self._replenisher, return_exceptions=True)

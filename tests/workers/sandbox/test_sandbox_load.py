@@ -46,3 +46,15 @@ async def test_queue_bound_refuses_beyond_max_waiting() -> None:
         refused = [r for r in results if r.status is Status.SANDBOX_ERROR]
         assert len(refused) == 4 and all("more than 5 callers" in r.error for r in refused)
         assert [r.status for r in results].count(Status.OK) == 6
+
+
+async def test_close_ends_running_and_waiting_calls_as_sandbox_errors() -> None:
+    pool = SandboxPool(backend="local", size=1, limits=TEST_LIMITS)
+    await pool.start()
+    calls = [asyncio.ensure_future(pool.run(ExecRequest(command=["sleep", "30"], timeout_s=60))) for _ in range(3)]
+    await asyncio.sleep(0.5)
+    started = time.perf_counter()
+    await pool.close()
+    results = await asyncio.wait_for(asyncio.gather(*calls), 10)
+    assert [r.status for r in results] == [Status.SANDBOX_ERROR] * 3
+    assert time.perf_counter() - started < 10
