@@ -46,7 +46,7 @@ class HostRunner:
                 Path(work, name).write_bytes(data)
             start = time.perf_counter()
             proc = await asyncio.create_subprocess_exec(
-                *request.command, cwd=work, stdin=asyncio.subprocess.PIPE,
+                *request.command, cwd=work, env={**os.environ, **request.env}, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             try:
                 out, err = await asyncio.wait_for(proc.communicate(request.stdin), request.timeout_s)

@@ -183,6 +183,7 @@ class ExecTraceEnv(Environment):
         pool = await shared_pool(p.backend, p.image, p.size)
         result = await pool.run(ExecRequest(
             command=["python3", "tracer.py", "spec.json"], timeout_s=self.params.timeout_s,
+            env={"PYTHONHASHSEED": "0"}, fast_path=False,  # reprs of string sets: one order
             files={"tracer.py": TRACER_SOURCE, "program.py": hidden["program"].encode(),
                    "spec.json": json.dumps(spec).encode()},
         ))

@@ -62,6 +62,10 @@ async def run_harness(pool: Runner, spec: dict[str, Any], program: str, limits: 
                "spec.json": json.dumps(spec).encode()},
         stdin=(nonce + "\n").encode(), timeout_s=timeout, memory_mb=limits.memory_mb,
         max_output_bytes=min(limits.max_total_output_bytes, 65536 + count * (limits.max_output_bytes + 1024)),
+        # A fixed hash seed makes set and dict orders of strings the same in every run: the
+        # reference's outputs and the candidate's must not differ by a random seed. The fast
+        # path forks an interpreter whose seed is already drawn, so a fresh one is started.
+        env={"PYTHONHASHSEED": "0"}, fast_path=False,
     )
     result = await pool.run(request)
     if result.status == Status.SANDBOX_ERROR:

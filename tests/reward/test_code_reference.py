@@ -62,6 +62,16 @@ async def test_reference_outputs_become_expected_values(pool: CountingPool) -> N
     assert (await grade(pool, tests, GOLD, LIMITS)).reward == 1.0
 
 
+async def test_string_set_orders_agree_across_sandboxes(pool: CountingPool) -> None:
+    """Set iteration order of strings depends on the interpreter's hash seed; reference and
+    candidate runs land in different sandboxes, so the seed must be the same everywhere."""
+    program = "def uniq(words):\n    return tuple(set(words))\n"
+    words = [f"w{i}x" for i in range(30)]
+    tests = CodeTests(mode="call", probes=[f"uniq(*[{words!r}])"], reference=program)
+    rewards = [(await grade(pool, tests, program, LIMITS)).reward for _ in range(6)]
+    assert rewards == [1.0] * 6
+
+
 async def test_broken_reference_gives_no_reward(pool: CountingPool) -> None:
     wrong_gold = "def double(xs):\n    return xs\n"
     recorded = CodeTests(mode="call", record=RecordSpec(program=wrong_gold + CHECK, entry="double",
