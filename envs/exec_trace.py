@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -98,7 +99,10 @@ def first_call(problem: CodeProblem) -> tuple[str, str] | None:
         tree, callees = ast.parse(problem.tests.record.program), {"candidate"}
     else:
         entry, tree = None, ast.parse("\n".join(problem.tests.probes))
-        callees = {n.name for n in ast.parse(problem.gold).body if isinstance(n, ast.FunctionDef)}
+        with warnings.catch_warnings():  # MBPP solutions hold invalid escapes like "\d"
+            warnings.simplefilter("ignore", DeprecationWarning)
+            gold = ast.parse(problem.gold)
+        callees = {n.name for n in gold.body if isinstance(n, ast.FunctionDef)}
     for node in ast.walk(tree):
         name = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None
         if name in callees and _literal_call(node, name):
