@@ -178,10 +178,10 @@ class Orchestrator:
         group_id = f"{cfg.run.name}-g{index}"
         sampling = Sampling(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p)
-        seeds = [self.rng.randrange(2**31) for _ in range(cfg.algorithm.group_size)]
+        # No per-request seeds: vLLM's CPU sampler cannot restore a seeded generator's position
+        # when a weight update preempts the request (the engine dies); the engine seed is enough.
         outcomes = await asyncio.gather(*(
-            self.runner.run(slot.make(), task, worker, sampling.model_copy(update={"seed": s}), group_id)
-            for s in seeds))
+            self.runner.run(slot.make(), task, worker, sampling, group_id) for _ in range(cfg.algorithm.group_size)))
         trajs = [o.trajectory for o in outcomes if o.trajectory is not None]
         self.dropped["no_reward"] += len(outcomes) - len(trajs)
         if trajs:

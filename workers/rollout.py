@@ -57,7 +57,8 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling."""
     seed: int | None = None
-    """Per-request seed for reproducible samples (sample i uses seed + i)."""
+    """Per-request seed for reproducible samples (sample i uses seed + i). Not with weight updates
+    in flight on CPU: a preempted seeded request kills vLLM's CPU engine."""
     stop_token_ids: list[int] = Field(default_factory=list)
     """Extra tokens that end a turn (the tokenizer's EOS always does)."""
 
