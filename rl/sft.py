@@ -91,8 +91,12 @@ def run_sft(cfg: SftConfig, model_dir: Path, out: Path, log=print) -> dict[str, 
     tasks = list(env_cls.load_tasks(env_cls.Params.model_validate(cfg.env.params), cfg.env.data, "train"))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     renderer = ChatRenderer(tokenizer)
-    stop_examples = _examples(tasks[: cfg.stop_set], renderer)
-    train = _examples(tasks[cfg.stop_set:], renderer)
+    # The stopping set must not share problems with the training data (synthetic train splits
+    # repeat problems), or memorisation inflates the accuracy that decides when to stop.
+    held = tasks[: cfg.stop_set]
+    seen = {t.prompt[-1].content for t in held}
+    stop_examples = _examples(held, renderer)
+    train = _examples([t for t in tasks[cfg.stop_set:] if t.prompt[-1].content not in seen], renderer)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     rng, start, acc, step = random.Random(cfg.seed), time.perf_counter(), 0.0, 0
