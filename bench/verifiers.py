@@ -208,6 +208,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="Samples per family (stdio: at most the 49 stdin/stdout problems of the APPS subset).")
+    parser.add_argument("--n", type=int, default=200,
+                        help="Samples per family (stdio: at most the APPS subset's 49 stdin/stdout problems).")
     parser.add_argument("--swe-tasks", type=Path, default=None, help="SWE task file for the SWE line.")
     asyncio.run(main(parser.parse_args()))
