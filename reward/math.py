@@ -62,11 +62,21 @@ def extract_answer(text: str, allow_hashes: bool = False) -> str | None:
     return answer
 
 
+def _warm_worker() -> None:
+    """Import and exercise math-verify when a pool process starts, so that a replacement for a
+    killed worker does not spend the next answer's deadline on imports."""
+    from math_verify import parse
+
+    parse("$1$")
+
+
 def _verify_in_worker(answer: str, gold: str) -> bool:
     """Runs in a pool process: lenient gold, strict prediction, then math-verify's comparison."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    gold_parsed = parse(gold if "$" in gold or "\\" in gold else f"${gold}$")
+    # Gold answers are bare LaTeX ("\\frac{\\pi}{2}", "\\$36"): box them so the LaTeX extractor
+    # reads the whole answer; only an answer already in math mode is parsed as it is.
+    gold_parsed = parse(gold if gold.strip().startswith("$") else f"$\\boxed{{{gold}}}$")
     pred_parsed = parse(f"$\\boxed{{{answer}}}$",
                         extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
                         fallback_mode="no_fallback")
@@ -83,7 +93,8 @@ class MathVerifier:
 
         self.deadline_s = deadline_s
         # spawn, not fork: the caller may hold Ray, torch or vLLM threads that must not be forked.
-        self._pool = ProcessPool(max_workers=workers, context=multiprocessing.get_context("spawn"))
+        self._pool = ProcessPool(max_workers=workers, context=multiprocessing.get_context("spawn"),
+                                 initializer=_warm_worker)
 
     def _schedule(self, prediction: str, gold: str, allow_hashes: bool):
         """The extracted answer and the pool future verifying it, or a verdict decided on the host."""

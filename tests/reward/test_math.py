@@ -1,0 +1,43 @@
+"""The math verifier: strict prediction, lenient gold, and no reward (None) on a deadline."""
+
+import pytest
+
+from reward.math import MathVerifier, extract_answer, extract_boxed
+
+
+def test_extraction_takes_the_last_balanced_box() -> None:
+    assert extract_boxed(r"first \boxed{1} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert extract_boxed(r"\boxed{unclosed") is None
+    assert extract_answer("so #### 1,234", allow_hashes=True) == "1234"
+    assert extract_answer("so #### 1,234") is None
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    v = MathVerifier(workers=1, deadline_s=5.0)
+    yield v
+    v.close()
+
+
+@pytest.mark.parametrize(("prediction", "gold", "reward"), [
+    (r"\boxed{68}", "68", 1.0),
+    (r"\boxed{67}", "68", 0.0),
+    ("68", "68", 0.0),  # no final boxed answer: strict on the prediction
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
+    (r"\boxed{(3, \pi/2)}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
+    (r"\boxed{36}", r"\$36", 1.0),
+    (r"\boxed{-1}", "-1", 1.0),
+])
+def test_verdicts(verifier: MathVerifier, prediction: str, gold: str, reward: float) -> None:
+    assert verifier.verify_sync(prediction, gold).reward == reward
+
+
+def test_deadline_gives_no_reward_and_the_pool_survives() -> None:
+    v = MathVerifier(workers=1, deadline_s=0.5)
+    try:
+        slow = v.verify_sync(r"\boxed{10^{10^{10^{10}}}}", "5")  # sympy evaluates the power tower
+        assert slow.reward is None and "deadline" in slow.error
+        assert v.verify_sync(r"\boxed{2}", "2").reward == 1.0
+    finally:
+        v.close()
