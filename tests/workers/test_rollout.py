@@ -101,9 +101,13 @@ def test_in_flight_requests_continue_under_new_weights(worker, learner, tiny_mod
     versions = {v for g in gens for v in g.versions}
     assert 20 in versions, "tokens after the swap must carry the new version"
     state = learner.full_state_dict()
+    checked = 0
     for g in gens:  # versions never go backwards within a sequence
         assert g.versions == sorted(g.versions)
         # Tokens after the swap come from KV recomputed under the new weights, not stale cache.
         new = [i for i, v in enumerate(g.versions) if v == 20]
-        ref = reference_logprobs(state, tiny_model, PROMPT, g.token_ids)
-        assert np.max(np.abs(ref[new] - np.array(g.logprobs)[new])) <= 1e-4
+        if new:  # a sample that ended before the swap has none
+            ref = reference_logprobs(state, tiny_model, PROMPT, g.token_ids)
+            assert np.max(np.abs(ref[new] - np.array(g.logprobs)[new])) <= 1e-4
+            checked += len(new)
+    assert checked > 0
