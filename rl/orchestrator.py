@@ -87,6 +87,7 @@ class Orchestrator:
         self.tokens_generated = 0
         self.admission = asyncio.Condition()
         self.partial: dict[str, list[tuple[str, Trajectory]]] = collections.OrderedDict()
+        self.unacked: list[str] = []  # bus ids of trajectories trained on but not yet durable
         self.tasks: set[asyncio.Task[Any]] = set()
         self.fatal: BaseException | None = None
         self._private_redis = None
@@ -306,15 +307,15 @@ class Orchestrator:
 
     async def _checkpoint_and_ack(self, step: int, ids: list[str]) -> None:
         """Acknowledge trajectories only once the step that used them is durable."""
-        self._unacked = getattr(self, "_unacked", []) + ids
+        self.unacked += ids
         every = self.cfg.checkpoint.every
         if every and step % every == 0:
             path = self.run_dir / "checkpoints" / f"step_{step:06d}"
             await asyncio.to_thread(self.learner.save_checkpoint, path)
             (path / "meta.json").write_text(json.dumps({"step": step, "version": self.version}))
         if not every or step % every == 0:
-            await self.bus.aack(self._unacked)
-            self._unacked = []
+            await self.bus.aack(self.unacked)
+            self.unacked = []
 
     def finish(self, summary: RunSummary) -> None:
         (self.run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
