@@ -86,19 +86,27 @@ def test_staleness_zero_matches_a_plain_synchronous_loop(tmp_path: Path, tiny_mo
     assert moved > 1e-3, "training must have changed the weights for the comparison to mean anything"
     diff = max(float((got[k] - ref[k]).abs().max()) for k in initial)
     off = sum(int(((got[k] - ref[k]).abs() > 1e-6).sum()) for k in initial)
-    mean = sum(float((got[k] - ref[k]).abs().sum()) for k in initial) / sum(v.numel() for v in initial.values())
-    print(f"world_size {world_size}: max |weight diff| vs plain loop = {diff:.2e}, "
-          f"{off} elements over 1e-6, mean {mean:.1e} (weights moved up to {moved:.2e})")
+    far = sum(int(((got[k] - ref[k]).abs() > 0.1 * cfg.learner.lr).sum()) for k in initial)
+    numel = sum(v.numel() for v in initial.values())
+    mean = sum(float((got[k] - ref[k]).abs().sum()) for k in initial) / numel
+    print(f"world_size {world_size}: max |weight diff| vs plain loop = {diff:.2e}, {off} of {numel} elements "
+          f"over 1e-6, {far} over 0.1*lr, mean {mean:.1e} (weights moved up to {moved:.2e})")
     rows = (cfg.run.dir / "metrics.jsonl").read_text().splitlines()
     # AdamW is blind to a gradient's scale: the pre-clip gradient norm catches scaling errors.
-    assert [json.loads(r)["grad_norm"] for r in rows] == pytest.approx(ref_norms, rel=1e-5)
+    # Step 1 starts from identical weights; later steps start from weights that two ranks already
+    # moved by reduction-order noise (below), which shifts their norms by ~1e-5 relative, while a
+    # lost or doubled shard moves a norm by tens of percent.
+    norms = [json.loads(r)["grad_norm"] for r in rows]
+    assert norms[0] == pytest.approx(ref_norms[0], rel=1e-5)
+    assert norms[1:] == pytest.approx(ref_norms[1:], rel=1e-5 if world_size == 1 else 1e-3)
     if world_size == 1:
         assert diff <= 1e-6
     else:
         # Two ranks sum gradients in another order (~1e-7 relative). AdamW's m/sqrt(v) turns that
-        # into full-size steps where a gradient is ~0, and later steps spread it; a lost or doubled
-        # shard instead moves the gradient norm and every weight by ~lr.
-        assert diff <= 0.1 * cfg.learner.lr and mean <= 1e-3 * cfg.learner.lr
+        # into steps of up to ~lr where a gradient is ~0 (so the max is no signal), and later
+        # steps spread it thinly; a lost or doubled shard instead moves the gradient norm and a
+        # large share of the weights by ~lr.
+        assert far <= 1e-3 * numel and mean <= 1e-3 * cfg.learner.lr
     assert len(rows) == steps and (cfg.run.dir / "reward_curve.png").stat().st_size > 1000
     assert '"mismatch_kl"' in rows[0] and '"staleness": {"0": 16}' in rows[0]
 
