@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -54,6 +54,14 @@ class RolloutSection(Section):
     """Longest sequence (prompt plus all turns) the engine accepts."""
     kv_cache_gib: float = Field(1.0, gt=0)
     """KV-cache memory per engine on CPU (VLLM_CPU_KVCACHE_SPACE)."""
+    cpu_cores: str | None = Field(None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+    """CPU cores a CPU engine's OpenMP threads bind to ("1", "0-3"); None: all. When the learner
+    shares the machine, OpenMP threads on every core spin-wait against it; one core can be faster."""
+
+    @field_validator("cpu_cores", mode="before")
+    @classmethod
+    def _core_number(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) else value  # `rollout.cpu_cores=1` reads as an int
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """Share of GPU memory a GPU engine may take."""
     enforce_eager: bool = True
@@ -105,6 +113,10 @@ class LearnerSection(Section):
     """AdamW betas."""
     grad_clip: float = Field(1.0, gt=0)
     """Global gradient-norm clip."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps over which the learning rate ramps linearly up to `lr`. A fresh AdamW's
+    first steps move every weight by about `lr` in the sign of a noisy policy gradient; the ramp
+    lets its moment estimates average that noise out first."""
     micro_batch_tokens: int = Field(16384, ge=1)
     """Tokens per forward/backward micro-batch on one rank (gradient accumulation beyond)."""
     threads_per_rank: int = Field(1, ge=1)

@@ -89,6 +89,8 @@ class LearnerRank:
         self.model = _build_model(model_path, learner, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr, betas=learner.betas,
                                            weight_decay=learner.weight_decay)
+        ramp = max(learner.warmup_steps, 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / ramp))
 
     def ready(self) -> int:
         return self.rank
@@ -109,6 +111,7 @@ class LearnerRank:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             stats.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             self.optimizer.step()
+            self.scheduler.step()
         return stats
 
     def _run_micro(self, samples: list[TrainSample], fn: Any) -> None:
@@ -187,16 +190,17 @@ class LearnerRank:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}, checkpoint_id=path)
 
     def load_checkpoint(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -109,6 +109,7 @@ class Orchestrator:
         self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len)
         engine = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                               enforce_eager=cfg.rollout.enforce_eager, kv_cache_gib=cfg.rollout.kv_cache_gib,
+                              cpu_cores=cfg.rollout.cpu_cores,
                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.run.seed)
         self.workers = [RolloutWorker.remote_actor(engine) for _ in range(cfg.rollout.num_workers)]
         self.learner = await asyncio.to_thread(LearnerGroup, str(model_dir), cfg.learner, cfg.algorithm,

@@ -37,6 +37,9 @@ class EngineConfig(BaseModel):
     """Skip torch.compile and CUDA graphs."""
     kv_cache_gib: float = 1.0
     """CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE)."""
+    cpu_cores: str | None = None
+    """CPU cores the engine's OpenMP threads bind to (VLLM_CPU_OMP_THREADS_BIND, e.g. "1" or
+    "0-3"); None: all cores, unless that variable is already set."""
     gpu_memory_utilization: float = 0.5
     """Share of GPU memory for the engine (GPU only)."""
     seed: int = 0
@@ -82,7 +85,9 @@ def _engine_env(config: EngineConfig) -> dict[str, str]:
     """Environment for the engine's processes; set before vLLM spawns them."""
     env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(config.kv_cache_gib))),
            "TOKENIZERS_PARALLELISM": "false"}
-    if not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+    if config.cpu_cores is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores
+    elif not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{max(0, (os.cpu_count() or 1) - 1)}"
     return env
 

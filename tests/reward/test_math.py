@@ -2,7 +2,7 @@
 
 import pytest
 
-from reward.math import MathVerifier, extract_answer, extract_boxed
+from reward.math import MathVerifier, _verify_in_worker, extract_answer, extract_boxed
 
 
 def test_extraction_takes_the_last_balanced_box() -> None:
@@ -39,5 +39,18 @@ def test_deadline_gives_no_reward_and_the_pool_survives() -> None:
         slow = v.verify_sync(r"\boxed{10^{10^{10^{10}}}}", "5")  # sympy evaluates the power tower
         assert slow.reward is None and "deadline" in slow.error
         assert v.verify_sync(r"\boxed{2}", "2").reward == 1.0
+    finally:
+        v.close()
+
+
+@pytest.mark.parametrize(("answer", "gold"), [("68", "68"), ("67", "68"), ("-1", "-1"), ("1", "-1"),
+                                              ("007", "7"), ("0", "-0"), (" 12", "12")])
+def test_integer_answers_are_judged_on_the_host_as_math_verify_would(answer: str, gold: str) -> None:
+    v = MathVerifier(workers=1)
+    v._pool.stop()  # a verdict that needed the pool would now fail with an error
+    try:
+        verdict = v.verify_sync(rf"\boxed{{{answer}}}", gold)
+        assert verdict.error is None
+        assert verdict.reward == float(_verify_in_worker(answer, gold))
     finally:
         v.close()
