@@ -73,7 +73,7 @@ def logprobs(rank, samples) -> "np.ndarray":
     t = _to_tensors(samples, rank.device)
     with torch.no_grad():
         logp, _ = token_logprobs(rank.model(input_ids=t["input_ids"]).logits[:, :-1], t["targets"], 1.0)
-    return (logp * t["mask"]).float().cpu().numpy()
+    return logp[t["mask"] == 1].float().cpu().numpy()  # completion tokens only
 
 
 def run_variant(name: str, model_dir: Path, samples, steps: int, reference) -> dict:
@@ -84,8 +84,8 @@ def run_variant(name: str, model_dir: Path, samples, steps: int, reference) -> d
 
     cpu = not torch.cuda.is_available()
     opts = dict(VARIANTS[name], float8_emulate=cpu and "float8" in VARIANTS[name], lr=1e-4, threads_per_rank=2)
-    rank = LearnerRank(0, 1, _free_port(), str(model_dir), LearnerSection(**opts), AlgorithmSection(), 1.0, 0)
     try:
+        rank = LearnerRank(0, 1, _free_port(), str(model_dir), LearnerSection(**opts), AlgorithmSection(), 1.0, 0)
         lp = logprobs(rank, samples)
         tokens = sum(int(s.loss_mask.sum()) for s in samples)
         losses, times = [], []
@@ -103,14 +103,15 @@ def run_variant(name: str, model_dir: Path, samples, steps: int, reference) -> d
                 "first_loss": round(losses[0], 5), "last_loss": round(losses[-1], 5),
                 "mean_abs_logprob_diff_vs_fp32": None if reference is None else float(np.abs(lp - reference).mean()),
                 "backend": torch.distributed.get_backend()}, lp
-    finally:
-        torch.distributed.destroy_process_group()
+    finally:  # also when the variant failed after joining the process group
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="large")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()

@@ -84,6 +84,9 @@ async def bare_tokens_per_s(model: str, prompts: list[list[int]], group_size: in
         return sum(counts) / (time.perf_counter() - start)
     finally:
         engine.shutdown()
+        # Its __del__ shuts down again: let that happen now, not at interpreter exit when vLLM's
+        # module globals are already gone (a TypeError printed after the figures).
+        del engine
 
 
 def push_seconds(model: str, pushes: int = 3) -> dict[str, float]:

@@ -121,7 +121,7 @@ class LearnerRank:
         import torch.distributed as dist
 
         micro = _micro_batches(samples, self.cfg.micro_batch_tokens)
-        count = torch.tensor([len(micro)])
+        count = torch.tensor([len(micro)], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         for i in range(int(count.item())):
             if i < len(micro):
