@@ -89,6 +89,7 @@ class Orchestrator:
         self.partial: dict[str, list[tuple[str, Trajectory]]] = collections.OrderedDict()
         self.unacked: list[str] = []  # bus ids of trajectories trained on but not yet durable
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.learner_calls: set[asyncio.Future[Any]] = set()
         self.fatal: BaseException | None = None
         self._private_redis = None
 
@@ -118,6 +119,15 @@ class Orchestrator:
         self.weights_root = exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")
         self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard)
 
+    async def _learner_call(self, fn: Any, *args: Any) -> Any:
+        """A blocking learner call in a thread that `stop` waits for: cancelling the awaiting
+        task cannot stop the thread, and shutting Ray down under a thread still in `ray.get`
+        hangs the interpreter's exit (Ctrl-C mid-step never returned)."""
+        call = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self.learner_calls.add(call)
+        call.add_done_callback(self.learner_calls.discard)
+        return await asyncio.shield(call)
+
     async def stop(self) -> None:
         """Stop everything this run started; safe to call after a failure or Ctrl-C."""
         import ray
@@ -125,6 +135,8 @@ class Orchestrator:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.learner_calls:
+            await asyncio.wait(self.learner_calls, timeout=120)
         for worker in getattr(self, "workers", []):
             try:
                 await asyncio.wait_for(worker.shutdown.remote(), timeout=30)
@@ -237,12 +249,12 @@ class Orchestrator:
         if n > 1:  # random minibatch membership; with one minibatch order cannot matter
             self.rng.shuffle(samples)
         minibatches = [samples[i::n] for i in range(n) if samples[i::n]]
-        return await asyncio.to_thread(self.learner.train_step, minibatches)
+        return await self._learner_call(self.learner.train_step, minibatches)
 
     async def push_weights(self, version: int) -> float:
         """Publish the learner's weights as `version` and load them into every engine."""
         start = time.perf_counter()
-        push = await asyncio.to_thread(self.learner.publish, self.weights_root, version)
+        push = await self._learner_call(self.learner.publish, self.weights_root, version)
         await asyncio.gather(*(w.update_weights.remote(push) for w in self.workers))
         return time.perf_counter() - start
 
@@ -278,7 +290,7 @@ class Orchestrator:
         train_wall = time.perf_counter() - train_start
         for task in list(self.tasks):
             task.cancel()
-        state = await asyncio.to_thread(self.learner.full_state_dict)
+        state = await self._learner_call(self.learner.full_state_dict)
         save_hf_checkpoint(state, Path(cfg.model.path), self.run_dir / "model")
         after = await self.evaluate()
         summary = RunSummary(run=cfg.run.name, steps=step, wall_s=time.perf_counter() - t0, train_wall_s=train_wall,
@@ -312,7 +324,7 @@ class Orchestrator:
         every = self.cfg.checkpoint.every
         if every and step % every == 0:
             path = self.run_dir / "checkpoints" / f"step_{step:06d}"
-            await asyncio.to_thread(self.learner.save_checkpoint, path)
+            await self._learner_call(self.learner.save_checkpoint, path)
             (path / "meta.json").write_text(json.dumps({"step": step, "version": self.version}))
         if not every or step % every == 0:
             await self.bus.aack(self.unacked)

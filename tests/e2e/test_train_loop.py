@@ -134,7 +134,11 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path, tiny_model: str) -> 
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         assert time.time() < deadline, "the run never finished a step"
         time.sleep(1)
-    started = _service_pids() - before
+    # The test runner's own Ray instance (the session fixture) may start workers meanwhile: only
+    # processes outside the runner's tree, or inside the run's, count as the run's.
+    run_tree = {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    runner_own = {c.pid for c in psutil.Process().children(recursive=True)} - run_tree - {proc.pid}
+    started = _service_pids() - before - runner_own
     assert started, "the run should have started Ray, vLLM and Redis processes"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
