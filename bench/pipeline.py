@@ -6,7 +6,8 @@
    vLLM) → arithmetic reward (math-verify pool) → Redis stream — for `groups` × `group-size`
    episodes; tokens/s = model tokens that reached the bus / wall time from first admission.
 2. Bare engine: one vLLM AsyncLLM in this process, the same prompts, samples and sampling limits,
-   all submitted at once; tokens/s = generated tokens / wall time.
+   all submitted at once (one n = group-size request per prompt); tokens/s = generated tokens /
+   wall time.
 3. Weight push: learner (FSDP2, 1 rank) → safetensors in /dev/shm → checksum → every engine's
    pause/reload/resume, for the ~1 M tiny model and a ~350 M model built by `init-tiny`.
 """
@@ -69,18 +70,19 @@ async def bare_tokens_per_s(model: str, prompts: list[list[int]], group_size: in
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="float32", max_model_len=256,
                                                        enforce_eager=True, enable_prefix_caching=True))
-    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, logprobs=0)
+    # One request of n = group_size samples per prompt: how a group is best asked of a bare engine.
+    params = SamplingParams(n=group_size, max_tokens=max_tokens, temperature=1.0, logprobs=0)
 
     async def one(i: int, prompt: list[int]) -> int:
         last = None
         async for out in engine.generate({"prompt_token_ids": prompt}, params, f"b{i}"):
             last = out
-        return len(last.outputs[0].token_ids)
+        return sum(len(o.token_ids) for o in last.outputs)
 
     try:
         await one(-1, [1, 2, 3])
         start = time.perf_counter()
-        counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(p for p in prompts for _ in range(group_size))))
+        counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         return sum(counts) / (time.perf_counter() - start)
     finally:
         engine.shutdown()

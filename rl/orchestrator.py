@@ -194,8 +194,8 @@ class Orchestrator:
                             top_p=cfg.rollout.top_p)
         # No per-request seeds: vLLM's CPU sampler cannot restore a seeded generator's position
         # when a weight update preempts the request (the engine dies); the engine seed is enough.
-        outcomes = await asyncio.gather(*(
-            self.runner.run(slot.make(), task, worker, sampling, group_id) for _ in range(cfg.algorithm.group_size)))
+        outcomes = await self.runner.run_group([slot.make() for _ in range(cfg.algorithm.group_size)],
+                                               task, worker, sampling, group_id)
         trajs = [o.trajectory for o in outcomes if o.trajectory is not None]
         self.dropped["no_reward"] += len(outcomes) - len(trajs)
         if trajs:

@@ -1,4 +1,5 @@
-"""`EpisodeRunner`: drives one episode token in / token out and emits one `Trajectory`.
+"""`EpisodeRunner`: drives episodes token in / token out and emits one `Trajectory` each; a
+group's episodes share their first request.
 
 The conversation is never decoded and re-encoded between turns: the prompt is rendered once, each
 model turn appends exactly the sampled tokens, and each environment turn appends the rendering of
@@ -7,6 +8,7 @@ only the new messages. What the learner trains on is therefore exactly what the 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from envs.base import Action, Environment, Message, Task
+from envs.base import Action, Environment, Message, StepResult, Task
 from rl.trajectory import Trajectory
 from workers.rollout import Generation, Sampling
 
@@ -99,11 +101,68 @@ class EpisodeRunner:
     async def run(self, env: Environment, task: Task, worker: Any, sampling: Sampling,
                   group_id: str) -> EpisodeOutcome:
         """One episode; `env.close()` always runs."""
+        return (await self.run_group([env], task, worker, sampling, group_id))[0]
+
+    async def run_group(self, envs: list[Environment], task: Task, worker: Any, sampling: Sampling,
+                        group_id: str) -> list[EpisodeOutcome]:
+        """One episode of `task` per environment; every `env.close()` always runs.
+
+        When the episodes open with the same prompt (they do unless `reset` is randomised), their
+        first turns are sampled as one n-sample request: one actor call and one prefill for the
+        group instead of one per episode. Later turns diverge and are sampled one by one."""
         start = time.perf_counter()
         try:
-            prompt_ids, buf, result, gen_s, truncated = await self._turns(env, task, worker, sampling)
+            observations = await asyncio.gather(*(env.reset(task) for env in envs))
+            prompts = [self.renderer.prompt(obs.messages) for obs in observations]
+            firsts, first_s = await self._shared_first_turns(prompts, worker, sampling)
+            runs = await asyncio.gather(*(
+                self._turns(env, prompt, first, first_s, worker, sampling)
+                for env, prompt, first in zip(envs, prompts, firsts, strict=True)))
         finally:
-            await env.close()
+            await asyncio.gather(*(env.close() for env in envs))
+        return [self._outcome(env, task, group_id, prompt, run, start)
+                for env, prompt, run in zip(envs, prompts, runs, strict=True)]
+
+    async def _shared_first_turns(self, prompts: list[list[int]], worker: Any,
+                                  sampling: Sampling) -> tuple[list[Generation | None], float]:
+        """The first model turn of every episode as one request when all prompts are equal;
+        otherwise no turn (each episode samples its own)."""
+        budget = self.max_model_len - len(prompts[0])
+        if len(prompts) == 1 or budget <= 0 or any(p != prompts[0] for p in prompts[1:]):
+            return [None] * len(prompts), 0.0
+        turn = sampling.model_copy(update={"n": len(prompts), "max_tokens": min(sampling.max_tokens, budget)})
+        t0 = time.perf_counter()
+        gens = await _generate(worker, prompts[0], turn)
+        return list(gens), time.perf_counter() - t0
+
+    async def _turns(self, env: Environment, prompt_ids: list[int], first: Generation | None, first_s: float,
+                     worker: Any, sampling: Sampling) -> tuple[_Buffer, StepResult | None, float, bool]:
+        """The episode's turns after `reset`; `first`, when given, is its already-sampled first turn."""
+        buf, result, gen_s, truncated = _Buffer(), None, first_s, False
+        for _ in range(env.max_turns):
+            budget = self.max_model_len - len(prompt_ids) - len(buf.ids)
+            if budget <= 0:
+                break
+            if first is not None:
+                gen, first = first, None
+            else:
+                turn = sampling.model_copy(update={"n": 1, "max_tokens": min(sampling.max_tokens, budget)})
+                t0 = time.perf_counter()
+                gen = (await _generate(worker, prompt_ids + buf.ids, turn))[0]
+                gen_s += time.perf_counter() - t0
+            buf.add_model(gen)
+            truncated = gen.finish_reason == "length"
+            action = Action(text=self.renderer.decode(gen.token_ids), token_ids=gen.token_ids, truncated=truncated)
+            result = await env.step(action)
+            if result.done:
+                break
+            ended = bool(gen.token_ids) and gen.token_ids[-1] == self.renderer.eos_id
+            buf.add_env(self.renderer.followup(result.observation.messages, ended))
+        return buf, result, gen_s, truncated
+
+    def _outcome(self, env: Environment, task: Task, group_id: str, prompt_ids: list[int],
+                 run: tuple[_Buffer, StepResult | None, float, bool], start: float) -> EpisodeOutcome:
+        buf, result, gen_s, truncated = run
         if result is None or not result.done:
             return EpisodeOutcome(trajectory=None, error="episode did not finish within the model's "
                                   "turn or length limits", generate_s=gen_s)
@@ -117,28 +176,6 @@ class EpisodeRunner:
             policy_versions=np.array(buf.versions), reward=result.reward, reward_info=_jsonable(result.info),
             timings={"generate": gen_s, "episode": time.perf_counter() - start}, truncated=truncated)
         return EpisodeOutcome(trajectory=traj, generate_s=gen_s)
-
-    async def _turns(self, env: Environment, task: Task, worker: Any, sampling: Sampling):
-        obs = await env.reset(task)
-        prompt_ids = self.renderer.prompt(obs.messages)
-        buf, result, gen_s, truncated = _Buffer(), None, 0.0, False
-        for _ in range(env.max_turns):
-            budget = self.max_model_len - len(prompt_ids) - len(buf.ids)
-            if budget <= 0:
-                break
-            turn = sampling.model_copy(update={"n": 1, "max_tokens": min(sampling.max_tokens, budget)})
-            t0 = time.perf_counter()
-            gen: Generation = (await _generate(worker, prompt_ids + buf.ids, turn))[0]
-            gen_s += time.perf_counter() - t0
-            buf.add_model(gen)
-            truncated = gen.finish_reason == "length"
-            action = Action(text=self.renderer.decode(gen.token_ids), token_ids=gen.token_ids, truncated=truncated)
-            result = await env.step(action)
-            if result.done:
-                break
-            ended = bool(gen.token_ids) and gen.token_ids[-1] == self.renderer.eos_id
-            buf.add_env(self.renderer.followup(result.observation.messages, ended))
-        return prompt_ids, buf, result, gen_s, truncated
 
 
 async def _generate(worker: Any, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:

@@ -114,33 +114,29 @@ class RolloutWorker:
         return self.version
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:
-        """Sample `sampling.n` completions of `prompt_ids`."""
-        return list(await asyncio.gather(*(self._one(prompt_ids, sampling, i) for i in range(sampling.n))))
-
-    async def _one(self, prompt_ids: list[int], sampling: Sampling, index: int) -> Generation:
+        """Sample `sampling.n` completions of `prompt_ids` as one vLLM request (its parallel
+        sampling: one prefill, and sample i seeded with seed + i when a seed is given)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
-            max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            seed=None if sampling.seed is None else sampling.seed + index, logprobs=0,
-            stop_token_ids=sampling.stop_token_ids, output_kind=RequestOutputKind.DELTA,
+            n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            seed=sampling.seed, logprobs=0, stop_token_ids=sampling.stop_token_ids,
+            output_kind=RequestOutputKind.DELTA,
         )
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        versions: list[int] = []
-        finish = "length"
+        samples = [Generation(token_ids=[], logprobs=[], versions=[], finish_reason="length") for _ in range(sampling.n)]
         request_id = f"r{next(self._ids)}"
         async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
-            delta = out.outputs[0]
-            # Tag tokens as they arrive: a weight swap between two deltas changes the version.
-            for tok, lp in zip(delta.token_ids, delta.logprobs or [], strict=True):
-                tokens.append(tok)
-                logprobs.append(lp[tok].logprob)
-                versions.append(self.version)
-            if delta.finish_reason is not None:
-                finish = delta.finish_reason
-        return Generation(token_ids=tokens, logprobs=logprobs, versions=versions, finish_reason=finish)
+            for delta in out.outputs:
+                sample = samples[delta.index]
+                # Tag tokens as they arrive: a weight swap between two deltas changes the version.
+                for tok, lp in zip(delta.token_ids, delta.logprobs or [], strict=True):
+                    sample.token_ids.append(tok)
+                    sample.logprobs.append(lp[tok].logprob)
+                    sample.versions.append(self.version)
+                if delta.finish_reason is not None:
+                    sample.finish_reason = delta.finish_reason
+        return samples
 
     async def update_weights(self, push: WeightPush) -> float:
         """Verify the push's checksum, then swap weights without dropping in-flight requests.

@@ -13,18 +13,9 @@ import torch
 from rl.config import AlgorithmSection, LearnerSection
 from rl.learner import LearnerGroup, TrainSample
 from rl.weights import WEIGHTS_FILE, ChecksumMismatch, WeightPush
-from workers.rollout import EngineConfig, RolloutWorker, Sampling
+from workers.rollout import EngineConfig, Sampling
 
 PROMPT = [1, 283, 201, 20, 21, 13, 22, 23, 279, 2, 201, 1, 288, 201]
-
-
-@pytest.fixture(scope="module")
-def worker(ray_session: None, tiny_model: str):
-    handle = RolloutWorker.remote_actor(EngineConfig(model_path=tiny_model, max_model_len=512))
-    ray.get(handle.get_version.remote())
-    yield handle
-    ray.get(handle.shutdown.remote())
-    ray.kill(handle)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +42,16 @@ def train_once(learner: LearnerGroup, rng: np.random.Generator) -> None:
                            loss_mask=np.ones(8), sampler_logprobs=np.full(8, -6.0), advantage=a)
                for a in (1.0, -1.0, 0.5, -0.5)]
     learner.train_step([samples])
+
+
+def test_n_samples_are_one_request_seeded_like_n_single_requests(worker) -> None:
+    together = ray.get(worker.generate.remote(PROMPT, Sampling(n=4, max_tokens=12, seed=7)))
+    alone = [ray.get(worker.generate.remote(PROMPT, Sampling(n=1, max_tokens=12, seed=7 + i)))[0] for i in range(4)]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert len({tuple(g.token_ids) for g in together}) > 1, "the n samples must differ"
+    for g, a in zip(together, alone):
+        assert len(g.logprobs) == len(g.versions) == len(g.token_ids)
+        assert np.allclose(g.logprobs, a.logprobs, atol=1e-5)
 
 
 def test_sampler_logprobs_match_learner_after_weight_push(worker, learner, tiny_model: str, tmp_path: Path) -> None:
