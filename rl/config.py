@@ -117,6 +117,14 @@ class LearnerSection(Section):
     """Optimizer steps over which the learning rate ramps linearly up to `lr`. A fresh AdamW's
     first steps move every weight by about `lr` in the sign of a noisy policy gradient; the ramp
     lets its moment estimates average that noise out first."""
+    stable_steps: int = Field(0, ge=0)
+    """Optimizer steps at the full `lr` after the warm-up, before the decay."""
+    decay_steps: int = Field(0, ge=0)
+    """Optimizer steps after the stable phase over which the learning rate falls linearly to
+    `lr × min_lr_ratio`, then stays there; 0: no decay. A policy still moving by a full `lr` per
+    step when the run ends is a noisy snapshot; the decay lets it settle."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Where the decay ends, as a share of `lr`."""
     micro_batch_tokens: int = Field(16384, ge=1)
     """Tokens per forward/backward micro-batch on one rank (gradient accumulation beyond)."""
     threads_per_rank: int = Field(1, ge=1)

@@ -53,6 +53,17 @@ class RankStats(BaseModel):
     grad_norm: float = 0.0
 
 
+def lr_multiplier(step: int, cfg: LearnerSection) -> float:
+    """The share of `lr` used by optimizer step `step` (0-based): a linear warm-up to 1, a stable
+    phase, a linear decay to `min_lr_ratio` over `decay_steps`, then constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decayed = step - cfg.warmup_steps - cfg.stable_steps
+    if cfg.decay_steps == 0 or decayed <= 0:
+        return 1.0
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * min(1.0, decayed / cfg.decay_steps)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,8 +100,7 @@ class LearnerRank:
         self.model = _build_model(model_path, learner, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr, betas=learner.betas,
                                            weight_decay=learner.weight_decay)
-        ramp = max(learner.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / ramp))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, learner))
 
     def ready(self) -> int:
         return self.rank

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from rl.config import AlgorithmSection, LearnerSection
-from rl.learner import LearnerRank, TrainSample, _free_port
+from rl.learner import LearnerRank, TrainSample, _free_port, lr_multiplier
 
 
 def _samples() -> list[TrainSample]:
@@ -37,6 +37,13 @@ def test_lr_ramps_linearly_over_the_warmup_then_holds(rank: LearnerRank) -> None
         seen.append(_lr(rank))
         rank.train_step([samples], [24])
     assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_lr_warms_up_holds_then_decays_linearly_to_its_floor() -> None:
+    cfg = LearnerSection(lr=1e-3, warmup_steps=2, stable_steps=2, decay_steps=4, min_lr_ratio=0.2)
+    got = [lr_multiplier(step, cfg) for step in range(10)]
+    assert got == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
+    assert [lr_multiplier(s, LearnerSection(decay_steps=2)) for s in range(3)] == pytest.approx([1.0, 0.5, 0.0])
 
 
 def test_checkpoint_restores_weights_optimizer_and_warmup_position(rank: LearnerRank, tiny_model: str,
