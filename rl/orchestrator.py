@@ -91,6 +91,7 @@ class Orchestrator:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.learner_calls: set[asyncio.Future[Any]] = set()
         self.fatal: BaseException | None = None
+        self.interrupted = False  # set by Ctrl-C; the loop raises KeyboardInterrupt at its next check
         self._private_redis = None
 
     # ----------------------------------------------------------------- start / stop
@@ -214,6 +215,8 @@ class Orchestrator:
         a, start, ids = self.cfg.algorithm, time.perf_counter(), []
         groups: list[list[Trajectory]] = []
         while len(groups) < a.batch_size:
+            if self.interrupted:
+                raise KeyboardInterrupt
             if self.fatal is not None:
                 raise self.fatal
             for entry_id, traj in await self.bus.aread(count=a.batch_size * a.group_size, block_ms=self.cfg.bus.block_ms):
@@ -381,9 +384,20 @@ def _progress(cfg: Config) -> Any:
 
 async def run_training(cfg: Config) -> RunSummary:
     """Start everything, train, and stop everything — also on error or Ctrl-C."""
-    orc = Orchestrator(cfg)
+    import signal
+
+    orc, loop, main = Orchestrator(cfg), asyncio.get_running_loop(), asyncio.current_task()
+
+    def interrupt() -> None:
+        # Cancelling the main task alone was seen to be lost mid-step (the run trained on after
+        # Ctrl-C); the flag makes the loop stop at its next check either way.
+        orc.interrupted = True
+        main.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
         await orc.start()
         return await orc.train()
     finally:
+        loop.remove_signal_handler(signal.SIGINT)
         await asyncio.shield(orc.stop())

@@ -35,7 +35,7 @@ def train(
         summary = asyncio.run(run_training(cfg))
     except (ConfigError, FileNotFoundError, KeyError) as err:
         _fail(str(err).strip('"'))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         typer.echo("codeworld: interrupted; everything the run started has been stopped.", err=True)
         raise typer.Exit(130)
     typer.echo(json.dumps(summary.model_dump(), indent=2))
