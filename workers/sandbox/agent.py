@@ -1,14 +1,27 @@
 """The in-sandbox agent. Standard library only: it runs on the sandbox's own python3 and is shipped
-as `python3 -c <this source> agent <config json>`, so no file has to be placed in the sandbox.
+as `python3 -I -c <this source> agent <config json>` with `/` as its working directory, so no file
+has to be placed in the sandbox and nothing a program leaves in a writable directory (a `ctypes/`
+package, a user site directory, a `.pth`) can ever be imported by it: isolated mode ignores the
+environment, the user site and the working directory, and every module is imported at start.
 
-Two processes, both under the workload's uid:
-* the agent speaks length-prefixed frames with the host on its stdin/stdout, writes files, pumps the
-  program's stdin/stdout/stderr with byte caps, enforces the deadline, kills every leftover process
-  and wipes the writable directories between tasks;
+Two processes, the agent and the zygote. Where the backend can give them a uid of their own (Docker,
+and the local backend as root: `program_uid` in the config), they run as root with only the
+capabilities SETUID, SETGID and KILL, and every program runs as `program_uid` with none: a program
+can then neither signal, stop, renice, `prlimit` nor ptrace them, and a cleanup kills every process
+of that uid in the sandbox's pid namespace, whatever its state (a thread-group leader that ended with
+the raw `exit` syscall while another thread runs is a zombie leading a live thread, and is killed
+too). Without one (an unprivileged user's bubblewrap or rlimit backend) they share the programs'
+uid, and the agent checks after each task that the launcher was left alone.
+* the agent speaks length-prefixed frames with the host on its stdin/stdout, writes files (as the
+  programs' uid, through its file-system uid), pumps the program's stdin/stdout/stderr with byte caps,
+  enforces the deadline, kills every leftover process and wipes the writable directories between
+  tasks;
 * the zygote is a fresh interpreter that never sees task data (so a forked program cannot find the
   last task's bytes in its inherited memory); it keeps one forked spare waiting, which takes the
-  next run's pipes and becomes the program (the Python fast path runs it inside that fork,
-  everything else execs), and it reports each program's exit status.
+  next run's pipes, drops to the programs' uid and becomes the program (the Python fast path runs it
+  inside that fork, everything else execs), and it reports each program's exit status.
+A launcher that died, stopped or was tampered with, or a cleanup that failed, makes the sandbox
+refuse every later request, so that the host replaces it: nothing is ever restarted in place.
 
 Frames: 4-byte big-endian header length, JSON header, then the raw blobs whose lengths the header
 lists under "blobs". An exec request's last blob (stdin) is streamed, not buffered.
@@ -31,6 +44,7 @@ PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 CHUNK = 1 << 16
 LIBC = ctypes.CDLL(None, use_errno=True)
+tarfile = None  # imported by main() in the agent only: the zygote forks faster without it
 
 
 def read_exact(fd, n):
@@ -87,7 +101,6 @@ def unpack(tar_bytes, root):
     """Writes a host-made tar of regular files below root; refuses anything that could escape."""
     if not tar_bytes:
         return
-    import tarfile  # here, not at the top: the zygote (same source) must stay small to fork fast
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
@@ -98,19 +111,28 @@ def unpack(tar_bytes, root):
                 data = tar.extractfile(member).read()
                 dir_fd = open_dir(root_fd, parts[:-1], create=True)
                 try:
-                    mode = 0o755 if data.startswith(b"#!") else 0o644
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                    fd = os.open(parts[-1], flags, mode, dir_fd=dir_fd)
-                    try:
-                        write_all(fd, data)
-                    finally:
-                        os.close(fd)
+                    write_regular(dir_fd, parts[-1], data)
                 finally:
                     os.close(dir_fd)
     except tarfile.TarError as exc:
         raise ValueError("the files sent are not a valid tar stream: %s" % exc)
     finally:
         os.close(root_fd)
+
+
+def write_regular(dir_fd, name, data):
+    """Writes a file below dir_fd. Non-blocking open: a FIFO a program left at that name must not
+    hang the agent (it fails with ENXIO, or is refused as not a regular file)."""
+    mode = 0o755 if data.startswith(b"#!") else 0o644
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(name, flags, mode, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("%r exists in the sandbox and is not a regular file" % name)
+        os.set_blocking(fd, True)
+        write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 def read_regular(root_fd, name, budget):
@@ -138,7 +160,6 @@ def read_regular(root_fd, name, budget):
 
 
 def pack(root, names, budget):
-    import tarfile
     buf = io.BytesIO()
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -157,10 +178,9 @@ def pack(root, names, budget):
 
 
 # --------------------------------------------------------------------------------------- cleanup
-def our_processes():
-    """(pid, session id, state) of every process of our real uid; the real uid from `status`,
-    because a non-dumpable process's /proc entry is owned by root whatever its uid."""
-    uid = str(os.getuid()).encode()
+def process_table():
+    """(pid, real uid, session id, state) of every process visible here; the real uid from
+    `status`, because a non-dumpable process's /proc entry is owned by root whatever its uid."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -173,45 +193,87 @@ def our_processes():
                     fields[key] = value.split()
         except OSError:
             continue
-        if fields.get(b"Uid", [b""])[0] == uid and b"NSsid" in fields:
-            found.append((int(name), int(fields[b"NSsid"][-1]), fields[b"State"][0]))
+        if b"Uid" in fields and b"NSsid" in fields and b"State" in fields:
+            found.append((int(name), int(fields[b"Uid"][0]), int(fields[b"NSsid"][-1]), fields[b"State"][0]))
     return found
 
 
-def kill_all(spared, sessions=None):
-    """SIGKILLs every other process of our uid until none is left; False if a fork bomb outran us.
-    `spared(pid, session)` says which to keep; with `sessions` (no pid namespace and a shared uid)
-    only processes in the programs' own sessions are candidates."""
+def has_live_thread(pid, state):
+    """Whether a process still runs code. The leader's state is not enough: a leader that ended with
+    the raw `exit` syscall while another thread runs is a zombie leading a live thread group."""
+    if state not in (b"Z", b"X"):
+        return True
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return False
+    return any(process_state("%d/task/%s" % (pid, tid)) not in (b"Z", b"X") for tid in tids)
+
+
+def kill_until_gone(victims, reap):
+    """SIGKILLs every pid `victims()` lists until it lists none; False if a fork bomb outran us.
+    SIGKILL to a thread group's leader ends the whole group, a zombie leader's included."""
     for _ in range(2000):
-        victims = [pid for pid, sid, state in our_processes()
-                   if state not in (b"Z", b"X") and not spared(pid, sid)
-                   and (sessions is None or sid in sessions)]
-        if not victims:
+        pids = victims()
+        if not pids:
             return True
-        for pid in victims:
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
+        reap()
         time.sleep(0.0005)
     return False
 
 
-def remove_ipc():
-    """Removes System V IPC objects of our uid: they outlive processes and could carry data over."""
-    uid = os.getuid()
-    tables = (("shm", 7, lambda i: LIBC.shmctl(i, 0, None)),
-              ("msg", 7, lambda i: LIBC.msgctl(i, 0, None)),
-              ("sem", 4, lambda i: LIBC.semctl(i, 0, 0, 0)))
-    for table, uid_col, remove in tables:
+# (table, column of the owner uid, column of the creator uid) in /proc/sysvipc
+_IPC_TABLES = (("shm", 7, 9), ("msg", 7, 9), ("sem", 4, 6))
+
+
+def ipc_objects(uid):
+    """System V IPC objects owned or created by `uid`: they outlive processes and could carry data
+    from one task to the next. The creator counts too: an owner may hand an object to another uid."""
+    found = []
+    for table, uid_col, cuid_col in _IPC_TABLES:
         try:
             with open("/proc/sysvipc/" + table) as f:
                 rows = [line.split() for line in f.readlines()[1:]]
         except OSError:
             continue
-        for row in rows:
-            if len(row) > uid_col and int(row[uid_col]) == uid:
-                remove(int(row[1]))
+        found += [(table, int(row[1])) for row in rows
+                  if len(row) > cuid_col and uid in (int(row[uid_col]), int(row[cuid_col]))]
+    return found
+
+
+def remove_ipc(objects):
+    removers = {"shm": lambda i: LIBC.shmctl(i, 0, None), "msg": lambda i: LIBC.msgctl(i, 0, None),
+                "sem": lambda i: LIBC.semctl(i, 0, 0, 0)}  # 0 = IPC_RMID
+    for table, ident in objects:
+        removers[table](ident)
+
+
+def drop_to(uid):
+    """Become `uid` (and its gid) for good: real, effective and saved ids, no supplementary groups.
+    From root this clears the permitted, effective and ambient capabilities; the inheritable ones
+    are cleared too, so that nothing of the launcher's is left to any program it execs."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    if LIBC.capset(header, bytes(24)) != 0:
+        raise OSError(ctypes.get_errno(), "could not clear the capability sets")
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid):
+        raise OSError(errno.EPERM, "could not drop to uid %d" % uid)
+
+
+def read_limits(pid):
+    """The text of /proc/PID/limits (every resource limit of the process), or None if unreadable."""
+    try:
+        with open("/proc/%s/limits" % pid, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def wipe_dir(root):
@@ -243,6 +305,7 @@ class Zygote:
         self.wake_r, self.wake_w = os.pipe()
         self.taken_r, self.taken_w = os.pipe()
         os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.taken_r, False)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.spare, self.running = None, set()
@@ -252,14 +315,22 @@ class Zygote:
         while True:
             ready, _, _ = select.select([self.taken_r, self.wake_r], [], [])
             if self.taken_r in ready:  # before reaping: a taken spare may already have exited
-                for (pid,) in struct.iter_unpack(">I", os.read(self.taken_r, 4096)):
-                    self.running.add(pid)
-                    self.spare = None if pid == self.spare else self.spare
-                if self.spare is None:
-                    self.fork_spare()
+                self.note_taken()
             if self.wake_r in ready:
                 os.read(self.wake_r, 4096)
                 self.reap()
+            if self.spare is None:
+                self.fork_spare()
+
+    def note_taken(self):
+        """Reads which spares took a run (each wrote its pid before it became the program)."""
+        try:
+            data = os.read(self.taken_r, 4096)
+        except BlockingIOError:
+            return
+        for (pid,) in struct.iter_unpack(">I", data):
+            self.running.add(pid)
+            self.spare = None if pid == self.spare else self.spare
 
     def fork_spare(self):
         pid = os.fork()
@@ -279,13 +350,17 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            if pid == self.spare:
+                # Reaped before its "taken" note was read: it may have run a whole (short) program
+                # since the last look, so look again before taking it for an idle spare.
+                self.note_taken()
             if pid in self.running:
                 self.running.discard(pid)
                 self.sock.send(b"E %d %d %.6f" % (pid, status, usage.ru_utime + usage.ru_stime))
             elif pid == self.spare:
                 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == SPARE_SAW_NO_AGENT:
                     os._exit(0)
-                self.fork_spare()  # killed while waiting (by a program or a cleanup): replace it
+                self.spare = None  # killed while waiting: serve() forks another
 
 
 SPARE_SAW_NO_AGENT = 3
@@ -324,12 +399,15 @@ def child_main(fds):
         for target, fd in ((0, in_r), (1, out_w), (2, err_w)):
             os.dup2(fd, target)
         os.closerange(3, 1 << 16)
-        LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
         import resource
         for name, value in params["rlimits"].items():
             resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, value))
+        if params["uid"] is not None:
+            drop_to(params["uid"])  # raises rather than run a program with the launcher's powers
+        # Dumpable again, so that the program owns its /proc entries (the zygote's were root's).
+        LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
         os.chdir(params["cwd"])
         if params.get("fast"):
             run_python(params["fast"], params["env"])
@@ -424,31 +502,42 @@ def finish_python(exit_code, atexit):
 
 
 # ----------------------------------------------------------------------------------------- agent
+class LauncherGone(Exception):
+    """The zygote is dead, so no program can start here (the run never began)."""
+
+
 class Agent:
     def __init__(self, config):
         self.config = config
         self.work = config["work"]
-        # Roots the host listed that this sandbox lacks (no /dev/mqueue, say) are skipped.
-        self.wipe_roots = [r for r in config["wipe"] if os.path.isdir(r) and os.access(r, os.W_OK)]
+        self.program_uid = config.get("program_uid")
+        if self.program_uid is not None:
+            # File work happens as the programs' uid: what we write is theirs to change, and what
+            # they leave (in directories they may have locked) is ours to delete.
+            LIBC.setfsgid(self.program_uid)
+            LIBC.setfsuid(self.program_uid)
+            if LIBC.setfsuid(self.program_uid) != self.program_uid:
+                raise OSError(errno.EPERM, "could not take the programs' file-system uid")
+        # Roots the host listed that this sandbox lacks (no /dev/mqueue, say) are skipped. The
+        # effective ids carry the file-system uid (a plain access() checks as the real uid).
+        self.wipe_roots = [r for r in config["wipe"]
+                           if os.path.isdir(r) and os.access(r, os.W_OK, effective_ids=True)]
         self.oom_file = next((p for p in config.get("oom_files", []) if os.path.exists(p)), None)
         self.python = os.path.realpath(sys.executable)
         self.agent_pid, self.launcher_session = os.getpid(), os.getsid(0)
-        self.zsock = None
-        # Without a pid namespace or a uid of its own, only the programs' sessions may be killed.
+        self.limits_at_start = read_limits("self")
+        self.nice = os.getpriority(os.PRIO_PROCESS, 0)
+        # Sharing the programs' uid without a pid namespace: only the programs' sessions may be killed.
         self.sessions = set() if config.get("kill_scope") == "session" else None
+        self.dirty = False
         self.start_zygote()
 
     def start_zygote(self):
-        """A fresh exec, never a fork of the agent: the zygote must hold no task's bytes."""
-        if self.zsock is not None:  # the old zygote is dead, stopped or tampered with: end it
-            try:  # its spare exits by itself when it sees the old socket close
-                os.kill(self.zygote, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.zsock.close()
-            os.close(self.zygote_fd)
+        """A fresh exec, never a fork of the agent: the zygote must hold no task's bytes. Started
+        once: a zygote that dies makes the sandbox dirty, and the host replaces the sandbox."""
         zsock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = list(sys.orig_argv[:3]) + ["zygote", str(child_sock.fileno())]
+        argv = [sys.executable, "-I", "-c", sys.orig_argv[sys.orig_argv.index("-c") + 1],
+                "zygote", str(child_sock.fileno())]
         os.set_inheritable(child_sock.fileno(), True)
         self.zygote = os.posix_spawn(sys.executable, argv, dict(os.environ))
         child_sock.close()
@@ -456,6 +545,11 @@ class Agent:
         self.zygote_fd = os.pidfd_open(self.zygote)
         self.zygote_dead = False
         self.taken, self.exits = set(), {}
+
+    def zygote_gone(self):
+        if not self.zygote_dead and select.select([self.zygote_fd], [], [], 0)[0]:
+            self.zygote_dead = True
+        return self.zygote_dead
 
     def on_zygote(self, msg):
         """Handles one message from the zygote side: "P pid" (a spare took a run) or
@@ -473,17 +567,42 @@ class Agent:
         return (kind, pid)
 
     def spared(self, pid, session):
-        """Kept by a cleanup: the agent, the zygote, and its spares, which are the processes of
-        the launcher's session that took no run (a program starts with setsid() and can never
-        join that session again)."""
+        """Kept by a cleanup that shares the programs' uid: the agent, the zygote, and its spares,
+        which are the processes of the launcher's session that took no run (a program starts with
+        setsid() and can never join that session again)."""
         if pid in (self.agent_pid, self.zygote):
             return True
         while not self.zygote_dead and select.select([self.zsock], [], [], 0)[0]:
             self.on_zygote(self.zsock.recv(64))
         return session == self.launcher_session and pid not in self.taken
 
+    def programs(self, live_only=True):
+        """Every process of the programs (only those that still run code, with `live_only`)."""
+        table = process_table()
+        if self.program_uid is not None:
+            found = [(pid, state) for pid, uid, _, state in table if uid == self.program_uid]
+        else:
+            mine = os.getuid()
+            found = [(pid, state) for pid, uid, sid, state in table
+                     if uid == mine and (self.sessions is None or sid in self.sessions)
+                     and not self.spared(pid, sid)]
+        return [pid for pid, state in found if not live_only or has_live_thread(pid, state)]
+
+    def kill_programs(self, reap_within_s=2.0):
+        """Kills every process of the programs, then waits until they are reaped: a zombie still
+        counts against the next task's process limit. False if any outlives that."""
+        if not kill_until_gone(self.programs, self.reap_orphans):
+            return False
+        end = time.monotonic() + reap_within_s
+        while self.programs(live_only=False):
+            if time.monotonic() > end:
+                return False
+            self.reap_orphans()
+            time.sleep(0.001)
+        return True
+
     def reap_orphans(self):
-        """When the agent is PID 1 (local backend), orphans of a dead zygote land here."""
+        """When the agent is PID 1 (local backend), orphans of the zygote's tree land here."""
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -495,26 +614,30 @@ class Agent:
     def serve(self):
         send_frame(1, {"ok": True, "ready": True, "pid": os.getpid(), "uid": os.getuid(),
                        "python": sys.version.split()[0]})
-        dirty = False
         while True:
             try:
                 raw = read_exact(0, struct.unpack(">I", read_exact(0, 4))[0])
             except EOFError:
                 os._exit(0)
             header = json.loads(raw)
-            if dirty:  # the last cleanup failed: refuse, so the host replaces this sandbox
+            if self.dirty or self.zygote_gone():  # refuse, so that the host replaces this sandbox
                 discard(sum(header["blobs"]))
-                send_frame(1, {"ok": False, "dirty": True, "error": "the sandbox could not be cleaned"})
+                send_frame(1, {"ok": False, "dirty": True,
+                               "error": "the sandbox could not be cleaned or its launcher failed"})
                 continue
             after = None
             try:
                 reply, blobs, after = getattr(self, "op_" + header["op"])(header)
             except (OSError, ValueError) as exc:
                 reply, blobs = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}, ()
+            except LauncherGone as exc:
+                self.dirty = True
+                reply, blobs = {"ok": False, "dirty": True, "error": str(exc)}, ()
             send_frame(1, reply, blobs)
             # The end-of-task cleanup runs after the reply, while the host turns around; the next
             # request is read only when it is done.
-            dirty = after is not None and not after()
+            if after is not None and not after():
+                self.dirty = True
 
     def read_blobs(self, header, streamed=0):
         sizes = header["blobs"]
@@ -537,12 +660,12 @@ class Agent:
         return {"ok": True, "clean": self.reset()}, (), None
 
     def reset(self):
-        """Kills every process of the last task and empties every writable directory."""
-        clean = kill_all(self.spared, self.sessions)
+        """Kills every process of the last task and empties every writable directory; False (the
+        sandbox is then dirty) if anything survived or the launcher was touched."""
+        clean = self.kill_programs()
         if self.sessions is not None:
             self.sessions.clear()
-        self.reap_orphans()
-        remove_ipc()
+        clean = self.clear_ipc() and clean
         clean = clean and self.launcher_untouched()
         for root in self.wipe_roots:
             try:
@@ -552,18 +675,42 @@ class Agent:
             clean = clean and not os.listdir(root)
         return clean
 
+    def clear_ipc(self):
+        """Removes the programs' System V IPC objects; with a uid of their own, from a short-lived
+        fork that becomes that uid (no program runs any more, so none can meddle with it)."""
+        uid = os.getuid() if self.program_uid is None else self.program_uid
+        objects = ipc_objects(uid)
+        if not objects:
+            return True
+        if self.program_uid is None:
+            remove_ipc(objects)
+        else:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    drop_to(uid)
+                    remove_ipc(objects)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+        return not ipc_objects(uid)
+
     def launcher_untouched(self):
-        """A program shares the launcher's uid: it may have stopped or reniced the zygote or its
-        spare, which would slow every later task. Either one found so makes the sandbox dirty."""
-        for pid, sid, _ in our_processes():
+        """Whether the zygote lives and it, its spare and the agent keep the nice value and the
+        limits they started with, unstopped. A program sharing their uid could change any of these
+        (a zygote capped at one open file fails every later run); one with a uid of its own cannot,
+        and then this only guards against the unexpected."""
+        if self.zygote_gone() or os.getpriority(os.PRIO_PROCESS, 0) != self.nice:
+            return False
+        if read_limits("self") != self.limits_at_start:
+            return False
+        for pid, _, sid, _ in process_table():
             if sid != self.launcher_session or pid == self.agent_pid:
                 continue
-            try:
-                with open("/proc/%d/stat" % pid, "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
+            limits, state = read_limits(pid), process_state(str(pid))
+            if limits is None:
                 continue  # a spare that just exited: the zygote makes another
-            if fields[0] in (b"T", b"t") or int(fields[16]) != os.getpriority(os.PRIO_PROCESS, 0):
+            if state in (b"T", b"t") or limits != self.limits_at_start or process_nice(pid) != self.nice:
                 return False
         return True
 
@@ -575,16 +722,26 @@ class Agent:
             cwd = os.path.join(self.work, header["cwd"])
             if not os.path.isdir(cwd):
                 raise ValueError("workdir %r does not exist in the sandbox" % header["cwd"])
-        except (OSError, ValueError):
+            if self.zygote_gone():
+                raise LauncherGone("the sandbox's process launcher died")
+        except (OSError, ValueError, LauncherGone):
             discard(stdin_len)
             raise
         run = Run(self, header, cwd, stdin_len)
-        reply, blobs = run.execute()
-        if self.zygote_dead:
-            kill_all(self.spared, self.sessions)
-            self.reap_orphans()
-            self.start_zygote()
-        reply["clean"] = run.clean
+        try:
+            reply, blobs = run.execute()
+        except OSError as exc:
+            # The agent's own resources failed mid-run: the program's doing where it shares our
+            # uid (it capped our open files, say), the sandbox's otherwise. Replaced either way.
+            self.dirty = True
+            reply, blobs = run.aborted("%s: %s" % (type(exc).__name__, exc))
+        # Sharing our uid, a program may have capped, stopped or reniced the launcher: that is
+        # looked for after every run (sessions too), not only at the end of a task.
+        tampered = self.program_uid is None and not self.launcher_untouched()
+        if self.zygote_dead or not run.clean or tampered:
+            self.dirty = True
+        reply["clean"] = not self.dirty  # the host replaces a dirty sandbox at once
+        reply["tampered"] = tampered or reply["outcome"] == "launcher_killed"
         return reply, blobs, (self.reset if header["wipe"] else None)
 
     def fast_spec(self, argv, env):
@@ -657,7 +814,7 @@ class Run:
         argv = self.header["argv"]
         fast = self.agent.fast_spec(argv, env) if self.header["fast"] else None
         params = json.dumps({"argv": argv, "env": env, "cwd": self.cwd, "fast": fast,
-                             "rlimits": self.header["rlimits"]}).encode()
+                             "rlimits": self.header["rlimits"], "uid": self.agent.program_uid}).encode()
         socket.send_fds(self.agent.zsock, [b"F"], [in_r, out_w, err_w, par_r])
         for fd in (in_r, out_w, err_w, par_r):
             os.close(fd)
@@ -666,7 +823,7 @@ class Run:
             ready, _, _ = select.select(self.launcher_fds(), [], [])
             self.on_launcher(ready)
             if self.agent.zygote_dead:
-                raise OSError("the sandbox's process launcher died")
+                raise LauncherGone("the sandbox's process launcher died before the program started")
         if self.agent.sessions is not None:
             self.agent.sessions.add(self.pid)
         # Exit news of our own: if the program stops the zygote, its exit report never comes.
@@ -685,11 +842,28 @@ class Run:
         discard(self.stdin_left)
         oom = read_oom_kills(oom_file) > ooms
         exit_code = decode_status(self.status) if self.status is not None else None
-        if self.outcome is None:
-            self.outcome = "oom" if oom and exit_code != 0 else "exited"
+        if self.outcome in (None, "launcher_died") and oom and exit_code != 0:
+            self.outcome = "oom"  # the kernel's OOM killer may have taken the launcher too
+        elif self.outcome is None:
+            self.outcome = "exited"
         reply = {"ok": True, "outcome": self.outcome, "exit_code": exit_code, "wall_s": wall,
                  "cpu_s": self.cpu, "stdout_truncated": self.out_truncated,
                  "stderr_truncated": self.err_truncated}
+        return reply, (bytes(self.out), bytes(self.err))
+
+    def aborted(self, why):
+        """The reply for a run the agent could not see through; whatever it started is killed."""
+        try:
+            discard(self.stdin_left)  # the rest of stdin is still on the channel
+            self.stdin_left = 0
+            self.clean = self.agent.kill_programs()
+        except OSError:
+            self.clean = False
+        outcome = "launcher_killed" if self.agent.program_uid is None else "launcher_died"
+        start = getattr(self, "start", time.monotonic())
+        reply = {"ok": True, "outcome": outcome, "exit_code": None, "wall_s": time.monotonic() - start,
+                 "cpu_s": 0.0, "stdout_truncated": self.out_truncated, "stderr_truncated": self.err_truncated,
+                 "detail": why}
         return reply, (bytes(self.out), bytes(self.err))
 
     def pump(self, deadline):
@@ -714,8 +888,8 @@ class Run:
         return fds + ([self.pid_fd] if getattr(self, "pid_fd", None) is not None else [])
 
     def on_launcher(self, ready):
-        """News from the zygote side: our program's pid, its exit, or the zygote's death (only
-        the program can have killed it: same uid, and nothing else runs here)."""
+        """News from the zygote side: our program's pid, its exit, or the zygote's death (the
+        program's doing when it shares the zygote's uid; otherwise a fault of the sandbox)."""
         if not self.agent.zygote_dead and self.agent.zsock in ready:
             kind, pid = self.agent.on_zygote(self.agent.zsock.recv(64))
             if kind == "P" and self.pid is None:
@@ -729,11 +903,11 @@ class Run:
             self.pid_fd, self.exited_at = None, time.monotonic()
         if self.exited_at is not None and self.status is None and not self.agent.zygote_dead:
             # The program is gone but its exit report is not: if the zygote is stopped, the
-            # program stopped it (same uid). It is replaced after this run.
-            if process_state(self.agent.zygote) in (b"T", b"t"):
+            # program stopped it (same uid). The sandbox is replaced after this run.
+            if process_state(str(self.agent.zygote)) in (b"T", b"t"):
                 self.agent.zygote_dead = True
         if self.agent.zygote_dead and self.status is None:
-            self.outcome = "launcher_killed"
+            self.outcome = "launcher_killed" if self.agent.program_uid is None else "launcher_died"
 
     def on_ready(self, ready_r, ready_w, open_reads):
         self.on_launcher(ready_r)
@@ -779,7 +953,7 @@ class Run:
 
     def finish(self, open_reads):
         """The program ended or must end: kill everything it started, then drain what it wrote."""
-        self.clean = kill_all(self.agent.spared, self.agent.sessions)
+        self.clean = self.agent.kill_programs()
         self.on_launcher([])  # the exit report may have been read during the cleanup
         end = time.monotonic() + 2.0
         while (open_reads or self.status is None) and time.monotonic() < end:
@@ -796,12 +970,24 @@ class Run:
         self.in_w = self.pid_fd = None
 
 
-def process_state(pid):
+def stat_fields(path):
+    """The fields of /proc/PATH/stat after the command name (state first), or None if gone."""
     try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return b"X"
+        with open("/proc/%s/stat" % path, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_state(path):
+    """The state letter of /proc/PATH (a pid, or "pid/task/tid"); b"X" when it is gone."""
+    fields = stat_fields(path)
+    return fields[0] if fields else b"X"
+
+
+def process_nice(pid):
+    fields = stat_fields(str(pid))
+    return int(fields[16]) if fields else None
 
 
 def decode_status(status):
@@ -809,11 +995,14 @@ def decode_status(status):
 
 
 def main():
+    global tarfile
     role = sys.argv[1]
     if role == "zygote":
         zygote_main(int(sys.argv[2]))
+    import tarfile  # the agent's only import beyond the zygote's, made before any task arrives
     # Non-dumpable: a program running under the same uid cannot ptrace the agent or read its memory.
     LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    os.chdir("/")
     Agent(json.loads(sys.argv[2])).serve()
 
 

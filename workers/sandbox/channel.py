@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 AGENT_SOURCE = (Path(__file__).with_name("agent.py")).read_text()
-"""Shipped as `python3 -c AGENT_SOURCE agent CONFIG`, so nothing has to be copied into a sandbox."""
+AGENT_ARGS = ["-I", "-c", AGENT_SOURCE, "agent"]
+"""The interpreter's arguments that start the agent (its JSON config follows): the source travels on
+the command line, so nothing has to be copied into a sandbox, and `-I` (isolated mode) keeps the
+working directory, the user site and PYTHON* variables out of its imports."""
 
 _HEADER = struct.Struct(">I")
 _MAX_HEADER = 1 << 20

@@ -25,4 +25,11 @@ class SandboxLimits(BaseModel):
     max_file_bytes: int = Field(default=64 << 20, ge=1)
     """Cap on the bytes get_files returns in one call."""
     workload_uid: int = Field(default=1000, ge=1)
-    """Docker backend: the uid programs run as (PID 1 of the container runs as 65534)."""
+    """Docker backend: the uid programs run as (the agent and its launcher run as root with three
+    capabilities; PID 1 of the container as 65534)."""
+    call_deadline_s: float = Field(default=30.0, gt=0, le=3600)
+    """Host deadline of a file transfer (plus its bytes at 20 MB/s) or a reset (twice this): an
+    agent that has not answered by then is hung or stopped, and its sandbox is destroyed."""
+    recycle_after: int = Field(default=256, ge=1)
+    """Tasks (one-shot runs or sessions) one sandbox serves before it is replaced by a fresh one:
+    whatever a task might leave behind that no cleanup knows of dies with it."""

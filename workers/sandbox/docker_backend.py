@@ -13,7 +13,7 @@ import docker.errors
 import requests.exceptions
 
 from workers.sandbox.box import Box, SandboxBroken
-from workers.sandbox.channel import AGENT_SOURCE, AgentChannel, ChannelClosed, TailBuffer
+from workers.sandbox.channel import AGENT_ARGS, AgentChannel, ChannelClosed, TailBuffer
 from workers.sandbox.config import SandboxLimits
 from workers.sandbox.models import Isolation
 from workers.sandbox.owner import Owner
@@ -21,9 +21,13 @@ from workers.sandbox.reaper import LABEL, owner_labels, reap_containers
 
 log = logging.getLogger(__name__)
 KEEPALIVE_UID = 65534
-# PID 1 reaps zombies and exits on SIGTERM (so a stopping daemon need not wait); it runs as a
-# uid the program cannot signal or ptrace.
-KEEPALIVE = """import os, signal
+# PID 1 reaps zombies and exits on SIGTERM (so a stopping daemon need not wait). It starts as root,
+# so that `docker exec` can give the agent the container's capabilities, and at once drops to a uid
+# the program cannot signal or ptrace, with no capabilities left.
+KEEPALIVE = f"""import os, signal
+os.setgroups([])
+os.setresgid({KEEPALIVE_UID}, {KEEPALIVE_UID}, {KEEPALIVE_UID})
+os.setresuid({KEEPALIVE_UID}, {KEEPALIVE_UID}, {KEEPALIVE_UID})
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
 while True:
@@ -35,6 +39,11 @@ while True:
         pass
 """
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+"""The programs' environment."""
+_AGENT_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+_LAUNCHER_CAPS = ["SETUID", "SETGID", "KILL"]
+"""All the agent and zygote (root in the container) may do beyond an ordinary user: become the
+programs' uid, and kill the programs. Programs keep none of them."""
 _OOM_FILES = ["/sys/fs/cgroup/memory/memory.oom_control", "/sys/fs/cgroup/memory.events"]
 
 
@@ -178,9 +187,9 @@ class DockerBackend:
     def _container_kwargs(self) -> dict:
         lim, uid = self.limits, self.limits.workload_uid
         return dict(
-            image=self.image, command=["python3", "-c", KEEPALIVE], detach=True,
-            user=f"{KEEPALIVE_UID}:{KEEPALIVE_UID}", network_mode="none", read_only=True,
-            cap_drop=["ALL"], security_opt=["no-new-privileges"], ipc_mode="private",
+            image=self.image, command=["python3", "-I", "-c", KEEPALIVE], detach=True,
+            user="0:0", network_mode="none", read_only=True,
+            cap_drop=["ALL"], cap_add=_LAUNCHER_CAPS, security_opt=["no-new-privileges"], ipc_mode="private",
             pids_limit=lim.pids, mem_limit=f"{self.memory_mb}m", memswap_limit=f"{self.memory_mb}m",
             nano_cpus=int(lim.cpus * 1e9), shm_size=f"{lim.shm_mb}m", hostname="sandbox",
             tmpfs={"/work": f"size={lim.work_mb}m,uid={uid},gid={uid},mode=0700,exec",
@@ -201,13 +210,12 @@ class DockerBackend:
         return DockerBox(channel, self.limits, self.client, container.id, self.memory_mb)
 
     async def _attach_agent(self, container_id: str) -> AgentChannel:
-        uid = self.limits.workload_uid
         config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm", "/dev/mqueue"], "env": _ENV,
-                  "oom_files": _OOM_FILES, "kill_scope": "uid"}
+                  "oom_files": _OOM_FILES, "program_uid": self.limits.workload_uid}
         api = self.client.api
         exec_id = (await asyncio.to_thread(
-            api.exec_create, container_id, ["python3", "-c", AGENT_SOURCE, "agent", json.dumps(config)],
-            stdin=True, stdout=True, stderr=True, user=f"{uid}:{uid}", workdir="/work", environment=_ENV))["Id"]
+            api.exec_create, container_id, ["python3", *AGENT_ARGS, json.dumps(config)],
+            stdin=True, stdout=True, stderr=True, user="0:0", workdir="/", environment=_AGENT_ENV))["Id"]
         sock = await asyncio.to_thread(api.exec_start, exec_id, socket=True)
         raw = sock._sock  # the upgraded connection; docker-py hands it over wrapped in a SocketIO
         raw.setblocking(False)

@@ -4,7 +4,9 @@ no bubblewrap, under rlimits only). Its `isolation` label says which."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -13,13 +15,16 @@ from pathlib import Path
 
 from workers.sandbox.box import Box, SandboxBroken
 from workers.sandbox.cgroup import SlotCgroup, remove_cgroup_dir, stale_cgroup_dirs
-from workers.sandbox.channel import AGENT_SOURCE, AgentChannel, TailBuffer
+from workers.sandbox.channel import AGENT_ARGS, AgentChannel, TailBuffer
 from workers.sandbox.config import SandboxLimits
 from workers.sandbox.models import ExecRequest, Isolation
 from workers.sandbox.owner import Owner
-from workers.sandbox.local_layout import BwrapLayout, unprivileged_uid
+from workers.sandbox.local_layout import BwrapLayout, launcher_privileges, unprivileged_uid
 
+log = logging.getLogger(__name__)
 CGROUP_PREFIX = "codeworld-sbx"
+_LAUNCHER_PROCESSES = 3
+"""The agent, the zygote and its waiting spare."""
 _SANDBOX_VENV = "/opt/codeworld/venv"
 
 
@@ -62,22 +67,30 @@ class LocalBox(Box):
             limits["AS"] = request.memory_mb << 20
         if os.geteuid() == 0:  # a dedicated uid, so NPROC counts this sandbox only
             limits["NPROC"] = self.limits.pids
+        elif self.isolation is Isolation.BWRAP_RLIMIT:
+            # Counted per user namespace (Linux >= 5.14), where the agent, the zygote and its
+            # spare share the programs' one uid.
+            limits["NPROC"] = self.limits.pids + _LAUNCHER_PROCESSES
         return limits
 
     async def is_alive(self) -> bool:
         return self.process.returncode is None
 
     async def destroy(self) -> None:
-        # An idle agent exits on EOF; a busy one is killed, which ends its pid namespace (bwrap)
-        # and leaves the rest to the cgroup's removal, which kills whatever is still inside.
+        # An idle agent exits on EOF; a busy or stopped one is killed with its sandbox: killing
+        # bwrap ends its pid namespace, and removing the cgroup kills whatever is still inside.
         self.channel.close()
         try:
             await asyncio.wait_for(self.process.wait(), 0.5)
         except asyncio.TimeoutError:
-            self.process.kill()
-            await self.process.wait()
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.remove)
+        try:  # returns once the agent's pipes close, i.e. once nothing of the sandbox is left
+            await asyncio.wait_for(self.process.wait(), 10)
+        except asyncio.TimeoutError:
+            log.warning("local sandbox (bwrap pid %d) did not end within 10 s of being killed", self.process.pid)
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
@@ -141,20 +154,22 @@ class LocalBackend:
             layout = BwrapLayout(self.python, self.limits, uid, _SANDBOX_VENV,
                                  oom_file=cgroup.oom_file if cgroup else None)
             isolation = Isolation.BWRAP_CGROUP if cgroup else Isolation.BWRAP_RLIMIT
-            return layout.argv() + ["-c", AGENT_SOURCE, "agent"], layout.agent_config(), isolation
+            return layout.argv() + AGENT_ARGS, layout.agent_config(), isolation
         assert scratch is not None
         work, tmp = scratch / "work", scratch / "tmp"
         for path in (work, tmp):
             path.mkdir()
             os.chown(path, uid, uid)
         os.chown(scratch, uid, uid)
-        drop = BwrapLayout.setpriv(uid) if os.geteuid() == 0 else []
         env = {"PATH": f"{Path(self.python).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": str(work),
                "TMPDIR": str(tmp), "LANG": "C.UTF-8"}
         config = {"work": str(work), "wipe": [str(work), str(tmp)], "env": env,
-                  "oom_files": [str(cgroup.oom_file)] if cgroup else [],
-                  "kill_scope": "uid" if os.geteuid() == 0 else "session"}
-        return drop + [self.python, "-c", AGENT_SOURCE, "agent"], config, Isolation.RLIMIT
+                  "oom_files": [str(cgroup.oom_file)] if cgroup else []}
+        if os.geteuid() == 0:  # the agent keeps only the launcher's capabilities; programs get `uid`
+            config["program_uid"] = uid
+            return launcher_privileges() + [self.python, *AGENT_ARGS], config, Isolation.RLIMIT
+        config["kill_scope"] = "session"  # no pid namespace and one shared uid: the user's other processes
+        return [self.python, *AGENT_ARGS], config, Isolation.RLIMIT
 
     async def _spawn(self, argv: list[str], cgroup: SlotCgroup | None) -> asyncio.subprocess.Process:
         join_fds = [os.open(p, os.O_WRONLY) for p in cgroup.procs_files()] if cgroup else []

@@ -1,9 +1,11 @@
 """The bubblewrap command line of a local sandbox.
 
-As root, an outer bwrap sets up the mounts and the net/ipc/uts namespaces, `setpriv` drops to a
-dedicated unprivileged uid with no capabilities, and an inner, unprivileged bwrap adds a user
-namespace (with further user namespaces disabled) and a pid namespace whose PID 1 is the agent
-(so the program cannot kill it). As an ordinary user, one unprivileged bwrap does all of it."""
+As root, one bwrap sets up the mounts and the net/ipc/uts/pid namespaces and starts the agent as
+PID 1 of its pid namespace, root with only the capabilities SETUID, SETGID and KILL; programs run as
+a dedicated unprivileged uid with none (see agent.py), so they can never signal or limit the agent
+or its launcher. As an ordinary user, one unprivileged bwrap adds a user namespace (further user
+namespaces disabled) in which the agent and the programs share the one uid that namespace maps;
+RLIMIT_NPROC, counted per user namespace, is then the pids cap."""
 
 from __future__ import annotations
 
@@ -15,11 +17,20 @@ from pathlib import Path
 from workers.sandbox.config import SandboxLimits
 
 _UID_BASE = 1_000_000_000
+LAUNCHER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL")
+"""What the agent and its launcher keep as root: becoming the programs' uid and killing them."""
 
 
 def unprivileged_uid(owner_pid: int, index: int) -> int:
     """A uid no account uses, distinct per owner process and sandbox (RLIMIT_NPROC counts per uid)."""
     return _UID_BASE + (owner_pid % 1_000_000) * 1000 + index % 1000
+
+
+def launcher_privileges() -> list[str]:
+    """setpriv arguments that leave a root process only the launcher's capabilities (the local
+    backend without bubblewrap, where the agent runs on the host itself)."""
+    keep = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in LAUNCHER_CAPS)
+    return ["setpriv", f"--bounding-set=-all,{keep}", "--inh-caps=-all", "--no-new-privs"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -54,11 +65,6 @@ class BwrapLayout:
         self.bindir = bindir
         self.oom_file = oom_file
 
-    @staticmethod
-    def setpriv(uid: int) -> list[str]:
-        return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-                "--bounding-set=-all", "--inh-caps=-all"]
-
     def _system_mounts(self) -> list[str]:
         args = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
         for name in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
@@ -84,19 +90,22 @@ class BwrapLayout:
 
     def argv(self) -> list[str]:
         """The command that starts the agent's interpreter (its own arguments follow)."""
-        outer = ["bwrap", "--die-with-parent", "--new-session", "--unshare-net", "--unshare-ipc",
-                 "--unshare-uts", *self._system_mounts(), *self._scratch_mounts()]
-        inner = ["--unshare-user", "--disable-userns", "--unshare-pid", "--as-pid-1", "--die-with-parent"]
+        common = ["bwrap", "--die-with-parent", "--new-session", "--unshare-net", "--unshare-ipc",
+                  "--unshare-uts", "--unshare-pid", *self._system_mounts(), *self._scratch_mounts(),
+                  "--proc", "/proc", "--chdir", "/"]
         if os.geteuid() == 0:
-            # The outer pid namespace ties everything to the outer bwrap: when it dies with its
-            # owner, the kernel kills the whole namespace (uid changes clear parent-death signals).
-            return [*outer, "--unshare-pid", "--bind", "/proc", "/proc", *self.setpriv(self.uid), "bwrap", *inner,
-                    "--dev-bind", "/", "/", "--proc", "/proc", "--chdir", "/work", "--", self.python]
-        return [*outer, *inner, "--proc", "/proc", "--chdir", "/work", "--", self.python]
+            # bwrap's own init is PID 1: the agent's change of file-system uid clears its
+            # parent-death signal, but the init keeps it, and the whole namespace dies with it.
+            caps = [arg for cap in LAUNCHER_CAPS for arg in ("--cap-add", cap)]
+            return [*common, "--cap-drop", "ALL", *caps, "--", self.python]
+        # One shared uid: the agent itself is PID 1, which no program in the namespace can kill.
+        return [*common, "--unshare-user", "--disable-userns", "--as-pid-1", "--", self.python]
 
     def agent_config(self) -> dict:
         env = {"PATH": f"{self.bindir}:/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp",
                "LANG": "C.UTF-8"}
         oom = [f"/run/codeworld/cgroup/{self.oom_file.name}"] if self.oom_file is not None else []
-        return {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm"], "env": env, "oom_files": oom,
-                "kill_scope": "uid"}
+        config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm"], "env": env, "oom_files": oom}
+        if os.geteuid() == 0:
+            config["program_uid"] = self.uid
+        return config

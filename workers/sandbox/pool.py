@@ -20,6 +20,7 @@ _CREATE_AT_ONCE = 4
 
 _KILLED_AGENT = ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9,
                            error="the program killed the sandbox agent; the sandbox was replaced")
+_BROKEN_BY_PROGRAM = "a program of this session broke its sandbox (killed or stopped its agent or launcher)"
 
 
 async def program_killed_agent(box: Box) -> bool:
@@ -37,7 +38,12 @@ class SandboxUnavailable(RuntimeError):
 
 
 class SandboxError(RuntimeError):
-    """A session's sandbox failed; its state is lost."""
+    """A session's sandbox failed; its state is lost. `by_program` is True when a program of the
+    session broke it (killed its agent or launcher): the task's fault, not the infrastructure's."""
+
+    def __init__(self, message: str, by_program: bool = False) -> None:
+        super().__init__(message)
+        self.by_program = by_program
 
 
 class Backend(Protocol):
@@ -158,8 +164,10 @@ class SandboxPool:
             except BaseException:
                 self._discard(box)
                 raise
+            box.tasks += 1
             self._release(box)
             self._counts["runs"] += 1
+            self._counts["sandbox_errors"] += result.status is Status.SANDBOX_ERROR
             return result
         raise AssertionError("unreachable: the loop returns on its second attempt")
 
@@ -174,14 +182,19 @@ class SandboxPool:
             await self._end_session(box)
 
     async def _end_session(self, box: Box) -> None:
+        """Resets the session's sandbox for the next task, or replaces it; a cancellation in the
+        middle still gives the sandbox back (to be replaced), so the pool never shrinks."""
+        box.tasks += 1
+        clean = False
         try:
-            clean = not box.dirty and await box.reset()
+            clean = not box.dirty and not box.broken_by_program and await box.reset()
         except SandboxBroken:
             clean = False
-        if clean:
-            self._release(box)
-        else:
-            self._discard(box)
+        finally:
+            if clean:
+                self._release(box)
+            else:
+                self._discard(box)
 
     def _sandbox_error(self, why: str) -> ExecResult:
         self._counts["sandbox_errors"] += 1
@@ -247,7 +260,7 @@ class SandboxPool:
         self._idle.append(box)
 
     def _release(self, box: Box) -> None:
-        if box.dirty or box.channel.closed or self._closed:
+        if box.dirty or box.channel.closed or self._closed or box.worn_out:
             self._discard(box)
         else:
             self._make_idle(box)
@@ -300,11 +313,15 @@ class Session:
         return self._box.isolation
 
     async def exec(self, request: ExecRequest) -> ExecResult:
+        if self._box.broken_by_program:
+            return ExecResult(status=Status.RUNTIME_ERROR, isolation=self._box.isolation,
+                              error=f"{_BROKEN_BY_PROGRAM}; nothing more can run in this session")
         self._check()
         try:
             return await self._box.exec(request, wipe=False)
         except SandboxBroken as exc:
             if exc.started and await program_killed_agent(self._box):
+                self._box.broken_by_program = True
                 return _KILLED_AGENT.model_copy(update={"isolation": self._box.isolation})
             return ExecResult(status=Status.SANDBOX_ERROR, error=f"the session's sandbox was lost: {exc}")
 
@@ -325,5 +342,7 @@ class Session:
             raise SandboxError(f"the session's sandbox was lost: {exc}") from exc
 
     def _check(self) -> None:
+        if self._box.broken_by_program:
+            raise SandboxError(_BROKEN_BY_PROGRAM, by_program=True)
         if self._box.channel.closed:
             raise SandboxError("the session's sandbox is gone (its agent or container died).")

@@ -29,17 +29,21 @@ for name in os.listdir("/proc"):
     try:
         with open("/proc/%s/status" % name) as f:
             fields = dict(l.split(":", 1) for l in f if ":" in l)
+        # A zombie leader may lead live threads: a process is alive while any thread is.
+        states = [open("/proc/%s/task/%s/stat" % (name, t)).read().rsplit(")", 1)[1].split()[0]
+                  for t in os.listdir("/proc/%s/task" % name)]
     except OSError:
         continue
-    if int(fields["Uid"].split()[0]) == os.getuid() and fields["State"].split()[0] not in "ZX":
+    if int(fields["Uid"].split()[0]) == os.getuid() and any(s not in "ZX" for s in states):
         procs.append(fields["Name"].strip())
 files = {d: sorted(os.listdir(d)) for d in ("/work", "/tmp", "/dev/shm") if os.path.isdir(d)}
 ipc = {t: open("/proc/sysvipc/" + t).read().splitlines()[1:] for t in ("shm", "msg", "sem")}
 print(json.dumps({"procs": procs, "files": files, "ipc": ipc}))
 """
-"""Run as the next task: lists what it can see of earlier tasks (processes of its uid other than
-itself and the sandbox's own agent, zygote and spare, which share a session no program can join;
-files in writable dirs; System V IPC objects)."""
+"""Run as the next task: lists what it can see of earlier tasks (processes of its uid with a live
+thread, other than itself and, where programs share the launcher's uid, the sandbox's own agent,
+zygote and spare, which share a session no program can join; files in writable dirs; System V IPC
+objects)."""
 
 CLEAN_VIEW = {"procs": [], "files": {"/work": [], "/tmp": [], "/dev/shm": []}, "ipc": {"shm": [], "msg": [], "sem": []}}
 
