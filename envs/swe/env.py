@@ -21,7 +21,7 @@ from envs.registry import register_env
 from envs.swe.pools import shared_pool
 from envs.swe.task import SWETask, load_swe_tasks, official_image
 from envs.swe.tools import TOOL_DOC, ToolCall, ToolFormatError, parse_tool_call
-from envs.swe.workspace import SandboxFailure, Workspace
+from envs.swe.workspace import PolicyFault, SandboxFailure, Workspace
 from workers.sandbox import SandboxError, SandboxUnavailable
 
 MAX_TURNS = 200
@@ -140,6 +140,9 @@ class SWEEnv(Environment):
                 return await self._finish("submitted")
             try:
                 output = await self._run_tool(call)
+            except PolicyFault as err:
+                return StepResult(done=True, reward=0.0,
+                                  info={"error": f"{call.name}: {err}", "turns": self.turns})
             except (SandboxFailure, SandboxError) as err:
                 return StepResult(done=True, reward=None, info={"error": f"sandbox failed during {call.name}: {err}"})
         if self.turns >= self.params.max_turns or self.tokens >= self.params.token_budget:
@@ -156,6 +159,8 @@ class SWEEnv(Environment):
         info: dict[str, Any] = {"reason": reason, "turns": self.turns, "tokens": self.tokens}
         try:
             diff, skipped = await self._workspace.diff()
+        except PolicyFault as err:
+            return StepResult(done=True, reward=0.0, info={**info, "error": f"could not read the diff: {err}"})
         except (SandboxFailure, SandboxError) as err:
             return StepResult(done=True, reward=None, info={**info, "error": f"could not read the diff: {err}"})
         await self.close()
@@ -173,12 +178,16 @@ class SWEEnv(Environment):
 
     async def _run_tool(self, call: ToolCall) -> str:
         assert self._workspace is not None
+        # From the first tool that can change the sandbox on, its tree is the policy's doing.
+        self._workspace.policy_acted |= call.name != "view"
         if call.name == "bash":
             return await self._bash(call.arg)
         files = await self._workspace.read_files([call.arg])
         current = files[call.arg]
         if call.name == "create":
-            await self._workspace.write_files({call.arg: call.text.encode()})
+            errors = await self._workspace.write_files({call.arg: call.text.encode()})
+            if errors:
+                return f"Error: could not write {call.arg}: {errors[call.arg]}"
             return f"{'Overwrote' if current is not None else 'Created'} {call.arg} ({call.text.count(chr(10))} lines)."
         if current is None:
             return f"Error: {call.arg} does not exist (paths are relative to the repository root)."
@@ -209,7 +218,9 @@ class SWEEnv(Environment):
             return f"Error: the SEARCH text {where} in {call.arg}; it must match exactly once."
         start_line = text[: text.index(call.search)].count("\n") + 1
         new_text = text.replace(call.search, call.text, 1)
-        await self._workspace.write_files({call.arg: new_text.encode()})
+        errors = await self._workspace.write_files({call.arg: new_text.encode()})
+        if errors:
+            return f"Error: could not write {call.arg}: {errors[call.arg]}"
         end_line = start_line + call.text.count("\n")
         return f"Edited {call.arg}. Lines {max(1, start_line - 2)}-{end_line + 2} now read:\n" + \
             number_lines(new_text, max(1, start_line - 2), end_line + 2)
