@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from envs.base import Action, EnvParams, Environment, Message, Observation, StepResult, Task
-from envs.code import SandboxParams
+from envs.code import SandboxParams, sandbox_pool
 from envs.code_datasets import CodeProblem, load_humaneval, load_mbpp
 from envs.data import resolve
 from envs.exec_trace_tracer import MAX_REPR
@@ -207,7 +207,6 @@ class ExecTraceEnv(Environment):
 
     async def ground_truth(self) -> list[str]:
         """The true trace of this task's call, rendered; run in the sandbox once, then cached."""
-        from envs.swe.pools import shared_pool
         from workers.sandbox import ExecRequest, Status
 
         hidden = self.task.hidden
@@ -216,8 +215,7 @@ class ExecTraceEnv(Environment):
             return _truth_cache[key]
         spec = {"program": "program.py", "entry": hidden["entry"], "call": hidden["call"],
                 "max_steps": self.params.max_steps}
-        p = self.params.sandbox
-        pool = await shared_pool(p.backend, p.image, p.size)
+        pool = await sandbox_pool(self.params.sandbox)
         result = await pool.run(ExecRequest(
             command=["python3", "tracer.py", "spec.json"], timeout_s=self.params.timeout_s,
             env={"PYTHONHASHSEED": "0"}, fast_path=False,  # reprs of string sets: one order

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from test_grading import stub_tests_diff
 
-from envs.base import Action
+from envs.base import Action, EnvConfigError
 from envs.swe.diffs import file_diff, tree_diff
 from envs.swe.env import SWEEnv, SWEParams, swe_task_to_task
 from envs.swe.task import SWETask
@@ -240,3 +240,10 @@ async def test_a_directory_turned_into_a_file_scores_0(built_tasks) -> None:
     results = await _episode(task, bash(f"rm -rf {folder} && echo x > {folder}"), SUBMIT)
     assert results[-1].done and results[-1].reward == 0.0, results[-1].info
     assert results[-1].info["grade"]["error"].startswith("model diff"), results[-1].info["grade"]
+
+
+async def test_an_rlimit_only_sandbox_is_refused_for_swe_naming_the_key(built_tasks) -> None:
+    env = SWEEnv(SWEParams(backend="local", local_isolation="rlimit"))
+    with pytest.raises(EnvConfigError, match=r"set `params\.allow_unisolated: true`"):
+        await env.reset(swe_task_to_task(built_tasks[0], env.params))
+    await env.close()
