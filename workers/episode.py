@@ -163,8 +163,9 @@ class EpisodeRunner:
                     runs[i].failure = failure
             if live:
                 firsts, first_s = await self._shared_first_turns([prompts[i] for i in live], worker, sampling)
-                done = await asyncio.gather(*(self._turns(envs[i], prompts[i], first, first_s, worker, sampling)
-                                              for i, first in zip(live, firsts, strict=True)))
+                done = await asyncio.gather(*(
+                    self._turns(envs[i], prompts[i], first, first_s, worker, sampling)
+                    for i, first in zip(live, firsts, strict=True)))
                 for i, run in zip(live, done, strict=True):
                     runs[i] = run
         finally:

@@ -289,6 +289,8 @@ def file_diff(path: str, old: bytes | None, new: bytes | None) -> str:
                                 "/dev/null" if new is None else f"b/{path}")
     # A last line without a newline must be marked, or `git apply` reads the next header into it.
     text = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in body)
+    if not text and (old is None) != (new is None):
+        return header  # an empty file created or deleted: the header alone says so
     return header + text if text else ""
 
 

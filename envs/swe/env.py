@@ -174,7 +174,8 @@ class SWEEnv(Environment):
         except (PolicyFault, SandboxFailure, SandboxError) as err:
             # The policy's doing scores 0; the sandbox's own failure gives no reward.
             reward = 0.0 if isinstance(err, PolicyFault) else None
-            return StepResult(done=True, reward=reward, info={**info, "error": f"could not read the diff: {err}"})
+            info["error"] = f"could not read the diff: {err}"
+            return StepResult(done=True, reward=reward, info=info)
         await self.close()
         from reward.swe import grade_swe  # swebench takes seconds to import; only grading needs it
 

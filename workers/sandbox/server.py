@@ -125,8 +125,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        pool = SandboxPool(backend=config.backend, image=config.image, size=config.size,  # type: ignore[arg-type]
-                           limits=config.limits)
+        pool = SandboxPool(backend=config.backend, image=config.image,  # type: ignore[arg-type]
+                           size=config.size, limits=config.limits)
         await pool.start()
         state["pool"] = pool
         state["sessions"] = SessionRegistry(pool, config.session_idle_s, config.max_sessions,
