@@ -81,6 +81,13 @@ class StepResult(BaseModel):
     """Details of the grading (e.g. which tests passed, or why no reward could be given)."""
 
 
+class EnvConfigError(RuntimeError):
+    """An environment's configuration cannot give a trustworthy reward to any sample (e.g. its
+    sandbox isolates by rlimits only and the config did not accept that). It ends the run, where
+    any other exception out of `reset` or `step` only drops that sample: dropping every sample
+    one by one would hide the mistake."""
+
+
 class EnvParams(BaseModel):
     """Base class for an environment's typed `params` block in the run config."""
 

@@ -45,6 +45,13 @@ class SandboxParams(BaseModel):
     """Docker image of the sandboxes (built by `codeworld sandbox build-image`)."""
     size: int = Field(2, ge=1)
     """Warm sandboxes in the pool (shared by all episodes of this process and event loop)."""
+    local_isolation: Literal["bwrap", "rlimit"] | None = None
+    """Local backend only: "bwrap" (namespaces, required), "rlimit" (none: where bubblewrap
+    cannot create namespaces) or None (bubblewrap when installed)."""
+    allow_unisolated: bool = False
+    """Accept a pool that isolates programs by rlimits only (they can read the host's files, the
+    answers included, reach the network and signal the trainer's processes). Off: such a pool
+    is refused when it starts; on: every step's info says `"isolation": "rlimit"`."""
 
 
 class CodeParams(EnvParams):
@@ -118,11 +125,9 @@ class CodeEnv(Environment):
         return build_program(self.task.hidden["prefix"], reply)
 
     async def pool(self):
-        """This process's shared sandbox pool for the configured backend and image."""
-        from envs.swe.pools import shared_pool
-
-        p = self.params.sandbox
-        return await shared_pool(p.backend, p.image, p.size)
+        """This process's shared sandbox pool for the configured backend and image; refused
+        (EnvConfigError) when it isolates by rlimits only and the config does not accept that."""
+        return await sandbox_pool(self.params.sandbox)
 
     async def run_tests(self, tests: CodeTests, program: str) -> GradeResult:
         """Grade `program` on `tests` in the shared sandbox pool."""
@@ -142,11 +147,20 @@ class CodeEnv(Environment):
         return None if gold is None else f"```python\n{gold}\n```"
 
 
+async def sandbox_pool(params: SandboxParams):
+    """The shared pool `params` asks for, its isolation checked against `allow_unisolated`."""
+    from envs.swe.pools import require_isolation, shared_pool
+
+    pool = await shared_pool(params.backend, params.image, params.size, params.local_isolation)
+    require_isolation(pool, params.allow_unisolated, "params.sandbox.allow_unisolated")
+    return pool
+
+
 def grade_info(result: GradeResult) -> dict[str, Any]:
-    """The compact grading summary put in `StepResult.info`."""
+    """The compact grading summary put in `StepResult.info` (with what isolated the run)."""
     failures = [o for o in result.outcomes if not o.passed]
     return {"passed": result.passed, "total": result.total, "status": result.status,
-            "error": result.error, "sandbox_s": result.sandbox_s,
+            "error": result.error, "sandbox_s": result.sandbox_s, "isolation": result.isolation,
             "first_failure": failures[0].model_dump() if failures else None}
 
 

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from envs.base import Action, EnvParams, Environment, Message, Observation, StepResult, Task
-from envs.code import SandboxParams
+from envs.code import SandboxParams, sandbox_pool
 from envs.code_datasets import CodeProblem, load_humaneval, load_mbpp
 from envs.data import resolve
 from envs.exec_trace_tracer import MAX_REPR
@@ -153,6 +153,39 @@ class TraceFailed(Exception):
     """The ground-truth trace could not be produced (sandbox failure or a program that breaks)."""
 
 
+_Step = (tuple[Literal["line"], int, list[tuple[str, str]]]
+         | tuple[Literal["exception", "return"], str])
+
+
+class TracerReport(BaseModel):
+    """What `exec_trace_tracer.py` prints as its last line."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    steps: list[_Step]
+    """The steps of the traced call: ["line", n, [[name, repr], ...]], ["exception", type] or
+    ["return", repr]."""
+    truncated: bool
+    """Whether the call ran past the step budget."""
+
+
+def read_trace(stdout: bytes, max_steps: int) -> list[str]:
+    """The rendered steps of the tracer's report: the last line of its stdout (the traced program
+    may print before it), validated, since nothing read from a sandbox is trusted. TraceFailed
+    when it is not a tracer report."""
+    lines = stdout.strip().splitlines()
+    try:
+        report = TracerReport.model_validate_json(lines[-1] if lines else b"")
+    except ValidationError as exc:  # bad JSON and deep nesting included
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "report"
+        raise TraceFailed(f"the tracer's report is malformed ({where}: {first['msg']})"[:300]) from None
+    if len(report.steps) > max_steps:
+        raise TraceFailed(f"the tracer's report is malformed: {len(report.steps)} steps, "
+                          f"over the {max_steps} asked for")
+    return [render_step(list(step)) for step in report.steps]
+
+
 _truth_cache: dict[str, list[str]] = {}
 
 
@@ -174,7 +207,6 @@ class ExecTraceEnv(Environment):
 
     async def ground_truth(self) -> list[str]:
         """The true trace of this task's call, rendered; run in the sandbox once, then cached."""
-        from envs.swe.pools import shared_pool
         from workers.sandbox import ExecRequest, Status
 
         hidden = self.task.hidden
@@ -183,8 +215,7 @@ class ExecTraceEnv(Environment):
             return _truth_cache[key]
         spec = {"program": "program.py", "entry": hidden["entry"], "call": hidden["call"],
                 "max_steps": self.params.max_steps}
-        p = self.params.sandbox
-        pool = await shared_pool(p.backend, p.image, p.size)
+        pool = await sandbox_pool(self.params.sandbox)
         result = await pool.run(ExecRequest(
             command=["python3", "tracer.py", "spec.json"], timeout_s=self.params.timeout_s,
             env={"PYTHONHASHSEED": "0"}, fast_path=False,  # reprs of string sets: one order
@@ -194,8 +225,7 @@ class ExecTraceEnv(Environment):
         if result.status != Status.OK:
             raise TraceFailed(f"tracer ended as {result.status.value}: "
                               f"{(result.error or result.stderr.decode('utf-8', 'replace'))[-300:]}")
-        steps = json.loads(result.stdout)["steps"]
-        _truth_cache[key] = [render_step(s) for s in steps]
+        _truth_cache[key] = read_trace(result.stdout, self.params.max_steps)
         return _truth_cache[key]
 
     async def step(self, action: Action) -> StepResult:

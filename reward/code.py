@@ -7,6 +7,12 @@ produced, framed by a per-run nonce; the host compares against the expected valu
 SkipTest, printing "passed", or returning an object whose `__eq__` is always true: an unreported
 test is a failed test, and reported values are plain data compared here.
 
+Nothing read back from the sandbox is trusted. A program that reaches the report channel (frame
+introspection finds the reporter in call mode; /proc gives a forked program the harness's pipe in
+stdio mode) can write any line with the nonce: every framed line is validated (`ReportRecord`,
+`decode`, both total), and one the harness cannot have written fails every test of the run; no
+input makes the host raise.
+
 A sandbox failure (status SANDBOX_ERROR) gives no reward (`None`), never 0.
 """
 
@@ -16,10 +22,11 @@ import json
 import math
 import re
 import secrets
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from reward.code_harness import decode
 
@@ -133,6 +140,45 @@ class GradeResult(BaseModel):
     """Program-level failure (does not load, crashed the harness) or the infrastructure fault."""
     sandbox_s: float = 0.0
     """Wall time the sandbox reported for the run."""
+    isolation: str | None = None
+    """What isolated the graded run (`workers.sandbox.Isolation` value); None when none ran."""
+
+
+class ReportRecord(BaseModel):
+    """One test's record as the harness writes it, validated on the host: a record the harness
+    cannot have written (wrong types, extra keys, a value outside the canonical form) fails
+    validation and, with it, the run."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    i: int = Field(ge=0)
+    """The test's index."""
+    value: Any = None
+    """Call mode: the returned value in canonical JSON (present only when the probe returned)."""
+    error: str | None = None
+    """Why the test did not produce a value (exception, time limit, output cap, exit code)."""
+    stdout: str | None = None
+    """Stdio mode: what the program printed."""
+    exit: int | None = None
+    """Stdio mode: the program's exit status."""
+    s: float | None = None
+    """Seconds the test took in the sandbox."""
+
+    @model_validator(mode="after")
+    def _canonical(self) -> ReportRecord:
+        if self.returned:
+            decode(self.value)  # Undecodable is a ValueError: pydantic reports it as invalid
+        return self
+
+    @property
+    def returned(self) -> bool:
+        """Whether the record carries a returned value (None is a value too)."""
+        return "value" in self.model_fields_set
+
+    @property
+    def got(self) -> Any:
+        """The returned value, decoded."""
+        return decode(self.value)
 
 
 class HarnessReport(BaseModel):
@@ -140,12 +186,19 @@ class HarnessReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    records: dict[int, dict[str, Any]] = Field(default_factory=dict)
-    """Per-test record by test index (first record wins)."""
+    records: dict[int, ReportRecord] = Field(default_factory=dict)
+    """Per-test record by test index."""
     load_error: str | None = None
     """Set when the program failed while being loaded."""
     done: bool = False
     """Whether the harness reached its end; False means the run was cut short."""
+    malformed: str | None = None
+    """Set when a nonce-framed line is not a record the harness can have written (a program
+    that reached the report channel): every test then fails with this reason."""
+
+
+class MalformedReport(ValueError):
+    """A nonce-framed line is not a record the harness writes."""
 
 
 def new_nonce() -> str:
@@ -153,30 +206,76 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-def parse_report(stdout: bytes | str, nonce: str, count: int) -> HarnessReport:
-    """Read the harness records for `count` tests from the sandbox stdout; lines without the
-    nonce (anything the program printed) are ignored."""
+def report_lines(stdout: bytes | str, nonce: str) -> list[dict[str, Any]]:
+    """The JSON objects of the nonce-framed lines of a harness run. Lines without the nonce
+    (anything the program printed) are skipped; so is a last framed line that is not complete
+    JSON, since the output cap may cut the run mid-record. Any other framed line that is not a
+    JSON object raises MalformedReport: only a program that reached the report channel writes
+    one."""
     text = stdout.decode("utf-8", "replace") if isinstance(stdout, bytes) else stdout
     prefix = nonce + " "
-    report = HarnessReport()
-    for line in text.splitlines():
-        if not line.startswith(prefix):
-            continue
+    framed = [line[len(prefix):] for line in text.split("\n") if line.startswith(prefix)]
+    objects = []
+    for n, body in enumerate(framed):
         try:
-            record = json.loads(line[len(prefix):])
-        except json.JSONDecodeError:
-            continue  # a record cut by the output cap
-        if "load_error" in record:
-            report.load_error = str(record["load_error"])
-        elif record.get("done") == count:
-            report.done = True
-        elif isinstance(record.get("i"), int) and 0 <= record["i"] < count:
-            report.records.setdefault(record["i"], record)
+            item = json.loads(body, parse_constant=_no_constant)
+        except json.JSONDecodeError as exc:
+            if n == len(framed) - 1 and not exc.msg.startswith("Extra data"):
+                break  # the last record, cut by the output cap
+            raise MalformedReport(f"a report line is not JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # integers over 4300 digits, deep nesting
+            raise MalformedReport(f"a report line cannot be read ({type(exc).__name__})") from None
+        if type(item) is not dict:
+            raise MalformedReport(f"a report line holds a {type(item).__name__}, not a record")
+        objects.append(item)
+    return objects
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"JSON constant {name} is not canonical")
+
+
+def parse_report(stdout: bytes | str, nonce: str, count: int) -> HarnessReport:
+    """Read and validate the harness records for `count` tests from the sandbox stdout. A
+    framed record the harness cannot have written for this run (not a record, an index out of
+    range, a second record for a test, a value outside the canonical form) makes the report
+    malformed: the program reached the report channel, and all its tests fail."""
+    report = HarnessReport()
+    try:
+        for item in report_lines(stdout, nonce):
+            _add_record(report, item, count)
+    except MalformedReport as exc:
+        return HarnessReport(malformed=f"malformed harness report: {exc}")
     return report
 
 
+def _add_record(report: HarnessReport, item: dict[str, Any], count: int) -> None:
+    keys = item.keys()
+    if keys == {"load_error"}:
+        if type(item["load_error"]) is not str or report.load_error is not None:
+            raise MalformedReport("a second load_error, or one that is not text")
+        report.load_error = item["load_error"]
+    elif keys == {"done"}:
+        if type(item["done"]) is not int or item["done"] != count or report.done:
+            raise MalformedReport(f"a done record that does not say {count} tests, or a second one")
+        report.done = True
+    elif "i" in keys:
+        try:
+            record = ReportRecord.model_validate(item)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "record"
+            raise MalformedReport(f"record field {where}: {first['msg']}"[:300]) from None
+        if record.i >= count or record.i in report.records:
+            raise MalformedReport(f"a second or out-of-range record for test {record.i}")
+        report.records[record.i] = record
+    else:
+        raise MalformedReport(f"a record with unknown keys {sorted(keys)[:5]}"[:300])
+
+
 def values_match(got: Any, expected: Any, tests: CodeTests) -> bool:
-    """Python `==` semantics on decoded values, with a float tolerance, recursively."""
+    """Python `==` semantics on decoded values, recursively, with a float tolerance where the
+    expected value is a float or complex number (an expected integer is matched exactly)."""
     if _is_number(got) and _is_number(expected):
         return _numbers_match(got, expected, tests.rel_tol, tests.abs_tol)
     if tests.tuple_as_list:
@@ -200,23 +299,30 @@ def _is_number(value: Any) -> bool:
 
 
 def _numbers_match(got: Any, expected: Any, rel_tol: float, abs_tol: float) -> bool:
-    if isinstance(got, (bool, int)) and isinstance(expected, (bool, int)):
+    if isinstance(expected, int):
+        # Python compares an int with a float exactly: 3.0 == 3, but 1e9 != 1000000007, which a
+        # relative tolerance would accept.
         return got == expected
-    if isinstance(got, complex) or isinstance(expected, complex):
-        return abs(complex(got) - complex(expected)) <= max(
-            rel_tol * max(abs(complex(got)), abs(complex(expected))), abs_tol
-        )
+    try:
+        if isinstance(got, complex) or isinstance(expected, complex):
+            a, b = complex(got), complex(expected)
+            return abs(a - b) <= max(rel_tol * max(abs(a), abs(b)), abs_tol)
+        got = float(got)
+    except OverflowError:  # an integer beyond the float range is near no float
+        return False
     if math.isnan(got) and math.isnan(expected):
         return True
     return math.isclose(got, expected, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
-_INT_TOKEN = re.compile(r"[+-]?\d+\Z")
-_FLOAT_TOKEN = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\Z")
+# ASCII digits only: `\d` would take other scripts' digits, which `float` reads but a judge does not.
+_INT_TOKEN = re.compile(r"[+-]?[0-9]+\Z")
+_FLOAT_TOKEN = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 
 
 def stdout_matches(got: str, expected: str, tests: CodeTests) -> bool:
-    """Whitespace-split tokens equal one by one; numeric tokens within the float tolerance."""
+    """Whitespace-split tokens equal one by one; numeric tokens by value: exactly when the
+    expected token is an integer, within the float tolerance otherwise."""
     got_tokens, expected_tokens = got.split(), expected.split()
     if len(got_tokens) != len(expected_tokens):
         return False
@@ -226,12 +332,16 @@ def stdout_matches(got: str, expected: str, tests: CodeTests) -> bool:
 def _tokens_match(got: str, expected: str, tests: CodeTests) -> bool:
     if got == expected:
         return True
-    if _INT_TOKEN.match(got) and _INT_TOKEN.match(expected):
-        # Integers compare exactly: huge integers would all look alike as floats.
-        return got.lstrip("+").lstrip("0") == expected.lstrip("+").lstrip("0")
-    if _FLOAT_TOKEN.match(got) and _FLOAT_TOKEN.match(expected):
-        return math.isclose(float(got), float(expected), rel_tol=tests.rel_tol, abs_tol=tests.abs_tol)
-    return False
+    if not (_FLOAT_TOKEN.match(got) and _FLOAT_TOKEN.match(expected)):
+        return False
+    if _INT_TOKEN.match(expected):
+        # Exact decimal value, as Python's 3.0 == 3: "007" and "7.0" are 7; "1e9" is not
+        # 1000000007, and huge integers that look alike as floats stay apart.
+        try:
+            return Decimal(got) == Decimal(expected)
+        except InvalidOperation:  # an exponent beyond Decimal's range equals no integer token
+            return False
+    return math.isclose(float(got), float(expected), rel_tol=tests.rel_tol, abs_tol=tests.abs_tol)
 
 
 def _short(value: Any, limit: int = 200) -> str:
@@ -240,9 +350,12 @@ def _short(value: Any, limit: int = 200) -> str:
 
 
 def judge(tests: CodeTests, report: HarnessReport) -> list[TestOutcome]:
-    """Compare every reported value with its expected value; unreported tests fail."""
+    """Compare every reported value with its expected value; unreported tests fail, and so does
+    every test of a malformed report."""
     if tests.expected is None:
         raise ValueError("judge() needs expected values; compute them from the reference first.")
+    if report.malformed is not None:
+        return [TestOutcome(passed=False, error=report.malformed) for _ in range(tests.count)]
     outcomes = []
     for i in range(tests.count):
         record = report.records.get(i)
@@ -256,19 +369,21 @@ def judge(tests: CodeTests, report: HarnessReport) -> list[TestOutcome]:
     return outcomes
 
 
-def _judge_call(record: dict[str, Any], expected: Any, tests: CodeTests) -> TestOutcome:
-    if "value" not in record:
-        return TestOutcome(passed=False, error=str(record.get("error", "no value")))
-    got = decode(record["value"])
+def _judge_call(record: ReportRecord, expected: Any, tests: CodeTests) -> TestOutcome:
+    if not record.returned:
+        return TestOutcome(passed=False, error=record.error or "no value")
+    got = record.got
     accepted = expected if tests.alternatives else [expected]
     passed = any(values_match(got, decode(e), tests) for e in accepted)
     return TestOutcome(passed=passed, got=_short(got))
 
 
-def _judge_stdio(record: dict[str, Any], expected: str, tests: CodeTests) -> TestOutcome:
-    got = str(record.get("stdout", ""))
-    if record.get("error"):
-        return TestOutcome(passed=False, error=str(record["error"]), got=_short(got))
+def _judge_stdio(record: ReportRecord, expected: str, tests: CodeTests) -> TestOutcome:
+    got = record.stdout or ""
+    if record.error:
+        return TestOutcome(passed=False, error=record.error, got=_short(got))
+    if record.stdout is None:
+        return TestOutcome(passed=False, error="no output reported")
     return TestOutcome(passed=stdout_matches(got, expected, tests), got=_short(got))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import runpy
 import selectors
@@ -34,6 +35,10 @@ MAX_DEPTH = 64
 WALL_FACTOR = 3.0  # a test's wall-clock allowance, in multiples of its CPU-time limit
 MAX_INT_DIGITS = 4000
 MAX_ERROR_CHARS = 400
+
+
+def _int_fits(value: int) -> bool:
+    return value.bit_length() <= MAX_INT_DIGITS * 3.33
 
 
 class Unencodable(Exception):
@@ -51,7 +56,7 @@ def _encode_scalar(value):
         return value is True
     if isinstance(value, int):
         value = int.__index__(value)
-        if value.bit_length() > MAX_INT_DIGITS * 3.33:
+        if not _int_fits(value):
             raise Unencodable("integer with more than 4000 digits")
         return value
     if isinstance(value, float):
@@ -126,7 +131,7 @@ def encode(value, _depth: int = 0):
 
 def _freeze(value):
     """Make a decoded value hashable so that it can sit in a set or be a dict key."""
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, set):
         return frozenset(value)
@@ -135,26 +140,82 @@ def _freeze(value):
     return value
 
 
-def decode(encoded):
-    """Inverse of `encode`: canonical JSON back to the Python value (pure data, no code runs)."""
-    if isinstance(encoded, list):
-        return [decode(v) for v in encoded]
-    if not isinstance(encoded, dict):
+class Undecodable(ValueError):
+    """A value is not in the canonical form: `encode` cannot have written it (a forged or
+    corrupted report). The host fails the record that holds it."""
+
+
+_NON_FINITE = ("nan", "inf", "-inf")
+_HEX = re.compile(r"(?:[0-9a-f]{2})*\Z")
+
+
+def _members(body, what: str) -> list:
+    if type(body) is not list:
+        raise Undecodable(f"{what} body is not a list")
+    return body
+
+
+def _real(encoded) -> float:
+    """One part of an encoded complex number: a float, or a tagged non-finite float."""
+    if type(encoded) is float:
         return encoded
-    (tag, body), = encoded.items()
+    if type(encoded) is dict and len(encoded) == 1 and encoded.get("__float__") in _NON_FINITE:
+        return float(encoded["__float__"])
+    raise Undecodable("a complex part is not a float")
+
+
+def _decode_tagged(tag: str, body, depth: int):
     if tag == "__tuple__":
-        return tuple(decode(v) for v in body)
+        return tuple(decode(v, depth) for v in _members(body, tag))
     if tag == "__set__":
-        return {_freeze(decode(v)) for v in body}
+        return {_freeze(decode(v, depth)) for v in _members(body, tag)}
     if tag == "__dict__":
-        return {_freeze(decode(k)): decode(v) for k, v in body}
+        pairs = _members(body, tag)
+        if any(type(pair) is not list or len(pair) != 2 for pair in pairs):
+            raise Undecodable("a __dict__ item is not a [key, value] pair")
+        return {_freeze(decode(k, depth)): decode(v, depth) for k, v in pairs}
     if tag == "__float__":
+        if body not in _NON_FINITE:
+            raise Undecodable("a __float__ body is not nan, inf or -inf")
         return float(body)
     if tag == "__bytes__":
+        if type(body) is not str or not _HEX.match(body):
+            raise Undecodable("a __bytes__ body is not lowercase hex")
         return bytes.fromhex(body)
     if tag == "__complex__":
-        return complex(decode(body[0]), decode(body[1]))
-    raise ValueError(f"unknown canonical tag {tag!r}")
+        parts = _members(body, tag)
+        if len(parts) != 2:
+            raise Undecodable("a __complex__ body is not [real, imag]")
+        return complex(_real(parts[0]), _real(parts[1]))
+    raise Undecodable(f"unknown canonical tag {tag[:40]!r}")
+
+
+def decode(encoded, _depth: int = 0):
+    """Inverse of `encode`: canonical JSON back to the Python value (pure data, no code runs).
+
+    Total and bounded, because the host decodes what a sandbox reported: anything `encode`
+    cannot have written (unknown or extra tags, wrong arity, bad hex, NaN literals, integers over
+    MAX_INT_DIGITS digits, nesting deeper than MAX_DEPTH, non-JSON types) raises Undecodable and
+    nothing else."""
+    if _depth > MAX_DEPTH:
+        raise Undecodable(f"value nested deeper than {MAX_DEPTH}")
+    kind = type(encoded)
+    if encoded is None or kind is bool or kind is str:
+        return encoded
+    if kind is int:
+        if not _int_fits(encoded):
+            raise Undecodable(f"integer with more than {MAX_INT_DIGITS} digits")
+        return encoded
+    if kind is float:
+        if not math.isfinite(encoded):
+            raise Undecodable("a non-finite float outside its __float__ tag")
+        return encoded
+    if kind is list:
+        return [decode(v, _depth + 1) for v in encoded]
+    if kind is not dict or len(encoded) != 1:
+        raise Undecodable(f"{kind.__name__} is not a canonical value")
+    ((tag, body),) = encoded.items()
+    return _decode_tagged(tag, body, _depth + 1)
 
 
 def _error_text(exc: BaseException) -> str:

@@ -11,18 +11,22 @@ import hashlib
 import json
 from typing import Any, Literal, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from reward.code import (
     HARNESS_SOURCE,
     PYTHON,
     CodeTests,
     ExecLimits,
     GradeResult,
+    MalformedReport,
     judge,
     new_nonce,
     parse_report,
+    report_lines,
     reward_from,
 )
-from reward.code_harness import WALL_FACTOR
+from reward.code_harness import WALL_FACTOR, Undecodable, decode
 
 
 class Runner(Protocol):
@@ -79,42 +83,65 @@ def _spec(tests: CodeTests) -> dict[str, Any]:
     return {"mode": "stdio", "inputs": tests.inputs}
 
 
+class RecordedCall(BaseModel):
+    """One call the recorder saw while the dataset's tests ran against the trusted solution."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    i: int = Field(ge=0)
+    """The call's position in the recording."""
+    probe: str
+    """The call as a probe expression (the function's name and literal arguments)."""
+    value: Any
+    """The value the trusted solution returned, in canonical JSON."""
+
+
+def read_recording(stdout: bytes, nonce: str) -> tuple[list[RecordedCall], str | None, bool]:
+    """(calls, the check's error, whether the recording finished) from a record-mode run; the
+    output is validated like a graded run's (ReferenceFailed when a line is malformed)."""
+    calls, error, finished = [], None, False
+    try:
+        for item in report_lines(stdout, nonce):
+            if item.keys() == {"check_error"} and type(item["check_error"]) is str:
+                error = item["check_error"]
+            elif item.keys() == {"recorded"} and type(item["recorded"]) is int:
+                finished = item["recorded"] == len(calls)
+            else:
+                call = RecordedCall.model_validate(item)
+                decode(call.value)
+                if call.i != len(calls):
+                    raise MalformedReport(f"recorded call {call.i} out of order")
+                calls.append(call)
+    except (MalformedReport, ValidationError, Undecodable) as exc:
+        raise ReferenceFailed(f"the recording run's report is malformed: {str(exc)[:300]}") from None
+    return calls, error, finished
+
+
 async def _record(pool: Runner, tests: CodeTests, limits: ExecLimits) -> CodeTests:
     """Run the dataset's own test code against its solution, recording every call."""
     record = tests.record
     spec = {"mode": "record", "entry": record.entry, "check": record.check}
     result, nonce = await run_harness(pool, spec, record.program, limits, count=200)
-    prefix = nonce + " "
-    probes, expected, error, finished = [], [], None, False
-    for line in result.stdout.decode("utf-8", "replace").splitlines():
-        if not line.startswith(prefix):
-            continue
-        try:
-            item = json.loads(line[len(prefix):])
-        except json.JSONDecodeError:
-            break  # cut by the output cap: the recording did not finish
-        if "probe" in item:
-            probes.append(item["probe"])
-            expected.append(item["value"])
-        error = item.get("check_error", error)
-        finished |= "recorded" in item
-    if error or not finished or not probes:
+    calls, error, finished = read_recording(result.stdout, nonce)
+    if error or not finished or not calls:
         why = error or f"the recording run ended as {result.status.value} before finishing"
         raise ReferenceFailed(f"the reference solution failed the dataset's tests: {why}")
-    return tests.model_copy(update={"probes": probes, "expected": expected, "record": None})
+    return tests.model_copy(update={"probes": [c.probe for c in calls], "expected": [c.value for c in calls],
+                                    "record": None})
 
 
 async def _reference(pool: Runner, tests: CodeTests, limits: ExecLimits) -> CodeTests:
     """Expected values = the trusted solution's outputs on the probes."""
     result, nonce = await run_harness(pool, _spec(tests), tests.reference, limits, tests.count)
     report = parse_report(result.stdout, nonce, tests.count)
-    missing = [i for i in range(tests.count) if "value" not in report.records.get(i, {})]
-    if report.load_error or missing:
+    missing = [i for i in range(tests.count) if i not in report.records or not report.records[i].returned]
+    if report.malformed or report.load_error or missing:
         unreported = f"not reported: the run ended as {result.status.value}"
-        first = report.load_error or report.records.get(missing[0], {}).get("error", unreported)
+        failed = report.records.get(missing[0]) if missing else None
+        first = report.malformed or report.load_error or (failed and failed.error) or unreported
         raise ReferenceFailed(f"the reference solution failed on {len(missing)} of {tests.count} "
                               f"inputs (first: {first})")
-    values = [report.records[i]["value"] for i in range(tests.count)]
+    values = [report.records[i].value for i in range(tests.count)]
     return tests.model_copy(update={"expected": values, "reference": None})
 
 
@@ -143,11 +170,11 @@ async def grade(pool: Runner, tests: CodeTests, program: str, limits: ExecLimits
                            status="sandbox_error" if isinstance(exc, SandboxFailed) else "no_reference")
     report = parse_report(result.stdout, nonce, tests.count)
     outcomes = judge(tests, report)
-    error = report.load_error
+    error = report.malformed or report.load_error
     if error is None and not report.done:
         error = f"run ended as {result.status.value} before all tests were reported"
     return GradeResult(
         reward=reward_from(outcomes, reward_mode), passed=sum(o.passed for o in outcomes),
         total=len(outcomes), outcomes=outcomes, status=result.status.value, error=error,
-        sandbox_s=result.wall_s,
+        sandbox_s=result.wall_s, isolation=result.isolation.value if result.isolation else None,
     )

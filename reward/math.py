@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict
 
 MAX_ANSWER_CHARS = 2000  # longer "answers" are rejected on the host before any parsing
 # Plain integers on both sides are compared on the host: math-verify would reach the same verdict
-# (tested), and arithmetic-style tasks then spend no process round trip per sample.
-_INTEGER = re.compile(r"-?\d{1,100}")
+# (tested), and arithmetic-style tasks then spend no process round trip per sample. ASCII digits
+# only: `int` reads other scripts' digits ("١٢٣" is 123 to it), math-verify does not.
+_INTEGER = re.compile(r"-?[0-9]{1,100}")
 
 
 class MathVerdict(BaseModel):

@@ -1,11 +1,14 @@
 """SWE grading: a model's diff against a task's hidden tests, in a fresh sandbox.
 
 The diff loses its changes to trusted test files (and to files that would run code inside the
-test process) before it is applied, the task's test_patch is applied after it, the
-FAIL_TO_PASS and PASS_TO_PASS tests run, and `swebench`'s own log parser and report functions
-read the output. Reward 1 only if every one of those tests passes. No reward at all (None, the
-sample is dropped) when the sandbox fails or the task itself is broken; a diff that does not
-apply, tests that time out or a crashed test run are the model's doing and score 0.
+test process, and new modules that would import in place of installed ones) before it is
+applied, the task's test_patch is applied after it, the FAIL_TO_PASS and PASS_TO_PASS tests run
+(the interpreter by absolute path, safe-path semantics, no plugin autoloading), and `swebench`'s
+own log parser and report functions read the output. Reward 1 only if every one of those tests
+passes. No reward at all (None, the sample is dropped) when the sandbox fails or the task itself
+is broken; a diff that cannot be read safely, does not apply or cannot be written, tests that
+time out, a crashed test run or a broken sandbox (`workspace.blame`) are the model's doing and
+score 0.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from swebench.harness.constants import (
 from swebench.harness.grading import get_eval_tests_report, get_logs_eval, get_resolution_status
 from swebench.types import TestSpec
 
-from envs.swe.diffs import PatchError, drop_protected
+from envs.swe.diffs import PatchError, drop_paths, drop_protected, package_inits, shadowing_paths
 from envs.swe.task import SWETask
-from envs.swe.workspace import SandboxFailure, SandboxSession, Workspace
+from envs.swe.workspace import PolicyFault, SandboxFailure, SandboxSession, Workspace
 from workers.sandbox import ExecResult, SandboxError, SandboxUnavailable, Status
 
 
@@ -59,7 +62,9 @@ class GradeResult(BaseModel):
     applied: bool = False
     """Whether the model's diff (after dropping protected files) applied."""
     dropped_paths: list[str] = Field(default_factory=list)
-    """Protected paths the diff touched; those changes were ignored."""
+    """Paths whose changes were ignored: protected files (trusted tests, files that run code in
+    the test process), parts that are not plain text files, new modules that would shadow
+    importable ones."""
     fail_to_pass: TestOutcome = Field(default_factory=TestOutcome)
     """Outcome of the tests the fix must make pass."""
     pass_to_pass: TestOutcome = Field(default_factory=TestOutcome)
@@ -88,32 +93,64 @@ async def _grade(task: SWETask, diff: str, pool: SessionPool, timeout_s: float, 
     if not task.FAIL_TO_PASS:
         return GradeResult(reward=None, error=f"task {task.instance_id} is broken: it has no FAIL_TO_PASS tests")
     try:
-        kept, dropped = drop_protected(diff, task.trusted()) if diff.strip() else ("", [])
+        trusted = task.trusted()
     except PatchError as err:
-        return GradeResult(reward=0.0, error=str(err))
+        return GradeResult(reward=None, error=f"task {task.instance_id} is broken: {err}")
+    try:
+        kept, dropped = drop_protected(diff, trusted) if diff.strip() else ("", [])
+    except PatchError as err:
+        return GradeResult(reward=0.0, error=f"model diff: {err}")
     workspace: Workspace | None = None
     try:
         async with pool.session() as box:
             workspace = Workspace(box, task, memory_mb)
             await workspace.prepare()
-            try:
-                await workspace.apply(kept)
-            except PatchError as err:
-                return GradeResult(reward=0.0, dropped_paths=dropped, error=f"model diff: {err}",
-                                   sandbox_s=workspace.sandbox_s)
-            try:
-                await workspace.apply(task.test_patch)
-            except PatchError as err:
-                return GradeResult(reward=None, applied=True, dropped_paths=dropped,
-                                   error=f"task {task.instance_id} is broken: its test_patch: {err}",
-                                   sandbox_s=workspace.sandbox_s)
-            run = await workspace.run_tests(timeout_s)
+            await workspace.test_environment()  # read while the tree is still the task's own
+            kept, shadowing = await _drop_shadowing(workspace, kept)
+            dropped += shadowing
+            verdict = await _apply_and_test(workspace, task, kept, timeout_s)
     except (SandboxFailure, SandboxError, SandboxUnavailable, PatchError) as err:
         # PatchError here: the task's own setup_patch does not apply, a broken task.
         return GradeResult(reward=None, dropped_paths=dropped, error=f"no verdict: {err}",
                            sandbox_s=workspace.sandbox_s if workspace else 0.0)
+    verdict.dropped_paths, verdict.sandbox_s = dropped, workspace.sandbox_s
+    return verdict
+
+
+async def _drop_shadowing(workspace: Workspace, diff: str) -> tuple[str, list[str]]:
+    """The diff without the files it adds that would shadow an importable module (what is
+    importable and which folders are packages read from the sandbox before the diff touches
+    it), and those files."""
+    inits = package_inits(diff)
+    if not inits:
+        return diff, []
+    present = {path for path, data in (await workspace.read_files(inits)).items() if data is not None}
+    importable = set((await workspace.test_environment()).importable)
+    shadowing = shadowing_paths(diff, importable, present)
+    return (drop_paths(diff, set(shadowing)), shadowing) if shadowing else (diff, [])
+
+
+async def _apply_and_test(workspace: Workspace, task: SWETask, kept: str, timeout_s: float) -> GradeResult:
+    """Apply the model's diff (from here on a failure of the sandbox's tree is the policy's), the
+    task's test_patch, and run the tests."""
+    workspace.policy_acted = True
+    try:
+        await workspace.apply(kept)
+    except (PatchError, PolicyFault) as err:
+        return GradeResult(reward=0.0, error=f"model diff: {err}", sandbox_s=workspace.sandbox_s)
+    try:
+        await workspace.apply(task.test_patch)
+    except PatchError as err:
+        # The kept diff touches no trusted path nor a folder on the way to one, so only the
+        # task can make its own test_patch fail.
+        return GradeResult(reward=None, applied=True,
+                           error=f"task {task.instance_id} is broken: its test_patch: {err}")
+    try:
+        run = await workspace.run_tests(timeout_s)
+    except PolicyFault as err:
+        return GradeResult(reward=0.0, applied=True, error=str(err))
     verdict = judge(task, run)
-    verdict.dropped_paths, verdict.applied, verdict.sandbox_s = dropped, True, workspace.sandbox_s
+    verdict.applied = True
     return verdict
 
 

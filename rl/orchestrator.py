@@ -199,6 +199,7 @@ class Orchestrator:
                                                task, worker, sampling, group_id)
         trajs = [o.trajectory for o in outcomes if o.trajectory is not None]
         self.dropped["no_reward"] += len(outcomes) - len(trajs)
+        self.dropped.update(f"no_reward:{o.kind}" for o in outcomes if o.trajectory is None)
         if trajs:
             trajs = [t.model_copy(update={"group_size": len(trajs)}) for t in trajs]
             self.tokens_generated += sum(t.num_model_tokens for t in trajs)

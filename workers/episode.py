@@ -4,21 +4,30 @@ group's episodes share their first request.
 The conversation is never decoded and re-encoded between turns: the prompt is rendered once, each
 model turn appends exactly the sampled tokens, and each environment turn appends the rendering of
 only the new messages. What the learner trains on is therefore exactly what the sampler saw.
+
+An exception out of an environment's `reset` or `step` is that sample's infrastructure failure:
+the episode gets no trajectory, with the error's kind (`env_error:ValueError`) for the drop
+counters, and the group's other episodes run on; only `EnvConfigError` ends the run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from envs.base import Action, Environment, Message, StepResult, Task
+from envs.base import Action, EnvConfigError, Environment, Message, StepResult, Task
 from rl.trajectory import Trajectory
 from workers.rollout import Generation, Sampling
+
+log = logging.getLogger(__name__)
 
 
 class ChatRenderer:
@@ -63,6 +72,9 @@ class EpisodeOutcome(BaseModel):
     """None when no reward could be computed (the sample is dropped and counted)."""
     error: str | None = None
     """Why there is no trajectory."""
+    kind: str | None = None
+    """Why there is no trajectory, as a key for counting drops: `env_error:<ExceptionType>` (the
+    environment raised), `env_reward_none` (it gave no reward) or `unfinished`."""
     generate_s: float = 0.0
     """Seconds spent waiting on the engine."""
 
@@ -89,6 +101,34 @@ class _Buffer:
         self.versions += [-1] * len(ids)
 
 
+@dataclass
+class _Run:
+    """What `_turns` leaves for `_outcome`: the tokens, the last step, and how the episode ended."""
+
+    buf: _Buffer
+    result: StepResult | None = None
+    gen_s: float = 0.0
+    truncated: bool = False
+    failure: tuple[str, str] | None = None
+    """(kind, message) when the environment raised."""
+
+
+async def _env_call(coro: Awaitable[Any], what: str) -> tuple[Any, tuple[str, str] | None]:
+    """Await an environment's `reset` or `step`. An exception out of it fails that sample only
+    (an infrastructure failure: no reward, counted by kind); one sample's failure never ends the
+    run. EnvConfigError does end it: a configuration that fails every sample must not be hidden."""
+    try:
+        value = await coro
+        if isinstance(value, StepResult) and not value.done and value.observation is None:
+            raise ValueError("step() returned done=False without an observation")
+        return value, None
+    except EnvConfigError:
+        raise
+    except Exception as exc:
+        log.warning("environment %s raised; the sample gets no reward", what, exc_info=True)
+        return None, (f"env_error:{type(exc).__name__}", f"{what} raised {type(exc).__name__}: {exc}"[:500])
+
+
 class EpisodeRunner:
     """Runs episodes of any environment against a rollout worker (a Ray actor handle or a local
     `RolloutWorker`)."""
@@ -111,15 +151,30 @@ class EpisodeRunner:
         first turns are sampled as one n-sample request: one actor call and one prefill for the
         group instead of one per episode. Later turns diverge and are sampled one by one."""
         start = time.perf_counter()
+        runs: list[_Run] = [_Run(_Buffer()) for _ in envs]
+        prompts: list[list[int]] = [[] for _ in envs]
         try:
-            observations = await asyncio.gather(*(env.reset(task) for env in envs))
-            prompts = [self.renderer.prompt(obs.messages) for obs in observations]
-            firsts, first_s = await self._shared_first_turns(prompts, worker, sampling)
-            runs = await asyncio.gather(*(
-                self._turns(env, prompt, first, first_s, worker, sampling)
-                for env, prompt, first in zip(envs, prompts, firsts, strict=True)))
+            resets = await asyncio.gather(*(_env_call(env.reset(task), "reset") for env in envs))
+            live = [i for i, (_, failure) in enumerate(resets) if failure is None]
+            for i, (obs, failure) in enumerate(resets):
+                if failure is None:
+                    prompts[i] = self.renderer.prompt(obs.messages)
+                else:
+                    runs[i].failure = failure
+            if live:
+                firsts, first_s = await self._shared_first_turns([prompts[i] for i in live], worker, sampling)
+                done = await asyncio.gather(*(
+                    self._turns(envs[i], prompts[i], first, first_s, worker, sampling)
+                    for i, first in zip(live, firsts, strict=True)))
+                for i, run in zip(live, done, strict=True):
+                    runs[i] = run
         finally:
-            await asyncio.gather(*(env.close() for env in envs))
+            closed = await asyncio.gather(*(env.close() for env in envs), return_exceptions=True)
+            for error in closed:
+                if isinstance(error, Exception):
+                    log.warning("environment close() raised %r; the episode's outcome stands", error)
+                elif isinstance(error, BaseException):
+                    raise error
         return [self._outcome(env, task, group_id, prompt, run, start)
                 for env, prompt, run in zip(envs, prompts, runs, strict=True)]
 
@@ -136,9 +191,10 @@ class EpisodeRunner:
         return list(gens), time.perf_counter() - t0
 
     async def _turns(self, env: Environment, prompt_ids: list[int], first: Generation | None, first_s: float,
-                     worker: Any, sampling: Sampling) -> tuple[_Buffer, StepResult | None, float, bool]:
+                     worker: Any, sampling: Sampling) -> _Run:
         """The episode's turns after `reset`; `first`, when given, is its already-sampled first turn."""
-        buf, result, gen_s, truncated = _Buffer(), None, first_s, False
+        run = _Run(_Buffer(), gen_s=first_s)
+        buf = run.buf
         for _ in range(env.max_turns):
             budget = self.max_model_len - len(prompt_ids) - len(buf.ids)
             if budget <= 0:
@@ -149,32 +205,36 @@ class EpisodeRunner:
                 turn = sampling.model_copy(update={"n": 1, "max_tokens": min(sampling.max_tokens, budget)})
                 t0 = time.perf_counter()
                 gen = (await _generate(worker, prompt_ids + buf.ids, turn))[0]
-                gen_s += time.perf_counter() - t0
+                run.gen_s += time.perf_counter() - t0
             buf.add_model(gen)
-            truncated = gen.finish_reason == "length"
-            action = Action(text=self.renderer.decode(gen.token_ids), token_ids=gen.token_ids, truncated=truncated)
-            result = await env.step(action)
-            if result.done:
+            run.truncated = gen.finish_reason == "length"
+            action = Action(text=self.renderer.decode(gen.token_ids), token_ids=gen.token_ids,
+                            truncated=run.truncated)
+            run.result, run.failure = await _env_call(env.step(action), "step")
+            if run.failure is not None or run.result.done:
                 break
             ended = bool(gen.token_ids) and gen.token_ids[-1] == self.renderer.eos_id
-            buf.add_env(self.renderer.followup(result.observation.messages, ended))
-        return buf, result, gen_s, truncated
+            buf.add_env(self.renderer.followup(run.result.observation.messages, ended))
+        return run
 
     def _outcome(self, env: Environment, task: Task, group_id: str, prompt_ids: list[int],
-                 run: tuple[_Buffer, StepResult | None, float, bool], start: float) -> EpisodeOutcome:
-        buf, result, gen_s, truncated = run
+                 run: _Run, start: float) -> EpisodeOutcome:
+        buf, result, gen_s = run.buf, run.result, run.gen_s
+        if run.failure is not None:
+            kind, message = run.failure
+            return EpisodeOutcome(trajectory=None, error=message, kind=kind, generate_s=gen_s)
         if result is None or not result.done:
             return EpisodeOutcome(trajectory=None, error="episode did not finish within the model's "
-                                  "turn or length limits", generate_s=gen_s)
+                                  "turn or length limits", kind="unfinished", generate_s=gen_s)
         if result.reward is None:
             return EpisodeOutcome(trajectory=None, error=str(result.info.get("error", "no reward")),
-                                  generate_s=gen_s)
+                                  kind="env_reward_none", generate_s=gen_s)
         traj = Trajectory(
             id=uuid.uuid4().hex, run_id=self.run_id, env=env.name, task_id=task.id, group_id=group_id,
             group_size=0, prompt_ids=np.array(prompt_ids), completion_ids=np.array(buf.ids),
             loss_mask=np.array(buf.mask), sampler_logprobs=np.array(buf.logprobs),
             policy_versions=np.array(buf.versions), reward=result.reward, reward_info=_jsonable(result.info),
-            timings={"generate": gen_s, "episode": time.perf_counter() - start}, truncated=truncated)
+            timings={"generate": gen_s, "episode": time.perf_counter() - start}, truncated=run.truncated)
         return EpisodeOutcome(trajectory=traj, generate_s=gen_s)
 
 

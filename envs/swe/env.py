@@ -18,11 +18,11 @@ from pydantic import Field
 from envs.base import Action, EnvParams, Environment, Message, Observation, StepResult, Task
 from envs.data import resolve
 from envs.registry import register_env
-from envs.swe.pools import shared_pool
+from envs.swe.pools import require_isolation, shared_pool
 from envs.swe.task import SWETask, load_swe_tasks, official_image
 from envs.swe.tools import TOOL_DOC, ToolCall, ToolFormatError, parse_tool_call
-from envs.swe.workspace import SandboxFailure, Workspace
-from workers.sandbox import SandboxError, SandboxUnavailable
+from envs.swe.workspace import PolicyFault, SandboxFailure, Workspace
+from workers.sandbox import Isolation, SandboxError, SandboxUnavailable
 
 MAX_TURNS = 200
 
@@ -53,6 +53,13 @@ class SWEParams(EnvParams):
     """Time limit of the grading test run."""
     memory_mb: int = Field(default=2048, ge=256)
     """Memory of the episode's and the grader's sandbox."""
+    local_isolation: Literal["bwrap", "rlimit"] | None = None
+    """Local backend only: "bwrap" (namespaces, required), "rlimit" (none: where bubblewrap
+    cannot create namespaces) or None (bubblewrap when installed)."""
+    allow_unisolated: bool = False
+    """Accept a sandbox that isolates by rlimits only (the agent and the tests could read the
+    host's files, reach the network and signal the trainer's processes). Off: refused when the
+    pool starts; on: the final step's info says `"isolation": "rlimit"`."""
     max_observation_chars: int = Field(default=8000, ge=200)
     """Tool output longer than this is cut (head and tail kept)."""
 
@@ -103,6 +110,8 @@ class SWEEnv(Environment):
         self._stack = contextlib.AsyncExitStack()
         self._workspace: Workspace | None = None
         self._broken = ""
+        self.isolation: Isolation | None = None
+        """What isolates this episode's sandbox (set by `reset`)."""
         self.turns = self.tokens = 0
 
     @classmethod
@@ -114,7 +123,9 @@ class SWEEnv(Environment):
         self.swe = SWETask.model_validate(task.hidden["swe"])
         try:
             self.pool = await shared_pool(self.params.backend, task_image(self.swe, self.params),
-                                          self.params.pool_size)
+                                          self.params.pool_size, self.params.local_isolation)
+            self.isolation = require_isolation(self.pool, self.params.allow_unisolated,
+                                               "params.allow_unisolated")
             box = await self._stack.enter_async_context(self.pool.session())
             self._workspace = Workspace(box, self.swe, self.params.memory_mb)
             await self._workspace.prepare()
@@ -140,6 +151,9 @@ class SWEEnv(Environment):
                 return await self._finish("submitted")
             try:
                 output = await self._run_tool(call)
+            except PolicyFault as err:
+                info = {"error": f"{call.name}: {err}", "turns": self.turns, "isolation": self._isolated_by()}
+                return StepResult(done=True, reward=0.0, info=info)
             except (SandboxFailure, SandboxError) as err:
                 return StepResult(done=True, reward=None, info={"error": f"sandbox failed during {call.name}: {err}"})
         if self.turns >= self.params.max_turns or self.tokens >= self.params.token_budget:
@@ -153,11 +167,15 @@ class SWEEnv(Environment):
     async def _finish(self, reason: str) -> StepResult:
         """Take the diff, release the episode's sandbox, grade in a fresh one."""
         assert self._workspace is not None
-        info: dict[str, Any] = {"reason": reason, "turns": self.turns, "tokens": self.tokens}
+        info: dict[str, Any] = {"reason": reason, "turns": self.turns, "tokens": self.tokens,
+                                "isolation": self._isolated_by()}
         try:
             diff, skipped = await self._workspace.diff()
-        except (SandboxFailure, SandboxError) as err:
-            return StepResult(done=True, reward=None, info={**info, "error": f"could not read the diff: {err}"})
+        except (PolicyFault, SandboxFailure, SandboxError) as err:
+            # The policy's doing scores 0; the sandbox's own failure gives no reward.
+            reward = 0.0 if isinstance(err, PolicyFault) else None
+            info["error"] = f"could not read the diff: {err}"
+            return StepResult(done=True, reward=reward, info=info)
         await self.close()
         from reward.swe import grade_swe  # swebench takes seconds to import; only grading needs it
 
@@ -171,14 +189,21 @@ class SWEEnv(Environment):
     async def close(self) -> None:
         await self._stack.aclose()
 
+    def _isolated_by(self) -> str | None:
+        return self.isolation.value if self.isolation is not None else None
+
     async def _run_tool(self, call: ToolCall) -> str:
         assert self._workspace is not None
+        # From the first tool that can change the sandbox on, its tree is the policy's doing.
+        self._workspace.policy_acted |= call.name != "view"
         if call.name == "bash":
             return await self._bash(call.arg)
         files = await self._workspace.read_files([call.arg])
         current = files[call.arg]
         if call.name == "create":
-            await self._workspace.write_files({call.arg: call.text.encode()})
+            errors = await self._workspace.write_files({call.arg: call.text.encode()})
+            if errors:
+                return f"Error: could not write {call.arg}: {errors[call.arg]}"
             return f"{'Overwrote' if current is not None else 'Created'} {call.arg} ({call.text.count(chr(10))} lines)."
         if current is None:
             return f"Error: {call.arg} does not exist (paths are relative to the repository root)."
@@ -209,7 +234,9 @@ class SWEEnv(Environment):
             return f"Error: the SEARCH text {where} in {call.arg}; it must match exactly once."
         start_line = text[: text.index(call.search)].count("\n") + 1
         new_text = text.replace(call.search, call.text, 1)
-        await self._workspace.write_files({call.arg: new_text.encode()})
+        errors = await self._workspace.write_files({call.arg: new_text.encode()})
+        if errors:
+            return f"Error: could not write {call.arg}: {errors[call.arg]}"
         end_line = start_line + call.text.count("\n")
         return f"Edited {call.arg}. Lines {max(1, start_line - 2)}-{end_line + 2} now read:\n" + \
             number_lines(new_text, max(1, start_line - 2), end_line + 2)

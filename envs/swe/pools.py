@@ -1,29 +1,39 @@
 """Sandbox pools shared by the SWE episodes of an event loop: one warm pool per (backend, image),
 started on first use and closed by `close_shared_pools` (episodes come and go; containers stay).
-Keyed by the running loop too, because a pool's queues and tasks belong to the loop that made it."""
+Keyed by the running loop too, because a pool's queues and tasks belong to the loop that made it.
+
+A pool's isolation is read from its first run when it starts. Rewards refuse a pool that isolates
+by rlimits only (`Isolation.RLIMIT`: no namespaces, no container) unless the environment's config
+accepts it by name (`require_isolation`): such programs see the host's files (the dataset's
+answers among them), the network, and as non-root the trainer's own processes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
-from workers.sandbox import SandboxLimits, SandboxPool
+from envs.base import EnvConfigError
+from workers.sandbox import ExecRequest, Isolation, SandboxLimits, SandboxPool, SandboxUnavailable, Status
 
 SWE_WORK_MB = 2048
 """Size cap of the sandbox work dir: a repository, its dependencies and the episode's snapshot
 of it must fit (the bytes count against the memory limit, so small repositories cost little)."""
 
-_pools: dict[tuple[asyncio.AbstractEventLoop, str, str], SandboxPool] = {}
-_starting: dict[tuple[asyncio.AbstractEventLoop, str, str], asyncio.Task[SandboxPool]] = {}
+_Key = tuple[asyncio.AbstractEventLoop, str, str, str | None]
+_pools: dict[_Key, SandboxPool] = {}
+_starting: dict[_Key, asyncio.Task[SandboxPool]] = {}
+_isolation: dict[int, Isolation] = {}
 
 
-async def shared_pool(backend: str, image: str, size: int) -> SandboxPool:
-    """This loop's warm pool for `image` on `backend`, started with `size` sandboxes if new."""
-    key = (asyncio.get_running_loop(), backend, image)
+async def shared_pool(backend: str, image: str, size: int, local_isolation: str | None = None) -> SandboxPool:
+    """This loop's warm pool for `image` on `backend`, started with `size` sandboxes if new
+    (`local_isolation`: the local backend's "bwrap" or "rlimit", None = the best available)."""
+    key = (asyncio.get_running_loop(), backend, image, local_isolation)
     if key in _pools:
         return _pools[key]
     if key not in _starting:
         # One start per key, however many episodes ask at once.
-        _starting[key] = asyncio.create_task(_start(backend, image, size))
+        _starting[key] = asyncio.create_task(_start(backend, image, size, local_isolation))
     try:
         _pools[key] = await asyncio.shield(_starting[key])
     finally:
@@ -31,15 +41,38 @@ async def shared_pool(backend: str, image: str, size: int) -> SandboxPool:
     return _pools[key]
 
 
-async def _start(backend: str, image: str, size: int) -> SandboxPool:
+async def _start(backend: str, image: str, size: int, local_isolation: str | None) -> SandboxPool:
     pool = SandboxPool(backend=backend, image=image, size=size,  # type: ignore[arg-type]
-                       limits=SandboxLimits(work_mb=SWE_WORK_MB, pids=512))
+                       limits=SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
+                       local_isolation=local_isolation)  # type: ignore[arg-type]
     await pool.start()
+    # What isolates the programs is reported on every result; a first run reads it before any
+    # grading depends on it.
+    first = await pool.run(ExecRequest(command=["true"], timeout_s=60))
+    if first.status != Status.OK or first.isolation is None:
+        await pool.close()
+        raise SandboxUnavailable(f"the new {pool.backend_name} sandbox pool failed its first run "
+                                 f"({first.status.value}: {first.error[:200]})")
+    _isolation[id(pool)] = first.isolation
     return pool
+
+
+def require_isolation(pool: SandboxPool, allow_unisolated: bool, setting: str) -> Isolation:
+    """The isolation of a shared pool; EnvConfigError when it is rlimits only and the config
+    (`setting`, the key's dotted path) does not accept that."""
+    isolation = _isolation[id(pool)]
+    if isolation is Isolation.RLIMIT and not allow_unisolated:
+        raise EnvConfigError(
+            f"The {pool.backend_name} sandbox isolates programs by rlimits only (they can read the host's "
+            f"files, the answers included, reach the network and signal the trainer's processes); install "
+            f"Docker or bubblewrap, or set `{setting}: true` to accept that.")
+    return isolation
 
 
 async def close_shared_pools() -> None:
     """Close this loop's shared pools (their containers are removed)."""
     loop = asyncio.get_running_loop()
     mine = [key for key in _pools if key[0] is loop]
+    for key in mine:
+        _isolation.pop(id(_pools[key]), None)
     await asyncio.gather(*(_pools.pop(key).close() for key in mine))

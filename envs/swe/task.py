@@ -5,24 +5,37 @@ materialise and test it here. SWE-bench files (JSON arrays) are read as they are
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from envs.data import read_records
-from envs.swe.diffs import touched_paths
+from envs.swe.diffs import normalize_trusted, touched_paths
 
+# How the test runner starts: the test environment's interpreter by its absolute path, with the
+# working folder taken off sys.path before pytest is imported (safe-path semantics, as `-P` gives
+# on Python 3.11+, for every Python a SWE-bench image may hold), so that a `pytest/` package a
+# diff adds at the repository root is not what runs.
+PYTEST = "{python} -c 'import sys; del sys.path[0]; import pytest; raise SystemExit(pytest.main())'"
 # Test commands of the pure-Python SWE-bench repositories (from the SWE-bench harness specs);
 # the test files of the task are appended. Repositories not listed here use plain pytest.
+# `{python}` is the interpreter's absolute path, `{pytest}` the runner above.
 SWEBENCH_TEST_CMDS: dict[str, str] = {
-    "django/django": "./tests/runtests.py --verbosity 2 --settings=test_sqlite --parallel 1",
-    "sympy/sympy": "PYTHONWARNINGS='ignore::UserWarning,ignore::SyntaxWarning' bin/test -C --verbose",
-    "sphinx-doc/sphinx": "tox --current-env -epy39 -v --",
-    "astropy/astropy": "pytest -rA -vv -o console_output_style=classic --tb=no",
-    "mwaskom/seaborn": "pytest --no-header -rA",
+    "django/django": "{python} ./tests/runtests.py --verbosity 2 --settings=test_sqlite --parallel 1",
+    "sympy/sympy": ("PYTHONWARNINGS='ignore::UserWarning,ignore::SyntaxWarning' {python} bin/test "
+                    "-C --verbose"),
+    "sphinx-doc/sphinx": "{python} -m tox --current-env -epy39 -v --",
+    "astropy/astropy": "{pytest} -rA -vv -o console_output_style=classic --tb=no",
+    "mwaskom/seaborn": "{pytest} --no-header -rA",
 }
-DEFAULT_TEST_CMD = "pytest -rA"
+DEFAULT_TEST_CMD = "{pytest} -rA"
+# Scripts that run the tests of a repository: a diff that rewrote one would print the results.
+SWEBENCH_RUNNERS: dict[str, list[str]] = {"django/django": ["tests/runtests.py"], "sympy/sympy": ["bin/test"]}
+# A task's own command that starts pytest by name gets the runner above in its place.
+_PYTEST_HEAD = re.compile(r"^\s*(?:pytest|py\.test|python3?(?:\.[0-9]+)? -m pytest)(?=\s|$)")
 # How the official SWE-bench images start a shell: the repository's conda environment.
 SWEBENCH_SHELL_INIT = "source /opt/miniconda3/bin/activate && conda activate testbed"
 
@@ -77,7 +90,9 @@ class SWETask(BaseModel):
     image_workdir: str = "/testbed"
     """Where an image-resident repository lives (SWE-bench images: /testbed)."""
     test_cmd: str | None = None
-    """Shell command that runs the tests, the test files appended; None = by repository."""
+    """Shell command that runs the tests, the test files appended; None = by repository. A
+    leading `pytest` or `python -m pytest` runs as the safe-path runner (`PYTEST`); `{python}`
+    stands for the test interpreter's absolute path."""
     test_files: list[str] = []
     """Test files to run; empty = the files the test_patch touches (SWE-bench's directives)."""
     trusted_files: list[str] = []
@@ -94,10 +109,16 @@ class SWETask(BaseModel):
         # SWE-bench publishes these as JSON-encoded strings.
         return json.loads(value) if isinstance(value, str) else value
 
-    def resolved_test_cmd(self) -> str:
-        """The full test command: the command for this repository and the test files."""
-        base = self.test_cmd or SWEBENCH_TEST_CMDS.get(self.repo, DEFAULT_TEST_CMD)
-        return " ".join([base, *self.test_directives()])
+    def resolved_test_cmd(self, python: str) -> str:
+        """The full test command, run with the interpreter at `python` (an absolute path): the
+        command for this repository (or the task's own, its leading `pytest` / `python -m pytest`
+        replaced by the safe-path runner) and the test files."""
+        if self.test_cmd is not None:
+            base = _PYTEST_HEAD.sub(lambda _: PYTEST, self.test_cmd, count=1)
+        else:
+            base = SWEBENCH_TEST_CMDS.get(self.repo, DEFAULT_TEST_CMD)
+        command = base.replace("{pytest}", PYTEST).replace("{python}", shlex.quote(python))
+        return " ".join([command, *(shlex.quote(d) for d in self.test_directives())])
 
     def test_directives(self) -> list[str]:
         """What to pass the test command: the test files (Django: dotted test module labels)."""
@@ -108,9 +129,11 @@ class SWETask(BaseModel):
         return files
 
     def trusted(self) -> set[str]:
-        """Paths a model's diff may not change: the test_patch's files and `trusted_files`."""
+        """Paths a model's diff may not change: the test_patch's files, `trusted_files` and the
+        repository's test runner script, normalised as diff paths are."""
         reads, writes = touched_paths(self.test_patch) if self.test_patch else ([], [])
-        return set(reads) | set(writes) | set(self.trusted_files)
+        runners = SWEBENCH_RUNNERS.get(self.repo, []) if self.test_cmd is None else []
+        return set(reads) | set(writes) | normalize_trusted([*self.trusted_files, *runners])
 
     def resolved_log_parser(self) -> str:
         """The `PARSER_REGISTRY` name of the parser for this task's test output."""

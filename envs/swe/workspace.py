@@ -5,21 +5,30 @@ script `box_helper.py` is passed as `python3 -c`), so the repository may live in
 dir (tasks with a `source`) or anywhere in the image (SWE-bench's /testbed). The sandbox kills
 every process after each call, so the "persistent" shell keeps its state in files: the working
 directory and the exported environment are saved after each command and restored before the next.
+
+Nothing that comes back from the sandbox is trusted: the helper runs isolated (`python3 -I`), its
+JSON reports and the shell's exit marker are validated, and a failure is blamed in one place
+(`blame`): on the policy once it has acted on the sandbox (the episode scores 0), on the
+infrastructure before that or when the sandbox layer says so (no reward).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import posixpath
+import re
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
 
 from envs.swe.build.pypi import read_tree, tree_tarball
-from envs.swe.diffs import apply_diff, touched_paths, tree_diff
+from envs.swe.diffs import PatchError, apply_diff, safe_diff_path, touched_paths, tree_diff
 from envs.swe.task import SWEBENCH_SHELL_INIT, SourceSpec, SWETask
 from workers.sandbox import ExecRequest, ExecResult, Status
 
@@ -29,7 +38,32 @@ DEPS_DIR = ".swe_deps"
 STATE_DIR = ".swe_state"
 _HELPER = (Path(__file__).parent / "box_helper.py").read_text()
 _IO_OUTPUT_BYTES = 256 << 20
-_EXIT_MARK = "__codeworld_exit__"
+# The trap's last line. Validated whole: a command that replaces the trap can print anything.
+_EXIT_LINE = re.compile(r"\n__codeworld_exit__ ([0-9]{1,3}) ([0-9]{1,19})\n?\Z")
+AGENT_KILLED = "killed the sandbox agent"
+"""What the sandbox layer's RUNTIME_ERROR says when the program killed the sandbox's agent."""
+# Prints the interpreter's absolute path and every top-level name importable in the test
+# environment: on sys.path without the working folder (the tests run that way), the repository's
+# root and src/ (an editable install may import them through a finder, not sys.path), builtins
+# and the standard library. Written for every Python 3 a SWE-bench image may hold.
+_PROBE = r"""
+import sys
+del sys.path[0]
+import importlib.machinery, json, os, pkgutil
+names = set(sys.builtin_module_names) | set(getattr(sys, "stdlib_module_names", ()))
+names |= set(m[1] for m in pkgutil.iter_modules())
+suffixes = tuple(importlib.machinery.all_suffixes())
+for entry in sys.path + [os.getcwd(), os.path.join(os.getcwd(), "src")]:
+    try:
+        children = os.listdir(entry or ".")
+    except OSError:
+        continue
+    for child in children:
+        stem = child.split(".", 1)[0]
+        if child.endswith(suffixes) or (stem == child and os.path.isdir(os.path.join(entry, child))):
+            names.add(stem)
+print(json.dumps({"python": sys.executable, "importable": sorted(n for n in names if n.isidentifier())}))
+"""
 
 # The shell: restore cwd and exports, run the command (its output to a file, so that a flood of
 # output neither kills the run nor is lost), then save the state and print the output's head.
@@ -67,6 +101,60 @@ class SandboxFailure(RuntimeError):
     """The sandbox could not do its part (SANDBOX_ERROR or a broken helper): no reward is given."""
 
 
+class PolicyFault(RuntimeError):
+    """The policy broke its sandbox or its repository (it killed the sandbox's agent, or left a
+    tree the helper cannot work in): the episode scores 0, it is never dropped."""
+
+
+def blame(result: ExecResult, policy_acted: bool) -> Literal["policy", "infrastructure"]:
+    """Who a failed sandbox call is on. The one place this is decided:
+
+    * the sandbox layer reports that the program killed the sandbox's agent: the policy;
+    * SANDBOX_ERROR otherwise: the infrastructure (the sandbox layer blames programs as above);
+    * any other failure of our own calls (a helper that exits non-zero, times out, runs out of
+      memory or output, or prints something that is not its report): the policy once it has
+      acted on this sandbox's files (the tree is then its doing), the infrastructure before."""
+    if result.status == Status.RUNTIME_ERROR and AGENT_KILLED in result.error:
+        return "policy"
+    if result.status == Status.SANDBOX_ERROR:
+        return "infrastructure"
+    return "policy" if policy_acted else "infrastructure"
+
+
+class RunEnvironment(BaseModel):
+    """What the test run will import from and run with, read before a model's diff is applied."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    python: str
+    """Absolute path of the interpreter the tests run with."""
+    importable: list[str]
+    """Top-level module names importable in the test environment (standard, installed, the
+    repository's own): a file a diff adds must not shadow them."""
+
+
+class _Changed(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    files: dict[str, tuple[str | None, str | None]]
+    """Changed file -> (old, new) content in base64 (None: absent on that side)."""
+    skipped: list[str]
+    """Changed files left out of the diff (binary, huge, unreadable)."""
+
+
+class _ReadReport(RootModel[dict[str, str | None]]):
+    """Path -> content in base64 (None: no such readable file)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class _Written(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    errors: dict[str, str]
+    """Path -> why it could not be written."""
+
+
 @dataclass(frozen=True)
 class ShellOutput:
     """What one shell command printed, and how it ended."""
@@ -91,6 +179,9 @@ class Workspace:
         self.repo = task.image_workdir if task.image_resident() else REPO_DIR
         self.sandbox_s = 0.0
         """Seconds spent waiting on the sandbox (for the benchmark's share of wall time)."""
+        self.policy_acted = False
+        """Set once the policy has changed anything in this sandbox (see `blame`)."""
+        self._test_env: RunEnvironment | None = None
 
     async def _exec(self, command: list[str], stdin: bytes = b"", timeout_s: float = 120.0,
                     env: dict[str, str] | None = None, files: dict[str, bytes] | None = None) -> ExecResult:
@@ -102,20 +193,37 @@ class Workspace:
             result = await self.box.exec(request)
         finally:
             self.sandbox_s += time.perf_counter() - start
-        if result.status == Status.SANDBOX_ERROR:
-            raise SandboxFailure(f"sandbox error: {result.error}")
+        if result.status == Status.SANDBOX_ERROR or blame(result, False) == "policy":
+            raise self._fault(result, f"sandbox error: {result.error}")
         return result
+
+    def _fault(self, result: ExecResult, why: str) -> Exception:
+        """The exception for a failed call: PolicyFault or SandboxFailure, as `blame` says."""
+        if blame(result, self.policy_acted) == "policy":
+            return PolicyFault(f"the policy broke its sandbox: {why}"[:800])
+        return SandboxFailure(why[:800])
 
     async def _checked(self, command: list[str], what: str, **kw: Any) -> bytes:
         result = await self._exec(command, **kw)
         if result.status != Status.OK or result.exit_code != 0:
             tail = (result.stderr or result.stdout).decode(errors="replace")[-500:]
-            raise SandboxFailure(f"{what} failed ({result.status.value}, exit {result.exit_code}): {tail}")
+            why = f"{what} failed ({result.status.value}, exit {result.exit_code}): {tail}"
+            raise self._fault(result, why)
         return result.stdout
 
     async def _helper(self, *args: str, stdin: bytes = b"", timeout_s: float = 120.0) -> bytes:
-        return await self._checked(["python3", "-c", _HELPER, *args], f"helper {args[0]}",
+        return await self._checked(["python3", "-I", "-c", _HELPER, *args], f"helper {args[0]}",
                                    stdin=stdin, timeout_s=timeout_s)
+
+    async def _report(self, model: type[BaseModel], *args: str, **kw: Any) -> Any:
+        """The helper's JSON report, validated: a report that does not parse is a failed call."""
+        out = await self._helper(*args, **kw)
+        try:
+            return model.model_validate_json(out)
+        except ValidationError as exc:
+            ok = ExecResult(status=Status.OK, exit_code=0)
+            raise self._fault(ok, f"helper {args[0]} printed something that is not its report "
+                                  f"({exc.errors()[0]['msg']})") from None
 
     def _abs(self, rel: str) -> str:
         return rel if rel.startswith("/") else f"{self.root}/{rel}"
@@ -159,30 +267,50 @@ class Workspace:
         await self._helper("snapshot", self._abs(self.repo), self._abs(f"{STATE_DIR}/base"), timeout_s=600.0)
 
     async def diff(self) -> tuple[str, list[str]]:
-        """The diff from the snapshot to now, and the changed files it leaves out (binary/huge)."""
-        out = json.loads(await self._helper("changed", self._abs(self.repo), self._abs(f"{STATE_DIR}/base")))
-        old = {p: base64.b64decode(v[0]) for p, v in out["files"].items() if v[0] is not None}
-        new = {p: base64.b64decode(v[1]) for p, v in out["files"].items() if v[1] is not None}
-        return tree_diff(old, new), out["skipped"]
+        """The diff from the snapshot to now, and the changed files it leaves out (binary, huge,
+        unreadable, or named so that a diff cannot carry them plainly)."""
+        out = await self._report(_Changed, "changed", self._abs(self.repo), self._abs(f"{STATE_DIR}/base"))
+        skipped = list(out.skipped) + [p for p in out.files if not safe_diff_path(p)]
+        kept = {p: v for p, v in out.files.items() if p not in skipped}
+        old = {p: self._b64(v[0]) for p, v in kept.items() if v[0] is not None}
+        new = {p: self._b64(v[1]) for p, v in kept.items() if v[1] is not None}
+        return tree_diff(old, new), skipped
+
+    def _b64(self, text: str) -> bytes:
+        try:
+            return base64.b64decode(text, validate=True)
+        except binascii.Error:
+            ok = ExecResult(status=Status.OK, exit_code=0)
+            raise self._fault(ok, "the helper's report holds bad base64") from None
 
     async def read_files(self, paths: list[str]) -> dict[str, bytes | None]:
         """Contents of `paths` (relative to the repository, or absolute); None = no such file."""
-        out = json.loads(await self._helper("read", self._abs(self.repo), *paths))
-        return {p: None if v is None else base64.b64decode(v) for p, v in out.items()}
+        if not paths:
+            return {}
+        out = await self._report(_ReadReport, "read", self._abs(self.repo), *paths)
+        if set(out.root) != set(paths):
+            raise self._fault(ExecResult(status=Status.OK, exit_code=0), "the helper read other paths")
+        return {p: None if v is None else self._b64(v) for p, v in out.root.items()}
 
-    async def write_files(self, files: dict[str, bytes | None]) -> None:
-        """Write (None = delete) files, paths relative to the repository or absolute."""
+    async def write_files(self, files: dict[str, bytes | None]) -> dict[str, str]:
+        """Write (None = delete) files, paths relative to the repository or absolute. Returns,
+        for the paths that could not be written (a folder in the way, a symbolic link), why."""
         payload = {p: None if d is None else base64.b64encode(d).decode() for p, d in files.items()}
-        await self._helper("write", self._abs(self.repo), stdin=json.dumps(payload).encode())
+        out = await self._report(_Written, "write", self._abs(self.repo), stdin=json.dumps(payload).encode())
+        return dict(out.errors)
 
     async def apply(self, diff: str) -> None:
-        """Apply `diff` to the repository (with `git apply` on the host). Raises PatchError."""
+        """Apply `diff` to the repository (with `git apply` on the host). Raises PatchError, also
+        when a file it changes cannot be written."""
         if not diff.strip():
             return
         reads, _ = touched_paths(diff)
         current = await self.read_files(reads)
         base = {p: d for p, d in current.items() if d is not None}
-        await self.write_files(apply_diff(base, diff))
+        errors = await self.write_files(apply_diff(base, diff))
+        if errors:
+            path, why = next(iter(errors.items()))
+            raise PatchError(f"The diff cannot be written: {path}: {why}.")
 
     async def shell(self, command: str, timeout_s: float, limit_bytes: int = 1 << 20) -> ShellOutput:
         """Run `command` in the persistent shell; its output (stdout and stderr interleaved) is
@@ -191,16 +319,37 @@ class Workspace:
         result = await self._exec(["bash", "-c", _SHELL, "shell", state, str(limit_bytes)],
                                   files={f"{STATE_DIR}/cmd.sh": command.encode()}, timeout_s=timeout_s)
         text = result.stdout.decode(errors="replace")
-        head, _, mark = text.rpartition(f"\n{_EXIT_MARK} ")
-        if result.status == Status.TIMEOUT or not mark:
+        mark = _EXIT_LINE.search(text)
+        if result.status == Status.TIMEOUT or mark is None:
             partial = await self._exec(["head", "-c", str(limit_bytes), f"{state}/out"])
             return ShellOutput(partial.stdout.decode(errors="replace"), None,
                                result.status == Status.TIMEOUT, len(partial.stdout))
-        code, size = mark.split()[:2]
-        return ShellOutput(head, int(code), False, int(size))
+        return ShellOutput(text[: mark.start()], int(mark.group(1)), False, int(mark.group(2)))
+
+    async def test_environment(self) -> RunEnvironment:
+        """The interpreter and the importable module names of the test environment, read once
+        (before a model's diff is applied, when grading)."""
+        if self._test_env is None:
+            state = self._abs(STATE_DIR)
+            repo = shlex.quote(self._abs(self.repo))
+            script = f". {state}/env && cd {repo} && python -c {shlex.quote(_PROBE)}"
+            out = await self._checked(["bash", "-c", script], "test environment probe")
+            last = out.strip().splitlines()[-1:] or [b""]
+            try:
+                self._test_env = RunEnvironment.model_validate_json(last[0])
+            except ValidationError:
+                raise self._fault(ExecResult(status=Status.OK, exit_code=0),
+                                  "the test environment probe printed something else") from None
+            if not self._test_env.python.startswith("/"):
+                raise SandboxFailure(f"the test interpreter {self._test_env.python!r} has no absolute path")
+        return self._test_env
 
     async def run_tests(self, timeout_s: float) -> ExecResult:
-        """Run the task's test command in the repository (a plain shell, not the agent's)."""
+        """Run the task's test command in the repository (a plain shell, not the agent's): the
+        interpreter by its absolute path, pytest's plugin autoloading off (an entry point a diff
+        planted would be a plugin)."""
+        python = (await self.test_environment()).python
         state = self._abs(STATE_DIR)
-        script = f". {state}/env && cd {shlex.quote(self._abs(self.repo))} && {self.task.resolved_test_cmd()}"
+        script = (f". {state}/env && cd {shlex.quote(self._abs(self.repo))} "
+                  f"&& export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 && {self.task.resolved_test_cmd(python)}")
         return await self._exec(["bash", "-c", script + " 2>&1"], timeout_s=timeout_s)

@@ -28,6 +28,12 @@ def verifier():
     (r"\boxed{(3, \pi/2)}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
     (r"\boxed{36}", r"\$36", 1.0),
     (r"\boxed{-1}", "-1", 1.0),
+    # An integer gold answer is met exactly: no float near it passes, other scripts' digits neither.
+    (r"\boxed{1e9}", "1000000007", 0.0),
+    (r"\boxed{1000000006.9999999}", "1000000007", 0.0),
+    (r"\boxed{1000000007.0}", "1000000007", 1.0),
+    ("\\boxed{\u0661\u0662\u0663}", "123", 0.0),
+    ("\\boxed{\uff11\uff12\uff13}", "123", 0.0),
 ])
 def test_verdicts(verifier: MathVerifier, prediction: str, gold: str, reward: float) -> None:
     assert verifier.verify_sync(prediction, gold).reward == reward

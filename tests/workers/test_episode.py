@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from envs.arithmetic import ArithmeticEnv, ArithmeticParams
-from envs.base import Observation, Task
+from envs.base import EnvConfigError, Observation, StepResult, Task
 from workers.episode import ChatRenderer, EpisodeRunner
 from workers.rollout import Generation, Sampling
 
@@ -70,3 +70,57 @@ def test_a_group_whose_prompts_differ_samples_each_episode_alone(worker, runner:
     outcomes = asyncio.run(runner.run_group(envs, task(), counting, Sampling(max_tokens=10), "g1"))
     assert counting.calls == [1, 1, 1]
     assert len({tuple(o.trajectory.prompt_ids) for o in outcomes}) == 3
+
+
+class FaultyEnv(ArithmeticEnv):
+    """Arithmetic that raises in `reset` or `step` as an environment with a bug would. An injected
+    fault: the built-in environments no longer raise on any sandbox output, so no real input
+    makes one do it on purpose."""
+
+    closed = 0
+
+    def __init__(self, params: ArithmeticParams, fault: str = "") -> None:
+        super().__init__(params)
+        self.fault = fault
+
+    async def reset(self, task: Task) -> Observation:
+        if self.fault == "reset":
+            raise ValueError("the task row is broken")
+        return await super().reset(task)
+
+    async def step(self, action):
+        if self.fault == "step":
+            raise KeyError("grader bug")
+        if self.fault == "config":
+            raise EnvConfigError("the sandbox is not isolated")
+        if self.fault == "no_observation":
+            return StepResult(done=False)
+        return await super().step(action)
+
+    async def close(self) -> None:
+        FaultyEnv.closed += 1
+        if self.fault == "close":
+            raise RuntimeError("close failed")
+
+
+def test_an_environment_that_raises_drops_only_its_sample(worker, runner: EpisodeRunner) -> None:
+    counting, params = CountingWorker(worker), ArithmeticParams(n_train=5)
+    faults = ["", "reset", "step", "no_observation", "close", ""]
+    envs = [FaultyEnv(params, fault) for fault in faults]
+    FaultyEnv.closed = 0
+    outcomes = asyncio.run(runner.run_group(envs, task(), counting, Sampling(max_tokens=10), "g2"))
+    assert counting.calls == [5]  # the five that reset still share their first turn
+    assert FaultyEnv.closed == 6
+    kinds = [o.kind for o in outcomes]
+    assert kinds == [None, "env_error:ValueError", "env_error:KeyError", "env_error:ValueError", None, None]
+    assert [o.trajectory is not None for o in outcomes] == [True, False, False, False, True, True]
+    assert "reset raised ValueError: the task row is broken" == outcomes[1].error
+    assert "done=False without an observation" in outcomes[3].error
+
+
+def test_a_configuration_error_still_ends_the_run(worker, runner: EpisodeRunner) -> None:
+    envs = [FaultyEnv(ArithmeticParams(n_train=5), fault) for fault in ("", "config")]
+    FaultyEnv.closed = 0
+    with pytest.raises(EnvConfigError, match="not isolated"):
+        asyncio.run(runner.run_group(envs, task(), worker, Sampling(max_tokens=10), "g3"))
+    assert FaultyEnv.closed == 2

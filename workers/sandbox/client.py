@@ -8,10 +8,19 @@ from typing import AsyncIterator
 import httpx
 
 from workers.sandbox.models import ExecRequest, ExecResult, PoolStats, Status
-from workers.sandbox.pool import SandboxError
+from workers.sandbox.pool import SandboxError, SandboxUnavailable
 from workers.sandbox.sessions import FilesPayload, PathsRequest, SessionOpened
 
 _SLACK_S = 30.0
+
+
+def _detail(response: httpx.Response) -> str:
+    """The service's one-sentence reason, whatever the body holds."""
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    return detail if isinstance(detail, str) else f"the sandbox service answered {response.status_code}."
 
 
 class SandboxClient:
@@ -35,10 +44,12 @@ class SandboxClient:
                                          timeout=timeout_s)
         if response.status_code == 401:
             raise PermissionError("the sandbox service refused the bearer token.")
-        if response.status_code == 400:
-            raise ValueError(response.json()["detail"])
-        if response.status_code == 503:
-            raise SandboxError(response.json()["detail"])
+        if response.status_code in (400, 413):
+            raise ValueError(_detail(response))
+        if response.status_code == 429:
+            raise SandboxUnavailable(_detail(response))
+        if response.status_code in (500, 503):
+            raise SandboxError(_detail(response))
         response.raise_for_status()
         return response.content
 

@@ -22,7 +22,7 @@ from envs.swe.build.pypi import fetch_deps, fetch_sdist, parse_spec, read_tree, 
 from envs.swe.build.statement import write_statement
 from envs.swe.diffs import file_diff
 from envs.swe.task import SourceSpec, SWETask, write_swe_tasks
-from envs.swe.workspace import SandboxFailure, Workspace
+from envs.swe.workspace import PolicyFault, SandboxFailure, Workspace
 from reward.swe import SessionPool
 from workers.sandbox import SandboxError, Status
 
@@ -110,6 +110,8 @@ async def run_suite(task: SWETask, pool: SessionPool, timeout_s: float) -> tuple
                 await workspace.prepare()
                 run = await workspace.run_tests(timeout_s)
             break
+        except PolicyFault as err:  # the code under test killed the sandbox: not a clean run
+            return {}, str(err), False
         except (SandboxFailure, SandboxError) as err:
             if attempt == 1:
                 raise RuntimeError(f"The sandbox failed twice while testing {task.instance_id}: {err}") from err

@@ -3,6 +3,8 @@ textual format and the per-step score."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import DOCKER, run_episode
 
@@ -108,3 +110,35 @@ def test_tracer_runs_in_process_too() -> None:
     exec(compile(PROGRAM, "program.py", "exec"), namespace)
     result = trace_call(namespace, "fact", "fact(2)", max_steps=50)
     assert result["truncated"] is False and result["steps"][-1] == ["return", "2"]
+
+
+TAILS = {
+    "garbage": "not json",
+    "wrong types": json.dumps({"steps": [["line", "2", 5]], "truncated": False}),
+    "unknown step": json.dumps({"steps": [["jump", "2"]], "truncated": False}),
+    "too many steps": json.dumps({"steps": [["return", "1"]] * 41, "truncated": False}),
+    "deep nesting": "[" * 100_000,
+}
+
+
+@MODULE_LOOP
+@pytest.mark.parametrize("name", list(TAILS))
+async def test_a_tracer_report_that_is_not_one_gives_no_reward_and_no_exception(name: str) -> None:
+    """Whatever the traced program leaves as the last line of stdout (here from an atexit hook,
+    after the tracer's own report) is validated: a line that is not a tracer report means no
+    ground truth (reward None), never an exception out of `step`."""
+    program = f"import atexit\natexit.register(lambda: print({TAILS[name]!r}))\n" + PROGRAM
+    task = Task(id=f"trace/{name}", prompt=[Message(role="user", content="trace it")],
+                hidden={"program": program, "entry": "fact", "call": "fact(3)"})
+    [result] = await run_episode(ENV, PARAMS, task, _reply(FACT_3))
+    assert result.done and result.reward is None and "malformed" in result.info["error"], result.info
+
+
+@MODULE_LOOP
+async def test_a_traced_program_that_prints_still_has_its_ground_truth() -> None:
+    task = Task(id="trace/prints", prompt=[Message(role="user", content="trace it")],
+                hidden={"program": "print('loading')\n" + PROGRAM, "entry": "fact", "call": "fact(3)"})
+    shifted = [(int(n) + 1, rest) for n, _, rest in (s.partition(":") for s in FACT_3[:-1])]
+    steps = [f"{n}:{rest}" for n, rest in shifted] + FACT_3[-1:]  # one line printed before PROGRAM
+    [result] = await run_episode(ENV, PARAMS, task, _reply(steps))
+    assert result.reward == 1.0, result.info

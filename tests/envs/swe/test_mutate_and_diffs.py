@@ -82,6 +82,12 @@ def test_tree_diff_adds_deletes_and_keeps_missing_final_newlines():
     assert apply_diff(old, diff) == {"a.py": b"x = 2\n", "gone.py": None, "raw.txt": b"still none", "new.py": b"hi\n"}
 
 
+def test_empty_files_created_and_deleted_survive_the_round_trip():
+    diff = tree_diff({"gone.py": b""}, {"pkg/__init__.py": b""})
+    assert touched_paths(diff) == (["gone.py"], ["pkg/__init__.py"])
+    assert apply_diff({"gone.py": b""}, diff) == {"gone.py": None, "pkg/__init__.py": b""}
+
+
 def test_drop_protected_removes_trusted_tests_and_hijack_files_only():
     old = {"pkg/a.py": b"x = 1\n", "tests/test_a.py": b"def test(): assert 0\n"}
     new = {"pkg/a.py": b"x = 2\n", "tests/test_a.py": b"def test(): pass\n", "conftest.py": b"evil\n",

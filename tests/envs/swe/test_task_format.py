@@ -10,7 +10,7 @@ import pytest
 from envs.data import data_root
 from envs.swe.build.statement import failure_sections, write_statement
 from envs.swe.build.tasks import detect_layout, is_test_file
-from envs.swe.task import load_swe_tasks, official_image
+from envs.swe.task import PYTEST, load_swe_tasks, official_image
 
 LITE = data_root() / "swebench_lite"
 
@@ -21,14 +21,16 @@ def test_swebench_lite_files_load_as_they_are():
     assert all(t.FAIL_TO_PASS and t.image_resident() for t in test + dev)
     flask = next(t for t in test if t.instance_id == "pallets__flask-4992")
     assert flask.FAIL_TO_PASS == ["tests/test_config.py::test_config_from_file_toml"]
-    assert flask.resolved_test_cmd() == "pytest -rA tests/test_config.py"
+    runner = PYTEST.replace("{python}", "/env/bin/python")
+    assert flask.resolved_test_cmd("/env/bin/python") == f"{runner} -rA tests/test_config.py"
     assert flask.trusted() == {"tests/static/config.toml", "tests/test_config.py"}
 
 
 def test_repository_specific_commands_and_parsers():
     tasks = {t.repo: t for t in load_swe_tasks(LITE / "test.json")}
     django = tasks["django/django"]
-    assert django.resolved_test_cmd().startswith("./tests/runtests.py --verbosity 2")
+    assert django.resolved_test_cmd("/py").startswith("/py ./tests/runtests.py --verbosity 2")
+    assert "tests/runtests.py" in django.trusted() and "bin/test" in tasks["sympy/sympy"].trusted()
     assert all("/" not in label and not label.endswith(".py") for label in django.test_directives())
     assert django.resolved_log_parser() == "parse_log_django"
     assert tasks["sympy/sympy"].resolved_log_parser() == "parse_log_sympy"
