@@ -151,3 +151,34 @@ def test_dry_run_and_start_refuse_a_kernel_this_machine_lacks(ray_session: None,
     assert out.stderr.strip() == "codeworld: learner.attention: fa3 needs a Hopper GPU; this machine has no CUDA GPU."
     with pytest.raises(ConfigError, match="fa3 needs a Hopper GPU"):  # before any rank starts
         LearnerGroup(tiny_model, LearnerSection(attention="fa3"), AlgorithmSection(), 1.0, 0)
+
+
+@pytest.mark.parametrize(("recipe", "granularity"), [("rowwise", "AXISWISE"), ("tensorwise", "TENSORWISE")])
+def test_emulated_float8_keeps_its_recipe_and_reports_its_logprob_drift(tiny_model: str, recipe: str,
+                                                                         granularity: str) -> None:
+    from torchao.float8.float8_linear import Float8Linear
+
+    from rl.batching import micro_batches
+    from rl.parallelize import float8_bypassed, load_model
+
+    cfg = LearnerSection(lr=1e-3, float8=recipe, float8_emulate=True, float8_drift_every=1)
+    rank = LearnerRank(0, 1, free_port(), tiny_model, cfg, AlgorithmSection(), 1.0, 0)
+    try:
+        linears = [m for m in rank.model.modules() if isinstance(m, Float8Linear)]
+        assert len(linears) == 4 * 7, "every decoder linear layer, not the output head"
+        assert {m.config.cast_config_weight.scaling_granularity.name for m in linears} == {granularity}
+        assert all(m.config.emulate for m in linears)
+        # Bypassed, the float8 layers compute what the plain model computes with the same weights.
+        mb = micro_batches(_samples(), 64)[0]
+        with torch.no_grad():
+            fp8 = rank._logprobs(mb)[0]
+            with float8_bypassed(rank.model):
+                bypassed = rank._logprobs(mb)[0]
+            plain = load_model(tiny_model, "sdpa")(**mb.model_inputs()).logits[0].log_softmax(-1)
+        assert torch.allclose(bypassed, plain.gather(-1, mb.targets[:, None]).squeeze(-1), atol=1e-5)
+        stats = rank.train_step([_samples()], [24])
+        drift = stats.float8_drift_sum / stats.float8_drift_tokens
+        assert drift == pytest.approx(float((fp8 - bypassed).abs().mean()), rel=1e-5)  # the step-start weights
+        assert 1e-4 < drift < 0.5, drift
+    finally:
+        dist.destroy_process_group()
