@@ -78,11 +78,6 @@ class MicroBatch(BaseModel):
     proximal: Any = None
     """float32 [M]: learner logprobs at the start of the step (set when a step has minibatches)."""
 
-    @property
-    def tokens(self) -> int:
-        """Model tokens this micro-batch trains on."""
-        return int(self.positions.numel())
-
     def to(self, device: Any) -> MicroBatch:
         """The same micro-batch with every tensor on `device`."""
         layout = PackedLayout(self.layout.cu_seqlens.to(device), self.layout.max_seqlen,

@@ -163,8 +163,9 @@ class LearnerSection(Section):
     @model_validator(mode="after")
     def _kernels_fit_the_dtype(self) -> LearnerSection:
         if self.attention in ("fa3", "fa4") and self.mixed_precision == "off":
-            raise ValueError(f"learner.attention {self.attention} runs in bf16 only; set learner.mixed_precision "
-                             "to bf16 (or auto, bf16 on a GPU), or use attention sdpa for fp32.")
+            raise ValueError(f"learner.attention {self.attention} runs in bf16 only; set "
+                             "learner.mixed_precision to bf16 (or auto, bf16 on a GPU), or use attention "
+                             "sdpa for fp32.")
         if self.float8 != "off" and not self.float8_emulate and not self.compile:
             raise ValueError("learner.float8 without learner.compile measured 3x slower than bf16; "
                              "set learner.compile: true.")

@@ -183,7 +183,8 @@ class LearnerRank:
         """The full (unsharded) fp32 state dict on rank 0; None elsewhere. Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(self.model, options=options)
         return sd if self.rank == 0 else None
 
     def publish(self, root: str, version: int) -> WeightPush | None:
@@ -199,7 +200,8 @@ class LearnerRank:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}, checkpoint_id=path)
+        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()},
+                 checkpoint_id=path)
 
     def load_checkpoint(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -208,7 +210,8 @@ class LearnerRank:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def shutdown(self) -> None:
@@ -292,7 +295,8 @@ class LearnerGroup:
         norms = stats[0].grad_norms
         return StepStats(
             loss=sum(s.loss_sum for s in stats) / tok, entropy=sum(s.entropy_sum for s in stats) / tok,
-            clip_frac=sum(s.clipped for s in stats) / tok, mismatch_kl=sum(s.mismatch_k3_sum for s in stats) / tok,
+            clip_frac=sum(s.clipped for s in stats) / tok,
+            mismatch_kl=sum(s.mismatch_k3_sum for s in stats) / tok,
             mismatch_abs=sum(s.mismatch_abs_sum for s in stats) / tok, grad_norm=sum(norms) / len(norms),
             grad_norms=norms, float8_drift=drift, tokens=int(tok), train_s=time.perf_counter() - start)
 

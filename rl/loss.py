@@ -85,7 +85,8 @@ tokens holds 10 GB of fp32 logits per copy; the unchunked softmax kept two such 
 backward pass and a third for the entropy."""
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logprob of each target token under logits / temperature, and the entropy per position.
 
     logits: [..., V] predicting targets: [...]. Computed in vocabulary chunks of `VOCAB_CHUNK`
@@ -100,7 +101,8 @@ class _ChunkedLogprob(torch.autograd.Function):
     """logp[t] = z[t] − logsumexp(z) with z = logits / T, one fp32 vocabulary chunk at a time."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor,
+                temperature: float) -> tuple[torch.Tensor, ...]:
         n = logits.shape[0]
         top = torch.full((n,), -torch.inf, device=logits.device)
         total = torch.zeros(n, device=logits.device)  # Σ exp(z − top)

@@ -42,8 +42,9 @@ _KERNELS = {  # attention → (module, what it needs, compute capability majors 
 # longest-sample length. Each is one opaque kernel call, so the compiled blocks lose nothing by
 # keeping them out of the graph.
 @torch.compiler.disable
-def _sdpa_packed(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-                 dropout: float = 0.0, packed: Any = None, **kwargs: Any) -> tuple[Any, None]:
+def _sdpa_packed(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                 scaling: float | None = None, dropout: float = 0.0, packed: Any = None,
+                 **kwargs: Any) -> tuple[Any, None]:
     """Block-diagonal causal attention over a packed row. query: [1, heads, N, dim]."""
     samples, longest = packed.cu_seqlens.numel() - 1, packed.max_seqlen
 
@@ -63,8 +64,9 @@ def _flash_packed(varlen: Any) -> Any:
     """An attention function calling a FlashAttention varlen kernel on a packed row."""
 
     @torch.compiler.disable
-    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-                  dropout: float = 0.0, packed: Any = None, **kwargs: Any) -> tuple[Any, None]:
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                  scaling: float | None = None, dropout: float = 0.0, packed: Any = None,
+                  **kwargs: Any) -> tuple[Any, None]:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, heads, dim]
         out = varlen(q, k, v, cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=packed.cu_seqlens,
                      max_seqlen_q=packed.max_seqlen, max_seqlen_k=packed.max_seqlen, softmax_scale=scaling,
@@ -75,7 +77,8 @@ def _flash_packed(varlen: Any) -> Any:
     return attention
 
 
-def attention_problem(attention: str, capability: tuple[int, int] | None, kernel_error: str | None) -> str | None:
+def attention_problem(attention: str, capability: tuple[int, int] | None,
+                      kernel_error: str | None) -> str | None:
     """Why `learner.attention` cannot run on a machine whose first GPU has `capability` (None: no
     CUDA GPU) and where importing the kernel failed with `kernel_error` (None: it imports)."""
     if attention not in _KERNELS:
@@ -88,7 +91,8 @@ def attention_problem(attention: str, capability: tuple[int, int] | None, kernel
         return (f"learner.attention: {attention} needs {gpus}; this GPU has compute capability "
                 f"{capability[0]}.{capability[1]}.")
     if kernel_error is not None:
-        return f"learner.attention: {attention} needs {needs}, which cannot be imported here ({kernel_error})."
+        return (f"learner.attention: {attention} needs {needs}, which cannot be imported here "
+                f"({kernel_error}).")
     return None
 
 

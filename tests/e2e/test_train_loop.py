@@ -46,8 +46,9 @@ def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, 
         groups = collections.defaultdict(list)
         for t in trajs:
             groups[t.group_id].append(t)
-        samples = [TrainSample(input_ids=np.concatenate([t.prompt_ids, t.completion_ids]), prompt_len=len(t.prompt_ids),
-                               loss_mask=t.loss_mask, sampler_logprobs=t.sampler_logprobs, advantage=a)
+        samples = [TrainSample(input_ids=np.concatenate([t.prompt_ids, t.completion_ids]),
+                               prompt_len=len(t.prompt_ids), loss_mask=t.loss_mask,
+                               sampler_logprobs=t.sampler_logprobs, advantage=a)
                    for g in groups.values() if len({t.reward for t in g}) > 1
                    for t, a in zip(g, group_advantages([t.reward for t in g], True))]
         total = sum(int(s.loss_mask.sum()) for s in samples)

@@ -53,7 +53,8 @@ def test_lr_warms_up_holds_then_decays_linearly_to_its_floor() -> None:
     cfg = LearnerSection(lr=1e-3, warmup_steps=2, stable_steps=2, decay_steps=4, min_lr_ratio=0.2)
     got = [lr_multiplier(step, cfg) for step in range(10)]
     assert got == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
-    assert [lr_multiplier(s, LearnerSection(decay_steps=2)) for s in range(3)] == pytest.approx([1.0, 0.5, 0.0])
+    decayed = [lr_multiplier(s, LearnerSection(decay_steps=2)) for s in range(3)]
+    assert decayed == pytest.approx([1.0, 0.5, 0.0])
 
 
 def test_checkpoint_restores_weights_optimizer_and_warmup_position(rank: LearnerRank, tiny_model: str,
@@ -70,12 +71,14 @@ def test_checkpoint_restores_weights_optimizer_and_warmup_position(rank: Learner
 
 
 def _sample(rng: np.random.Generator, prompt: int, completion: int, advantage: float) -> TrainSample:
-    return TrainSample(input_ids=rng.integers(3, 400, prompt + completion).astype(np.int32), prompt_len=prompt,
-                       loss_mask=np.ones(completion, np.int32),
-                       sampler_logprobs=rng.uniform(-7, -4, completion).astype(np.float32), advantage=advantage)
+    return TrainSample(input_ids=rng.integers(3, 400, prompt + completion).astype(np.int32),
+                       prompt_len=prompt, loss_mask=np.ones(completion, np.int32),
+                       sampler_logprobs=rng.uniform(-7, -4, completion).astype(np.float32),
+                       advantage=advantage)
 
 
-def test_two_ranks_with_minibatches_and_uneven_shards_match_one_rank(ray_session: None, tiny_model: str) -> None:
+def test_two_ranks_with_minibatches_and_uneven_shards_match_one_rank(ray_session: None,
+                                                                     tiny_model: str) -> None:
     """Issue #9, defect 1: in the proximal pass a rank with fewer micro-batches padded with a
     forward + backward while the others ran no-grad forwards, and the collectives paired wrongly
     (gloo hung). Here minibatch 0 splits 1 : 2 micro-batches over the ranks and minibatch 1, one
@@ -127,8 +130,8 @@ def test_kernel_choices_that_cannot_pay_or_run_are_config_errors(overrides: list
 
 def test_flash_attention_without_a_hopper_gpu_or_its_kernel_is_one_error_naming_the_key() -> None:
     assert not torch.cuda.is_available(), "this test describes a machine without a GPU"
-    with pytest.raises(ConfigError, match=re.escape("learner.attention: fa3 needs a Hopper GPU; this machine has "
-                                                    "no CUDA GPU.")):
+    no_gpu = "learner.attention: fa3 needs a Hopper GPU; this machine has no CUDA GPU."
+    with pytest.raises(ConfigError, match=re.escape(no_gpu)):
         require_runnable(LearnerSection(attention="fa3"))
     with pytest.raises(ConfigError, match="learner.attention: fa4 needs a Hopper or Blackwell GPU"):
         require_runnable(LearnerSection(attention="fa4", mixed_precision="bf16"))
@@ -136,8 +139,8 @@ def test_flash_attention_without_a_hopper_gpu_or_its_kernel_is_one_error_naming_
         require_runnable(LearnerSection(float8="tensorwise", compile=True))
     require_runnable(LearnerSection())  # sdpa runs anywhere
     # The checks a GPU machine reaches, on the facts such a machine reports:
-    assert attention_problem("fa3", (8, 0), None) == ("learner.attention: fa3 needs a Hopper GPU; this GPU has "
-                                                      "compute capability 8.0.")
+    assert attention_problem("fa3", (8, 0), None) == ("learner.attention: fa3 needs a Hopper GPU; this GPU "
+                                                      "has compute capability 8.0.")
     assert "cannot be imported here (ModuleNotFoundError: No module named 'flash_attn_interface')" in \
         attention_problem("fa3", (9, 0), "ModuleNotFoundError: No module named 'flash_attn_interface'")
     assert attention_problem("fa4", (10, 0), None) is None and attention_problem("fa3", (9, 0), None) is None
@@ -145,10 +148,12 @@ def test_flash_attention_without_a_hopper_gpu_or_its_kernel_is_one_error_naming_
 
 def test_dry_run_and_start_refuse_a_kernel_this_machine_lacks(ray_session: None, tiny_model: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"), f"model.path={tiny_model}",
-         "learner.attention=fa3", "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO)
+        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"),
+         f"model.path={tiny_model}", "learner.attention=fa3", "--dry-run"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 2
-    assert out.stderr.strip() == "codeworld: learner.attention: fa3 needs a Hopper GPU; this machine has no CUDA GPU."
+    assert out.stderr.strip() == ("codeworld: learner.attention: fa3 needs a Hopper GPU; this machine has "
+                                  "no CUDA GPU.")
     with pytest.raises(ConfigError, match="fa3 needs a Hopper GPU"):  # before any rank starts
         LearnerGroup(tiny_model, LearnerSection(attention="fa3"), AlgorithmSection(), 1.0, 0)
 
@@ -178,7 +183,8 @@ def test_emulated_float8_keeps_its_recipe_and_reports_its_logprob_drift(tiny_mod
         assert torch.allclose(bypassed, plain.gather(-1, mb.targets[:, None]).squeeze(-1), atol=1e-5)
         stats = rank.train_step([_samples()], [24])
         drift = stats.float8_drift_sum / stats.float8_drift_tokens
-        assert drift == pytest.approx(float((fp8 - bypassed).abs().mean()), rel=1e-5)  # the step-start weights
+        # measured at the step-start weights, as above
+        assert drift == pytest.approx(float((fp8 - bypassed).abs().mean()), rel=1e-5)
         assert 1e-4 < drift < 0.5, drift
     finally:
         dist.destroy_process_group()

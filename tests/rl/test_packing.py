@@ -25,6 +25,10 @@ class Reference(NamedTuple):
     weights: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor]
     """Pre-clip gradients of the step."""
+    entropy_sum: float
+    """Σ entropy over model tokens (a metric the step reports)."""
+    mismatch_abs_sum: float
+    """Σ |learner − sampler logprob| over model tokens (a metric the step reports)."""
 
 
 def mixed_samples(n: int, seed: int) -> list[TrainSample]:
@@ -53,7 +57,7 @@ def padded_step(model_dir: str, samples: list[TrainSample], budget: int, cfg: Le
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     total = sum(int(s.loss_mask.sum()) for s in samples)
-    loss = 0.0
+    loss = entropy = mismatch = 0.0
     for group in split_micro_batches(samples, budget):
         width = max(len(s.input_ids) for s in group)
         ids = torch.zeros((len(group), width), dtype=torch.long)
@@ -69,11 +73,14 @@ def padded_step(model_dir: str, samples: list[TrainSample], budget: int, cfg: Le
         out = policy_loss(logp, logp.detach(), sampler, adv, mask, algo)
         (out.loss_sum / total).backward()
         loss += float(out.loss_sum.detach()) / total
+        entropy += float((-(logp_all.exp() * logp_all).sum(-1) * mask).sum().detach())
+        mismatch += float(((logp.detach() - sampler) * mask).abs().sum())
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
     grads["lm_head.weight"] = grads["model.embed_tokens.weight"]  # tied
     opt.step()
-    return Reference(loss, norm, {k: v.detach() for k, v in model.state_dict().items()}, grads)
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    return Reference(loss, norm, weights, grads, entropy, mismatch)
 
 
 @pytest.fixture()
@@ -99,8 +106,9 @@ def _assert_same_step(loss: float, norm: float, weights: dict[str, torch.Tensor]
     far = sum(int(((weights[k] - ref.weights[k]).abs() > 0.1 * LR).sum()) for k in initial)
     numel = sum(v.numel() for v in initial.values())
     excluded = numel - sum(int(m.sum()) for m in sure.values())
-    print(f"packed vs padded: |loss diff| {abs(loss - ref.loss):.1e}, |grad norm diff| {abs(norm - ref.grad_norm):.1e},"
-          f" max |weight diff| {diff:.1e} where |g| >= 1e-6 (weights moved up to {moved:.1e}); "
+    print(f"packed vs padded: |loss diff| {abs(loss - ref.loss):.1e}, "
+          f"|grad norm diff| {abs(norm - ref.grad_norm):.1e}, "
+          f"max |weight diff| {diff:.1e} where |g| >= 1e-6 (weights moved up to {moved:.1e}); "
           f"{excluded} of {numel} weights with |g| < 1e-6, {far} off by > 0.1 lr")
     assert diff <= 1e-5
     assert far <= 1e-3 * numel
@@ -110,12 +118,13 @@ def test_packing_drops_every_padding_token_and_predicts_only_model_tokens() -> N
     samples = mixed_samples(12, seed=3)
     packed = micro_batches(samples, budget=64)
     assert sum(mb.input_ids.shape[1] for mb in packed) == sum(len(s.input_ids) for s in samples)
-    assert sum(mb.tokens for mb in packed) == sum(int(s.loss_mask.sum()) for s in samples)
+    assert sum(mb.positions.numel() for mb in packed) == sum(int(s.loss_mask.sum()) for s in samples)
     assert all(mb.input_ids.shape[1] <= 64 or len(mb.layout.cu_seqlens) == 2 for mb in packed)
     for mb in packed:  # every target is the token right after its position, inside one sample
         assert torch.equal(mb.input_ids[0, mb.positions + 1], mb.targets)
-        sample_of = torch.bucketize(mb.positions, mb.layout.cu_seqlens[1:].long(), right=True)
-        assert torch.equal(sample_of, torch.bucketize(mb.positions + 1, mb.layout.cu_seqlens[1:].long(), right=True))
+        ends = mb.layout.cu_seqlens[1:].long()
+        sample_of = torch.bucketize(mb.positions, ends, right=True)
+        assert torch.equal(sample_of, torch.bucketize(mb.positions + 1, ends, right=True))
 
 
 def test_packed_step_equals_padded_step_for_mixed_lengths_and_multi_turn_masks(one_rank: LearnerRank,
@@ -127,6 +136,9 @@ def test_packed_step_equals_padded_step_for_mixed_lengths_and_multi_turn_masks(o
     stats = one_rank.train_step([samples], [total])
     ref = padded_step(tiny_model, samples, 64, one_rank.cfg, AlgorithmSection())
     _assert_same_step(stats.loss_sum / total, stats.grad_norms[0], one_rank.full_state_dict(), ref, initial)
+    assert stats.tokens == total
+    assert stats.entropy_sum / total == pytest.approx(ref.entropy_sum / total, abs=1e-5)
+    assert stats.mismatch_abs_sum / total == pytest.approx(ref.mismatch_abs_sum / total, abs=1e-5)
 
 
 def test_packed_step_on_two_gloo_ranks_equals_the_padded_step(ray_session: None, tiny_model: str) -> None:
@@ -159,7 +171,8 @@ def test_activation_checkpointing_changes_nothing_but_memory(one_rank: LearnerRa
     ac = LearnerRank(0, 1, free_port(), tiny_model, cfg, AlgorithmSection(), 1.0, 0)
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-    assert [isinstance(layer, CheckpointWrapper) for layer in ac.model.model.layers] == [True, False, True, False]
+    wrapped = [isinstance(layer, CheckpointWrapper) for layer in ac.model.model.layers]
+    assert wrapped == [True, False, True, False]
     stats = ac.train_step([samples], [total])
     assert stats.loss_sum == pytest.approx(plain.loss_sum, abs=1e-6)
     assert stats.grad_norms == pytest.approx(plain.grad_norms, rel=1e-6)
