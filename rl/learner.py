@@ -147,12 +147,14 @@ class LearnerRank:
             mb.proximal = self._logprobs(mb)[0]
 
     def _float8_drift(self, mb: MicroBatch, stats: RankStats) -> None:
-        """Logprobs of one micro-batch with and without float8, same weights: the price of float8."""
+        """Logprobs of one micro-batch with and without float8, same weights: the price of float8.
+        Both run eagerly: swapping the layers' forward inside compiled blocks would recompile them
+        (twice per probe) and could exhaust dynamo's cache, after which blocks run uncompiled."""
         import torch
 
         from rl.parallelize import float8_bypassed
 
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             fp8 = self._logprobs(mb)[0]
             with float8_bypassed(self.model):
                 plain = self._logprobs(mb)[0]
