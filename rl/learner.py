@@ -1,44 +1,32 @@
 """The learner: one Ray actor per rank, `torch.distributed` + FSDP2 `fully_shard` from the start
-(gloo on CPU, NCCL on GPU), AdamW, fp32 logprobs.
+(gloo on CPU, NCCL on GPU), AdamW, fp32 logprobs. Model building is in `rl.parallelize`, packing
+into micro-batches in `rl.batching`.
 
 `LearnerGroup` (driver side) starts the ranks, splits each batch across them and publishes weights.
-Each rank packs its samples into micro-batches; all ranks run the same number of micro-batches
-(FSDP's collectives must pair up), padding with zero-loss dummies where one rank has fewer.
+Each rank packs its share of every minibatch into micro-batches. FSDP's collectives pair up only
+if every rank runs the same passes in the same order, so for each minibatch all ranks run as many
+micro-batches as the busiest one; a rank with fewer runs a dummy (`dummy_micro_batch`, which
+counts for nothing) through the *same* pass — a no-grad forward in the proximal pass, a forward
+and backward in the training pass.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from rl.batching import MicroBatch, TrainSample, dummy_micro_batch, micro_batches
 from rl.config import AlgorithmSection, LearnerSection
 from rl.weights import WeightPush
 
-
-class TrainSample(BaseModel):
-    """One trajectory as the learner needs it."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    input_ids: np.ndarray
-    """prompt_ids + completion_ids (int32)."""
-    prompt_len: int
-    """Length of the prompt inside `input_ids`."""
-    loss_mask: np.ndarray
-    """Per completion token: 1 model token, 0 environment token."""
-    sampler_logprobs: np.ndarray
-    """Per completion token (float32)."""
-    advantage: float
-    """The sequence's advantage."""
-    proximal_logprobs: np.ndarray | None = None
-    """Learner logprobs at the start of the step (set on the rank when a step has minibatches)."""
+log = logging.getLogger(__name__)
 
 
 class RankStats(BaseModel):
@@ -50,7 +38,11 @@ class RankStats(BaseModel):
     entropy_sum: float = 0.0
     mismatch_k3_sum: float = 0.0
     mismatch_abs_sum: float = 0.0
-    grad_norm: float = 0.0
+    grad_norms: list[float] = []
+    """Pre-clip gradient norm of each optimizer step (the same on every rank)."""
+    float8_drift_sum: float = 0.0
+    """Σ |logprob with float8 − logprob without| over the tokens of the drift probe."""
+    float8_drift_tokens: float = 0.0
 
 
 def lr_multiplier(step: int, cfg: LearnerSection) -> float:
@@ -64,22 +56,10 @@ def lr_multiplier(step: int, cfg: LearnerSection) -> float:
     return 1.0 - (1.0 - cfg.min_lr_ratio) * min(1.0, decayed / cfg.decay_steps)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _micro_batches(samples: Sequence[TrainSample], budget: int) -> list[list[TrainSample]]:
-    """Group samples (longest first) so that padded size B*T stays within `budget` tokens."""
-    order = sorted(samples, key=lambda s: -len(s.input_ids))
-    batches: list[list[TrainSample]] = []
-    for s in order:
-        if batches and (len(batches[-1]) + 1) * len(batches[-1][0].input_ids) <= budget:
-            batches[-1].append(s)
-        else:
-            batches.append([s])
-    return batches
 
 
 class LearnerRank:
@@ -90,83 +70,110 @@ class LearnerRank:
         import torch
         import torch.distributed as dist
 
+        from rl.parallelize import build_model, require_runnable
+
+        require_runnable(learner)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
         torch.set_num_threads(learner.threads_per_rank)
         torch.manual_seed(seed)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
         self.rank, self.world_size = rank, world_size
         self.cfg, self.algo, self.temperature = learner, algo, temperature
-        self.model = _build_model(model_path, learner, self.device)
+        self.model = build_model(model_path, learner, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr, betas=learner.betas,
                                            weight_decay=learner.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, learner))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda step: lr_multiplier(step, learner))
+        self.steps = 0
 
     def ready(self) -> int:
         return self.rank
 
     def train_step(self, minibatches: list[list[TrainSample]], totals: list[int]) -> RankStats:
-        """One optimizer step per minibatch over this rank's share of it. `totals[i]` is the
-        model-token count of minibatch i across all ranks (the loss's denominator)."""
+        """One optimizer step per minibatch over this rank's share of it (possibly empty).
+        `totals[i]` is the model-token count of minibatch i across all ranks (the loss's
+        denominator)."""
         import torch
 
+        from rl.parallelize import precompute_float8_scales
+
         self.model.train()
-        if len(minibatches) > 1:  # later minibatches need the step-start (proximal) logprobs
-            for mb in minibatches:
-                self._run_micro(mb, lambda batch: self._set_proximal(batch))
+        micro = [micro_batches(mb, self.cfg.micro_batch_tokens) for mb in minibatches]
+        rounds = self._rounds(micro)
         stats = RankStats()
-        for mb, total in zip(minibatches, totals):
+        every = self.cfg.float8_drift_every
+        if self.cfg.float8 != "off" and every and self.steps % every == 0:
+            self._lockstep(micro[0][:1], 1, lambda mb: self._float8_drift(mb, stats))
+        if len(micro) > 1:  # later minibatches need the step-start (proximal) logprobs
+            for mbs, n in zip(micro, rounds):
+                self._lockstep(mbs, n, self._set_proximal)
+        for mbs, n, total in zip(micro, rounds, totals):
             self.optimizer.zero_grad(set_to_none=True)
-            self._run_micro(mb, lambda batch: self._accumulate(batch, total, stats))
+            self._lockstep(mbs, n, lambda mb: self._accumulate(mb, total, stats))
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            stats.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            stats.grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             self.optimizer.step()
             self.scheduler.step()
+            precompute_float8_scales(self.model, self.cfg, self.device)
+        self.steps += 1
         return stats
 
-    def _run_micro(self, samples: list[TrainSample], fn: Any) -> None:
-        """Call `fn` on each micro-batch; every rank runs as many as the busiest one (FSDP's
-        collectives must pair up), the others padding with zero-loss dummies."""
+    def _rounds(self, micro: list[list[MicroBatch]]) -> list[int]:
+        """Per minibatch, the most micro-batches any rank has (one all-reduce for the step)."""
         import torch
         import torch.distributed as dist
 
-        micro = _micro_batches(samples, self.cfg.micro_batch_tokens)
-        count = torch.tensor([len(micro)], device=self.device)  # NCCL reduces device tensors only
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        for i in range(int(count.item())):
-            if i < len(micro):
-                fn(micro[i])
-            else:
-                self._dummy_backward()
+        counts = torch.tensor([len(m) for m in micro], device=self.device)  # NCCL reduces device tensors only
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        return counts.tolist()
 
-    def _set_proximal(self, batch: list[TrainSample]) -> None:
-        import torch
+    def _lockstep(self, micro: list[MicroBatch], rounds: int, fn: Callable[[MicroBatch], None]) -> None:
+        """`fn` on each micro-batch, then on dummies up to `rounds` calls: the same pass on every rank."""
+        for i in range(rounds):
+            fn((micro[i] if i < len(micro) else dummy_micro_batch()).to(self.device))
 
+    def _logprobs(self, mb: MicroBatch) -> tuple[Any, Any]:
         from rl.loss import token_logprobs
 
-        t = _to_tensors(batch, self.device)
-        with torch.no_grad():
-            logits = self.model(input_ids=t["input_ids"]).logits[:, :-1]
-            logp, _ = token_logprobs(logits, t["targets"], self.temperature)
-        for i, s in enumerate(batch):
-            p, n = s.prompt_len, len(s.input_ids)
-            s.proximal_logprobs = logp[i, p - 1:n - 1].float().cpu().numpy()
+        logits = self.model(**mb.model_inputs()).logits[0]  # [M, V]: only where a model token is predicted
+        return token_logprobs(logits, mb.targets, self.temperature)
 
-    def _accumulate(self, batch: list[TrainSample], total_tokens: int, stats: RankStats) -> None:
+    def _set_proximal(self, mb: MicroBatch) -> None:
         import torch
 
-        from rl.loss import policy_loss, token_logprobs
+        with torch.no_grad():
+            mb.proximal = self._logprobs(mb)[0]
 
-        t = _to_tensors(batch, self.device)
-        logits = self.model(input_ids=t["input_ids"]).logits[:, :-1]
-        logp, entropy = token_logprobs(logits, t["targets"], self.temperature)
-        prox = t["proximal"] if t["proximal"] is not None else logp.detach()
-        out = policy_loss(logp, prox, t["sampler"], t["adv"], t["mask"], self.algo)
+    def _float8_drift(self, mb: MicroBatch, stats: RankStats) -> None:
+        """Logprobs of one micro-batch with and without float8, same weights: the price of float8.
+        Both run eagerly: swapping the layers' forward inside compiled blocks would recompile them
+        (twice per probe) and could exhaust dynamo's cache, after which blocks run uncompiled."""
+        import torch
+
+        from rl.parallelize import float8_bypassed
+
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            fp8 = self._logprobs(mb)[0]
+            with float8_bypassed(self.model):
+                plain = self._logprobs(mb)[0]
+        stats.float8_drift_sum += float(((fp8 - plain).abs() * mb.mask).sum())
+        stats.float8_drift_tokens += float(mb.mask.sum())
+
+    def _accumulate(self, mb: MicroBatch, total_tokens: int, stats: RankStats) -> None:
+        import torch
+
+        from rl.loss import policy_loss
+
+        logp, entropy = self._logprobs(mb)
+        prox = mb.proximal if mb.proximal is not None else logp.detach()
+        out = policy_loss(logp, prox, mb.sampler, mb.advantages, mb.mask, self.algo)
         # FSDP averages gradients over ranks; scale so the result is the batch's token mean.
         (out.loss_sum / max(total_tokens, 1) * self.world_size).backward()
         with torch.no_grad():
-            m = t["mask"]
-            diff = (prox - t["sampler"]) * m  # learner (step start) vs sampler, same tokens
+            m = mb.mask
+            diff = (prox - mb.sampler) * m  # learner (step start) vs sampler, same tokens
             stats.loss_sum += float(out.loss_sum)
             stats.tokens += out.tokens
             stats.clipped += out.clipped
@@ -174,17 +181,12 @@ class LearnerRank:
             stats.mismatch_k3_sum += float(((torch.exp(diff) - 1 - diff) * m).sum())
             stats.mismatch_abs_sum += float(diff.abs().sum())
 
-    def _dummy_backward(self) -> None:
-        import torch
-
-        ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-        (self.model(input_ids=ids).logits.sum() * 0.0).backward()
-
     def full_state_dict(self) -> dict[str, Any] | None:
         """The full (unsharded) fp32 state dict on rank 0; None elsewhere. Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(self.model, options=options)
         return sd if self.rank == 0 else None
 
     def publish(self, root: str, version: int) -> WeightPush | None:
@@ -200,7 +202,8 @@ class LearnerRank:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}, checkpoint_id=path)
+        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()},
+                 checkpoint_id=path)
 
     def load_checkpoint(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -209,7 +212,8 @@ class LearnerRank:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def shutdown(self) -> None:
@@ -219,65 +223,7 @@ class LearnerRank:
             dist.destroy_process_group()
 
 
-def _build_model(model_path: str, cfg: LearnerSection, device: Any) -> Any:
-    """Load the HF model in fp32 and shard each decoder layer, then the root, with FSDP2."""
-    import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
-
-    attn = "sdpa"
-    if cfg.attention == "fa3":
-        from torch.nn.attention import activate_flash_attention_impl
-
-        activate_flash_attention_impl("FA3")  # routes SDPA's flash backend to FlashAttention-3
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
-    model.to(device)
-    if cfg.float8 != "off":
-        _convert_float8(model, cfg)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32,
-                              reduce_dtype=torch.float32)
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def _convert_float8(model: Any, cfg: LearnerSection) -> None:
-    """torchao float8 training for the decoder's linear layers (not the output head)."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    config = Float8LinearConfig.from_recipe_name(cfg.float8)
-    if cfg.float8_emulate:
-        config = Float8LinearConfig(emulate=True)
-    convert_to_float8_training(model.model, config=config,
-                               module_filter_fn=lambda mod, fqn: mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
-
-
-def _to_tensors(batch: list[TrainSample], device: Any) -> dict[str, Any]:
-    """Right-padded tensors for a micro-batch; completion positions carry mask/sampler/advantage."""
-    import torch
-
-    T = max(len(s.input_ids) for s in batch)
-    ids = torch.zeros((len(batch), T), dtype=torch.long)
-    mask = torch.zeros((len(batch), T - 1))
-    sampler = torch.zeros((len(batch), T - 1))
-    adv = torch.zeros((len(batch), T - 1))
-    has_prox = all(s.proximal_logprobs is not None for s in batch)
-    prox = torch.zeros((len(batch), T - 1))
-    for i, s in enumerate(batch):
-        n, p = len(s.input_ids), s.prompt_len
-        ids[i, :n] = torch.from_numpy(s.input_ids.astype(np.int64))
-        # The token at position j is predicted by position j-1.
-        mask[i, p - 1:n - 1] = torch.from_numpy(s.loss_mask.astype(np.float32))
-        sampler[i, p - 1:n - 1] = torch.from_numpy(s.sampler_logprobs.astype(np.float32))
-        adv[i, p - 1:n - 1] = s.advantage
-        if has_prox:
-            prox[i, p - 1:n - 1] = torch.from_numpy(s.proximal_logprobs)
-    return {"input_ids": ids.to(device), "targets": ids[:, 1:].to(device), "mask": mask.to(device),
-            "sampler": sampler.to(device), "adv": adv.to(device), "proximal": prox.to(device) if has_prox else None}
-
-
-def _balance(samples: Sequence[TrainSample], n: int) -> list[list[TrainSample]]:
+def balance(samples: Sequence[TrainSample], n: int) -> list[list[TrainSample]]:
     """Split samples into n parts of similar token counts (longest first, to the lightest part)."""
     parts: list[list[TrainSample]] = [[] for _ in range(n)]
     loads = [0] * n
@@ -289,7 +235,7 @@ def _balance(samples: Sequence[TrainSample], n: int) -> list[list[TrainSample]]:
 
 
 class StepStats(BaseModel):
-    """What one learner step reports."""
+    """What one learner step reports: token means over the step's model tokens."""
 
     loss: float
     entropy: float
@@ -297,6 +243,11 @@ class StepStats(BaseModel):
     mismatch_kl: float
     mismatch_abs: float
     grad_norm: float
+    """Mean pre-clip gradient norm over the step's optimizer steps (one per minibatch)."""
+    grad_norms: list[float]
+    """Pre-clip gradient norm of each optimizer step."""
+    float8_drift: float | None = None
+    """Mean |logprob with float8 − without| per token on this step's probe (None: not measured)."""
     tokens: int
     train_s: float
 
@@ -308,30 +259,48 @@ class LearnerGroup:
                  temperature: float, seed: int) -> None:
         import ray
 
-        port = _free_port()
-        remote = ray.remote(LearnerRank).options(num_cpus=min(learner.threads_per_rank, 1))
+        from rl.parallelize import require_runnable
+
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        # Check the kernels where a rank will run, so a bad choice is one clear error, not a dead actor.
+        probe = ray.remote(require_runnable).options(num_cpus=0, num_gpus=gpus)
+        try:
+            ray.get(probe.remote(learner))
+        except ray.exceptions.RayTaskError as err:
+            raise err.cause from None
+        port = free_port()
+        remote = ray.remote(LearnerRank).options(num_cpus=min(learner.threads_per_rank, 1), num_gpus=gpus)
         self.ranks = [remote.remote(r, learner.world_size, port, model_path, learner, algo, temperature, seed)
                       for r in range(learner.world_size)]
         ray.get([r.ready.remote() for r in self.ranks])
         self.world_size = learner.world_size
+        log.info("learner: %d rank(s) ready (%s attention, %s float8, mixed precision %s)", self.world_size,
+                 learner.attention, learner.float8, learner.mixed_precision)
 
     def train_step(self, minibatches: Sequence[Sequence[TrainSample]]) -> StepStats:
-        """One optimizer step per minibatch; each is split across ranks with balanced tokens."""
+        """One optimizer step per minibatch; each is split across ranks with balanced tokens (a
+        rank's share may be empty)."""
         import ray
 
         start = time.perf_counter()
         shards: list[list[list[TrainSample]]] = [[] for _ in self.ranks]
         for mb in minibatches:
-            for rank_shard, part in zip(shards, _balance(mb, len(self.ranks))):
+            for rank_shard, part in zip(shards, balance(mb, len(self.ranks))):
                 rank_shard.append(part)
         totals = [int(sum(s.loss_mask.sum() for s in mb)) for mb in minibatches]
         stats = ray.get([rank.train_step.remote(shard, totals) for rank, shard in zip(self.ranks, shards)])
         tok = max(sum(s.tokens for s in stats), 1.0)
+        probed = sum(s.float8_drift_tokens for s in stats)
+        drift = sum(s.float8_drift_sum for s in stats) / probed if probed else None
+        if drift is not None:
+            log.info("learner: float8 logprob drift %.4f nats/token (%d probe tokens)", drift, probed)
+        norms = stats[0].grad_norms
         return StepStats(
             loss=sum(s.loss_sum for s in stats) / tok, entropy=sum(s.entropy_sum for s in stats) / tok,
-            clip_frac=sum(s.clipped for s in stats) / tok, mismatch_kl=sum(s.mismatch_k3_sum for s in stats) / tok,
-            mismatch_abs=sum(s.mismatch_abs_sum for s in stats) / tok, grad_norm=stats[0].grad_norm,
-            tokens=int(tok), train_s=time.perf_counter() - start)
+            clip_frac=sum(s.clipped for s in stats) / tok,
+            mismatch_kl=sum(s.mismatch_k3_sum for s in stats) / tok,
+            mismatch_abs=sum(s.mismatch_abs_sum for s in stats) / tok, grad_norm=sum(norms) / len(norms),
+            grad_norms=norms, float8_drift=drift, tokens=int(tok), train_s=time.perf_counter() - start)
 
     def publish(self, root: Path, version: int) -> WeightPush:
         import ray

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -78,11 +79,59 @@ def policy_loss(
     )
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+VOCAB_CHUNK = 8192
+"""Vocabulary columns `token_logprobs` turns into fp32 at a time. A 152 k vocabulary at 16 k
+tokens holds 10 GB of fp32 logits per copy; the unchunked softmax kept two such copies for the
+backward pass and a third for the entropy."""
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logprob of each target token under logits / temperature, and the entropy per position.
 
-    logits: [B, T, V] predicting targets: [B, T]."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    logits: [..., V] predicting targets: [...]. Computed in vocabulary chunks of `VOCAB_CHUNK`
+    columns, keeping no fp32 copy of the logits for the backward pass. The entropy is a metric: it
+    carries no gradient."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, entropy = _ChunkedLogprob.apply(flat, targets.reshape(-1), temperature)
+    return logp.view(targets.shape), entropy.view(targets.shape)
+
+
+class _ChunkedLogprob(torch.autograd.Function):
+    """logp[t] = z[t] − logsumexp(z) with z = logits / T, one fp32 vocabulary chunk at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor,
+                temperature: float) -> tuple[torch.Tensor, ...]:
+        n = logits.shape[0]
+        top = torch.full((n,), -torch.inf, device=logits.device)
+        total = torch.zeros(n, device=logits.device)  # Σ exp(z − top)
+        weighted = torch.zeros(n, device=logits.device)  # Σ exp(z − top) · z
+        for start in range(0, logits.shape[1], VOCAB_CHUNK):
+            z = logits[:, start:start + VOCAB_CHUNK].float() / temperature
+            new_top = torch.maximum(top, z.max(-1).values)
+            rescale = torch.exp(top - new_top)
+            e = torch.exp(z - new_top[:, None])
+            total = total * rescale + e.sum(-1)
+            weighted = weighted * rescale + (e * z).sum(-1)
+            top = new_top
+        lse = top + total.log()
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1).float() / temperature - lse
+        entropy = lse - weighted / total  # logsumexp − E_p[z]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[Any, None, None]:
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = grad_logp / ctx.temperature  # d logp[t] / d z = onehot(t) − softmax(z); z = logits / T
+        for start in range(0, logits.shape[1], VOCAB_CHUNK):
+            z = logits[:, start:start + VOCAB_CHUNK].float() / ctx.temperature
+            g = -torch.exp(z - lse[:, None]) * scale[:, None]
+            inside = (targets >= start) & (targets < start + z.shape[1])  # no host sync, unlike nonzero()
+            g.scatter_add_(1, (targets - start).clamp(0, z.shape[1] - 1)[:, None], (scale * inside)[:, None])
+            grad[:, start:start + VOCAB_CHUNK] = g.to(grad.dtype)
+        return grad, None, None

@@ -356,6 +356,7 @@ def _step_record(orc: Orchestrator, flat: list[Trajectory], stats: StepStats | N
         "response_len": float(np.mean([t.num_model_tokens for t in flat])) if flat else 0.0,
         "entropy": s.get("entropy"), "clip_frac": s.get("clip_frac"), "mismatch_kl": s.get("mismatch_kl"),
         "mismatch_abs": s.get("mismatch_abs"), "loss": s.get("loss"), "grad_norm": s.get("grad_norm"),
+        "float8_drift": s.get("float8_drift"),  # None unless learner.float8 measured it this step
         "staleness": dict(sorted(ages.items())), "tokens_per_s": tok_s,
         "time": {"train_s": s.get("train_s", 0.0), "sync_s": sync_s, "wait_s": wait_s, "step_s": wall},
         "learner_idle": wait_s / max(wall, 1e-9), "dropped": dict(orc.dropped),

@@ -26,8 +26,10 @@ def train(
         if dry_run:
             import torch
 
+            from rl.parallelize import require_runnable
             from rl.resources import describe
 
+            require_runnable(cfg.learner)  # the kernels this machine cannot run, as a start would
             typer.echo(describe(cfg, gpu=torch.cuda.is_available()))
             return
         from rl.orchestrator import run_training

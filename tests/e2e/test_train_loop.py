@@ -34,21 +34,21 @@ def sync_config(tmp_path: Path, model: str, redis_url: str, steps: int):
 
 def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     """A plain synchronous loop over the same trajectories: one process, no FSDP, no Ray, no bus.
-    Samples are laid out in the learner's micro-batch shapes so that float sums run in the same
-    order (AdamW turns reordering noise on near-zero gradients into visible weight differences)."""
-    from transformers import AutoModelForCausalLM
+    Samples are packed into the learner's micro-batches so that float sums run in the same order
+    (AdamW turns reordering noise on near-zero gradients into visible weight differences)."""
+    from rl.batching import TrainSample, micro_batches
+    from rl.parallelize import load_model
 
-    from rl.learner import TrainSample, _micro_batches, _to_tensors
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = load_model(model_dir, cfg.learner.attention)
     norms = []
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr, betas=cfg.learner.betas, weight_decay=0.0)
     for trajs in batches:
         groups = collections.defaultdict(list)
         for t in trajs:
             groups[t.group_id].append(t)
-        samples = [TrainSample(input_ids=np.concatenate([t.prompt_ids, t.completion_ids]), prompt_len=len(t.prompt_ids),
-                               loss_mask=t.loss_mask, sampler_logprobs=t.sampler_logprobs, advantage=a)
+        samples = [TrainSample(input_ids=np.concatenate([t.prompt_ids, t.completion_ids]),
+                               prompt_len=len(t.prompt_ids), loss_mask=t.loss_mask,
+                               sampler_logprobs=t.sampler_logprobs, advantage=a)
                    for g in groups.values() if len({t.reward for t in g}) > 1
                    for t, a in zip(g, group_advantages([t.reward for t in g], True))]
         total = sum(int(s.loss_mask.sum()) for s in samples)
@@ -56,10 +56,9 @@ def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, 
             norms.append(None)
             continue
         opt.zero_grad()
-        for micro in _micro_batches(samples, cfg.learner.micro_batch_tokens):
-            b = _to_tensors(micro, "cpu")
-            logp, _ = token_logprobs(model(input_ids=b["input_ids"]).logits[:, :-1], b["targets"], 1.0)
-            out = policy_loss(logp, logp.detach(), b["sampler"], b["adv"], b["mask"], cfg.algorithm)
+        for mb in micro_batches(samples, cfg.learner.micro_batch_tokens):
+            logp, _ = token_logprobs(model(**mb.model_inputs()).logits[0], mb.targets, 1.0)
+            out = policy_loss(logp, logp.detach(), mb.sampler, mb.advantages, mb.mask, cfg.algorithm)
             (out.loss_sum / total).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip)))
         opt.step()
