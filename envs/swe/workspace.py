@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
 from envs.swe.build.pypi import read_tree, tree_tarball
 from envs.swe.diffs import PatchError, apply_diff, safe_diff_path, touched_paths, tree_diff
 from envs.swe.task import SWEBENCH_SHELL_INIT, SourceSpec, SWETask
-from workers.sandbox import ExecRequest, ExecResult, Status
+from workers.sandbox import ExecRequest, ExecResult, SandboxError, Status
 
 REPO_DIR = "repo"
 """Where a task with a `source` is unpacked, relative to the sandbox work dir."""
@@ -40,8 +40,6 @@ _HELPER = (Path(__file__).parent / "box_helper.py").read_text()
 _IO_OUTPUT_BYTES = 256 << 20
 # The trap's last line. Validated whole: a command that replaces the trap can print anything.
 _EXIT_LINE = re.compile(r"\n__codeworld_exit__ ([0-9]{1,3}) ([0-9]{1,19})\n?\Z")
-AGENT_KILLED = "killed the sandbox agent"
-"""What the sandbox layer's RUNTIME_ERROR says when the program killed the sandbox's agent."""
 # Prints the interpreter's absolute path and every top-level name importable in the test
 # environment: on sys.path without the working folder (the tests run that way), the repository's
 # root and src/ (an editable install may import them through a finder, not sys.path), builtins
@@ -109,12 +107,12 @@ class PolicyFault(RuntimeError):
 def blame(result: ExecResult, policy_acted: bool) -> Literal["policy", "infrastructure"]:
     """Who a failed sandbox call is on. The one place this is decided:
 
-    * the sandbox layer reports that the program killed the sandbox's agent: the policy;
+    * the sandbox layer reports that the program broke the sandbox (`broke_sandbox`): the policy;
     * SANDBOX_ERROR otherwise: the infrastructure (the sandbox layer blames programs as above);
     * any other failure of our own calls (a helper that exits non-zero, times out, runs out of
       memory or output, or prints something that is not its report): the policy once it has
       acted on this sandbox's files (the tree is then its doing), the infrastructure before."""
-    if result.status == Status.RUNTIME_ERROR and AGENT_KILLED in result.error:
+    if result.broke_sandbox:
         return "policy"
     if result.status == Status.SANDBOX_ERROR:
         return "infrastructure"
@@ -191,6 +189,10 @@ class Workspace:
         start = time.perf_counter()
         try:
             result = await self.box.exec(request)
+        except SandboxError as err:  # the session is unusable: by an earlier program, or by itself
+            if err.by_program:
+                raise PolicyFault(f"the policy broke its sandbox: {err}"[:800]) from err
+            raise SandboxFailure(str(err)[:800]) from err
         finally:
             self.sandbox_s += time.perf_counter() - start
         if result.status == Status.SANDBOX_ERROR or blame(result, False) == "policy":

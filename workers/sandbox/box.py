@@ -110,7 +110,8 @@ class Box(abc.ABC):
             error += f" ({reply['detail']})"
         return ExecResult(status=status, exit_code=reply["exit_code"], stdout=stdout, stderr=stderr,
                           stdout_truncated=reply["stdout_truncated"], stderr_truncated=reply["stderr_truncated"],
-                          wall_s=reply["wall_s"], cpu_s=reply["cpu_s"], isolation=self.isolation, error=error)
+                          wall_s=reply["wall_s"], cpu_s=reply["cpu_s"], isolation=self.isolation, error=error,
+                          broke_sandbox=reply.get("tampered", False))
 
     async def put_files(self, files: dict[str, bytes]) -> None:
         blob = pack_files({validate_relative_path(p): d for p, d in files.items()})

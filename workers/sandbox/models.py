@@ -122,6 +122,10 @@ class ExecResult(BaseModel):
     """What isolated this run; None when no sandbox was reached."""
     error: str = ""
     """Why the infrastructure failed (SANDBOX_ERROR) or a note on how the run was ended."""
+    broke_sandbox: bool = False
+    """The program killed, stopped or tampered with the sandbox's agent or launcher (possible only
+    where programs share their uid): its own fault, never the infrastructure's. The sandbox is
+    replaced, and nothing more runs in a session that holds it."""
 
 
 class PoolStats(BaseModel):

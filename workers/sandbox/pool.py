@@ -18,7 +18,7 @@ DEFAULT_IMAGE = "codeworld-sandbox:py311"
 _CREATE_AT_ONCE = 4
 
 
-_KILLED_AGENT = ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9,
+_KILLED_AGENT = ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, broke_sandbox=True,
                            error="the program killed the sandbox agent; the sandbox was replaced")
 _BROKEN_BY_PROGRAM = "a program of this session broke its sandbox (killed or stopped its agent or launcher)"
 
@@ -314,7 +314,7 @@ class Session:
 
     async def exec(self, request: ExecRequest) -> ExecResult:
         if self._box.broken_by_program:
-            return ExecResult(status=Status.RUNTIME_ERROR, isolation=self._box.isolation,
+            return ExecResult(status=Status.RUNTIME_ERROR, isolation=self._box.isolation, broke_sandbox=True,
                               error=f"{_BROKEN_BY_PROGRAM}; nothing more can run in this session")
         self._check()
         try:

@@ -20,7 +20,7 @@ from envs.swe.diffs import (
     shadowing_paths,
     touched_paths,
 )
-from envs.swe.workspace import AGENT_KILLED, blame
+from envs.swe.workspace import blame
 from workers.sandbox import ExecResult, Status
 
 TRUSTED = {"tests/test_x.py"}
@@ -180,8 +180,8 @@ def test_which_repository_paths_a_diff_can_carry_plainly(path: str, ok: bool) ->
 
 
 @pytest.mark.parametrize(("result", "acted", "who"), [
-    (ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, error=f"it {AGENT_KILLED}"), False, "policy"),
-    (ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, error=f"it {AGENT_KILLED}; gone"), True, "policy"),
+    (ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, broke_sandbox=True), False, "policy"),
+    (ExecResult(status=Status.OK, exit_code=0, broke_sandbox=True), True, "policy"),
     (ExecResult(status=Status.SANDBOX_ERROR, error="container vanished"), True, "infrastructure"),
     (ExecResult(status=Status.SANDBOX_ERROR, error="container vanished"), False, "infrastructure"),
     (ExecResult(status=Status.RUNTIME_ERROR, exit_code=1), True, "policy"),
