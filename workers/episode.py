@@ -63,6 +63,9 @@ class EpisodeOutcome(BaseModel):
     """None when no reward could be computed (the sample is dropped and counted)."""
     error: str | None = None
     """Why there is no trajectory."""
+    info: dict[str, Any] = {}
+    """The environment's last `StepResult.info` when there is no trajectory (the trajectory carries
+    it as `reward_info` otherwise): health metrics read the sandbox status from it."""
     generate_s: float = 0.0
     """Seconds spent waiting on the engine."""
 
@@ -168,7 +171,7 @@ class EpisodeRunner:
                                   "turn or length limits", generate_s=gen_s)
         if result.reward is None:
             return EpisodeOutcome(trajectory=None, error=str(result.info.get("error", "no reward")),
-                                  generate_s=gen_s)
+                                  info=_jsonable(result.info), generate_s=gen_s)
         traj = Trajectory(
             id=uuid.uuid4().hex, run_id=self.run_id, env=env.name, task_id=task.id, group_id=group_id,
             group_size=0, prompt_ids=np.array(prompt_ids), completion_ids=np.array(buf.ids),

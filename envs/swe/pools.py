@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from workers.sandbox import SandboxLimits, SandboxPool
+from workers.sandbox import PoolStats, SandboxLimits, SandboxPool
 
 SWE_WORK_MB = 2048
 """Size cap of the sandbox work dir: a repository, its dependencies and the episode's snapshot
@@ -36,6 +36,13 @@ async def _start(backend: str, image: str, size: int) -> SandboxPool:
                        limits=SandboxLimits(work_mb=SWE_WORK_MB, pids=512))
     await pool.start()
     return pool
+
+
+def shared_pool_stats() -> dict[str, PoolStats]:
+    """Counters of this loop's shared pools by "<backend>-<image>" (for health metrics)."""
+    loop = asyncio.get_running_loop()
+    return {f"{backend}-{image}": pool.stats() for (owner, backend, image), pool in _pools.items()
+            if owner is loop}
 
 
 async def close_shared_pools() -> None:
