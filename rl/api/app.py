@@ -207,18 +207,23 @@ def _add_page_routes(app: FastAPI, root: RunsRoot, token: str | None) -> None:
 
     @app.get("/api/events", include_in_schema=False)
     async def events(request: Request, run: Annotated[list[str], Query(min_length=1, max_length=16)]) -> Any:
-        for run_id in run:
+        runs = list(dict.fromkeys(run))
+        offsets: dict[str, int | None] = dict.fromkeys(runs)
+        seqs: dict[str, int | None] = dict.fromkeys(runs)
+        for run_id in runs:
             root.run_dir(run_id)  # unknown runs are a 404 before the stream starts
-        return StreamingResponse(_stream(request, root, list(dict.fromkeys(run))), media_type="text/event-stream",
+            # The starting point is taken before the response starts: whatever a client fetches
+            # after the stream has opened cannot miss a row.
+            await asyncio.to_thread(_news, root, run_id, offsets, seqs)
+        return StreamingResponse(_stream(request, root, runs, offsets, seqs), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _stream(request: Request, root: RunsRoot, runs: list[str]) -> AsyncIterator[str]:
+async def _stream(request: Request, root: RunsRoot, runs: list[str], offsets: dict[str, int | None],
+                  seqs: dict[str, int | None]) -> AsyncIterator[str]:
     """`metrics` events carry rows appended since the stream opened (a client opens the stream
     before fetching the curves, and drops steps it already has); `samples` events say the store
     grew. A comment every 15 s keeps proxies from closing an idle stream."""
-    offsets: dict[str, int | None] = dict.fromkeys(runs)
-    seqs: dict[str, int | None] = dict.fromkeys(runs)
     quiet = 0.0
     yield "retry: 2000\n\n"
     while not await request.is_disconnected():

@@ -239,9 +239,12 @@ async function refreshLayout() {
 
 // ------------------------------------------------------------------ live updates
 function connectLive() {
+  // Resolves once the stream is open (its starting point is then fixed on the server, so curves
+  // fetched afterwards miss no row), or after 5 s without it: the page still shows what exists.
   if (state.live.source) state.live.source.close();
-  if (!state.selected.length) return;
+  if (!state.selected.length) return Promise.resolve();
   const source = new EventSource(`api/events?${query({run: state.selected})}`);
+  const opened = new Promise(resolve => { source.addEventListener("open", resolve, {once: true}); setTimeout(resolve, 5000); });
   state.live.source = source;
   source.addEventListener("metrics", e => onRows(JSON.parse(e.data)));
   source.addEventListener("samples", () => {
@@ -249,6 +252,7 @@ function connectLive() {
   });
   source.onopen = () => updateLive();
   source.onerror = () => updateLive(true);
+  return opened;
 }
 
 function onRows({run, rows}) {
@@ -314,7 +318,7 @@ async function selectRuns(ids) {
   params.delete("run"); params.delete("token");
   ids.forEach(id => params.append("run", id));
   history.replaceState(null, "", `?${params}`);
-  connectLive();
+  await connectLive();
   await refreshLayout();
   fillSampleRuns();
 }
