@@ -69,8 +69,8 @@ class HealthMonitor:
             status = _find(info, "status")
             if status in _STATUS_COUNTS:
                 window.counts[_STATUS_COUNTS[status]] += 1
-            if isinstance(_find(info, "sandbox_s"), (int, float)):
-                window.sandbox_s.append(float(_find(info, "sandbox_s")))
+            if isinstance(_find(info, "sandbox_s"), (int, float)) and status != "sandbox_error":
+                window.sandbox_s.append(float(_find(info, "sandbox_s")))  # runs that never ran have no latency
             if traj is not None and {"episode", "generate"} <= traj.timings.keys():
                 # Everything of the episode that was not generation: reset, verification, sandboxes.
                 window.verify_s.append(max(traj.timings["episode"] - traj.timings["generate"], 0.0))

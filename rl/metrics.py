@@ -108,7 +108,7 @@ def _require(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"logging.trackers lists {extra}, but the {module!r} package is not installed: "
+        raise ConfigError(f"logging.trackers lists {extra}, but the {module.split('.')[0]!r} package is not installed: "
                           f"pip install 'codeworld[{extra}]'.") from None
 
 
