@@ -177,7 +177,8 @@ class EvalSetSection(Section):
     @model_validator(mode="after")
     def _measures_something(self) -> EvalSetSection:
         if not self.greedy and not self.pass_k:
-            raise ValueError(f"eval set {self.label!r} has greedy off and pass_k 0: it would measure nothing.")
+            raise ValueError(f"eval set {self.label!r} has greedy off and pass_k 0: "
+                             "it would measure nothing.")
         return self
 
 

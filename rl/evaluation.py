@@ -55,7 +55,8 @@ class EvalSet:
 class Evaluator:
     """Runs every evaluation set against the rollout workers."""
 
-    def __init__(self, cfg: Config, runner: EpisodeRunner, workers: Sequence[Any], health: HealthMonitor) -> None:
+    def __init__(self, cfg: Config, runner: EpisodeRunner, workers: Sequence[Any],
+                 health: HealthMonitor) -> None:
         self.sets = [EvalSet(i, s, cfg.envs) for i, s in enumerate(cfg.eval.sets)]
         self.runner, self.workers, self.health = runner, list(workers), health
         self.max_tokens, self.temperature = cfg.rollout.max_tokens, cfg.rollout.temperature

@@ -69,8 +69,9 @@ class HealthMonitor:
             status = _find(info, "status")
             if status in _STATUS_COUNTS:
                 window.counts[_STATUS_COUNTS[status]] += 1
+            # A run that never ran (SANDBOX_ERROR) has no latency.
             if isinstance(_find(info, "sandbox_s"), (int, float)) and status != "sandbox_error":
-                window.sandbox_s.append(float(_find(info, "sandbox_s")))  # runs that never ran have no latency
+                window.sandbox_s.append(float(_find(info, "sandbox_s")))
             if traj is not None and {"episode", "generate"} <= traj.timings.keys():
                 # Everything of the episode that was not generation: reset, verification, sandboxes.
                 window.verify_s.append(max(traj.timings["episode"] - traj.timings["generate"], 0.0))
@@ -93,7 +94,8 @@ class HealthMonitor:
 
 
 def _window_metrics(w: _Window, dt: float) -> dict[str, float]:
-    out = {"graded_per_s": w.graded / dt, "no_reward": float(w.no_reward), "verifier_deadline": float(w.deadline)}
+    out = {"graded_per_s": w.graded / dt, "no_reward": float(w.no_reward),
+           "verifier_deadline": float(w.deadline)}
     out.update({key: float(w.counts[key]) for key in _STATUS_COUNTS.values()})
     for key, values in (("verify", w.verify_s), ("sandbox", w.sandbox_s)):
         if values:

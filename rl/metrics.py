@@ -69,7 +69,8 @@ def _figures(trajs: Sequence[Trajectory], prefix: tuple[str, ...]) -> dict[str, 
 
 
 def step_metrics(trajs: Sequence[Trajectory], learner: Mapping[str, Any], *, version: int,
-                 dropped: Mapping[str, int], timing: Mapping[str, float], tokens_per_s: float) -> dict[str, float]:
+                 dropped: Mapping[str, int], timing: Mapping[str, float],
+                 tokens_per_s: float) -> dict[str, float]:
     """One learner step's train/ and perf/ metrics (plus env/ batch figures). `learner` is the
     step's `StepStats` as a dict (empty when the step trained nothing), `dropped` the drops of
     this step by reason, `timing` seconds: train_s, sync_s, wait_s, step_s, elapsed_s."""
@@ -108,7 +109,8 @@ def _require(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"logging.trackers lists {extra}, but the {module.split('.')[0]!r} package is not installed: "
+        package = module.split(".")[0]
+        raise ConfigError(f"logging.trackers lists {extra}, but the {package!r} package is not installed: "
                           f"pip install 'codeworld[{extra}]'.") from None
 
 
@@ -142,7 +144,8 @@ class WandbTracker:
     """A W&B run (offline by default: files under <run dir>/wandb for a later `wandb sync`);
     samples as tables: train samples every `table_every` steps, evaluation samples at each evaluation."""
 
-    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection, config: Mapping[str, Any]) -> None:
+    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection,
+                 config: Mapping[str, Any]) -> None:
         wandb = _require("wandb", "wandb")
         self._wandb, self._every = wandb, logging.wandb.table_every
         self._run = wandb.init(project=logging.wandb.project, entity=logging.wandb.entity, name=run_name,
@@ -166,7 +169,8 @@ class WandbTracker:
 
     def _table(self, step: int, key: str, rows: list[list[Any]]) -> None:
         if rows:
-            self._run.log({key: self._wandb.Table(columns=SAMPLE_COLUMNS, data=rows[:_TABLE_ROWS])}, step=step)
+            table = self._wandb.Table(columns=SAMPLE_COLUMNS, data=rows[:_TABLE_ROWS])
+            self._run.log({key: table}, step=step)
 
     def close(self) -> None:
         self._run.finish()
@@ -175,7 +179,8 @@ class WandbTracker:
 class MlflowTracker:
     """An MLflow run, in a file store under <run dir>/mlruns unless a tracking URI is given."""
 
-    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection, config: Mapping[str, Any]) -> None:
+    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection,
+                 config: Mapping[str, Any]) -> None:
         uri = logging.mlflow.tracking_uri or (run_dir / "mlruns").resolve().as_uri()
         if uri.startswith("file:"):
             # MLflow 3 refuses its file store unless asked: it is in maintenance mode, but it is the
@@ -259,7 +264,8 @@ def plot_reward_curve(metrics_path: Path, out: Path) -> None:
 
     rows = read_rows(metrics_path)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for pattern, style in ((r"^env/(.+)/reward_mean$", "train"), (r"^eval/(.+)/(greedy|pass_at_\d+)$", "eval")):
+    curves = ((r"^env/(.+)/reward_mean$", "train"), (r"^eval/(.+)/(greedy|pass_at_\d+)$", "eval"))
+    for pattern, style in curves:
         names = sorted({k for r in rows for k in r if re.match(pattern, k)})
         for name in names:
             steps, values = zip(*[(r["step"], r[name]) for r in rows if name in r])
@@ -268,7 +274,8 @@ def plot_reward_curve(metrics_path: Path, out: Path) -> None:
                 line, = ax.plot(steps, values, alpha=0.3)
                 ax.plot(steps, _ema(values, 0.9), color=line.get_color(), label=f"{label} train reward (EMA)")
             else:
-                ax.plot(steps, values, marker="o", linestyle="--", label=f"{label} held-out {name.split('/')[-1]}")
+                ax.plot(steps, values, marker="o", linestyle="--",
+                        label=f"{label} held-out {name.split('/')[-1]}")
     ax.set_xlabel("learner step")
     ax.set_ylabel("mean reward")
     ax.set_title(metrics_path.parent.name)

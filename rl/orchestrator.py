@@ -124,7 +124,8 @@ class Orchestrator:
         self.bus = TrajectoryBus(url, cfg.run.name)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len)
-        self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode, cfg.run.seed)
+        self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode,
+                                   cfg.run.seed)
         engine = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                               enforce_eager=cfg.rollout.enforce_eager, kv_cache_gib=cfg.rollout.kv_cache_gib,
                               cpu_cores=cfg.rollout.cpu_cores,
@@ -298,7 +299,8 @@ class Orchestrator:
             record = await self.one_step(step, train_start)
             last_reward = record.get("train/reward_mean", 0.0)
             progress.update(1)
-            progress.set_postfix(reward=f"{last_reward:.3f}", tok_s=f"{record['perf/tokens_per_s']:.0f}", v=self.version)
+            progress.set_postfix(reward=f"{last_reward:.3f}", tok_s=f"{record['perf/tokens_per_s']:.0f}",
+                                 v=self.version)
             if cfg.eval.every and step % cfg.eval.every == 0:
                 after = await self.evaluate(step)
             if cfg.run.max_wall_s and time.perf_counter() - train_start > cfg.run.max_wall_s:
@@ -323,7 +325,8 @@ class Orchestrator:
         step_start, tokens_before = time.perf_counter(), self.tokens_generated
         groups, ids, wait_s = await self.next_batch()
         flat = [t for g in groups for t in g]
-        self.metrics.log_samples(step, "train", self.samples.record_train(step, groups, trained_version=step - 1))
+        recorded = self.samples.record_train(step, groups, trained_version=step - 1)
+        self.metrics.log_samples(step, "train", recorded)
         if self.cfg.run.record_batches:
             _record(self.run_dir / "batches" / f"step_{step:06d}.msgpack", flat)
         stats = await self.train_step(self.to_samples(groups))
@@ -404,8 +407,8 @@ async def run_training(cfg: Config) -> RunSummary:
     board = cfg.logging.dashboard
     dashboard = start_for_run(cfg.run.dir, board.host, board.port) if board.enabled else None
     if dashboard is not None:
-        print(f"codeworld: dashboard of this run: {dashboard.url(run_location(cfg.run.dir)[1])}", file=sys.stderr,
-              flush=True)
+        url = dashboard.url(run_location(cfg.run.dir)[1])
+        print(f"codeworld: dashboard of this run: {url}", file=sys.stderr, flush=True)
     try:
         await orc.start()
         return await orc.train()

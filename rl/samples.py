@@ -162,7 +162,9 @@ class SampleFacets(BaseModel):
 
 
 def _cut(text: str, max_chars: int) -> str:
-    return text if len(text) <= max_chars else text[:max_chars] + f" … [{len(text) - max_chars} characters cut]"
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars] + f" … [{len(text) - max_chars} characters cut]"
 
 
 def to_record(traj: Trajectory, step: int, decode: Callable[[list[int]], str], max_chars: int, *,
@@ -186,7 +188,8 @@ def to_record(traj: Trajectory, step: int, decode: Callable[[list[int]], str], m
         prompt=_cut(decode(traj.prompt_ids.tolist()), max_chars), turns=turns,
         completion_tokens=traj.num_model_tokens, truncated=traj.truncated, policy_min=traj.min_version,
         policy_max=newest, timings=traj.timings,
-        staleness=None if trained_version is None or traj.min_version < 0 else trained_version - traj.min_version)
+        staleness=(None if trained_version is None or traj.min_version < 0
+                   else trained_version - traj.min_version))
 
 
 class SampleStore:
@@ -278,15 +281,16 @@ class SampleReader:
         with self._connect() as db:
             total = db.execute(f"SELECT COUNT(*) FROM samples{where}", args).fetchone()[0]
             rows = db.execute(
-                f"SELECT id, step, kind, eval_set, env, task_id, reward, staleness, preview FROM samples{where} "
-                "ORDER BY step DESC, seq DESC LIMIT ? OFFSET ?", [*args, q.limit, q.offset]).fetchall()
+                "SELECT id, step, kind, eval_set, env, task_id, reward, staleness, preview "
+                f"FROM samples{where} ORDER BY step DESC, seq DESC LIMIT ? OFFSET ?",
+                [*args, q.limit, q.offset]).fetchall()
         return SamplePage(total=total, items=[SampleSummary(**dict(r)) for r in rows])
 
     def task(self, task_id: str, limit: int) -> list[SampleRecord]:
         """The newest `limit` samples of one task, oldest step first (the same task across steps)."""
         with self._connect() as db:
-            rows = db.execute("SELECT body FROM samples WHERE task_id = ? ORDER BY step DESC, seq DESC LIMIT ?",
-                              (task_id, limit)).fetchall()
+            rows = db.execute("SELECT body FROM samples WHERE task_id = ? "
+                              "ORDER BY step DESC, seq DESC LIMIT ?", (task_id, limit)).fetchall()
         return [SampleRecord.model_validate(json.loads(r[0])) for r in reversed(rows)]
 
     def get(self, sample_id: str) -> SampleRecord | None:

@@ -47,6 +47,7 @@ EVENT_PERIOD_S = 1.0
 """How often the live stream looks for new rows."""
 
 RunId = Annotated[str, Query(max_length=512, description="A run id from /api/runs.")]
+Points = Annotated[int, Query(ge=0, le=MAX_POINTS, description="Points per curve (downsampled); 0: all.")]
 
 
 class Series(BaseModel):
@@ -138,12 +139,12 @@ def _add_run_routes(app: FastAPI, root: RunsRoot) -> None:
     def metrics(run: RunId) -> MetricNames:
         return MetricNames(run=run, names=sorted(root.metrics(run).columns))
 
-    @app.get("/api/series", response_model=SeriesSet,
-             responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV (run,name,step,value)"}})
+    csv_too = {200: {"content": {"text/csv": {}}, "description": "JSON, or CSV (run,name,step,value)"}}
+
+    @app.get("/api/series", response_model=SeriesSet, responses=csv_too)
     def series(run: Annotated[list[str], Query(min_length=1, max_length=16, description="Run ids.")],
                name: Annotated[list[str], Query(min_length=1, max_length=256, description="Metric names.")],
-               points: Annotated[int, Query(ge=0, le=MAX_POINTS, description="Points per curve; 0: all.")] = 1000,
-               format: Literal["json", "csv"] = "json") -> Any:
+               points: Points = 1000, format: Literal["json", "csv"] = "json") -> Any:
         out = []
         for run_id in dict.fromkeys(run):
             columns = root.metrics(run_id)
@@ -185,11 +186,13 @@ def _add_sample_routes(app: FastAPI, root: RunsRoot) -> None:
 
     @app.get("/api/task", response_model=TaskSamples)
     def task(run: RunId, task_id: Annotated[str, Query(max_length=512, description="A task id.")],
-             limit: Annotated[int, Query(ge=1, le=200, description="Most samples returned.")] = 64) -> TaskSamples:
+             limit: Annotated[int, Query(ge=1, le=200, description="Most samples returned.")] = 64
+             ) -> TaskSamples:
         return TaskSamples(items=_reader(root, run).task(task_id, limit))
 
     @app.get("/api/sample", response_model=SampleRecord)
-    def sample(run: RunId, id: Annotated[str, Query(max_length=128, description="A sample id.")]) -> SampleRecord:
+    def sample(run: RunId,
+               id: Annotated[str, Query(max_length=128, description="A sample id.")]) -> SampleRecord:
         found = _reader(root, run).get(id)
         if found is None:
             raise HTTPException(404, f"Run {run!r} has no sample {id!r}.")
@@ -239,7 +242,8 @@ async def _stream(request: Request, root: RunsRoot, runs: list[str], offsets: di
         await asyncio.sleep(EVENT_PERIOD_S)
 
 
-def _news(root: RunsRoot, run_id: str, offsets: dict[str, int | None], seqs: dict[str, int | None]) -> list[str]:
+def _news(root: RunsRoot, run_id: str, offsets: dict[str, int | None],
+          seqs: dict[str, int | None]) -> list[str]:
     events = []
     try:
         offsets[run_id], rows = root.tail(run_id, offsets[run_id])
@@ -255,7 +259,8 @@ def _news(root: RunsRoot, run_id: str, offsets: dict[str, int | None], seqs: dic
     return events
 
 
-Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+                Awaitable[None]]
 
 
 class Guard:
@@ -272,7 +277,8 @@ class Guard:
         refusal = self._refusal(scope)
         if refusal is not None:
             status, detail = refusal
-            await JSONResponse({"detail": detail}, status_code=status, headers=_SECURITY)(scope, receive, send)
+            refused = JSONResponse({"detail": detail}, status_code=status, headers=_SECURITY)
+            await refused(scope, receive, send)
             return
 
         async def send_with_headers(message: dict[str, Any]) -> None:
@@ -290,7 +296,8 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.token is None:
             if _hostname(headers.get("host", "")) not in LOOPBACK_HOSTS:
-                return 403, "This dashboard serves only requests to localhost; start it with a token to serve others."
+                return 403, ("This dashboard serves only requests to localhost; start it with a token "
+                             "to serve others.")
             return None
         offered = [headers.get("authorization", "").removeprefix("Bearer ").strip()]
         offered += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])

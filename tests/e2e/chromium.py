@@ -38,9 +38,10 @@ class Chromium:
     def __init__(self, profile: Path, width: int = 1440, height: int = 1000) -> None:
         exe = chromium_path()
         if exe is None:
-            raise RuntimeError("Chromium is not installed: `make test` installs it (apt-get install chromium).")
-        self.proc = subprocess.Popen([exe, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                                      "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            raise RuntimeError("Chromium is not installed: `make test` installs it "
+                               "(apt-get install chromium).")
+        args = [exe, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = profile / "DevToolsActivePort"
         deadline = time.time() + 60
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):

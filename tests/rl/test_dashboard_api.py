@@ -36,8 +36,9 @@ def trajectory(tok, step: int, i: int, reward: float, env: str = "arithmetic") -
     first, feedback, second = tok.encode(f"\\boxed{{{i}}}"), tok.encode("try again"), tok.encode(f"{step}")
     mask = [1] * len(first) + [0] * len(feedback) + [1] * len(second)
     versions = [v if m else -1 for v, m in zip([max(step - 2, 0)] * len(mask), mask)]
-    return Trajectory(id=f"{env}-{step}-{i}", run_id="demo", env=env, task_id=f"task-{i % 5}", group_id=f"g{step}",
-                      group_size=4, prompt_ids=np.array(prompt), completion_ids=np.array(first + feedback + second),
+    return Trajectory(id=f"{env}-{step}-{i}", run_id="demo", env=env, task_id=f"task-{i % 5}",
+                      group_id=f"g{step}", group_size=4, prompt_ids=np.array(prompt),
+                      completion_ids=np.array(first + feedback + second),
                       loss_mask=np.array(mask), sampler_logprobs=np.zeros(len(mask)),
                       policy_versions=np.array(versions), reward=reward,
                       reward_info={"extracted": str(i), "note": "<script>alert(1)</script>"},
@@ -52,7 +53,8 @@ def write_run(run_dir: Path, tok, steps: int, sample_every: int = 1, max_samples
                  for i in range(4)]
         row = step_metrics(trajs, {"loss": 0.1, "entropy": 1.0 - step / steps, "grad_norm": 0.5},
                            version=step, dropped={"stale": 0}, tokens_per_s=100.0,
-                           timing={"train_s": 0.5, "sync_s": 0.1, "wait_s": 0.2, "step_s": 0.8, "elapsed_s": step})
+                           timing={"train_s": 0.5, "sync_s": 0.1, "wait_s": 0.2, "step_s": 0.8,
+                                   "elapsed_s": step})
         row["sandbox/node-1/docker-img/ready"] = 3.0
         if step == SPIKE_STEP:
             row["env/arithmetic/reward_mean"] = 50.0
@@ -126,8 +128,8 @@ def test_runs_are_found_two_levels_down_never_through_links(client: httpx.Client
 
 def test_a_long_run_is_downsampled_on_the_server_keeping_its_ends_and_peaks(client: httpx.Client) -> None:
     start = time.perf_counter()
-    got = client.get("/api/series", params={"run": "demo", "name": ["env/arithmetic/reward_mean", "train/loss"],
-                                            "points": 1000}).json()["series"]
+    names = ["env/arithmetic/reward_mean", "train/loss"]
+    got = client.get("/api/series", params={"run": "demo", "name": names, "points": 1000}).json()["series"]
     first_s = time.perf_counter() - start
     reward = next(s for s in got if s["name"] == "env/arithmetic/reward_mean")
     assert reward["total"] == STEPS and len(reward["steps"]) == 1000
@@ -145,7 +147,8 @@ def test_curves_download_whole_as_csv_and_json(client: httpx.Client) -> None:
     names = ["train/reward_mean", "eval/heldout/greedy"]
     res = client.get("/api/series", params={"run": ["demo", "sweep/lr-1"], "name": names, "points": 0,
                                             "format": "csv"})
-    assert res.headers["content-type"].startswith("text/csv") and "attachment" in res.headers["content-disposition"]
+    assert res.headers["content-type"].startswith("text/csv")
+    assert "attachment" in res.headers["content-disposition"]
     rows = list(csv.DictReader(io.StringIO(res.text)))
     assert len([r for r in rows if r["run"] == "demo" and r["name"] == "train/reward_mean"]) == STEPS
     assert [r for r in rows if r["name"] == "eval/heldout/greedy" and r["run"] == "sweep/lr-1"] == [
@@ -178,7 +181,8 @@ def test_samples_filter_page_and_read_turn_by_turn(client: httpx.Client, tiny_mo
     assert [t["role"] for t in one["turns"]] == ["model", "env", "model"]
     assert one["turns"][0]["text"] == tok.decode(tok.encode("\\boxed{0}"))
     assert one["turns"][1]["text"] == tok.decode(tok.encode("try again")) and one["staleness"] == 1
-    assert one["prompt"] == tok.decode(tok.encode("0+7=?")) and (one["policy_min"], one["policy_max"]) == (5, 5)
+    assert one["prompt"] == tok.decode(tok.encode("0+7=?"))
+    assert (one["policy_min"], one["policy_max"]) == (5, 5)
     across = client.get("/api/task", params={"run": run, "task_id": "task-0"}).json()["items"]
     assert [s["step"] for s in across] == sorted(s["step"] for s in across) and len(across) > 5
     assert {s["task_id"] for s in across} == {"task-0"}
@@ -194,8 +198,9 @@ def test_the_store_keeps_only_the_newest_samples(runs_dir: Path, client: httpx.C
     assert size_mb < 8
 
 
-@pytest.mark.parametrize("run", ["..", "../secret", "/", "/etc", "demo/..", "demo/../..", "./demo", "link_out",
-                                 "planted", "sweep/../../secret", "%2e%2e%2fsecret", "\\..\\secret", "demo\x00"])
+@pytest.mark.parametrize("run", ["..", "../secret", "/", "/etc", "demo/..", "demo/../..", "./demo",
+                                 "link_out", "planted", "sweep/../../secret", "%2e%2e%2fsecret",
+                                 "\\..\\secret", "demo\x00"])
 def test_paths_outside_the_runs_are_404(client: httpx.Client, runs_dir: Path, run: str) -> None:
     for path in ("/api/metrics", "/api/samples", "/api/samples/facets"):
         assert client.get(path, params={"run": run}).status_code == 404, (path, run)
@@ -207,7 +212,8 @@ def test_paths_outside_the_runs_are_404(client: httpx.Client, runs_dir: Path, ru
 def test_encoded_and_symlinked_paths_are_404(client: httpx.Client, server: DashboardServer) -> None:
     assert client.get("/api/samples/facets", params={"run": "half"}).status_code == 404  # linked store
     raw = [b"/api/metrics?run=%2E%2E%2Fsecret", b"/api/metrics?run=..%2F..%2Fetc", b"/static/..%2Fapp.py",
-           b"/static/%2e%2e/%2e%2e/config.py", b"/static/..%2F..%2F..%2Fpyproject.toml", b"/static/%2fetc%2fpasswd"]
+           b"/static/%2e%2e/%2e%2e/config.py", b"/static/..%2F..%2F..%2Fpyproject.toml",
+           b"/static/%2fetc%2fpasswd"]
     for target in raw:
         assert raw_status(server.port, target) == 404, target
     assert client.get("/static/vendor/uplot/LICENSE").status_code == 200
@@ -231,7 +237,8 @@ def test_a_token_is_required_on_every_request_once_set(runs_dir: Path) -> None:
         base = f"http://127.0.0.1:{srv.port}"
         assert httpx.get(base + "/api/runs").status_code == 401
         assert httpx.get(base + "/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(base + "/api/runs", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        bearer = {"Authorization": "Bearer s3cret-token"}
+        assert httpx.get(base + "/api/runs", headers=bearer).status_code == 200
         page = httpx.get(base + "/", params={"token": "s3cret-token"})
         assert page.status_code == 200 and "codeworld_token=s3cret-token" in page.headers["set-cookie"]
         assert "httponly" in page.headers["set-cookie"].lower()
@@ -267,7 +274,8 @@ def test_a_request_from_another_machine_needs_the_token(runs_dir: Path) -> None:
         srv.stop()
 
 
-def test_the_live_stream_sends_new_rows_and_samples(runs_dir: Path, server: DashboardServer, tiny_model: str) -> None:
+def test_the_live_stream_sends_new_rows_and_samples(runs_dir: Path, server: DashboardServer,
+                                                     tiny_model: str) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)

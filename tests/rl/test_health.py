@@ -1,7 +1,7 @@
 """Sandbox and verifier health metrics from real grading: programs run in a real sandbox pool (the
-local backend) pass, time out, crash or run out of memory, one run meets a closed pool (a real SANDBOX_ERROR, the
-sample dropped); the monitor turns the outcomes and the pool's counters into env/ and sandbox/
-metrics."""
+local backend) pass, time out, crash or run out of memory; one run meets a closed pool (a real
+SANDBOX_ERROR, the sample dropped); the monitor turns the outcomes and the pool's counters into
+env/ and sandbox/ metrics."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ async def test_health_counts_statuses_latencies_drops_and_pool_counters() -> Non
     sandbox_s = [r.sandbox_s for r in results[:4]]  # the run that met a closed pool never ran
     assert got["env/mbpp/sandbox_p50_s"] == np.percentile(sandbox_s, 50)
     assert got["env/mbpp/sandbox_p99_s"] == np.percentile(sandbox_s, 99)
-    assert results[1].sandbox_s >= 1.5 and got["env/mbpp/sandbox_p99_s"] > 1.0  # the timeout took its deadline
+    assert results[1].sandbox_s >= 1.5  # the timeout took its whole deadline
     assert got["env/mbpp/verify_p99_s"] >= got["env/mbpp/verify_p50_s"] >= 0.05
     node = monitor.node
     assert got[f"sandbox/{node}/local-py/runs"] == stats.runs >= 4

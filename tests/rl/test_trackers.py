@@ -99,11 +99,13 @@ def test_every_tracker_gets_the_same_metrics_and_wandb_the_samples(tmp_path: Pat
         trajs = _trajectories(step)
         row = step_metrics(trajs, {"loss": 0.5 / step, "entropy": 2.0, "grad_norm": 1.5}, version=step,
                            dropped={"stale": step % 2}, tokens_per_s=100.0 * step,
-                           timing={"train_s": 0.3, "sync_s": 0.1, "wait_s": 0.2, "step_s": 0.6, "elapsed_s": step})
+                           timing={"train_s": 0.3, "sync_s": 0.1, "wait_s": 0.2, "step_s": 0.6,
+                                   "elapsed_s": step})
         expected.update({(k, step): v for k, v in writer.log(step, row).items()})
         writer.log_samples(step, "train", store.record_train(step, [trajs], trained_version=step - 1))
         if step % 2 == 0:
-            expected.update({(k, step): v for k, v in writer.log(step, {"eval/heldout/greedy": step / 10}).items()})
+            logged = writer.log(step, {"eval/heldout/greedy": step / 10})
+            expected.update({(k, step): v for k, v in logged.items()})
             writer.log_samples(step, "eval", store.record_eval(step, "heldout", trajs[:2]))
     mlflow_run = next(t for t in trackers if type(t).__name__ == "MlflowTracker").run_id
     writer.close()
@@ -133,7 +135,8 @@ def test_a_tracker_that_is_not_installed_is_one_clear_error(tmp_path: Path, tiny
     environment without it would be the only other way)."""
     code = ("import sys; sys.modules['mlflow'] = None\n"
             "from rl.cli import app\n"
-            f"sys.argv = ['codeworld', 'train', {str(REPO / 'examples/demo.yaml')!r}, 'model.path={tiny_model}',"
+            f"sys.argv = ['codeworld', 'train', {str(REPO / 'examples/demo.yaml')!r},"
+            f" 'model.path={tiny_model}',"
             f" 'run.dir={tmp_path / 'run'}', 'logging.trackers=[tensorboard, mlflow]',"
             " 'logging.dashboard.enabled=false']\n"
             "app()\n")

@@ -4,55 +4,125 @@
 // with textContent, never parsed as HTML: a completion is an adversary's output.
 "use strict";
 
-const POINTS = 1000;            // points per curve asked of the server
-const REFETCH_AT = 2 * POINTS;  // live appends beyond this refetch a downsampled curve
+const POINTS = 1000; // points per curve asked of the server
+const REFETCH_AT = 2 * POINTS; // live appends beyond this refetch a downsampled curve
 const PAGE = 50;
-const COLORS = ["#2f6fdf", "#e5484d", "#1aa053", "#d99a21", "#8e4ec6", "#0d9488", "#e5588f", "#6b7280",
-                "#a16207", "#0ea5e9"];
+const COLORS = [
+  "#2f6fdf",
+  "#e5484d",
+  "#1aa053",
+  "#d99a21",
+  "#8e4ec6",
+  "#0d9488",
+  "#e5588f",
+  "#6b7280",
+  "#a16207",
+  "#0ea5e9",
+];
 
 // One chart per spec (or per key a spec derives from the name); a metric goes to the first spec
 // whose pattern matches, so every metric a run logs is drawn somewhere (the "Other" tab at worst).
-const HEALTH = "graded_per_s|no_reward|verifier_deadline|timeouts|ooms|sandbox_errors|runtime_errors|" +
-               "output_limits|verify_p50_s|verify_p99_s|sandbox_p50_s|sandbox_p99_s";
+const HEALTH =
+  "graded_per_s|no_reward|verifier_deadline|timeouts|ooms|sandbox_errors|runtime_errors|" +
+  "output_limits|verify_p50_s|verify_p99_s|sandbox_p50_s|sandbox_p99_s";
 const SPECS = [
   {tab: "training", key: "reward", title: "Train reward (mean)", re: /^(?:env\/(.+)|train)\/reward_mean$/},
-  {tab: "training", key: "pass", title: "Train pass rate (full reward)", re: /^(?:env\/(.+)|train)\/pass_rate$/},
-  {tab: "training", key: "length", title: "Response length (tokens)", re: /^(?:env\/(.+)|train)\/response_len$/},
-  {tab: "training", key: "truncation", title: "Truncation rate", re: /^(?:env\/(.+)|train)\/truncation_rate$/},
+  {
+    tab: "training",
+    key: "pass",
+    title: "Train pass rate (full reward)",
+    re: /^(?:env\/(.+)|train)\/pass_rate$/,
+  },
+  {
+    tab: "training",
+    key: "length",
+    title: "Response length (tokens)",
+    re: /^(?:env\/(.+)|train)\/response_len$/,
+  },
+  {
+    tab: "training",
+    key: "truncation",
+    title: "Truncation rate",
+    re: /^(?:env\/(.+)|train)\/truncation_rate$/,
+  },
   {tab: "training", key: "batch", title: "Samples per step", re: /^(?:env\/(.+)|train)\/samples$/},
   {tab: "training", key: "entropy", title: "Policy entropy", re: /^train\/(entropy)$/},
   {tab: "training", key: "clip", title: "Clip fraction", re: /^train\/(clip_frac)$/},
-  {tab: "training", key: "mismatch", title: "Sampler/learner mismatch", re: /^train\/(mismatch_kl|mismatch_abs)$/},
+  {
+    tab: "training",
+    key: "mismatch",
+    title: "Sampler/learner mismatch",
+    re: /^train\/(mismatch_kl|mismatch_abs)$/,
+  },
   {tab: "training", key: "grad", title: "Grad norm (before clipping)", re: /^train\/(grad_norm)$/},
   {tab: "training", key: "loss", title: "Loss", re: /^train\/(loss)$/},
-  {tab: "training", key: "staleness", title: "Staleness: samples per age (versions behind)",
-   re: /^train\/staleness\/(\d+)$/, stacked: true},
+  {
+    tab: "training",
+    key: "staleness",
+    title: "Staleness: samples per age (versions behind)",
+    re: /^train\/staleness\/(\d+)$/,
+    stacked: true,
+  },
   {tab: "training", key: "dropped", title: "Dropped per step, by reason", re: /^train\/dropped\/(.+)$/},
   {tab: "evaluation", key: m => "eval-" + m[2], title: m => "Held-out: " + m[2], re: /^eval\/([^/]+)\/(.+)$/},
   {tab: "throughput", key: "tokens", title: "Generated tokens/s", re: /^perf\/(tokens_per_s)$/},
   {tab: "throughput", key: "spm", title: "Learner steps per minute", re: /^perf\/(steps_per_min)$/},
-  {tab: "throughput", key: "split", title: "Where a step's time went (s)", re: /^perf\/(train_s|sync_s|wait_s)$/,
-   stacked: true},
-  {tab: "throughput", key: "idle", title: "Learner idle share (waiting for data)", re: /^perf\/(learner_idle)$/},
+  {
+    tab: "throughput",
+    key: "split",
+    title: "Where a step's time went (s)",
+    re: /^perf\/(train_s|sync_s|wait_s)$/,
+    stacked: true,
+  },
+  {
+    tab: "throughput",
+    key: "idle",
+    title: "Learner idle share (waiting for data)",
+    re: /^perf\/(learner_idle)$/,
+  },
   {tab: "throughput", key: m => "perf-" + m[1], title: m => m[1], re: /^perf\/(.+)$/},
-  {tab: "health", key: m => "env-" + m[2], title: m => "Per environment: " + m[2],
-   re: new RegExp("^env\\/([^/]+)\\/(" + HEALTH + ")$")},
-  {tab: "health", key: m => "sandbox-" + m[3], title: m => "Sandbox pools: " + m[3],
-   re: /^sandbox\/([^/]+)\/(.+)\/([^/]+)$/, label: m => m[1] + " · " + m[2]},
-  {tab: "health", key: m => "sandbox-" + m[1], title: m => "Sandboxes: " + m[1], re: /^sandbox\/(.+)$/,
-   label: () => "value"},
+  {
+    tab: "health",
+    key: m => "env-" + m[2],
+    title: m => "Per environment: " + m[2],
+    re: new RegExp("^env\\/([^/]+)\\/(" + HEALTH + ")$"),
+  },
+  {
+    tab: "health",
+    key: m => "sandbox-" + m[3],
+    title: m => "Sandbox pools: " + m[3],
+    re: /^sandbox\/([^/]+)\/(.+)\/([^/]+)$/,
+    label: m => m[1] + " · " + m[2],
+  },
+  {
+    tab: "health",
+    key: m => "sandbox-" + m[1],
+    title: m => "Sandboxes: " + m[1],
+    re: /^sandbox\/(.+)$/,
+    label: () => "value",
+  },
   {tab: "other", key: m => "other-" + m[0], title: m => m[0], re: /^(.+)$/, label: () => "value"},
 ];
 
 const state = {
-  runs: [], selected: [], names: {}, data: {}, charts: new Map(), tab: "training", smoothing: 0.6,
-  live: {events: 0, last: 0, source: null}, sample: {offset: 0, total: 0, selected: null}, redraw: null,
+  runs: [],
+  selected: [],
+  names: {},
+  data: {},
+  charts: new Map(),
+  tab: "training",
+  smoothing: 0.6,
+  live: {events: 0, last: 0, source: null},
+  sample: {offset: 0, total: 0, selected: null},
+  redraw: null,
 };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v; else if (k === "text") node.textContent = v; else node.setAttribute(k, v);
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
   }
   for (const c of children) node.append(c);
   return node;
@@ -81,8 +151,16 @@ function chartsOf(run) {
       if (!m) continue;
       const key = typeof spec.key === "function" ? spec.key(m) : spec.key;
       const title = typeof spec.title === "function" ? spec.title(m) : spec.title;
-      const label = spec.label ? spec.label(m) : (m[1] === undefined ? "all" : m[1]);
-      if (!out.has(key)) out.set(key, {key, title, tab: spec.tab, stacked: !!spec.stacked, order: SPECS.indexOf(spec), members: []});
+      const label = spec.label ? spec.label(m) : m[1] === undefined ? "all" : m[1];
+      if (!out.has(key))
+        out.set(key, {
+          key,
+          title,
+          tab: spec.tab,
+          stacked: !!spec.stacked,
+          order: SPECS.indexOf(spec),
+          members: [],
+        });
       out.get(key).members.push({name, label});
       break;
     }
@@ -114,22 +192,27 @@ async function loadSeries(keys) {
   for (const key of keys) {
     for (const m of state.layout.get(key).members) (wanted[m.run] ||= new Set()).add(m.name);
   }
-  await Promise.all(Object.entries(wanted).map(async ([run, names]) => {
-    const list = [...names];
-    for (let i = 0; i < list.length; i += 200) {
-      const got = await api("series", {run, name: list.slice(i, i + 200), points: POINTS});
-      for (const s of got.series) state.data[`${run}|${s.name}`] = {x: s.steps, y: s.values, total: s.total};
-    }
-  }));
+  await Promise.all(
+    Object.entries(wanted).map(async ([run, names]) => {
+      const list = [...names];
+      for (let i = 0; i < list.length; i += 200) {
+        const got = await api("series", {run, name: list.slice(i, i + 200), points: POINTS});
+        for (const s of got.series)
+          state.data[`${run}|${s.name}`] = {x: s.steps, y: s.values, total: s.total};
+      }
+    }),
+  );
 }
 
 function ema(ys, w) {
   // TensorBoard's debiased exponential moving average.
   if (!w) return ys;
-  let acc = 0, n = 0;
+  let acc = 0,
+    n = 0;
   return ys.map(y => {
     if (y === null) return null;
-    acc = acc * w + (1 - w) * y; n += 1;
+    acc = acc * w + (1 - w) * y;
+    n += 1;
     return acc / (1 - Math.pow(w, n));
   });
 }
@@ -140,7 +223,9 @@ function aligned(chart) {
   const index = new Map(xs.map((x, i) => [x, i]));
   const columns = series.map(s => {
     const col = new Array(xs.length).fill(null);
-    s.d.x.forEach((x, i) => { col[index.get(x)] = s.d.y[i]; });
+    s.d.x.forEach((x, i) => {
+      col[index.get(x)] = s.d.y[i];
+    });
     return col;
   });
   return {series, xs, columns};
@@ -152,7 +237,9 @@ function seriesLabel(m) {
 
 function plotData(chart) {
   const {series, xs, columns} = aligned(chart);
-  const opts = [{label: "step"}], data = [xs], bands = [];
+  const opts = [{label: "step"}],
+    data = [xs],
+    bands = [];
   if (chart.stacked) {
     const acc = new Array(xs.length).fill(0);
     columns.forEach((col, i) => {
@@ -160,11 +247,18 @@ function plotData(chart) {
       const raw = col;
       const cum = col.map((v, j) => (acc[j] += v || 0));
       data.push(cum);
-      opts.push({label: seriesLabel(series[i].m), stroke: color, fill: color + "55", value: (u, v, si, idx) =>
-        idx === null || raw[idx] === null ? "–" : (+raw[idx].toPrecision(4)).toString()});
+      opts.push({
+        label: seriesLabel(series[i].m),
+        stroke: color,
+        fill: color + "55",
+        value: (u, v, si, idx) =>
+          idx === null || raw[idx] === null ? "–" : (+raw[idx].toPrecision(4)).toString(),
+      });
       if (i > 0) bands.push({series: [i + 1, i], fill: color + "55"});
     });
-    opts.forEach((o, i) => { if (i > 1) delete o.fill; });
+    opts.forEach((o, i) => {
+      if (i > 1) delete o.fill;
+    });
     return {opts, data, bands, raw: []};
   }
   const rawIdx = [];
@@ -172,12 +266,22 @@ function plotData(chart) {
     const color = COLORS[i % COLORS.length];
     if (state.smoothing > 0) {
       data.push(col);
-      opts.push({label: seriesLabel(series[i].m) + " (raw)", stroke: color + "40", spanGaps: true, points: {show: false}});
+      opts.push({
+        label: seriesLabel(series[i].m) + " (raw)",
+        stroke: color + "40",
+        spanGaps: true,
+        points: {show: false},
+      });
       rawIdx.push(data.length - 1);
     }
     data.push(ema(col, state.smoothing));
-    opts.push({label: seriesLabel(series[i].m), stroke: color, width: 1.6, spanGaps: true,
-               points: {show: xs.length < 40}});
+    opts.push({
+      label: seriesLabel(series[i].m),
+      stroke: color,
+      width: 1.6,
+      spanGaps: true,
+      points: {show: xs.length < 40},
+    });
   });
   return {opts, data, bands, raw: rawIdx};
 }
@@ -190,9 +294,12 @@ function downloadHref(chart, format) {
 
 function buildChart(chart) {
   const box = el("div", {class: "chart", id: `chart-${chart.key}`});
-  const links = el("span", {class: "downloads"},
+  const links = el(
+    "span",
+    {class: "downloads"},
     el("a", {href: downloadHref(chart, "csv"), download: `${chart.key}.csv`, text: "CSV"}),
-    el("a", {href: downloadHref(chart, "json"), download: `${chart.key}.json`, text: "JSON"}));
+    el("a", {href: downloadHref(chart, "json"), download: `${chart.key}.json`, text: "JSON"}),
+  );
   box.append(el("h3", {}, el("span", {text: chart.title}), links), el("div", {class: "plot"}));
   return box;
 }
@@ -202,18 +309,34 @@ function render(chart) {
   if (!box) return;
   const plot = box.querySelector(".plot");
   const {opts, data, bands, raw} = plotData(chart);
-  chart.points = Object.fromEntries(opts.slice(1).map((o, i) => [o.label, data[i + 1].filter(v => v !== null).length]));
+  chart.points = Object.fromEntries(
+    opts.slice(1).map((o, i) => [o.label, data[i + 1].filter(v => v !== null).length]),
+  );
   if (chart.u) chart.u.destroy();
-  if (data[0].length === 0) { plot.replaceChildren(el("p", {class: "empty", text: "no data yet"})); chart.u = null; return; }
+  if (data[0].length === 0) {
+    plot.replaceChildren(el("p", {class: "empty", text: "no data yet"}));
+    chart.u = null;
+    return;
+  }
   plot.replaceChildren();
-  chart.u = new uPlot({
-    width: Math.max(plot.clientWidth, 300), height: 220, series: opts, bands,
-    scales: {x: {time: false}, y: {range: yRange}}, legend: {live: true},
-    axes: [{label: "step"}, {size: 60, values: fmtTicks}],
-    cursor: {drag: {x: true, y: false}},
-  }, data, plot);
+  chart.u = new uPlot(
+    {
+      width: Math.max(plot.clientWidth, 300),
+      height: 220,
+      series: opts,
+      bands,
+      scales: {x: {time: false}, y: {range: yRange}},
+      legend: {live: true},
+      axes: [{label: "step"}, {size: 60, values: fmtTicks}],
+      cursor: {drag: {x: true, y: false}},
+    },
+    data,
+    plot,
+  );
   const rows = chart.u.root.querySelectorAll(".u-legend .u-series");
-  raw.forEach(i => { if (rows[i]) rows[i].style.display = "none"; });
+  raw.forEach(i => {
+    if (rows[i]) rows[i].style.display = "none";
+  });
 }
 
 async function showTab(tab) {
@@ -225,13 +348,25 @@ async function showTab(tab) {
   const keys = [...state.layout.values()].filter(c => c.tab === tab).map(c => c.key);
   section.replaceChildren(...keys.map(k => buildChart(state.layout.get(k))));
   if (!keys.length) section.replaceChildren(el("p", {class: "empty", text: "Nothing logged here yet."}));
-  for (const [key, c] of state.charts) if (c.tab === tab && c.u) { c.u.destroy(); c.u = null; }
+  for (const [key, c] of state.charts)
+    if (c.tab === tab && c.u) {
+      c.u.destroy();
+      c.u = null;
+    }
   await loadSeries(keys);
-  for (const k of keys) { const c = state.layout.get(k); state.charts.set(k, c); render(c); }
+  for (const k of keys) {
+    const c = state.layout.get(k);
+    state.charts.set(k, c);
+    render(c);
+  }
 }
 
 async function refreshLayout() {
-  await Promise.all(state.selected.map(async run => { state.names[run] = (await api("metrics", {run})).names; }));
+  await Promise.all(
+    state.selected.map(async run => {
+      state.names[run] = (await api("metrics", {run})).names;
+    }),
+  );
   state.layout = layout();
   state.charts = new Map();
   await showTab(state.tab);
@@ -244,7 +379,10 @@ function connectLive() {
   if (state.live.source) state.live.source.close();
   if (!state.selected.length) return Promise.resolve();
   const source = new EventSource(`api/events?${query({run: state.selected})}`);
-  const opened = new Promise(resolve => { source.addEventListener("open", resolve, {once: true}); setTimeout(resolve, 5000); });
+  const opened = new Promise(resolve => {
+    source.addEventListener("open", resolve, {once: true});
+    setTimeout(resolve, 5000);
+  });
   state.live.source = source;
   source.addEventListener("metrics", e => onRows(JSON.parse(e.data)));
   source.addEventListener("samples", () => {
@@ -258,21 +396,31 @@ function connectLive() {
 function onRows({run, rows}) {
   state.live.events += 1;
   state.live.last = Date.now();
-  let newNames = false, refetch = false;
+  let newNames = false,
+    refetch = false;
   for (const row of rows) {
     for (const [name, value] of Object.entries(row)) {
       if (name === "step") continue;
-      if (!(state.names[run] || []).includes(name)) { (state.names[run] ||= []).push(name); newNames = true; continue; }
+      if (!(state.names[run] || []).includes(name)) {
+        (state.names[run] ||= []).push(name);
+        newNames = true;
+        continue;
+      }
       const d = state.data[`${run}|${name}`];
       if (!d) continue;
-      if (d.x.length && row.step <= d.x[d.x.length - 1]) continue;  // already fetched
-      d.x.push(row.step); d.y.push(value); d.total += 1;
+      if (d.x.length && row.step <= d.x[d.x.length - 1]) continue; // already fetched
+      d.x.push(row.step);
+      d.y.push(value);
+      d.total += 1;
       if (d.x.length > REFETCH_AT) refetch = true;
     }
     const info = state.runs.find(r => r.id === run);
     if (info) info.steps = Math.max(info.steps, row.step);
   }
-  if (newNames || refetch) { state.layout = layout(); scheduleRedraw(true); } else scheduleRedraw(false);
+  if (newNames || refetch) {
+    state.layout = layout();
+    scheduleRedraw(true);
+  } else scheduleRedraw(false);
   updateLive();
 }
 
@@ -282,7 +430,8 @@ function scheduleRedraw(full) {
   if (state.redraw) return;
   state.redraw = setTimeout(async () => {
     const full = state.redrawFull;
-    state.redraw = null; state.redrawFull = false;
+    state.redraw = null;
+    state.redrawFull = false;
     if (state.tab === "samples") return;
     if (full) await showTab(state.tab);
     else for (const c of state.charts.values()) if (c.tab === state.tab) render(c);
@@ -294,28 +443,41 @@ function updateLive(error) {
   const anyLive = state.runs.some(r => state.selected.includes(r.id) && r.live);
   const ago = state.live.last ? Math.round((Date.now() - state.live.last) / 1000) : null;
   node.classList.toggle("on", !error && anyLive);
-  node.textContent = error ? "live stream reconnecting…"
-    : ago === null ? (anyLive ? "live: waiting for the next step" : "finished runs")
-    : `live: last update ${ago} s ago`;
+  node.textContent = error
+    ? "live stream reconnecting…"
+    : ago === null
+      ? anyLive
+        ? "live: waiting for the next step"
+        : "finished runs"
+      : `live: last update ${ago} s ago`;
 }
 
 // ------------------------------------------------------------------ runs
 function drawRuns() {
   const box = document.getElementById("runs");
-  box.replaceChildren(...state.runs.map(r => {
-    const input = el("input", {type: "checkbox", value: r.id});
-    input.checked = state.selected.includes(r.id);
-    input.addEventListener("change", () => selectRuns(
-      [...box.querySelectorAll("input:checked")].map(i => i.value)));
-    return el("label", {title: r.summary ? "finished" : (r.live ? "training" : "stopped")},
-      input, el("span", {class: "dot" + (r.live ? " live" : "")}), el("span", {text: `${r.id} (${r.steps})`}));
-  }));
+  box.replaceChildren(
+    ...state.runs.map(r => {
+      const input = el("input", {type: "checkbox", value: r.id});
+      input.checked = state.selected.includes(r.id);
+      input.addEventListener("change", () =>
+        selectRuns([...box.querySelectorAll("input:checked")].map(i => i.value)),
+      );
+      return el(
+        "label",
+        {title: r.summary ? "finished" : r.live ? "training" : "stopped"},
+        input,
+        el("span", {class: "dot" + (r.live ? " live" : "")}),
+        el("span", {text: `${r.id} (${r.steps})`}),
+      );
+    }),
+  );
 }
 
 async function selectRuns(ids) {
   state.selected = ids;
   const params = new URLSearchParams(location.search);
-  params.delete("run"); params.delete("token");
+  params.delete("run");
+  params.delete("token");
   ids.forEach(id => params.append("run", id));
   history.replaceState(null, "", `?${params}`);
   await connectLive();
@@ -330,8 +492,10 @@ function fillSampleRuns() {
   const keep = select.value;
   select.replaceChildren(...withSamples.map(r => el("option", {value: r.id, text: r.id})));
   // The run picked here if it is still shown above, else the first run shown above that has samples.
-  const preferred = withSamples.find(r => r.id === keep && state.selected.includes(r.id))
-    || withSamples.find(r => state.selected.includes(r.id)) || withSamples.find(r => r.id === keep);
+  const preferred =
+    withSamples.find(r => r.id === keep && state.selected.includes(r.id)) ||
+    withSamples.find(r => state.selected.includes(r.id)) ||
+    withSamples.find(r => r.id === keep);
   if (preferred) select.value = preferred.id;
 }
 
@@ -342,7 +506,10 @@ function filters() {
 
 async function loadSamples() {
   const f = filters();
-  if (!f.run) { document.querySelector("#sample-table tbody").replaceChildren(); return; }
+  if (!f.run) {
+    document.querySelector("#sample-table tbody").replaceChildren();
+    return;
+  }
   const facets = await api("samples/facets", {run: f.run});
   fillSelect("env", facets.envs);
   fillSelect("eval_set", facets.eval_sets);
@@ -352,7 +519,10 @@ async function loadSamples() {
 function fillSelect(name, values) {
   const select = document.querySelector(`#sample-filters select[name=${name}]`);
   const keep = select.value;
-  select.replaceChildren(el("option", {value: "", text: "all"}), ...values.map(v => el("option", {value: v, text: v})));
+  select.replaceChildren(
+    el("option", {value: "", text: "all"}),
+    ...values.map(v => el("option", {value: v, text: v})),
+  );
   if (values.includes(keep)) select.value = keep;
 }
 
@@ -362,18 +532,27 @@ async function loadSampleList() {
   const page = await api("samples", {...f, offset: state.sample.offset, limit: PAGE});
   state.sample.total = page.total;
   const body = document.querySelector("#sample-table tbody");
-  body.replaceChildren(...page.items.map(s => {
-    const row = el("tr", {"data-id": s.id},
-      el("td", {text: s.step}), el("td", {text: s.kind === "eval" ? `eval ${s.eval_set || ""}` : "train"}),
-      el("td", {text: s.env}), el("td", {text: s.task_id}),
-      el("td", {text: fmt(s.reward), class: s.reward > 0 ? "reward-pos" : ""}),
-      el("td", {text: s.staleness ?? "–"}), el("td", {class: "preview", text: s.preview}));
-    row.addEventListener("click", () => showSample(f.run, s.id, row));
-    return row;
-  }));
+  body.replaceChildren(
+    ...page.items.map(s => {
+      const row = el(
+        "tr",
+        {"data-id": s.id},
+        el("td", {text: s.step}),
+        el("td", {text: s.kind === "eval" ? `eval ${s.eval_set || ""}` : "train"}),
+        el("td", {text: s.env}),
+        el("td", {text: s.task_id}),
+        el("td", {text: fmt(s.reward), class: s.reward > 0 ? "reward-pos" : ""}),
+        el("td", {text: s.staleness ?? "–"}),
+        el("td", {class: "preview", text: s.preview}),
+      );
+      row.addEventListener("click", () => showSample(f.run, s.id, row));
+      return row;
+    }),
+  );
   const last = Math.min(state.sample.offset + PAGE, page.total);
-  document.getElementById("page-info").textContent =
-    page.total ? `${state.sample.offset + 1}–${last} of ${page.total}` : "no samples match";
+  document.getElementById("page-info").textContent = page.total
+    ? `${state.sample.offset + 1}–${last} of ${page.total}`
+    : "no samples match";
 }
 
 function fmtTicks(u, ticks) {
@@ -392,14 +571,29 @@ function yRange(u, min, max) {
   return uPlot.rangeNum(min, max, 0.1, true);
 }
 
-function fmt(x) { return typeof x === "number" ? (+x.toPrecision(4)).toString() : String(x); }
+function fmt(x) {
+  return typeof x === "number" ? (+x.toPrecision(4)).toString() : String(x);
+}
 
 function sampleBlocks(s) {
-  const blocks = [el("div", {class: "block prompt"}, el("div", {class: "who", text: "prompt"}), el("pre", {text: s.prompt}))];
-  s.turns.forEach((t, i) => blocks.push(el("div", {class: `block ${t.role}`},
-    el("div", {class: "who", text: t.role === "model" ? `model · turn ${1 + s.turns.slice(0, i).filter(x => x.role === "model").length} · ${t.tokens} tokens`
-                                                       : `environment · ${t.tokens} tokens`}),
-    el("pre", {class: t.role === "model" ? "completion" : "env-text", text: t.text}))));
+  // The prompt, then each turn: the model's turns numbered, the environment's set apart.
+  const blocks = [
+    el(
+      "div",
+      {class: "block prompt"},
+      el("div", {class: "who", text: "prompt"}),
+      el("pre", {text: s.prompt}),
+    ),
+  ];
+  let modelTurn = 0;
+  for (const t of s.turns) {
+    const who =
+      t.role === "model"
+        ? `model · turn ${++modelTurn} · ${t.tokens} tokens`
+        : `environment · ${t.tokens} tokens`;
+    const text = el("pre", {class: t.role === "model" ? "completion" : "env-text", text: t.text});
+    blocks.push(el("div", {class: `block ${t.role}`}, el("div", {class: "who", text: who}), text));
+  }
   return blocks;
 }
 
@@ -409,16 +603,37 @@ async function showSample(run, id, row) {
   const s = await api("sample", {run, id});
   state.sample.selected = s;
   const meta = el("dl", {class: "meta"});
-  const facts = [["sample", s.id], ["environment", s.env], ["task", s.task_id],
-    ["step", `${s.step} (${s.kind}${s.eval_set ? " · " + s.eval_set : ""})`], ["reward", fmt(s.reward)],
-    ["policy versions", s.policy_min === s.policy_max ? `${s.policy_min}` : `${s.policy_min}–${s.policy_max}`],
-    ["staleness", s.staleness ?? "–"], ["model tokens", `${s.completion_tokens}${s.truncated ? " (truncated)" : ""}`],
-    ["timings", Object.entries(s.timings).map(([k, v]) => `${k} ${fmt(v)} s`).join(", ")]];
+  const facts = [
+    ["sample", s.id],
+    ["environment", s.env],
+    ["task", s.task_id],
+    ["step", `${s.step} (${s.kind}${s.eval_set ? " · " + s.eval_set : ""})`],
+    ["reward", fmt(s.reward)],
+    [
+      "policy versions",
+      s.policy_min === s.policy_max ? `${s.policy_min}` : `${s.policy_min}–${s.policy_max}`,
+    ],
+    ["staleness", s.staleness ?? "–"],
+    ["model tokens", `${s.completion_tokens}${s.truncated ? " (truncated)" : ""}`],
+    [
+      "timings",
+      Object.entries(s.timings)
+        .map(([k, v]) => `${k} ${fmt(v)} s`)
+        .join(", "),
+    ],
+  ];
   for (const [k, v] of facts) meta.append(el("dt", {text: k}), el("dd", {text: v}));
   const compare = el("button", {type: "button", text: "Same task across steps"});
   compare.addEventListener("click", () => showTask(run, s.task_id));
-  document.getElementById("sample-detail").replaceChildren(meta, compare, ...sampleBlocks(s),
-    el("div", {class: "who", text: "reward details"}), el("pre", {class: "info", text: JSON.stringify(s.reward_info, null, 2)}));
+  document
+    .getElementById("sample-detail")
+    .replaceChildren(
+      meta,
+      compare,
+      ...sampleBlocks(s),
+      el("div", {class: "who", text: "reward details"}),
+      el("pre", {class: "info", text: JSON.stringify(s.reward_info, null, 2)}),
+    );
 }
 
 async function showTask(run, taskId) {
@@ -429,19 +644,37 @@ async function showTask(run, taskId) {
     if (!bySteps.has(key)) bySteps.set(key, []);
     bySteps.get(key).push(s);
   }
-  const columns = [...bySteps.entries()].map(([key, items]) => el("div", {class: "column"},
-    el("h4", {text: `step ${key} · mean reward ${fmt(items.reduce((a, s) => a + s.reward, 0) / items.length)}`}),
-    ...items.map(s => el("div", {class: "block model"}, el("div", {class: "who", text: `reward ${fmt(s.reward)}`}),
-      el("pre", {text: s.turns.map(t => (t.role === "env" ? "[environment] " : "") + t.text).join("\n")})))));
+  const columns = [...bySteps.entries()].map(([key, items]) =>
+    el(
+      "div",
+      {class: "column"},
+      el("h4", {
+        text: `step ${key} · mean reward ${fmt(items.reduce((a, s) => a + s.reward, 0) / items.length)}`,
+      }),
+      ...items.map(s =>
+        el(
+          "div",
+          {class: "block model"},
+          el("div", {class: "who", text: `reward ${fmt(s.reward)}`}),
+          el("pre", {text: s.turns.map(t => (t.role === "env" ? "[environment] " : "") + t.text).join("\n")}),
+        ),
+      ),
+    ),
+  );
   const box = document.getElementById("task-compare");
-  box.replaceChildren(el("h3", {text: `Task ${taskId} across steps`}), el("div", {class: "columns"}, ...columns));
+  box.replaceChildren(
+    el("h3", {text: `Task ${taskId} across steps`}),
+    el("div", {class: "columns"}, ...columns),
+  );
   box.classList.add("active");
   box.scrollIntoView({behavior: "smooth"});
 }
 
 // ------------------------------------------------------------------ start
 function wire() {
-  document.querySelectorAll("nav button").forEach(b => b.addEventListener("click", () => showTab(b.dataset.tab)));
+  document
+    .querySelectorAll("nav button")
+    .forEach(b => b.addEventListener("click", () => showTab(b.dataset.tab)));
   const slider = document.getElementById("smoothing");
   slider.addEventListener("input", () => {
     state.smoothing = +slider.value;
@@ -449,21 +682,30 @@ function wire() {
     for (const c of state.charts.values()) if (c.tab === state.tab) render(c);
   });
   document.getElementById("sample-filters").addEventListener("submit", e => {
-    e.preventDefault(); state.sample.offset = 0; loadSamples();
+    e.preventDefault();
+    state.sample.offset = 0;
+    loadSamples();
   });
   document.querySelector("#sample-filters select[name=run]").addEventListener("change", () => {
-    state.sample.offset = 0; loadSamples();
+    state.sample.offset = 0;
+    loadSamples();
   });
   document.getElementById("prev").addEventListener("click", () => {
-    state.sample.offset = Math.max(0, state.sample.offset - PAGE); loadSampleList();
+    state.sample.offset = Math.max(0, state.sample.offset - PAGE);
+    loadSampleList();
   });
   document.getElementById("next").addEventListener("click", () => {
-    if (state.sample.offset + PAGE < state.sample.total) { state.sample.offset += PAGE; loadSampleList(); }
+    if (state.sample.offset + PAGE < state.sample.total) {
+      state.sample.offset += PAGE;
+      loadSampleList();
+    }
   });
   let resize = null;
   window.addEventListener("resize", () => {
     clearTimeout(resize);
-    resize = setTimeout(() => { for (const c of state.charts.values()) if (c.tab === state.tab) render(c); }, 200);
+    resize = setTimeout(() => {
+      for (const c of state.charts.values()) if (c.tab === state.tab) render(c);
+    }, 200);
   });
   setInterval(updateLive, 1000);
   setInterval(refreshRuns, 10000);
@@ -479,7 +721,9 @@ async function start() {
   wire();
   state.smoothing = +document.getElementById("smoothing").value;
   await refreshRuns();
-  const asked = new URLSearchParams(location.search).getAll("run").filter(id => state.runs.some(r => r.id === id));
+  const asked = new URLSearchParams(location.search)
+    .getAll("run")
+    .filter(id => state.runs.some(r => r.id === id));
   await selectRuns(asked.length ? asked : state.runs.slice(0, 1).map(r => r.id));
   drawRuns();
   document.body.dataset.ready = "1";
@@ -487,11 +731,14 @@ async function start() {
 
 // What tests and scripts read from the page: the charts drawn and the points each curve holds.
 window.cwDash = {
-  charts: () => [...state.charts.values()].map(c => ({key: c.key, title: c.title, tab: c.tab, points: c.points || {}})),
+  charts: () =>
+    [...state.charts.values()].map(c => ({key: c.key, title: c.title, tab: c.tab, points: c.points || {}})),
   liveEvents: () => state.live.events,
   showTab,
 };
 
 start().catch(err => {
-  document.querySelector("main").prepend(el("p", {class: "empty", text: `The dashboard could not load: ${err.message}`}));
+  document
+    .querySelector("main")
+    .prepend(el("p", {class: "empty", text: `The dashboard could not load: ${err.message}`}));
 });
