@@ -53,20 +53,21 @@ class EvalSet:
 
 
 class Evaluator:
-    """Runs every evaluation set against the rollout workers."""
+    """Runs every evaluation set against the rollout workers. The sets are loaded when it is made,
+    so a set that cannot load is an error before any engine starts."""
 
-    def __init__(self, cfg: Config, runner: EpisodeRunner, workers: Sequence[Any],
-                 health: HealthMonitor) -> None:
+    def __init__(self, cfg: Config, health: HealthMonitor) -> None:
         self.sets = [EvalSet(i, s, cfg.envs) for i, s in enumerate(cfg.eval.sets)]
-        self.runner, self.workers, self.health = runner, list(workers), health
+        self.health = health
         self.max_tokens, self.temperature = cfg.rollout.max_tokens, cfg.rollout.temperature
         self.top_p = cfg.rollout.top_p
         self.runs = 0
 
-    async def run(self) -> tuple[dict[str, float], dict[str, list[Trajectory]]]:
+    async def run(self, runner: EpisodeRunner,
+                  workers: Sequence[Any]) -> tuple[dict[str, float], dict[str, list[Trajectory]]]:
         """Metrics of every set, and each set's trajectories (for the sample store)."""
         start, self.runs = time.perf_counter(), self.runs + 1
-        results = await asyncio.gather(*(self._one(s) for s in self.sets))
+        results = await asyncio.gather(*(self._one(s, runner, workers) for s in self.sets))
         metrics: dict[str, float] = {}
         samples: dict[str, list[Trajectory]] = {}
         for eval_set, (figures, trajs) in zip(self.sets, results, strict=True):
@@ -76,18 +77,19 @@ class Evaluator:
             metrics[metric_name("perf", "eval_s")] = time.perf_counter() - start
         return metrics, samples
 
-    async def _one(self, s: EvalSet) -> tuple[dict[str, float], list[Trajectory]]:
+    async def _one(self, s: EvalSet, runner: EpisodeRunner,
+                   workers: Sequence[Any]) -> tuple[dict[str, float], list[Trajectory]]:
         k = s.section.pass_k
         greedy = Sampling(max_tokens=self.max_tokens, temperature=0.0)
         sampled = Sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
         calls = []
         for i, task in enumerate(s.tasks):
-            worker = self.workers[i % len(self.workers)]
+            worker = workers[i % len(workers)]
             gid = f"eval{self.runs}-{s.label}-{i}"
             if s.section.greedy:
-                calls.append(self.runner.run_group([s.make()], task, worker, greedy, gid + "-greedy"))
+                calls.append(runner.run_group([s.make()], task, worker, greedy, gid + "-greedy"))
             if k:
-                calls.append(self.runner.run_group([s.make() for _ in range(k)], task, worker, sampled, gid))
+                calls.append(runner.run_group([s.make() for _ in range(k)], task, worker, sampled, gid))
         groups: list[list[EpisodeOutcome]] = list(await asyncio.gather(*calls))
         self.health.observe(s.cls.name, [o for g in groups for o in g])
         per_task = 2 if s.section.greedy and k else 1

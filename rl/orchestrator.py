@@ -96,6 +96,7 @@ class Orchestrator:
         self.dropped = collections.Counter({"no_reward": 0, "stale": 0, "zero_variance_groups": 0})
         self._dropped_logged = collections.Counter(self.dropped)  # as of the last metrics row
         self.health = HealthMonitor()
+        self.evaluator = Evaluator(cfg, self.health)
         self.tokens_generated = 0
         self.admission = asyncio.Condition()
         self.partial: dict[str, list[tuple[str, Trajectory]]] = collections.OrderedDict()
@@ -135,7 +136,6 @@ class Orchestrator:
                                                cfg.rollout.temperature, cfg.run.seed)
         await asyncio.gather(*(w.get_version.remote() for w in self.workers))
         self.weights_root = exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")
-        self.evaluator = Evaluator(cfg, self.runner, self.workers, self.health)
 
     async def _learner_call(self, fn: Any, *args: Any) -> Any:
         """A blocking learner call in a thread that `stop` waits for: cancelling the awaiting
@@ -284,7 +284,7 @@ class Orchestrator:
     # ----------------------------------------------------------------- the run
     async def evaluate(self, step: int) -> dict[str, float]:
         """Every evaluation set at the current weights, logged at `step` as eval/ metrics and samples."""
-        metrics, trajs = await self.evaluator.run()
+        metrics, trajs = await self.evaluator.run(self.runner, self.workers)
         for label, items in trajs.items():
             self.metrics.log_samples(step, "eval", self.samples.record_eval(step, label, items))
         return self.metrics.log(step, metrics) if metrics else {}

@@ -276,6 +276,11 @@ class SampleReader:
                 "SELECT MIN(step), MAX(step), COUNT(*), COALESCE(MAX(seq), 0) FROM samples").fetchone()
         return SampleFacets(envs=envs, eval_sets=sets, min_step=lo, max_step=hi, count=count, last_seq=last)
 
+    def last_seq(self) -> int:
+        """Sequence number of the newest sample (0: none); it grows with every write."""
+        with self._connect() as db:
+            return db.execute("SELECT COALESCE(MAX(seq), 0) FROM samples").fetchone()[0]
+
     def query(self, q: SampleQuery) -> SamplePage:
         where, args = _where(q)
         with self._connect() as db:

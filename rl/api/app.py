@@ -248,7 +248,7 @@ def _news(root: RunsRoot, run_id: str, offsets: dict[str, int | None],
     try:
         offsets[run_id], rows = root.tail(run_id, offsets[run_id])
         reader = root.samples(run_id)
-        seq = reader.facets().last_seq if reader is not None else 0
+        seq = reader.last_seq() if reader is not None else 0
     except (OSError, UnknownRun, sqlite3.Error):
         return []  # the run went away or is being rewritten; the next period tries again
     if rows:

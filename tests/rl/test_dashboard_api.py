@@ -312,7 +312,7 @@ api_schema = schemathesis.openapi.from_dict(create_app(Path(".")).openapi())
 
 
 @api_schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_fuzzed_from_its_schema_no_server_errors(case, server: DashboardServer) -> None:
     """Generated requests, as generated and again with a real run id (to reach past the lookup)."""
     base = f"http://127.0.0.1:{server.port}"
