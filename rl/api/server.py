@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from urllib.parse import urlencode
 
+DEFAULT_PORT = 8700
+"""The port `codeworld dashboard` listens on unless told otherwise."""
 TOKEN_ENV = "CODEWORLD_DASHBOARD_TOKEN"
 """Environment variable holding the token (for listening on an address other than loopback)."""
 
@@ -113,6 +115,7 @@ def start_for_run(run_dir: Path, host: str, port: int) -> DashboardServer:
 def watch_command(run_dir: Path, host: str, port: int) -> str:
     """How to open a run's dashboard after the run: the command and the page's URL."""
     root, run_id = run_location(run_dir)
-    host_part = "" if host == "127.0.0.1" else f" --host {host}"
-    return (f"codeworld dashboard {root}{host_part} --port {port}  →  "
-            f"{page_url(host, port, run_id, None)}")
+    port = port or DEFAULT_PORT  # the run took any free port; the command takes the usual one
+    options = "" if host == "127.0.0.1" else f" --host {host}"
+    options += "" if port == DEFAULT_PORT else f" --port {port}"
+    return f"codeworld dashboard {root}{options}  →  {page_url(host, port, run_id, None)}"

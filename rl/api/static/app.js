@@ -27,6 +27,16 @@ const HEALTH =
   "output_limits|verify_p50_s|verify_p99_s|sandbox_p50_s|sandbox_p99_s";
 const SPECS = [
   {tab: "training", key: "reward", title: "Train reward (mean)", re: /^(?:env\/(.+)|train)\/reward_mean$/},
+  // The curve that says whether the run works, beside the train reward (the rest of eval/ has a tab).
+  // Evaluation curves are never smoothed: a few points on fixed sets, whose last value matters.
+  {
+    tab: "training",
+    key: "heldout",
+    title: "Held-out evaluation",
+    re: /^eval\/([^/]+)\/(greedy|pass_at_\d+)$/,
+    label: m => `${m[1]} ${m[2]}`,
+    smooth: false,
+  },
   {
     tab: "training",
     key: "pass",
@@ -64,7 +74,13 @@ const SPECS = [
     stacked: true,
   },
   {tab: "training", key: "dropped", title: "Dropped per step, by reason", re: /^train\/dropped\/(.+)$/},
-  {tab: "evaluation", key: m => "eval-" + m[2], title: m => "Held-out: " + m[2], re: /^eval\/([^/]+)\/(.+)$/},
+  {
+    tab: "evaluation",
+    key: m => "eval-" + m[2],
+    title: m => "Held-out: " + m[2],
+    re: /^eval\/([^/]+)\/(.+)$/,
+    smooth: false,
+  },
   {tab: "throughput", key: "tokens", title: "Generated tokens/s", re: /^perf\/(tokens_per_s)$/},
   {tab: "throughput", key: "spm", title: "Learner steps per minute", re: /^perf\/(steps_per_min)$/},
   {
@@ -158,6 +174,7 @@ function chartsOf(run) {
           title,
           tab: spec.tab,
           stacked: !!spec.stacked,
+          smooth: spec.smooth !== false,
           order: SPECS.indexOf(spec),
           members: [],
         });
@@ -262,9 +279,10 @@ function plotData(chart) {
     return {opts, data, bands, raw: []};
   }
   const rawIdx = [];
+  const smoothing = chart.smooth ? state.smoothing : 0;
   columns.forEach((col, i) => {
     const color = COLORS[i % COLORS.length];
-    if (state.smoothing > 0) {
+    if (smoothing > 0) {
       data.push(col);
       opts.push({
         label: seriesLabel(series[i].m) + " (raw)",
@@ -274,7 +292,7 @@ function plotData(chart) {
       });
       rawIdx.push(data.length - 1);
     }
-    data.push(ema(col, state.smoothing));
+    data.push(ema(col, smoothing));
     opts.push({
       label: seriesLabel(series[i].m),
       stroke: color,
@@ -567,8 +585,10 @@ function fmtTicks(u, ticks) {
 function yRange(u, min, max) {
   // A flat curve still gets an axis that reads sensibly (uPlot's default for all-zero is 0..100).
   if (min === null || max === null) return [0, 1];
-  if (min === max) return min === 0 ? [0, 1] : [min - Math.abs(min) * 0.1, max + Math.abs(max) * 0.1];
-  return uPlot.rangeNum(min, max, 0.1, true);
+  const size = Math.max(Math.abs(min), Math.abs(max));
+  // Flat, up to the rounding of smoothing: pad by a tenth of the value.
+  if (max - min <= 1e-9 * size) return size === 0 ? [0, 1] : [min - size * 0.1, max + size * 0.1];
+  return uPlot.rangeNum(min, max, 0.1, false);
 }
 
 function fmt(x) {
