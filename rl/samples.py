@@ -25,6 +25,8 @@ from rl.trajectory import Trajectory
 
 FILE_NAME = "samples.db"
 """The store's file inside a run directory."""
+MAX_INT = 2**53
+"""Largest step or offset a query may name (SQLite integers are 64-bit; a larger one is a 422)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -121,15 +123,15 @@ class SampleQuery(BaseModel):
     """Only this evaluation set."""
     task_id: str | None = None
     """Only this task (the same task across steps)."""
-    min_reward: float | None = None
+    min_reward: float | None = Field(None, allow_inf_nan=False)
     """Reward at least this."""
-    max_reward: float | None = None
+    max_reward: float | None = Field(None, allow_inf_nan=False)
     """Reward at most this."""
-    min_step: int | None = None
+    min_step: int | None = Field(None, ge=0, le=MAX_INT)
     """Step at least this."""
-    max_step: int | None = None
+    max_step: int | None = Field(None, ge=0, le=MAX_INT)
     """Step at most this."""
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_INT)
     """Rows to skip (newest first)."""
     limit: int = Field(50, ge=1, le=500)
     """Rows to return."""
