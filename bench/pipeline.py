@@ -38,7 +38,7 @@ async def pipeline_tokens_per_s(model: str, groups: int, group_size: int, max_to
     cfg = load_config(None, [
         "run.name=bench-pipeline", f"run.dir={tempfile.mkdtemp()}", f"model.path={model}",
         f"rollout.max_tokens={max_tokens}", "rollout.max_model_len=256", f"algorithm.group_size={group_size}",
-        f"algorithm.batch_size={groups}", "algorithm.max_staleness=0", "logging.tensorboard=false",
+        f"algorithm.batch_size={groups}", "algorithm.max_staleness=0", "logging.trackers=[]",
         "envs=[{name: arithmetic}]"])
     orc = Orchestrator(cfg)
     try:

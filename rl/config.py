@@ -183,11 +183,53 @@ class EnvSection(Section):
     """Environment-specific parameters, validated by the environment's Params model."""
 
 
-class EvalSection(Section):
-    env: str | None = None
-    """Environment (by index name in `envs`) for the held-out greedy evaluation; None: skip."""
+class EvalSetSection(Section):
+    env: str
+    """Registered environment whose held-out split is evaluated (any environment, trained on or not)."""
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Label of the set in metric names (`eval/<name>/...`); None: the environment's name."""
+    split: str = "test"
+    """The split to evaluate."""
+    data: Path | None = None
+    """Dataset file; None: that of the same environment in `envs`, else the environment's default."""
+    params: dict[str, Any] | None = None
+    """Environment parameters; None: those of the same environment in `envs` (so a held-out split
+    matches the train split it is held out from), else the environment's defaults."""
     n: int = Field(500, ge=1)
-    """Held-out tasks evaluated before and after training."""
+    """Tasks evaluated: the first n of the split."""
+    greedy: bool = True
+    """One greedy (temperature 0) sample per task: `eval/<set>/greedy` is its mean reward."""
+    pass_k: int = Field(0, ge=0)
+    """Also sample k completions per task at the rollout temperature: `eval/<set>/pass_at_<k>` is the
+    share of tasks with a full-reward sample, `eval/<set>/sampled_mean` the mean reward; 0: off."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.env
+
+    @model_validator(mode="after")
+    def _measures_something(self) -> EvalSetSection:
+        if not self.greedy and not self.pass_k:
+            raise ValueError(f"eval set {self.label!r} has greedy off and pass_k 0: "
+                             "it would measure nothing.")
+        return self
+
+
+class EvalSection(Section):
+    every: int = Field(0, ge=0)
+    """Evaluate every N learner steps, between steps (0: only before and after training). The learner
+    waits for it; generation goes on, within the staleness bound."""
+    sets: list[EvalSetSection] = Field(default_factory=list)
+    """Held-out sets, all evaluated at each evaluation point; empty: no evaluation."""
+
+    @field_validator("sets")
+    @classmethod
+    def _unique_labels(cls, sets: list[EvalSetSection]) -> list[EvalSetSection]:
+        labels = [s.label for s in sets]
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise ValueError(f"eval set names repeat: {repeated}; give each set its own `name`.")
+        return sets
 
 
 class BusSection(Section):
@@ -203,9 +245,57 @@ class CheckpointSection(Section):
     step that used them is checkpointed (or right after the step when checkpointing is off)."""
 
 
+class WandbSection(Section):
+    project: str = "codeworld"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None: the account's default."""
+    mode: Literal["offline", "online"] = "offline"
+    """offline writes under <run dir>/wandb for a later `wandb sync` (clusters are often offline)."""
+    table_every: int = Field(50, ge=1)
+    """Log the recorded train samples as a W&B table every N steps (evaluation samples: at every
+    evaluation)."""
+
+
+class MlflowSection(Section):
+    tracking_uri: str | None = None
+    """MLflow tracking URI (a server, `sqlite:///...`); None: a file store in <run dir>/mlruns."""
+    experiment: str = "codeworld"
+    """MLflow experiment name."""
+
+
+class SamplesSection(Section):
+    train_share: float = Field(0.125, ge=0, le=1)
+    """Share of each step's groups whose trajectories are recorded, whole groups (at least one group
+    when above 0). Every evaluation sample is recorded."""
+    max_samples: int = Field(20000, ge=1)
+    """The store keeps the newest this many samples and deletes older ones."""
+    max_chars: int = Field(20000, ge=100)
+    """Characters kept of each prompt and turn (the rest is cut and marked)."""
+
+
+class DashboardSection(Section):
+    enabled: bool = True
+    """Serve the dashboard while the run trains (`codeworld dashboard` serves it afterwards)."""
+    host: str = "127.0.0.1"
+    """Address to listen on. Any other than loopback requires a token (CODEWORLD_DASHBOARD_TOKEN, or
+    a random one printed with the URL)."""
+    port: int = Field(8700, ge=0, le=65535)
+    """Port to listen on; when taken, a free one is used and printed (0: always a free one)."""
+
+
 class LoggingSection(Section):
-    tensorboard: bool = True
-    """Write TensorBoard event files under the run dir."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that receive every metric under the same names as metrics.jsonl.
+    wandb and mlflow are optional extras: pip install 'codeworld[wandb]' / 'codeworld[mlflow]'."""
+    wandb: WandbSection = WandbSection()
+    """Weights & Biases settings (used when `trackers` lists wandb)."""
+    mlflow: MlflowSection = MlflowSection()
+    """MLflow settings (used when `trackers` lists mlflow)."""
+    samples: SamplesSection = SamplesSection()
+    """The rotating store of samples that the dashboard's sample browser reads."""
+    dashboard: DashboardSection = DashboardSection()
+    """The live dashboard started by `codeworld train`."""
     plot: bool = True
     """Write reward_curve.png at the end of the run."""
     progress: bool = True
@@ -223,13 +313,6 @@ class Config(Section):
     bus: BusSection = BusSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
-
-    @model_validator(mode="after")
-    def _eval_env_known(self) -> Config:
-        names = [e.name for e in self.envs]
-        if self.eval.env is not None and self.eval.env not in names:
-            raise ValueError(f"eval.env {self.eval.env!r} is not one of envs: {names}.")
-        return self
 
 
 class ConfigError(ValueError):

@@ -1,69 +1,281 @@
-"""Run metrics: one JSON line per step, TensorBoard scalars, and the reward-curve PNG."""
+"""Run metrics: one set of names for every place a metric goes.
+
+A metric is a flat name and a float. Names are grouped by their first part:
+
+    train/...          the learner step: reward, pass rate, lengths, entropy, clip fraction, mismatch
+                       KL, grad norm, staleness/<age> (samples per age), dropped/<reason> (per step)
+    eval/<set>/...     held-out evaluation: greedy, pass_at_<k>, sampled_mean, response_len
+    env/<name>/...     per environment: the train-batch figures and its verifier/sandbox health
+    sandbox/<node>/<pool>/...  the sandbox pools' counters (warm, busy, executions/s, errors)
+    perf/...           throughput and where a step's time went
+
+`MetricsWriter` writes each step as one JSON line of `metrics.jsonl` (`{"step", "time", name: value}`,
+which the dashboard reads) and hands the same names to the configured trackers (TensorBoard,
+Weights & Biases, MLflow) behind the one `Tracker` interface.
+"""
 
 from __future__ import annotations
 
+import collections
+import importlib
 import json
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from rl.config import ConfigError, LoggingSection
+
+if TYPE_CHECKING:
+    from rl.samples import SampleRecord
+    from rl.trajectory import Trajectory
+
+FILE_NAME = "metrics.jsonl"
+"""The metrics file inside a run directory."""
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\- ]")
 
 
-class MetricsWriter:
-    """Writes `metrics.jsonl` (and TensorBoard events under `tb/`) in the run directory."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.run_dir = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
-        self._file = self.path.open("a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tb"))
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record one step's metrics (nested dicts become `a/b` names in TensorBoard)."""
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for name, value in _flatten(metrics):
-                self._tb.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+def metric_name(*parts: str) -> str:
+    """`a/b/c` from parts, each made safe for every tracker (MLflow allows the fewest characters)."""
+    return "/".join(_UNSAFE.sub("_", str(p)) or "_" for p in parts)
 
 
-def _flatten(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out += _flatten(value, name + "/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append((name, float(value)))
+def batch_metrics(trajs: Sequence[Trajectory], prefix: tuple[str, ...] = ("train",)) -> dict[str, float]:
+    """Reward, pass rate (share with full reward), response length and truncation rate of a set of
+    trajectories: under `prefix` for all of them, and under `env/<name>` for each environment."""
+    if not trajs:
+        return {}
+    by_env: dict[str, list[Trajectory]] = collections.defaultdict(list)
+    for t in trajs:
+        by_env[t.env].append(t)
+    out = _figures(trajs, prefix)
+    for env, items in sorted(by_env.items()):
+        out.update(_figures(items, ("env", env)))
     return out
 
 
-def plot_reward_curve(metrics_path: Path, out: Path, heldout: dict[str, float] | None = None) -> None:
-    """Reward per environment against step (raw and smoothed), with held-out accuracy marks."""
+def _figures(trajs: Sequence[Trajectory], prefix: tuple[str, ...]) -> dict[str, float]:
+    rewards = np.array([t.reward for t in trajs])
+    return {metric_name(*prefix, "reward_mean"): float(rewards.mean()),
+            metric_name(*prefix, "pass_rate"): float((rewards >= 1.0).mean()),
+            metric_name(*prefix, "response_len"): float(np.mean([t.num_model_tokens for t in trajs])),
+            metric_name(*prefix, "truncation_rate"): float(np.mean([t.truncated for t in trajs])),
+            metric_name(*prefix, "samples"): float(len(trajs))}
+
+
+def step_metrics(trajs: Sequence[Trajectory], learner: Mapping[str, Any], *, version: int,
+                 dropped: Mapping[str, int], timing: Mapping[str, float],
+                 tokens_per_s: float) -> dict[str, float]:
+    """One learner step's train/ and perf/ metrics (plus env/ batch figures). `learner` is the
+    step's `StepStats` as a dict (empty when the step trained nothing), `dropped` the drops of
+    this step by reason, `timing` seconds: train_s, sync_s, wait_s, step_s, elapsed_s."""
+    out = batch_metrics(trajs)
+    for key in ("loss", "entropy", "clip_frac", "mismatch_kl", "mismatch_abs", "grad_norm", "float8_drift"):
+        if learner.get(key) is not None:
+            out[metric_name("train", key)] = float(learner[key])
+    out[metric_name("train", "version")] = float(version)
+    ages = collections.Counter(version - 1 - t.min_version for t in trajs)
+    out.update({metric_name("train", "staleness", str(age)): float(n) for age, n in sorted(ages.items())})
+    out.update({metric_name("train", "dropped", reason): float(n) for reason, n in sorted(dropped.items())})
+    step_s = max(timing["step_s"], 1e-9)
+    out.update({metric_name("perf", key): float(value) for key, value in timing.items()})
+    out[metric_name("perf", "tokens_per_s")] = float(tokens_per_s)
+    out[metric_name("perf", "steps_per_min")] = 60.0 / step_s
+    out[metric_name("perf", "learner_idle")] = timing["wait_s"] / step_s
+    if learner.get("tokens") is not None:
+        out[metric_name("perf", "train_tokens")] = float(learner["tokens"])
+    return out
+
+
+class Tracker(Protocol):
+    """An experiment tracker: receives every metric under its metrics.jsonl name."""
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Record one row of metrics at `step` (steps never decrease between calls)."""
+
+    def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
+        """Record samples (trackers without a place for them ignore them)."""
+
+    def close(self) -> None:
+        """Flush and release."""
+
+
+def _require(module: str, extra: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise ConfigError(f"logging.trackers lists {extra}, but the {package!r} package is not installed: "
+                          f"pip install 'codeworld[{extra}]'.") from None
+
+
+class TensorBoardTracker:
+    """Event files under <run dir>/tb."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard is a core dependency
+
+        self._writer = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        for name, value in metrics.items():
+            self._writer.add_scalar(name, value, step)
+
+    def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
+        pass  # TensorBoard has no table view; the dashboard's sample browser shows them
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+SAMPLE_COLUMNS = ["step", "kind", "eval_set", "env", "task_id", "reward", "staleness", "prompt", "completion"]
+"""Columns of the W&B sample tables."""
+
+_TABLE_ROWS = 1000
+"""Most rows in one W&B sample table (W&B renders larger tables slowly)."""
+
+
+class WandbTracker:
+    """A W&B run (offline by default: files under <run dir>/wandb for a later `wandb sync`);
+    samples as tables: train samples every `table_every` steps, evaluation samples at each evaluation."""
+
+    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection,
+                 config: Mapping[str, Any]) -> None:
+        wandb = _require("wandb", "wandb")
+        self._wandb, self._every = wandb, logging.wandb.table_every
+        self._run = wandb.init(project=logging.wandb.project, entity=logging.wandb.entity, name=run_name,
+                               mode=logging.wandb.mode, dir=str(run_dir), config=dict(config),
+                               settings=wandb.Settings(silent=True, console="off"))
+        self._train_rows: list[list[Any]] = []
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._run.log(dict(metrics), step=step)
+
+    def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
+        rows = [[r.step, r.kind, r.eval_set, r.env, r.task_id, r.reward, r.staleness, r.prompt,
+                 "\n".join(f"[{t.role}] {t.text}" for t in r.turns)] for r in records]
+        if kind == "eval":
+            self._table(step, "samples/eval", rows)
+            return
+        self._train_rows = (self._train_rows + rows)[-_TABLE_ROWS:]
+        if step % self._every == 0:
+            self._table(step, "samples/train", self._train_rows)
+            self._train_rows = []
+
+    def _table(self, step: int, key: str, rows: list[list[Any]]) -> None:
+        if rows:
+            table = self._wandb.Table(columns=SAMPLE_COLUMNS, data=rows[:_TABLE_ROWS])
+            self._run.log({key: table}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MlflowTracker:
+    """An MLflow run, in a file store under <run dir>/mlruns unless a tracking URI is given."""
+
+    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection,
+                 config: Mapping[str, Any]) -> None:
+        uri = logging.mlflow.tracking_uri or (run_dir / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow 3 refuses its file store unless asked: it is in maintenance mode, but it is the
+            # one backend that needs no server or database, which offline clusters often lack.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        tracking = _require("mlflow.tracking", "mlflow")
+        self._entities = _require("mlflow.entities", "mlflow")
+        self._client = tracking.MlflowClient(uri)
+        experiment = self._client.get_experiment_by_name(logging.mlflow.experiment)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self._client.create_experiment(logging.mlflow.experiment))
+        self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+        self._client.log_dict(self.run_id, dict(config), "config.json")
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        stamp = int(time.time() * 1000)
+        items = [self._entities.Metric(name, value, stamp, step) for name, value in metrics.items()]
+        for i in range(0, len(items), 1000):  # MLflow's limit per batch
+            self._client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
+        pass  # MLflow tables need pandas; the dashboard's sample browser shows them
+
+    def close(self) -> None:
+        self._client.set_terminated(self.run_id)
+
+
+def make_trackers(run_dir: Path, run_name: str, logging: LoggingSection,
+                  config: Mapping[str, Any]) -> list[Tracker]:
+    """The configured trackers; a tracker whose package is missing is a ConfigError naming it."""
+    made: list[Tracker] = []
+    for name in dict.fromkeys(logging.trackers):
+        if name == "tensorboard":
+            made.append(TensorBoardTracker(run_dir))
+        elif name == "wandb":
+            made.append(WandbTracker(run_dir, run_name, logging, config))
+        else:
+            made.append(MlflowTracker(run_dir, run_name, logging, config))
+    return made
+
+
+class MetricsWriter:
+    """Writes `metrics.jsonl` in the run directory and feeds the trackers the same names."""
+
+    def __init__(self, run_dir: Path, trackers: Sequence[Tracker]) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / FILE_NAME
+        self._file = self.path.open("a")
+        self.trackers = list(trackers)
+
+    def log(self, step: int, metrics: Mapping[str, float | None]) -> dict[str, float]:
+        """Record one row at `step` (values that are None or not finite are left out); returns it."""
+        row = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        self._file.write(json.dumps({"step": step, "time": time.time(), **row}) + "\n")
+        self._file.flush()
+        for tracker in self.trackers:
+            tracker.log(step, row)
+        return row
+
+    def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
+        for tracker in self.trackers:
+            tracker.log_samples(step, kind, records)
+
+    def close(self) -> None:
+        self._file.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def read_rows(path: Path) -> list[dict[str, float]]:
+    """The rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_reward_curve(metrics_path: Path, out: Path) -> None:
+    """Train reward per environment against step (raw and smoothed) and the evaluation curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_rows(metrics_path)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    envs = sorted({e for r in rows for e in r.get("reward", {})})
-    for env in envs:
-        pts = [(r["step"], r["reward"][env]) for r in rows if env in r.get("reward", {})]
-        steps, values = zip(*pts) if pts else ((), ())
-        line, = ax.plot(steps, values, alpha=0.3)
-        ax.plot(steps, _ema(values, 0.9), color=line.get_color(), label=f"{env} train reward (EMA)")
-    for label, value in (heldout or {}).items():
-        ax.axhline(value, linestyle="--", color="gray")
-        ax.annotate(f"{label}: {value:.3f}", (0, value), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    curves = ((r"^env/(.+)/reward_mean$", "train"), (r"^eval/(.+)/(greedy|pass_at_\d+)$", "eval"))
+    for pattern, style in curves:
+        names = sorted({k for r in rows for k in r if re.match(pattern, k)})
+        for name in names:
+            steps, values = zip(*[(r["step"], r[name]) for r in rows if name in r])
+            label = re.match(pattern, name).group(1)
+            if style == "train":
+                line, = ax.plot(steps, values, alpha=0.3)
+                ax.plot(steps, _ema(values, 0.9), color=line.get_color(), label=f"{label} train reward (EMA)")
+            else:
+                ax.plot(steps, values, marker="o", linestyle="--",
+                        label=f"{label} held-out {name.split('/')[-1]}")
     ax.set_xlabel("learner step")
     ax.set_ylabel("mean reward")
     ax.set_title(metrics_path.parent.name)
@@ -73,7 +285,7 @@ def plot_reward_curve(metrics_path: Path, out: Path, heldout: dict[str, float] |
     plt.close(fig)
 
 
-def _ema(values: tuple[float, ...], decay: float) -> list[float]:
+def _ema(values: Sequence[float], decay: float) -> list[float]:
     out, acc = [], None
     for v in values:
         acc = v if acc is None else decay * acc + (1 - decay) * v

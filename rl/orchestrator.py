@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -28,12 +29,17 @@ from pydantic import BaseModel
 
 from envs.base import EnvParams, Environment, Task
 from envs.registry import get_env
+from envs.swe.pools import shared_pool_stats
+from rl.api.server import run_location, start_for_run
 from rl.bus import TrajectoryBus
 from rl.config import Config, ConfigError, EnvSection
+from rl.evaluation import Evaluator
+from rl.health import HealthMonitor
 from rl.learner import LearnerGroup, StepStats, TrainSample
 from rl.loss import group_advantages
-from rl.metrics import MetricsWriter, plot_reward_curve
+from rl.metrics import MetricsWriter, make_trackers, metric_name, plot_reward_curve, step_metrics
 from rl.redis_server import connect_or_start
+from rl.samples import SampleStore
 from rl.trajectory import Trajectory
 from rl.weights import exchange_dir, save_hf_checkpoint
 from workers.episode import ChatRenderer, EpisodeRunner
@@ -48,7 +54,11 @@ class RunSummary(BaseModel):
     wall_s: float
     train_wall_s: float
     heldout_acc_before: float | None
+    """Greedy mean reward of the first evaluation set before training (None: no greedy set)."""
     heldout_acc_after: float | None
+    """The same after training."""
+    eval_final: dict[str, float]
+    """Every evaluation metric of the last evaluation."""
     final_train_reward: float | None
     dropped: dict[str, int]
 
@@ -84,6 +94,9 @@ class Orchestrator:
         self.lost_groups = 0
         self.in_flight = 0
         self.dropped = collections.Counter({"no_reward": 0, "stale": 0, "zero_variance_groups": 0})
+        self._dropped_logged = collections.Counter(self.dropped)  # as of the last metrics row
+        self.health = HealthMonitor()
+        self.evaluator = Evaluator(cfg, self.health)
         self.tokens_generated = 0
         self.admission = asyncio.Condition()
         self.partial: dict[str, list[tuple[str, Trajectory]]] = collections.OrderedDict()
@@ -101,6 +114,9 @@ class Orchestrator:
 
         cfg = self.cfg
         model_dir = checkpoint_dir(cfg.model.path)
+        # Trackers first: a tracker configured but not installed fails before anything starts.
+        self.metrics = MetricsWriter(self.run_dir, make_trackers(self.run_dir, cfg.run.name, cfg.logging,
+                                                                 cfg.model_dump(mode="json")))
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
@@ -109,6 +125,8 @@ class Orchestrator:
         self.bus = TrajectoryBus(url, cfg.run.name)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len)
+        self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode,
+                                   cfg.run.seed)
         engine = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                               enforce_eager=cfg.rollout.enforce_eager, kv_cache_gib=cfg.rollout.kv_cache_gib,
                               cpu_cores=cfg.rollout.cpu_cores,
@@ -118,7 +136,6 @@ class Orchestrator:
                                                cfg.rollout.temperature, cfg.run.seed)
         await asyncio.gather(*(w.get_version.remote() for w in self.workers))
         self.weights_root = exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")
-        self.metrics = MetricsWriter(self.run_dir, cfg.logging.tensorboard)
 
     async def _learner_call(self, fn: Any, *args: Any) -> Any:
         """A blocking learner call in a thread that `stop` waits for: cancelling the awaiting
@@ -155,6 +172,8 @@ class Orchestrator:
             shutil.rmtree(self.weights_root, ignore_errors=True)
         if hasattr(self, "metrics"):
             self.metrics.close()
+        if hasattr(self, "samples"):
+            self.samples.close()
 
     # ----------------------------------------------------------------- generation side
     def _admissible(self) -> bool:
@@ -197,6 +216,7 @@ class Orchestrator:
         # when a weight update preempts the request (the engine dies); the engine seed is enough.
         outcomes = await self.runner.run_group([slot.make() for _ in range(cfg.algorithm.group_size)],
                                                task, worker, sampling, group_id)
+        self.health.observe(slot.section.name, outcomes)
         trajs = [o.trajectory for o in outcomes if o.trajectory is not None]
         self.dropped["no_reward"] += len(outcomes) - len(trajs)
         self.dropped.update(f"no_reward:{o.kind}" for o in outcomes if o.trajectory is None)
@@ -263,31 +283,27 @@ class Orchestrator:
         return time.perf_counter() - start
 
     # ----------------------------------------------------------------- the run
-    async def evaluate(self) -> float | None:
-        """Greedy accuracy on the eval environment's held-out split."""
-        ev = self.cfg.eval
-        if ev.env is None:
-            return None
-        slot = next(s for s in self.slots if s.section.name == ev.env)
-        tasks = list(slot.cls.load_tasks(slot.params, slot.section.data, "test"))[: ev.n]
-        greedy = Sampling(max_tokens=self.cfg.rollout.max_tokens, temperature=0.0)
-        outcomes = await asyncio.gather(*(
-            self.runner.run(slot.make(), t, self.workers[i % len(self.workers)], greedy, f"eval-{i}")
-            for i, t in enumerate(tasks)))
-        scored = [o.trajectory.reward for o in outcomes if o.trajectory is not None]
-        return float(np.mean(scored)) if scored else None
+    async def evaluate(self, step: int) -> dict[str, float]:
+        """Every evaluation set at the current weights, logged at `step` as eval/ metrics and samples."""
+        metrics, trajs = await self.evaluator.run(self.runner, self.workers)
+        for label, items in trajs.items():
+            self.metrics.log_samples(step, "eval", self.samples.record_eval(step, label, items))
+        return self.metrics.log(step, metrics) if metrics else {}
 
     async def train(self) -> RunSummary:
         cfg, t0 = self.cfg, time.perf_counter()
-        before = await self.evaluate()
+        before = after = await self.evaluate(0)
         self._spawn(self.produce())
         last_reward, step, train_start = None, 0, time.perf_counter()
         progress = _progress(cfg)
         for step in range(1, cfg.run.steps + 1):
             record = await self.one_step(step, train_start)
-            last_reward = record["reward_all"]
+            last_reward = record.get("train/reward_mean", 0.0)
             progress.update(1)
-            progress.set_postfix(reward=f"{last_reward:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", v=self.version)
+            progress.set_postfix(reward=f"{last_reward:.3f}", tok_s=f"{record['perf/tokens_per_s']:.0f}",
+                                 v=self.version)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                after = await self.evaluate(step)
             if cfg.run.max_wall_s and time.perf_counter() - train_start > cfg.run.max_wall_s:
                 break
         progress.close()
@@ -296,10 +312,12 @@ class Orchestrator:
             task.cancel()
         state = await self._learner_call(self.learner.full_state_dict)
         save_hf_checkpoint(state, Path(cfg.model.path), self.run_dir / "model")
-        after = await self.evaluate()
+        if not (cfg.eval.every and step % cfg.eval.every == 0):
+            after = await self.evaluate(step)
+        greedy = metric_name("eval", cfg.eval.sets[0].label, "greedy") if cfg.eval.sets else ""
         summary = RunSummary(run=cfg.run.name, steps=step, wall_s=time.perf_counter() - t0, train_wall_s=train_wall,
-                             heldout_acc_before=before, heldout_acc_after=after, final_train_reward=last_reward,
-                             dropped=dict(self.dropped))
+                             heldout_acc_before=before.get(greedy), heldout_acc_after=after.get(greedy),
+                             eval_final=after, final_train_reward=last_reward, dropped=dict(self.dropped))
         self.finish(summary)
         return summary
 
@@ -308,6 +326,8 @@ class Orchestrator:
         step_start, tokens_before = time.perf_counter(), self.tokens_generated
         groups, ids, wait_s = await self.next_batch()
         flat = [t for g in groups for t in g]
+        recorded = self.samples.record_train(step, groups, trained_version=step - 1)
+        self.metrics.log_samples(step, "train", recorded)
         if self.cfg.run.record_batches:
             _record(self.run_dir / "batches" / f"step_{step:06d}.msgpack", flat)
         stats = await self.train_step(self.to_samples(groups))
@@ -319,8 +339,7 @@ class Orchestrator:
         wall = time.perf_counter() - step_start
         record = _step_record(self, flat, stats, wait_s, sync_s, wall, time.perf_counter() - train_start,
                               (self.tokens_generated - tokens_before) / max(wall, 1e-9))
-        self.metrics.log(step, record)
-        return record
+        return self.metrics.log(step, record)
 
     async def _checkpoint_and_ack(self, step: int, ids: list[str]) -> None:
         """Acknowledge trajectories only once the step that used them is durable."""
@@ -337,30 +356,19 @@ class Orchestrator:
     def finish(self, summary: RunSummary) -> None:
         (self.run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
         if self.cfg.logging.plot:
-            marks = {k: v for k, v in (("held-out before", summary.heldout_acc_before),
-                                       ("held-out after", summary.heldout_acc_after)) if v is not None}
-            plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png", marks)
+            plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png")
 
 
 def _step_record(orc: Orchestrator, flat: list[Trajectory], stats: StepStats | None, wait_s: float,
-                 sync_s: float, wall: float, elapsed: float, tok_s: float) -> dict[str, Any]:
-    by_env: dict[str, list[float]] = collections.defaultdict(list)
-    for t in flat:
-        by_env[t.env].append(t.reward)
-    ages = collections.Counter(str(orc.version - 1 - t.min_version) for t in flat)
-    s = stats.model_dump() if stats else {}
-    return {
-        "version": orc.version, "wall_s": elapsed,
-        "reward": {e: float(np.mean(r)) for e, r in by_env.items()},
-        "reward_all": float(np.mean([t.reward for t in flat])) if flat else 0.0,
-        "response_len": float(np.mean([t.num_model_tokens for t in flat])) if flat else 0.0,
-        "entropy": s.get("entropy"), "clip_frac": s.get("clip_frac"), "mismatch_kl": s.get("mismatch_kl"),
-        "mismatch_abs": s.get("mismatch_abs"), "loss": s.get("loss"), "grad_norm": s.get("grad_norm"),
-        "float8_drift": s.get("float8_drift"),  # None unless learner.float8 measured it this step
-        "staleness": dict(sorted(ages.items())), "tokens_per_s": tok_s,
-        "time": {"train_s": s.get("train_s", 0.0), "sync_s": sync_s, "wait_s": wait_s, "step_s": wall},
-        "learner_idle": wait_s / max(wall, 1e-9), "dropped": dict(orc.dropped),
-    }
+                 sync_s: float, wall: float, elapsed: float, tok_s: float) -> dict[str, float]:
+    """The step's metrics row: train/, env/, perf/ (rl.metrics names them) and sandbox health."""
+    dropped = orc.dropped - orc._dropped_logged
+    orc._dropped_logged = collections.Counter(orc.dropped)
+    timing = {"train_s": stats.train_s if stats else 0.0, "sync_s": sync_s, "wait_s": wait_s, "step_s": wall,
+              "elapsed_s": elapsed}
+    return {**step_metrics(flat, stats.model_dump() if stats else {}, version=orc.version,
+                           dropped={k: dropped[k] for k in orc.dropped}, timing=timing, tokens_per_s=tok_s),
+            **orc.health.drain(shared_pool_stats())}
 
 
 def _record(path: Path, trajectories: list[Trajectory]) -> None:
@@ -397,9 +405,16 @@ async def run_training(cfg: Config) -> RunSummary:
         main.cancel()
 
     loop.add_signal_handler(signal.SIGINT, interrupt)
+    board = cfg.logging.dashboard
+    dashboard = start_for_run(cfg.run.dir, board.host, board.port) if board.enabled else None
+    if dashboard is not None:
+        url = dashboard.url(run_location(cfg.run.dir)[1])
+        print(f"codeworld: dashboard of this run: {url}", file=sys.stderr, flush=True)
     try:
         await orc.start()
         return await orc.train()
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         await asyncio.shield(orc.stop())
+        if dashboard is not None:
+            dashboard.stop()

@@ -75,6 +75,9 @@ class EpisodeOutcome(BaseModel):
     kind: str | None = None
     """Why there is no trajectory, as a key for counting drops: `env_error:<ExceptionType>` (the
     environment raised), `env_reward_none` (it gave no reward) or `unfinished`."""
+    info: dict[str, Any] = {}
+    """The environment's last `StepResult.info` when there is no trajectory (the trajectory carries
+    it as `reward_info` otherwise): health metrics read the sandbox status from it."""
     generate_s: float = 0.0
     """Seconds spent waiting on the engine."""
 
@@ -228,7 +231,7 @@ class EpisodeRunner:
                                   "turn or length limits", kind="unfinished", generate_s=gen_s)
         if result.reward is None:
             return EpisodeOutcome(trajectory=None, error=str(result.info.get("error", "no reward")),
-                                  kind="env_reward_none", generate_s=gen_s)
+                                  kind="env_reward_none", info=_jsonable(result.info), generate_s=gen_s)
         traj = Trajectory(
             id=uuid.uuid4().hex, run_id=self.run_id, env=env.name, task_id=task.id, group_id=group_id,
             group_size=0, prompt_ids=np.array(prompt_ids), completion_ids=np.array(buf.ids),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure the services codeworld needs are installed (and, for Docker, running).
-# Usage: services.sh redis | docker
+# Usage: services.sh redis | docker | chromium
 set -euo pipefail
 
 need_root_or_say() {  # $1 = what is missing, $2 = the Debian package
@@ -43,8 +43,19 @@ ensure_docker() {
   exit 1
 }
 
+# A real headless browser for the dashboard's end-to-end test (driven over the DevTools protocol,
+# so no chromedriver is needed).
+ensure_chromium() {
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+    && return 0
+  need_root_or_say "Chromium (for the dashboard test)" "chromium"
+  echo "codeworld: installing Chromium ..."
+  apt_install chromium
+}
+
 case "${1:-}" in
   redis) ensure_redis ;;
   docker) ensure_docker ;;
-  *) echo "usage: $0 redis|docker" >&2; exit 2 ;;
+  chromium) ensure_chromium ;;
+  *) echo "usage: $0 redis|docker|chromium" >&2; exit 2 ;;
 esac

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 
 from envs.base import EnvConfigError
-from workers.sandbox import ExecRequest, Isolation, SandboxLimits, SandboxPool, SandboxUnavailable, Status
+from workers.sandbox import (ExecRequest, Isolation, PoolStats, SandboxLimits, SandboxPool, SandboxUnavailable,
+                             Status)
 
 SWE_WORK_MB = 2048
 """Size cap of the sandbox work dir: a repository, its dependencies and the episode's snapshot
@@ -67,6 +68,13 @@ def require_isolation(pool: SandboxPool, allow_unisolated: bool, setting: str) -
             f"files, the answers included, reach the network and signal the trainer's processes); install "
             f"Docker or bubblewrap, or set `{setting}: true` to accept that.")
     return isolation
+
+
+def shared_pool_stats() -> dict[str, PoolStats]:
+    """Counters of this loop's shared pools by "<backend>-<image>" (for health metrics)."""
+    loop = asyncio.get_running_loop()
+    return {f"{backend}-{image}": pool.stats() for (owner, backend, image), pool in _pools.items()
+            if owner is loop}
 
 
 async def close_shared_pools() -> None:

@@ -41,6 +41,10 @@ def train(
         typer.echo("codeworld: interrupted; everything the run started has been stopped.", err=True)
         raise typer.Exit(130)
     typer.echo(json.dumps(summary.model_dump(), indent=2))
+    from rl.api.server import watch_command
+
+    board = cfg.logging.dashboard
+    typer.echo(f"codeworld: watch this run: {watch_command(cfg.run.dir, board.host, board.port)}", err=True)
 
 
 def sft(

@@ -19,7 +19,7 @@ def test_math_code_selfdebug_and_trace_envs_train_in_the_loop(tmp_path: Path, ti
         f"model.path={tiny_model}", "rollout.max_tokens=24", "rollout.max_model_len=2048",
         "algorithm.group_size=2", "algorithm.batch_size=24", "algorithm.filter_zero_variance=false",
         "algorithm.max_staleness=0",  # the learner waits for every admitted group, slow families too
-        "logging.tensorboard=false", "logging.progress=false", f"bus.redis_url={redis_url}", f"envs=[{envs}]"])
+        "logging.trackers=[]", "logging.progress=false", f"bus.redis_url={redis_url}", f"envs=[{envs}]"])
     summary = asyncio.run(run_training(cfg))
     assert summary.steps == 2
     seen = collections.Counter()

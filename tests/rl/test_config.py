@@ -56,8 +56,12 @@ def test_override_errors_are_one_sentence(tmp_path: Path) -> None:
         load_config(p, ["envs.5.weight=1"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="eval.env 'math' is not one of envs"):
-        load_config(p, ["eval.env=math"])
+    with pytest.raises(ConfigError, match="eval set names repeat: \\['arithmetic'\\]"):
+        load_config(p, ["eval.sets=[{env: arithmetic}, {env: arithmetic, pass_k: 4}]"])
+    with pytest.raises(ConfigError, match="would measure nothing"):
+        load_config(p, ["eval.sets=[{env: arithmetic, greedy: false}]"])
+    with pytest.raises(ConfigError, match="logging.trackers.0"):
+        load_config(p, ["logging.trackers=[tensorbored]"])
 
 
 def test_dry_run_prints_the_plan_without_starting_anything(tiny_model: str) -> None:

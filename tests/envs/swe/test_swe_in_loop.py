@@ -25,8 +25,8 @@ def test_swe_episodes_train_one_step(tmp_path: Path, long_context_tiny_model: st
     cfg = load_config(None, [
         "run.name=swe-loop", f"run.dir={tmp_path / 'run'}", "run.steps=1", "run.record_batches=true",
         f"model.path={long_context_tiny_model}", "rollout.max_tokens=16", "rollout.max_model_len=3072",
-        "algorithm.group_size=2", "algorithm.batch_size=2", "learner.world_size=1", "eval.env=null",
-        "logging.tensorboard=false", "logging.progress=false", f"bus.redis_url={redis_url}",
+        "algorithm.group_size=2", "algorithm.batch_size=2", "learner.world_size=1",
+        "logging.trackers=[]", "logging.progress=false", f"bus.redis_url={redis_url}",
         f"envs=[{{name: swe, data: {toolz_task_file}, params: {{max_turns: 2, pool_size: 2}}}}]"])
     summary = asyncio.run(run_training(cfg))
     # All-zero groups carry no gradient and are counted as such; none lost its reward.
