@@ -133,7 +133,7 @@ def run_variant(opts: dict[str, Any], model_dir: Path, samples: list[Any], steps
     import torch
 
     from rl.config import AlgorithmSection, LearnerSection
-    from rl.learner import LearnerRank, free_port
+    from rl.learner import LearnerRank, free_port, weigh
 
     gpu = torch.cuda.is_available()
     cfg = LearnerSection(**opts, lr=1e-5, micro_batch_tokens=budget, threads_per_rank=2, float8_drift_every=0)
@@ -148,7 +148,7 @@ def run_variant(opts: dict[str, Any], model_dir: Path, samples: list[Any], steps
             if gpu:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            stats = rank.train_step([samples], [tokens])
+            stats = rank.train_step([weigh(samples, AlgorithmSection(), 1)])
             if gpu:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

@@ -38,6 +38,11 @@ class TrainSample(BaseModel):
     """Per completion token (float32)."""
     advantage: float
     """The sequence's advantage."""
+    weight: float = 1.0
+    """Its tokens' weight in the minibatch's loss (`rl.loss.aggregation_weights`, set by the
+    learner group)."""
+    age: int = Field(0, ge=0)
+    """Its staleness: the learner's version at this step minus the version of its oldest token."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,12 @@ class MicroBatch(BaseModel):
     """float32 [M]: the sampler's logprob of each target token."""
     advantages: Any
     """float32 [M]: the advantage of each target token's sequence."""
+    weights: Any
+    """float32 [M]: the aggregation weight of each target token's sequence."""
+    seq: Any
+    """int64 [M]: the index of each target token's sequence in this micro-batch."""
+    ages: Any
+    """int64 [M]: the staleness of each target token's sequence."""
     proximal: Any = None
     """float32 [M]: learner logprobs at the start of the step (set when a step has minibatches)."""
 
@@ -115,14 +126,16 @@ def pack(samples: Sequence[TrainSample]) -> MicroBatch:
     lengths = [len(s.input_ids) for s in samples]
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     longest = max(lengths)
-    positions, targets, sampler, adv = [], [], [], []
-    for s, start in zip(samples, starts):
+    positions, targets, sampler = [], [], []
+    per_seq: dict[str, list[np.ndarray]] = {"adv": [], "weight": [], "seq": [], "age": []}
+    for i, (s, start) in enumerate(zip(samples, starts)):
         model = np.flatnonzero(np.asarray(s.loss_mask) == 1)  # completion indices of model tokens
         # Completion token j sits at row position start + prompt_len + j; the one before predicts it.
         positions.append(start + s.prompt_len - 1 + model)
         targets.append(np.asarray(s.input_ids)[s.prompt_len + model])
         sampler.append(np.asarray(s.sampler_logprobs, np.float32)[model])
-        adv.append(np.full(len(model), s.advantage, np.float32))
+        for key, value in (("adv", s.advantage), ("weight", s.weight), ("seq", i), ("age", s.age)):
+            per_seq[key].append(np.full(len(model), value))
     within = np.concatenate([np.arange(n) for n in lengths])
     pad_index = np.concatenate([i * longest + np.arange(n) for i, n in enumerate(lengths)])
     layout = PackedLayout(cu_seqlens=torch.from_numpy(starts.astype(np.int32)), max_seqlen=longest,
@@ -133,7 +146,10 @@ def pack(samples: Sequence[TrainSample]) -> MicroBatch:
         position_ids=torch.from_numpy(within.astype(np.int64))[None], layout=layout, positions=position_idx,
         targets=torch.from_numpy(np.concatenate(targets).astype(np.int64)),
         mask=torch.ones(len(position_idx)), sampler=torch.from_numpy(np.concatenate(sampler)),
-        advantages=torch.from_numpy(np.concatenate(adv)))
+        advantages=torch.from_numpy(np.concatenate(per_seq["adv"]).astype(np.float32)),
+        weights=torch.from_numpy(np.concatenate(per_seq["weight"]).astype(np.float32)),
+        seq=torch.from_numpy(np.concatenate(per_seq["seq"]).astype(np.int64)),
+        ages=torch.from_numpy(np.concatenate(per_seq["age"]).astype(np.int64)))
 
 
 def micro_batches(samples: Sequence[TrainSample], budget: int) -> list[MicroBatch]:

@@ -83,17 +83,45 @@ class AlgorithmSection(Section):
     minibatches: int = Field(1, ge=1)
     """Optimizer steps per learner step (the batch split into this many parts). With more than
     one, decoupled PPO's ratio against the step-start policy moves and its clip acts."""
-    loss: Literal["decoupled_ppo", "truncated_is"] = "decoupled_ppo"
-    """decoupled_ppo: clipped ratio against the sampler's logprobs, the behaviour policy;
-    truncated_is: REINFORCE with importance weights min(ratio, is_cap), no clipping."""
+    loss: Literal["decoupled_ppo", "gspo", "truncated_is"] = "decoupled_ppo"
+    """decoupled_ppo: PPO's clipped ratio against the step-start (proximal) policy, times the
+    behaviour weight exp(prox − sampler) (AReaL); gspo: the same with the ratio taken per
+    sequence (the geometric mean of its tokens'; use a small clip, e.g. 3e-4 / 4e-4);
+    truncated_is: REINFORCE with the weight exp(logp − sampler), no clipping."""
     clip_low: float = Field(0.2, ge=0)
     """Lower clip range: ratio >= 1 - clip_low."""
     clip_high: float = Field(0.2, ge=0)
     """Upper clip range: ratio <= 1 + clip_high."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip PPO: for a negative advantage the objective is bounded below by dual_clip × A, so a
+    token whose ratio has grown large cannot push the loss without bound (None: off)."""
     is_cap: float = Field(2.0, ge=1)
-    """Truncation of importance weights (truncated_is)."""
+    """Bound of the behaviour (importance) weights: weights above it are truncated to it, or, with
+    `is_mode: mask`, tokens whose weight lies outside [1/is_cap, is_cap] are left out."""
+    is_mode: Literal["truncate", "mask"] = "truncate"
+    """What happens to an importance weight beyond `is_cap`: truncated to it, or its token masked."""
+    is_level: Literal["token", "sequence"] = "token"
+    """Importance weights per token, or per sequence (the geometric mean of its tokens' weights)."""
+    aggregation: Literal["token_mean", "sequence_mean", "token_sum"] = "token_mean"
+    """How per-token losses make the batch's loss: the mean over all model tokens; the mean over
+    sequences of each one's token mean (GRPO); or their sum over (sequences × rollout.max_tokens),
+    a constant (Dr. GRPO: no length bias)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the KL penalty to a frozen reference policy (the starting weights), computed on
+    the learner ranks (0: no reference model is kept)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    """Per-token KL estimate: k1 = logp − ref; k3 = exp(ref − logp) − (ref − logp) − 1 (≥ 0)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Weight of the entropy bonus (subtracted from the loss)."""
     normalize_std: bool = True
-    """Divide advantages by the group's reward std (GRPO) or only subtract its mean."""
+    """Divide advantages by the group's reward std (GRPO) or only subtract its mean (Dr. GRPO)."""
+    unfinished_reward: float = 0.0
+    """Reward of an episode that ran out of context (rollout.max_model_len) or turns before its
+    environment finished it: the policy's failure, scored and flagged truncated, never dropped."""
+    shuffle_rewards: bool = False
+    """A control, for checking the wiring only: rewards are permuted across the batch's samples
+    before advantages are computed, so that whatever the run still learns does not come from the
+    reward (bench/learning.py uses it)."""
     filter_zero_variance: bool = True
     """Drop groups whose rewards are all equal: they carry no gradient."""
 

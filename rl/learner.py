@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from rl.batching import MicroBatch, TrainSample, dummy_micro_batch, micro_batches
 from rl.config import AlgorithmSection, LearnerSection
+from rl.loss import ImportanceStats, aggregation_weights, merge_importance
 from rl.weights import WeightPush
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ class RankStats(BaseModel):
     entropy_sum: float = 0.0
     mismatch_k3_sum: float = 0.0
     mismatch_abs_sum: float = 0.0
+    kl_sum: float = 0.0
+    """Σ of the KL estimate to the reference policy (0 without one)."""
+    importance: dict[int, ImportanceStats] = {}
+    """Behaviour-weight statistics by staleness."""
     grad_norms: list[float] = []
     """Pre-clip gradient norm of each optimizer step (the same on every rank)."""
     float8_drift_sum: float = 0.0
@@ -82,6 +87,10 @@ class LearnerRank:
         self.rank, self.world_size = rank, world_size
         self.cfg, self.algo, self.temperature = learner, algo, temperature
         self.model = build_model(model_path, learner, self.device)
+        # The KL term's reference: the starting weights, frozen, sharded like the policy.
+        self.reference = build_model(model_path, learner, self.device).eval() if algo.kl_coef else None
+        if self.reference is not None:
+            self.reference.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr, betas=learner.betas,
                                            weight_decay=learner.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
@@ -91,10 +100,9 @@ class LearnerRank:
     def ready(self) -> int:
         return self.rank
 
-    def train_step(self, minibatches: list[list[TrainSample]], totals: list[int]) -> RankStats:
-        """One optimizer step per minibatch over this rank's share of it (possibly empty).
-        `totals[i]` is the model-token count of minibatch i across all ranks (the loss's
-        denominator)."""
+    def train_step(self, minibatches: list[list[TrainSample]]) -> RankStats:
+        """One optimizer step per minibatch over this rank's share of it (possibly empty). Each
+        sample carries its loss weight, computed over the whole minibatch (all ranks)."""
         import torch
 
         from rl.parallelize import precompute_float8_scales
@@ -109,9 +117,9 @@ class LearnerRank:
         if len(micro) > 1:  # later minibatches need the step-start (proximal) logprobs
             for mbs, n in zip(micro, rounds):
                 self._lockstep(mbs, n, self._set_proximal)
-        for mbs, n, total in zip(micro, rounds, totals):
+        for mbs, n in zip(micro, rounds):
             self.optimizer.zero_grad(set_to_none=True)
-            self._lockstep(mbs, n, lambda mb: self._accumulate(mb, total, stats))
+            self._lockstep(mbs, n, lambda mb: self._accumulate(mb, stats))
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             stats.grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             self.optimizer.step()
@@ -134,10 +142,11 @@ class LearnerRank:
         for i in range(rounds):
             fn((micro[i] if i < len(micro) else dummy_micro_batch()).to(self.device))
 
-    def _logprobs(self, mb: MicroBatch) -> tuple[Any, Any]:
+    def _logprobs(self, mb: MicroBatch, model: Any = None) -> tuple[Any, Any]:
         from rl.loss import token_logprobs
 
-        logits = self.model(**mb.model_inputs()).logits[0]  # [M, V]: only where a model token is predicted
+        model = self.model if model is None else model
+        logits = model(**mb.model_inputs()).logits[0]  # [M, V]: only where a model token is predicted
         return token_logprobs(logits, mb.targets, self.temperature)
 
     def _set_proximal(self, mb: MicroBatch) -> None:
@@ -161,25 +170,33 @@ class LearnerRank:
         stats.float8_drift_sum += float(((fp8 - plain).abs() * mb.mask).sum())
         stats.float8_drift_tokens += float(mb.mask.sum())
 
-    def _accumulate(self, mb: MicroBatch, total_tokens: int, stats: RankStats) -> None:
+    def _accumulate(self, mb: MicroBatch, stats: RankStats) -> None:
         import torch
 
-        from rl.loss import policy_loss
+        from rl.loss import LossInputs, policy_loss
 
         logp, entropy = self._logprobs(mb)
         prox = mb.proximal if mb.proximal is not None else logp.detach()
-        out = policy_loss(logp, prox, mb.sampler, mb.advantages, mb.mask, self.algo)
-        # FSDP averages gradients over ranks; scale so the result is the batch's token mean.
-        (out.loss_sum / max(total_tokens, 1) * self.world_size).backward()
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = self._logprobs(mb, self.reference)[0]
+        inputs = LossInputs(logp=logp, prox=prox, sampler=mb.sampler, advantages=mb.advantages, mask=mb.mask,
+                            weights=mb.weights, seq=mb.seq, ages=mb.ages, entropy=entropy, ref=ref)
+        out = policy_loss(inputs, self.algo)
+        # FSDP averages gradients over ranks; the weights already hold the batch's normaliser.
+        (out.loss_sum * self.world_size).backward()
         with torch.no_grad():
             m = mb.mask
             diff = (prox - mb.sampler) * m  # learner (step start) vs sampler, same tokens
-            stats.loss_sum += float(out.loss_sum)
+            stats.loss_sum += out.policy_sum
             stats.tokens += out.tokens
             stats.clipped += out.clipped
-            stats.entropy_sum += float((entropy * m).sum())
+            stats.kl_sum += out.kl_sum
+            stats.entropy_sum += float((entropy.detach() * m).sum())
             stats.mismatch_k3_sum += float(((torch.exp(diff) - 1 - diff) * m).sum())
             stats.mismatch_abs_sum += float(diff.abs().sum())
+            stats.importance = merge_importance([stats.importance, out.importance])
 
     def full_state_dict(self) -> dict[str, Any] | None:
         """The full (unsharded) fp32 state dict on rank 0; None elsewhere. Collective."""
@@ -234,6 +251,13 @@ def balance(samples: Sequence[TrainSample], n: int) -> list[list[TrainSample]]:
     return parts
 
 
+def weigh(minibatch: Sequence[TrainSample], algo: AlgorithmSection, max_tokens: int) -> list[TrainSample]:
+    """The minibatch's samples with their loss weights (`rl.loss.aggregation_weights`), which
+    need the whole minibatch: ranks and micro-batches see parts of it."""
+    counts = [int(s.loss_mask.sum()) for s in minibatch]
+    return [s.model_copy(update={"weight": w}) for s, w in zip(minibatch, aggregation_weights(counts, algo, max_tokens))]
+
+
 class StepStats(BaseModel):
     """What one learner step reports: token means over the step's model tokens."""
 
@@ -248,6 +272,10 @@ class StepStats(BaseModel):
     """Pre-clip gradient norm of each optimizer step."""
     float8_drift: float | None = None
     """Mean |logprob with float8 − without| per token on this step's probe (None: not measured)."""
+    kl: float | None = None
+    """Mean KL estimate to the reference policy per token (None: no KL term)."""
+    importance: dict[int, ImportanceStats] = {}
+    """Behaviour-weight statistics by staleness, summed over the ranks."""
     tokens: int
     train_s: float
 
@@ -256,7 +284,8 @@ class LearnerGroup:
     """Driver-side handle on the learner ranks."""
 
     def __init__(self, model_path: str, learner: LearnerSection, algo: AlgorithmSection,
-                 temperature: float, seed: int) -> None:
+                 temperature: float, seed: int, max_tokens: int = 1) -> None:
+        """`max_tokens`: the rollout's token limit per turn, the constant of `aggregation: token_sum`."""
         import ray
 
         from rl.parallelize import require_runnable
@@ -273,7 +302,7 @@ class LearnerGroup:
         self.ranks = [remote.remote(r, learner.world_size, port, model_path, learner, algo, temperature, seed)
                       for r in range(learner.world_size)]
         ray.get([r.ready.remote() for r in self.ranks])
-        self.world_size = learner.world_size
+        self.world_size, self.algo, self.max_tokens = learner.world_size, algo, max_tokens
         log.info("learner: %d rank(s) ready (%s attention, %s float8, mixed precision %s)", self.world_size,
                  learner.attention, learner.float8, learner.mixed_precision)
 
@@ -285,10 +314,9 @@ class LearnerGroup:
         start = time.perf_counter()
         shards: list[list[list[TrainSample]]] = [[] for _ in self.ranks]
         for mb in minibatches:
-            for rank_shard, part in zip(shards, balance(mb, len(self.ranks))):
+            for rank_shard, part in zip(shards, balance(weigh(mb, self.algo, self.max_tokens), len(self.ranks))):
                 rank_shard.append(part)
-        totals = [int(sum(s.loss_mask.sum() for s in mb)) for mb in minibatches]
-        stats = ray.get([rank.train_step.remote(shard, totals) for rank, shard in zip(self.ranks, shards)])
+        stats = ray.get([rank.train_step.remote(shard) for rank, shard in zip(self.ranks, shards)])
         tok = max(sum(s.tokens for s in stats), 1.0)
         probed = sum(s.float8_drift_tokens for s in stats)
         drift = sum(s.float8_drift_sum for s in stats) / probed if probed else None
@@ -300,7 +328,9 @@ class LearnerGroup:
             clip_frac=sum(s.clipped for s in stats) / tok,
             mismatch_kl=sum(s.mismatch_k3_sum for s in stats) / tok,
             mismatch_abs=sum(s.mismatch_abs_sum for s in stats) / tok, grad_norm=sum(norms) / len(norms),
-            grad_norms=norms, float8_drift=drift, tokens=int(tok), train_s=time.perf_counter() - start)
+            grad_norms=norms, float8_drift=drift, kl=sum(s.kl_sum for s in stats) / tok if self.algo.kl_coef else None,
+            importance=merge_importance([s.importance for s in stats]), tokens=int(tok),
+            train_s=time.perf_counter() - start)
 
     def publish(self, root: Path, version: int) -> WeightPush:
         import ray

@@ -81,6 +81,9 @@ def step_metrics(trajs: Sequence[Trajectory], learner: Mapping[str, Any], *, ver
     out[metric_name("train", "version")] = float(version)
     ages = collections.Counter(version - 1 - t.min_version for t in trajs)
     out.update({metric_name("train", "staleness", str(age)): float(n) for age, n in sorted(ages.items())})
+    for age in ages:  # what each staleness brings: old samples of a worse policy score lower
+        rewards = [t.reward for t in trajs if version - 1 - t.min_version == age]
+        out[metric_name("train", "by_age", str(age), "reward_mean")] = float(np.mean(rewards))
     out.update({metric_name("train", "dropped", reason): float(n) for reason, n in sorted(dropped.items())})
     step_s = max(timing["step_s"], 1e-9)
     out.update({metric_name("perf", key): float(value) for key, value in timing.items()})
@@ -89,6 +92,31 @@ def step_metrics(trajs: Sequence[Trajectory], learner: Mapping[str, Any], *, ver
     out[metric_name("perf", "learner_idle")] = timing["wait_s"] / step_s
     if learner.get("tokens") is not None:
         out[metric_name("perf", "train_tokens")] = float(learner["tokens"])
+    if learner.get("kl") is not None:
+        out[metric_name("train", "kl_ref")] = float(learner["kl"])
+    out.update(importance_metrics(learner.get("importance") or {}))
+    return out
+
+
+def importance_metrics(by_age: Mapping[int, Any]) -> dict[str, float]:
+    """The behaviour weights w = exp(prox − sampler) of a step: quantiles, the share beyond the cap
+    (truncated or masked), the sampler→learner KL, overall and per staleness (`train/is/...`)."""
+    from rl.loss import ImportanceStats
+
+    parts = {int(age): ImportanceStats.model_validate(v) for age, v in by_age.items()}
+    total = ImportanceStats()
+    for part in parts.values():
+        total.add(part)
+    if not total.tokens:
+        return {}
+    out = {metric_name("train", "is", f"p{q}"): total.quantile(q / 100) for q in (1, 10, 50, 90, 99)}
+    for label, stats in [("all", total)] + [(f"age{age}", p) for age, p in sorted(parts.items())]:
+        n = max(stats.tokens, 1.0)
+        out[metric_name("train", "is", label, "kl")] = stats.kl_sum / n
+        out[metric_name("train", "is", label, "above_cap")] = stats.above / n
+        out[metric_name("train", "is", label, "below_inverse_cap")] = stats.below / n
+        out[metric_name("train", "is", label, "mean_log_w")] = stats.log_w_sum / n
+        out[metric_name("train", "is", label, "tokens")] = stats.tokens
     return out
 
 

@@ -124,7 +124,8 @@ class Orchestrator:
         url, self._private_redis = connect_or_start(cfg.bus.redis_url)
         self.bus = TrajectoryBus(url, cfg.run.name)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len)
+        self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len,
+                                    cfg.algorithm.unfinished_reward)
         self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode,
                                    cfg.run.seed)
         engine = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
@@ -133,7 +134,7 @@ class Orchestrator:
                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.run.seed)
         self.workers = [RolloutWorker.remote_actor(engine) for _ in range(cfg.rollout.num_workers)]
         self.learner = await asyncio.to_thread(LearnerGroup, str(model_dir), cfg.learner, cfg.algorithm,
-                                               cfg.rollout.temperature, cfg.run.seed)
+                                               cfg.rollout.temperature, cfg.run.seed, cfg.rollout.max_tokens)
         await asyncio.gather(*(w.get_version.remote() for w in self.workers))
         self.weights_root = exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")
 
@@ -255,16 +256,25 @@ class Orchestrator:
 
     def to_samples(self, groups: list[list[Trajectory]]) -> list[TrainSample]:
         a, samples = self.cfg.algorithm, []
+        shuffled = self._shuffled_rewards(groups) if a.shuffle_rewards else None
         for group in groups:
-            rewards = [t.reward for t in group]
+            rewards = [shuffled[id(t)] if shuffled else t.reward for t in group]
             if a.filter_zero_variance and max(rewards) == min(rewards):
                 self.dropped["zero_variance_groups"] += 1
                 continue
             for t, adv in zip(group, group_advantages(rewards, a.normalize_std)):
                 samples.append(TrainSample(
                     input_ids=np.concatenate([t.prompt_ids, t.completion_ids]), prompt_len=len(t.prompt_ids),
-                    loss_mask=t.loss_mask, sampler_logprobs=t.sampler_logprobs, advantage=adv))
+                    loss_mask=t.loss_mask, sampler_logprobs=t.sampler_logprobs, advantage=adv,
+                    age=max(0, self.version - t.min_version)))
         return samples
+
+    def _shuffled_rewards(self, groups: list[list[Trajectory]]) -> dict[int, float]:
+        """The control of `algorithm.shuffle_rewards`: the batch's rewards, permuted across samples."""
+        flat = [t for g in groups for t in g]
+        rewards = [t.reward for t in flat]
+        self.rng.shuffle(rewards)
+        return {id(t): r for t, r in zip(flat, rewards)}
 
     async def train_step(self, samples: list[TrainSample]) -> StepStats | None:
         if not samples:

@@ -74,7 +74,8 @@ class EpisodeOutcome(BaseModel):
     """Why there is no trajectory."""
     kind: str | None = None
     """Why there is no trajectory, as a key for counting drops: `env_error:<ExceptionType>` (the
-    environment raised), `env_reward_none` (it gave no reward) or `unfinished`."""
+    environment raised), `env_reward_none` (it gave no reward) or `prompt_too_long` (the prompt
+    left no room for a single token)."""
     info: dict[str, Any] = {}
     """The environment's last `StepResult.info` when there is no trajectory (the trajectory carries
     it as `reward_info` otherwise): health metrics read the sandbox status from it."""
@@ -114,6 +115,8 @@ class _Run:
     truncated: bool = False
     failure: tuple[str, str] | None = None
     """(kind, message) when the environment raised."""
+    unfinished: str | None = None
+    """Why the environment never finished the episode ("context" or "turns"): the policy's doing."""
 
 
 async def _env_call(coro: Awaitable[Any], what: str) -> tuple[Any, tuple[str, str] | None]:
@@ -136,10 +139,14 @@ class EpisodeRunner:
     """Runs episodes of any environment against a rollout worker (a Ray actor handle or a local
     `RolloutWorker`)."""
 
-    def __init__(self, renderer: ChatRenderer, run_id: str, max_model_len: int) -> None:
+    def __init__(self, renderer: ChatRenderer, run_id: str, max_model_len: int,
+                 unfinished_reward: float = 0.0) -> None:
+        """`unfinished_reward`: the reward of an episode the policy let run out of context or turns
+        before the environment finished it (a policy failure: scored, never dropped)."""
         self.renderer = renderer
         self.run_id = run_id
         self.max_model_len = max_model_len
+        self.unfinished_reward = unfinished_reward
 
     async def run(self, env: Environment, task: Task, worker: Any, sampling: Sampling,
                   group_id: str) -> EpisodeOutcome:
@@ -196,11 +203,12 @@ class EpisodeRunner:
     async def _turns(self, env: Environment, prompt_ids: list[int], first: Generation | None, first_s: float,
                      worker: Any, sampling: Sampling) -> _Run:
         """The episode's turns after `reset`; `first`, when given, is its already-sampled first turn."""
-        run = _Run(_Buffer(), gen_s=first_s)
+        run = _Run(_Buffer(), gen_s=first_s, unfinished="turns")
         buf = run.buf
         for _ in range(env.max_turns):
             budget = self.max_model_len - len(prompt_ids) - len(buf.ids)
             if budget <= 0:
+                run.unfinished = "context"
                 break
             if first is not None:
                 gen, first = first, None
@@ -215,9 +223,14 @@ class EpisodeRunner:
                             truncated=run.truncated)
             run.result, run.failure = await _env_call(env.step(action), "step")
             if run.failure is not None or run.result.done:
+                run.unfinished = None
                 break
             ended = bool(gen.token_ids) and gen.token_ids[-1] == self.renderer.eos_id
-            buf.add_env(self.renderer.followup(run.result.observation.messages, ended))
+            followup = self.renderer.followup(run.result.observation.messages, ended)
+            if len(prompt_ids) + len(buf.ids) + len(followup) >= self.max_model_len:
+                run.unfinished = "context"  # no room left for a reply: the environment's turn is not kept
+                break
+            buf.add_env(followup)
         return run
 
     def _outcome(self, env: Environment, task: Task, group_id: str, prompt_ids: list[int],
@@ -226,9 +239,15 @@ class EpisodeRunner:
         if run.failure is not None:
             kind, message = run.failure
             return EpisodeOutcome(trajectory=None, error=message, kind=kind, generate_s=gen_s)
-        if result is None or not result.done:
-            return EpisodeOutcome(trajectory=None, error="episode did not finish within the model's "
-                                  "turn or length limits", kind="unfinished", generate_s=gen_s)
+        if run.unfinished is not None:
+            if not any(buf.mask):
+                return EpisodeOutcome(trajectory=None, error="the prompt leaves no room for the model to reply "
+                                      "within max_model_len", kind="prompt_too_long", generate_s=gen_s)
+            # The policy ran out of context or turns: its failure, scored (never dropped, which
+            # would bias the group's baseline up and never punish rambling) and flagged truncated.
+            result = StepResult(done=True, reward=self.unfinished_reward,
+                                info={"unfinished": run.unfinished, **(result.info if result else {})})
+            run.truncated = True
         if result.reward is None:
             return EpisodeOutcome(trajectory=None, error=str(result.info.get("error", "no reward")),
                                   kind="env_reward_none", info=_jsonable(result.info), generate_s=gen_s)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from rl.config import load_config
-from rl.loss import group_advantages, policy_loss, token_logprobs
+from rl.loss import LossInputs, group_advantages, policy_loss, token_logprobs
 from rl.orchestrator import load_recorded, run_training
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,8 +58,9 @@ def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, 
         opt.zero_grad()
         for mb in micro_batches(samples, cfg.learner.micro_batch_tokens):
             logp, _ = token_logprobs(model(**mb.model_inputs()).logits[0], mb.targets, 1.0)
-            out = policy_loss(logp, logp.detach(), mb.sampler, mb.advantages, mb.mask, cfg.algorithm)
-            (out.loss_sum / total).backward()
+            inputs = LossInputs(logp=logp, prox=logp.detach(), sampler=mb.sampler, advantages=mb.advantages,
+                                mask=mb.mask, weights=torch.full_like(mb.mask, 1 / total), seq=mb.seq, ages=mb.ages)
+            policy_loss(inputs, cfg.algorithm).loss_sum.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip)))
         opt.step()
     return {k: v.detach() for k, v in model.state_dict().items()}, norms

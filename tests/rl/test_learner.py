@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from rl.config import AlgorithmSection, ConfigError, LearnerSection, load_config
-from rl.learner import LearnerGroup, LearnerRank, TrainSample, free_port, lr_multiplier
+from rl.learner import LearnerGroup, LearnerRank, TrainSample, free_port, lr_multiplier, weigh
 from rl.parallelize import attention_problem, require_runnable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def test_lr_ramps_linearly_over_the_warmup_then_holds(rank: LearnerRank) -> None
     samples, seen = _samples(), []
     for _ in range(6):
         seen.append(_lr(rank))
-        rank.train_step([samples], [24])
+        rank.train_step([weigh(samples, AlgorithmSection(), 1)])
     assert seen == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
 
 
@@ -60,10 +60,10 @@ def test_lr_warms_up_holds_then_decays_linearly_to_its_floor() -> None:
 def test_checkpoint_restores_weights_optimizer_and_warmup_position(rank: LearnerRank, tiny_model: str,
                                                                      tmp_path: Path) -> None:
     samples = _samples()
-    rank.train_step([samples], [24])
+    rank.train_step([weigh(samples, AlgorithmSection(), 1)])
     rank.save_checkpoint(str(tmp_path / "ckpt"))
     saved = {k: v.detach().clone() for k, v in rank.model.state_dict().items()}
-    rank.train_step([samples], [24])  # moves the weights and the schedule past the checkpoint
+    rank.train_step([weigh(samples, AlgorithmSection(), 1)])  # moves the weights and the schedule past the checkpoint
     rank.load_checkpoint(str(tmp_path / "ckpt"))
     assert _lr(rank) == pytest.approx(5e-4)
     for k, v in rank.model.state_dict().items():
@@ -90,7 +90,7 @@ def test_two_ranks_with_minibatches_and_uneven_shards_match_one_rank(ray_session
     cfg, algo = LearnerSection(lr=1e-3, micro_batch_tokens=24, world_size=2), AlgorithmSection(minibatches=2)
     one = LearnerRank(0, 1, free_port(), tiny_model, cfg.model_copy(update={"world_size": 1}), algo, 1.0, 0)
     try:
-        ref = one.train_step(minibatches, totals)
+        ref = one.train_step([weigh(mb, algo, 1) for mb in minibatches])
         ref_weights = one.full_state_dict()
     finally:
         dist.destroy_process_group()
@@ -181,7 +181,7 @@ def test_emulated_float8_keeps_its_recipe_and_reports_its_logprob_drift(tiny_mod
                 bypassed = rank._logprobs(mb)[0]
             plain = load_model(tiny_model, "sdpa")(**mb.model_inputs()).logits[0].log_softmax(-1)
         assert torch.allclose(bypassed, plain.gather(-1, mb.targets[:, None]).squeeze(-1), atol=1e-5)
-        stats = rank.train_step([_samples()], [24])
+        stats = rank.train_step([weigh(_samples(), AlgorithmSection(), 1)])
         drift = stats.float8_drift_sum / stats.float8_drift_tokens
         # measured at the step-start weights, as above
         assert drift == pytest.approx(float((fp8 - bypassed).abs().mean()), rel=1e-5)

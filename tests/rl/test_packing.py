@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from rl.batching import TrainSample, micro_batches, split_micro_batches
 from rl.config import AlgorithmSection, LearnerSection
-from rl.learner import LearnerGroup, LearnerRank, free_port
-from rl.loss import policy_loss
+from rl.learner import LearnerGroup, LearnerRank, free_port, weigh
+from rl.loss import LossInputs, policy_loss
 
 LR = 1e-3
 
@@ -70,9 +70,11 @@ def padded_step(model_dir: str, samples: list[TrainSample], budget: int, cfg: Le
             adv[i, p - 1:n - 1] = s.advantage
         logp_all = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
         logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        out = policy_loss(logp, logp.detach(), sampler, adv, mask, algo)
-        (out.loss_sum / total).backward()
-        loss += float(out.loss_sum.detach()) / total
+        zeros = torch.zeros_like(mask, dtype=torch.long)
+        out = policy_loss(LossInputs(logp=logp, prox=logp.detach(), sampler=sampler, advantages=adv, mask=mask,
+                                     weights=torch.full_like(mask, 1 / total), seq=zeros, ages=zeros), algo)
+        out.loss_sum.backward()
+        loss += out.policy_sum / total
         entropy += float((-(logp_all.exp() * logp_all).sum(-1) * mask).sum().detach())
         mismatch += float(((logp.detach() - sampler) * mask).abs().sum())
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -133,7 +135,7 @@ def test_packed_step_equals_padded_step_for_mixed_lengths_and_multi_turn_masks(o
     total = sum(int(s.loss_mask.sum()) for s in samples)
     initial = {k: v.detach().clone() for k, v in one_rank.full_state_dict().items()}
     assert len(micro_batches(samples, 64)) > 2, "several micro-batches: the accumulation is part of the test"
-    stats = one_rank.train_step([samples], [total])
+    stats = one_rank.train_step([weigh(samples, AlgorithmSection(), 1)])
     ref = padded_step(tiny_model, samples, 64, one_rank.cfg, AlgorithmSection())
     _assert_same_step(stats.loss_sum / total, stats.grad_norms[0], one_rank.full_state_dict(), ref, initial)
     assert stats.tokens == total
@@ -164,7 +166,7 @@ def test_packed_step_on_two_gloo_ranks_equals_the_padded_step(ray_session: None,
 def test_activation_checkpointing_changes_nothing_but_memory(one_rank: LearnerRank, tiny_model: str) -> None:
     samples = mixed_samples(6, seed=2)
     total = sum(int(s.loss_mask.sum()) for s in samples)
-    plain = one_rank.train_step([samples], [total])
+    plain = one_rank.train_step([weigh(samples, AlgorithmSection(), 1)])
     plain_weights = one_rank.full_state_dict()
     dist.destroy_process_group()
     cfg = LearnerSection(lr=LR, micro_batch_tokens=64, activation_checkpointing=2)
@@ -173,7 +175,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(one_rank: LearnerRa
 
     wrapped = [isinstance(layer, CheckpointWrapper) for layer in ac.model.model.layers]
     assert wrapped == [True, False, True, False]
-    stats = ac.train_step([samples], [total])
+    stats = ac.train_step([weigh(samples, AlgorithmSection(), 1)])
     assert stats.loss_sum == pytest.approx(plain.loss_sum, abs=1e-6)
     assert stats.grad_norms == pytest.approx(plain.grad_norms, rel=1e-6)
     weights = ac.full_state_dict()

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from envs.arithmetic import ArithmeticEnv, ArithmeticParams
-from envs.base import EnvConfigError, Observation, StepResult, Task
+from envs.base import EnvConfigError, Message, Observation, StepResult, Task
 from workers.episode import ChatRenderer, EpisodeRunner
 from workers.rollout import Generation, Sampling
 
@@ -124,3 +124,36 @@ def test_a_configuration_error_still_ends_the_run(worker, runner: EpisodeRunner)
     with pytest.raises(EnvConfigError, match="not isolated"):
         asyncio.run(runner.run_group(envs, task(), worker, Sampling(max_tokens=10), "g3"))
     assert FaultyEnv.closed == 2
+
+
+class NeverDoneEnv(ArithmeticEnv):
+    """Arithmetic that always asks for another turn: the policy never gets to an answer."""
+
+    max_turns = 3
+
+    async def step(self, action):
+        return StepResult(done=False, observation=Observation(messages=[Message(role="user", content="again?")]))
+
+
+@pytest.mark.parametrize(("max_model_len", "why"), [(512, "turns"), (40, "context")])
+def test_an_episode_out_of_turns_or_context_is_scored_not_dropped(worker, tiny_model: str, max_model_len: int,
+                                                                  why: str) -> None:
+    """Issue #9, defect 2: running out of turns or context is the policy's failure. It used to give
+    no trajectory (counted as no reward), so rambling was never punished and the group's baseline
+    was biased up; now it is a trajectory with the configured reward, flagged truncated."""
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tiny_model))
+    runner = EpisodeRunner(renderer, "episode-test", max_model_len, unfinished_reward=-0.5)
+    envs = [NeverDoneEnv(ArithmeticParams(n_train=5)) for _ in range(2)]
+    outcomes = asyncio.run(runner.run_group(envs, task(), worker, Sampling(max_tokens=10), "g4"))
+    for outcome in outcomes:
+        t = outcome.trajectory
+        assert t is not None, outcome.error
+        assert (t.reward, t.truncated, t.reward_info["unfinished"]) == (-0.5, True, why)
+        assert t.loss_mask.sum() > 0 and len(t.prompt_ids) + len(t.completion_ids) <= max_model_len
+
+
+def test_a_prompt_that_leaves_no_room_is_dropped_as_such(worker, tiny_model: str) -> None:
+    runner = EpisodeRunner(ChatRenderer(AutoTokenizer.from_pretrained(tiny_model)), "episode-test", 8)
+    outcome = asyncio.run(runner.run(ArithmeticEnv(ArithmeticParams(n_train=5)), task(), worker,
+                                     Sampling(max_tokens=10), "g5"))
+    assert outcome.trajectory is None and outcome.kind == "prompt_too_long"
