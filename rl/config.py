@@ -125,6 +125,13 @@ class AlgorithmSection(Section):
     filter_zero_variance: bool = True
     """Drop groups whose rewards are all equal: they carry no gradient."""
 
+    @model_validator(mode="after")
+    def _max_age_covers_the_bound(self) -> AlgorithmSection:
+        if self.max_age is not None and self.max_age < self.max_staleness:
+            raise ValueError(f"max_age ({self.max_age}) is below max_staleness ({self.max_staleness}): groups the "
+                             "staleness bound admits would be dropped as too old; raise max_age or lower max_staleness.")
+        return self
+
     @property
     def effective_max_age(self) -> int:
         return self.max_staleness + 1 if self.max_age is None else self.max_age

@@ -128,11 +128,7 @@ class Orchestrator:
                                     cfg.algorithm.unfinished_reward)
         self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode,
                                    cfg.run.seed)
-        engine = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                              enforce_eager=cfg.rollout.enforce_eager, kv_cache_gib=cfg.rollout.kv_cache_gib,
-                              cpu_cores=cfg.rollout.cpu_cores,
-                              gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.run.seed)
-        self.workers = [RolloutWorker.remote_actor(engine) for _ in range(cfg.rollout.num_workers)]
+        self.workers = [RolloutWorker.remote_actor(engine) for engine in engine_configs(cfg, model_dir)]
         self.learner = await asyncio.to_thread(LearnerGroup, str(model_dir), cfg.learner, cfg.algorithm,
                                                cfg.rollout.temperature, cfg.run.seed, cfg.rollout.max_tokens)
         await asyncio.gather(*(w.get_version.remote() for w in self.workers))
@@ -367,6 +363,16 @@ class Orchestrator:
         (self.run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
         if self.cfg.logging.plot:
             plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png")
+
+
+def engine_configs(cfg: Config, model_dir: Path) -> list[EngineConfig]:
+    """One config per rollout engine. Each has its own seed: engines seeded alike would draw the
+    same samples for the same prompt."""
+    r = cfg.rollout
+    base = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=r.max_model_len,
+                        enforce_eager=r.enforce_eager, kv_cache_gib=r.kv_cache_gib, cpu_cores=r.cpu_cores,
+                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.run.seed)
+    return [base.model_copy(update={"seed": cfg.run.seed + i}) for i in range(r.num_workers)]
 
 
 def _step_record(orc: Orchestrator, flat: list[Trajectory], stats: StepStats | None, wait_s: float,

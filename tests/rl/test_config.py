@@ -80,3 +80,19 @@ def test_cli_rejects_unknown_key_with_its_path(tiny_model: str) -> None:
          "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 2
     assert "rollout.max_tokenz: Extra inputs are not permitted" in out.stderr
+
+
+def test_a_max_age_below_the_staleness_bound_is_refused(tmp_path: Path) -> None:
+    """Issue #9: `max_age < max_staleness` used to be accepted, dropping groups the bound admits."""
+    p = write(tmp_path, "envs: [{name: arithmetic}]\n")
+    with pytest.raises(ConfigError, match=r"algorithm: .*max_age \(1\) is below max_staleness \(4\)"):
+        load_config(p, ["algorithm.max_staleness=4", "algorithm.max_age=1"])
+    assert load_config(p, ["algorithm.max_staleness=4", "algorithm.max_age=4"]).algorithm.effective_max_age == 4
+
+
+def test_every_engine_gets_its_own_seed(tmp_path: Path) -> None:
+    """Issue #9: all engines shared the run's seed, so they drew the same samples for a prompt."""
+    from rl.orchestrator import engine_configs
+
+    cfg = load_config(write(tmp_path, "envs: [{name: arithmetic}]\n"), ["rollout.num_workers=3", "run.seed=5"])
+    assert [e.seed for e in engine_configs(cfg, tmp_path)] == [5, 6, 7]
