@@ -124,6 +124,9 @@ class AlgorithmSection(Section):
     reward (bench/learning.py uses it)."""
     filter_zero_variance: bool = True
     """Drop groups whose rewards are all equal: they carry no gradient."""
+    dynamic_sampling: bool = False
+    """Replace groups whose rewards are all equal by sampling more (DAPO), so that each step trains
+    on `batch_size` groups that carry a gradient; otherwise such groups are only filtered out."""
 
     @model_validator(mode="after")
     def _max_age_covers_the_bound(self) -> AlgorithmSection:

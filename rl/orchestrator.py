@@ -1,8 +1,9 @@
 """The asynchronous RL loop, readable in one file.
 
-    producer ── admits a group while  admitted − lost < (version + max_staleness + 1) × batch_size
+    producer ── admits a group while  admitted − retired < (version + max_staleness + 1) × batch_size
        └─ group task: G episodes (EpisodeRunner → RolloutWorker) ─ XADD ─► Redis stream
-    trainer  ── XREADGROUP until batch_size whole groups ─► drop too-old ─► advantages
+    trainer  ── XREADGROUP until batch_size groups are ready ─► advantages
+                (the staleness rule — admission, assembly, age — lives in rl/buffer.GroupBuffer)
        └─ learner step ─► publish weights v+1 ─► every engine: pause/reload/resume ─► XACK
 
 Generation never waits for the learner except through admission control, and the learner never
@@ -31,6 +32,7 @@ from envs.base import EnvParams, Environment, Task
 from envs.registry import get_env
 from envs.swe.pools import shared_pool_stats
 from rl.api.server import run_location, start_for_run
+from rl.buffer import GroupBuffer
 from rl.bus import TrajectoryBus
 from rl.config import Config, ConfigError, EnvSection
 from rl.evaluation import Evaluator
@@ -89,17 +91,13 @@ class Orchestrator:
         self.run_dir = cfg.run.dir
         self.rng = random.Random(cfg.run.seed)
         self.slots = [EnvSlot(i, e) for i, e in enumerate(cfg.envs)]
-        self.version = 0
-        self.admitted = 0
-        self.lost_groups = 0
-        self.in_flight = 0
+        self.buffer = GroupBuffer(cfg.algorithm, cfg.rollout.max_concurrent_episodes)
         self.dropped = collections.Counter({"no_reward": 0, "stale": 0, "zero_variance_groups": 0})
         self._dropped_logged = collections.Counter(self.dropped)  # as of the last metrics row
         self.health = HealthMonitor()
         self.evaluator = Evaluator(cfg, self.health)
         self.tokens_generated = 0
         self.admission = asyncio.Condition()
-        self.partial: dict[str, list[tuple[str, Trajectory]]] = collections.OrderedDict()
         self.unacked: list[str] = []  # bus ids of trajectories trained on but not yet durable
         self.tasks: set[asyncio.Task[Any]] = set()
         self.learner_calls: set[asyncio.Future[Any]] = set()
@@ -173,21 +171,18 @@ class Orchestrator:
             self.samples.close()
 
     # ----------------------------------------------------------------- generation side
-    def _admissible(self) -> bool:
-        a = self.cfg.algorithm
-        room = (self.version + a.max_staleness + 1) * a.batch_size
-        return (self.admitted - self.lost_groups < room
-                and self.in_flight * a.group_size < self.cfg.rollout.max_concurrent_episodes)
+    @property
+    def version(self) -> int:
+        """The policy version the engines serve: the number of learner steps taken."""
+        return self.buffer.version
 
     async def produce(self) -> None:
-        """Admit groups for as long as the run lasts."""
+        """Admit groups for as long as the run lasts (the buffer's staleness rule decides when)."""
         weights = [s.section.weight for s in self.slots]
         while True:
             async with self.admission:
-                await self.admission.wait_for(self._admissible)
-                index = self.admitted
-                self.admitted += 1
-                self.in_flight += 1
+                await self.admission.wait_for(self.buffer.can_admit)
+                index = self.buffer.admit()
             slot = self.rng.choices(self.slots, weights)[0]
             task = self.rng.choice(slot.tasks)
             worker = self.workers[index % len(self.workers)]
@@ -222,33 +217,40 @@ class Orchestrator:
             self.tokens_generated += sum(t.num_model_tokens for t in trajs)
             await self.bus.apublish(trajs)
         async with self.admission:
-            self.in_flight -= 1
-            self.lost_groups += 0 if trajs else 1
+            self.buffer.generated(len(trajs))
             self.admission.notify_all()
 
     # ----------------------------------------------------------------- learner side
     async def next_batch(self) -> tuple[list[list[Trajectory]], list[str], float]:
-        """Read until `batch_size` whole groups are here; drop those too old. Returns the groups,
-        their bus ids and the seconds spent waiting."""
-        a, start, ids = self.cfg.algorithm, time.perf_counter(), []
-        groups: list[list[Trajectory]] = []
+        """Read until `batch_size` groups are ready to train (see `GroupBuffer`). Returns them,
+        the bus ids to acknowledge after the step, and the seconds spent waiting."""
+        a, start, groups, ids = self.cfg.algorithm, time.perf_counter(), [], []
         while len(groups) < a.batch_size:
             if self.interrupted:
                 raise KeyboardInterrupt
             if self.fatal is not None:
                 raise self.fatal
-            for entry_id, traj in await self.bus.aread(count=a.batch_size * a.group_size, block_ms=self.cfg.bus.block_ms):
-                self.partial.setdefault(traj.group_id, []).append((entry_id, traj))
-            for gid in [g for g, items in self.partial.items() if len(items) == items[0][1].group_size]:
-                if len(groups) == a.batch_size:
-                    break
-                items = self.partial.pop(gid)
-                ids += [e for e, _ in items]
-                fresh = [t for _, t in items if self.version - t.min_version <= a.effective_max_age]
-                self.dropped["stale"] += len(items) - len(fresh)
-                if fresh:
-                    groups.append(fresh)
+            if not self.buffer.ready:
+                entries = await self.bus.aread(count=a.batch_size * a.group_size, block_ms=self.cfg.bus.block_ms)
+                async with self.admission:
+                    for entry_id, traj in entries:
+                        self.buffer.add(entry_id, traj)
+                    self._count_retired()
+                    self.admission.notify_all()  # retired groups free their slots at once
+            async with self.admission:
+                taken, done = self.buffer.take(a.batch_size - len(groups))
+                self._count_retired()
+                self.admission.notify_all()
+            groups += taken
+            ids += done
         return groups, ids, time.perf_counter() - start
+
+    def _count_retired(self) -> None:
+        """Samples the buffer retired, in the drop counters (stale, future, zero variance, lost)."""
+        for reason, n in self.buffer.retired_by.items():
+            if reason.endswith("_samples"):
+                key = {"zero_variance_samples": "zero_variance_replaced"}.get(reason, reason.removesuffix("_samples"))
+                self.dropped[key] = n
 
     def to_samples(self, groups: list[list[Trajectory]]) -> list[TrainSample]:
         a, samples = self.cfg.algorithm, []
@@ -339,7 +341,7 @@ class Orchestrator:
         stats = await self.train_step(self.to_samples(groups))
         sync_s = await self.push_weights(step)
         async with self.admission:  # admit the next groups only once the engines serve `step`
-            self.version = step
+            self.buffer.advance(step)
             self.admission.notify_all()
         await self._checkpoint_and_ack(step, ids)
         wall = time.perf_counter() - step_start

@@ -1,0 +1,131 @@
+"""`GroupBuffer`: the staleness rule's one home — admission, the assembly of groups, their age.
+
+Invariants (unit-tested alone, in tests/rl/test_buffer.py):
+* Admission: a group may be admitted while `admitted − retired < (version + max_staleness + 1) ×
+  batch_size`, where `retired` counts groups that will never be trained (lost, too old, or replaced
+  under dynamic sampling). Each learner step trains `batch_size` groups and advances the version by
+  one, so every admitted group is accounted for once, by a version or by a retirement: groups in
+  flight or waiting never exceed `(max_staleness + 1) × batch_size`, the budget never leaks, and
+  with `max_staleness = 0` every token of batch v is sampled by weights v.
+* Assembly: a group is complete when `group_size` of its trajectories (the number its episodes
+  published) have arrived; groups are handed to the learner in the order they completed, so one
+  slow episode never stalls the others.
+* Age: a group whose oldest token was sampled more than `max_age` versions ago (`max_staleness + 1`
+  by default), or at a version the learner has not reached (another run's entry), is retired.
+* Dynamic sampling: a group whose rewards are all equal carries no gradient; it is retired and its
+  slot admits a replacement, so each step trains on `batch_size` informative groups.
+Every retirement is counted by reason.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from rl.config import AlgorithmSection
+from rl.trajectory import Trajectory
+
+
+@dataclass
+class ReadyGroup:
+    """A complete group: its trajectories and their bus entry ids."""
+
+    trajectories: list[Trajectory]
+    entry_ids: list[str]
+
+
+@dataclass
+class GroupBuffer:
+    """See the module docstring. Not thread-safe: the orchestrator holds its lock around calls."""
+
+    algo: AlgorithmSection
+    max_concurrent_episodes: int = 1 << 30
+    version: int = 0
+    """The version the engines serve (the number of learner steps taken)."""
+    admitted: int = 0
+    retired: int = 0
+    in_flight: int = 0
+    retired_by: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Retired groups by reason: lost, stale, future, zero_variance."""
+    _partial: dict[str, list[tuple[str, Trajectory]]] = field(default_factory=dict)
+    _ready: collections.deque[ReadyGroup] = field(default_factory=collections.deque)
+    _done_ids: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ admission
+    def can_admit(self) -> bool:
+        a = self.algo
+        room = (self.version + a.max_staleness + 1) * a.batch_size
+        return self.admitted - self.retired < room and self.in_flight * a.group_size < self.max_concurrent_episodes
+
+    def admit(self) -> int:
+        """Admit one group (call only when `can_admit`); returns its index."""
+        index = self.admitted
+        self.admitted += 1
+        self.in_flight += 1
+        return index
+
+    def generated(self, published: int) -> None:
+        """A group's episodes ended; `published` of them reached the bus (0: the group is lost)."""
+        self.in_flight -= 1
+        if not published:
+            self._retire("lost")
+
+    def advance(self, version: int) -> None:
+        """The engines now serve `version`."""
+        self.version = version
+
+    # ------------------------------------------------------------------ assembly
+    def add(self, entry_id: str, traj: Trajectory) -> None:
+        """One trajectory read from the bus; a group is judged once it is complete."""
+        items = self._partial.setdefault(traj.group_id, [])
+        items.append((entry_id, traj))
+        if len(items) == traj.group_size:
+            del self._partial[traj.group_id]
+            self._judge(items)
+
+    def _judge(self, items: list[tuple[str, Trajectory]]) -> None:
+        ids, trajs = [e for e, _ in items], [t for _, t in items]
+        reason = self.reject_reason(trajs)
+        if reason is None:
+            self._ready.append(ReadyGroup(trajs, ids))
+            return
+        self._retire(reason, len(trajs))
+        self._done_ids += ids
+
+    def reject_reason(self, trajs: list[Trajectory]) -> str | None:
+        """Why a complete group will not be trained, or None."""
+        age = self.version - min(t.min_version for t in trajs)
+        if age < 0:
+            return "future"
+        if age > self.algo.effective_max_age:
+            return "stale"
+        if self.algo.dynamic_sampling and len({t.reward for t in trajs}) == 1:
+            return "zero_variance"
+        return None
+
+    def _retire(self, reason: str, samples: int = 0) -> None:
+        self.retired += 1
+        self.retired_by[reason] += 1
+        if samples:
+            self.retired_by[f"{reason}_samples"] += samples
+
+    # ------------------------------------------------------------------ the learner's side
+    @property
+    def ready(self) -> int:
+        """Complete groups waiting for the learner."""
+        return len(self._ready)
+
+    def take(self, n: int) -> tuple[list[list[Trajectory]], list[str]]:
+        """Up to `n` ready groups, oldest completion first (they are retired as trained), and the
+        bus ids to acknowledge once they are: theirs and those of every group retired since."""
+        groups, ids = [], self._done_ids
+        self._done_ids = []
+        while self._ready and len(groups) < n:
+            group = self._ready.popleft()
+            age = self.reject_reason(group.trajectories)  # the version may have moved since it completed
+            if age in ("stale", "future"):
+                self._retire(age, len(group.trajectories))
+            else:
+                groups.append(group.trajectories)  # its slot comes back with the next version
+            ids += group.entry_ids
+        return groups, ids

@@ -1,0 +1,119 @@
+"""GroupBuffer on its own (CPU only, no Ray, no Redis): the staleness rule's admission, assembly
+and age, checked step by step and over long random schedules."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from rl.buffer import GroupBuffer
+from rl.config import AlgorithmSection
+from rl.trajectory import Trajectory
+
+
+def traj(group: str, version: int, reward: float, size: int) -> Trajectory:
+    return Trajectory(id=f"{group}-{random.random()}", run_id="r", env="e", task_id="t", group_id=group,
+                      group_size=size, prompt_ids=np.array([1, 2]), completion_ids=np.array([3, 4]),
+                      loss_mask=np.array([1, 1]), sampler_logprobs=np.array([-1.0, -1.0]),
+                      policy_versions=np.array([version, version]), reward=reward)
+
+
+def publish(buf: GroupBuffer, index: int, version: int, rewards: list[float]) -> None:
+    buf.generated(len(rewards))
+    for i, r in enumerate(rewards):
+        buf.add(f"{index}-{i}", traj(f"g{index}", version, r, len(rewards)))
+
+
+def admit_all(buf: GroupBuffer) -> list[int]:
+    admitted = []
+    while buf.can_admit():
+        admitted.append(buf.admit())
+    return admitted
+
+
+def test_admission_allows_staleness_plus_one_batches_ahead() -> None:
+    buf = GroupBuffer(AlgorithmSection(batch_size=3, group_size=2, max_staleness=1))
+    assert len(admit_all(buf)) == 6
+    for i in range(6):
+        publish(buf, i, 0, [0.0, 1.0])
+    groups, ids = buf.take(3)
+    assert len(groups) == 3 and len(ids) == 6
+    assert not buf.can_admit()  # trained groups free their slots only with the next version
+    buf.advance(1)
+    assert len(admit_all(buf)) == 3
+
+
+def test_every_retirement_frees_its_slot() -> None:
+    """Issue #11: a group dropped as too old was never counted, so each such drop shrank the budget
+    for good (a long multi-turn run slowly became synchronous, then hung)."""
+    algo = AlgorithmSection(batch_size=1, group_size=2, max_staleness=1, max_age=1)
+    buf = GroupBuffer(algo)
+    assert admit_all(buf) == [0, 1]
+    slow = 1  # group 1 (sampled at version 0) takes a long time
+    publish(buf, 0, 0, [0.0, 1.0])
+    for version in (1, 2, 3):  # three steps train groups admitted after it
+        assert len(buf.take(1)[0]) == 1
+        buf.advance(version)
+        (index,) = admit_all(buf)
+        publish(buf, index, version, [0.0, 1.0])
+    publish(buf, slow, 0, [0.0, 1.0])  # finally done: three versions old, over max_age
+    assert buf.retired_by["stale"] == 1
+    assert len(buf.take(2)[0]) == 1  # the fresh one; the stale one is gone
+    buf.advance(4)
+    assert len(admit_all(buf)) == (algo.max_staleness + 1) * algo.batch_size  # nothing leaked
+    buf.generated(0)  # a lost group frees its slot at once
+    assert buf.retired_by["lost"] == 1 and len(admit_all(buf)) == 1
+
+
+def test_entries_from_a_version_not_reached_are_retired() -> None:
+    buf = GroupBuffer(AlgorithmSection(batch_size=1, group_size=1, max_staleness=1))
+    buf.admit()
+    publish(buf, 0, 5, [1.0])  # another run's entry: sampled at version 5, we are at 0
+    assert buf.take(1) == ([], ["0-0"]) and buf.retired_by["future"] == 1
+
+
+def test_dynamic_sampling_replaces_groups_without_signal() -> None:
+    algo = AlgorithmSection(batch_size=2, group_size=2, max_staleness=0, dynamic_sampling=True)
+    buf = GroupBuffer(algo)
+    a, b = admit_all(buf)
+    publish(buf, a, 0, [1.0, 1.0])  # no signal: retired, a replacement may start
+    publish(buf, b, 0, [0.0, 1.0])
+    assert buf.can_admit() and not GroupBuffer(algo.model_copy(update={"dynamic_sampling": False})).retired
+    c = buf.admit()
+    publish(buf, c, 0, [1.0, 0.0])
+    groups, _ = buf.take(2)
+    assert len(groups) == 2 and all(len({t.reward for t in g}) == 2 for g in groups)
+    assert buf.retired_by["zero_variance"] == 1
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 4])
+def test_fifty_steps_with_slow_and_lost_groups_keep_the_budget(staleness: int) -> None:
+    """Random completion order, slow groups that turn stale, lost groups and (half the time) groups
+    without signal under dynamic sampling: the budget stays at (staleness + 1) × batch size, every
+    step trains a full batch, no trained group is older than allowed, and with staleness 0 every
+    group is on-policy."""
+    rng = random.Random(staleness)
+    batch, algo = 4, AlgorithmSection(batch_size=4, group_size=2, max_staleness=staleness, dynamic_sampling=True)
+    buf = GroupBuffer(algo)
+    running: dict[int, int] = {}  # index -> version it was sampled at
+    for step in range(50):
+        trained: list[list[Trajectory]] = []
+        while len(trained) < batch:
+            for index in admit_all(buf):
+                running[index] = buf.version
+            assert len(running) + buf.ready <= (staleness + 1) * batch
+            index = rng.choice(sorted(running))  # any running group may finish next
+            version = running.pop(index)
+            fate = rng.random()
+            if fate < 0.1:
+                buf.generated(0)
+            else:
+                publish(buf, index, version, [1.0, 1.0] if fate < 0.5 else [0.0, 1.0])
+            trained += buf.take(batch - len(trained))[0]
+        for group in trained:
+            age = step - min(t.min_version for t in group)
+            assert 0 <= age <= algo.effective_max_age and (staleness or age == 0)
+        buf.advance(step + 1)
+    assert buf.version == 50
