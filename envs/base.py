@@ -93,6 +93,10 @@ class EnvParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    length_penalty: float = Field(0.0, ge=0)
+    """Reward shaping every environment accepts: subtracted from an episode's reward once per token
+    the model generated (a pull toward short answers); 0: none. See `Environment.shape_reward`."""
+
 
 class Environment(ABC):
     """Base class of every environment. Subclass it, set `name` and `Params`, register it with
@@ -123,3 +127,9 @@ class Environment(ABC):
 
     async def close(self) -> None:
         """Release what the episode holds (sandboxes, containers). Called once, always."""
+
+    def shape_reward(self, reward: float, model_tokens: int) -> float:
+        """The reward the learner trains on, given the verified `reward` of an episode in which the
+        model generated `model_tokens` tokens. A hook: override it to shape rewards; by default it
+        subtracts `params.length_penalty` per token. The verified reward stays in `reward_info`."""
+        return reward - self.params.length_penalty * model_tokens

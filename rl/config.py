@@ -124,6 +124,17 @@ class AlgorithmSection(Section):
     reward (bench/learning.py uses it)."""
     filter_zero_variance: bool = True
     """Drop groups whose rewards are all equal: they carry no gradient."""
+    overlong: Literal["none", "filter", "penalty"] = "none"
+    """Samples whose last turn hit the token limit: kept as they are; left out of the loss (their
+    group's baseline still counts them); or penalised (DAPO's soft punishment, see `overlong_buffer`)."""
+    overlong_buffer: int = Field(0, ge=0)
+    """`overlong: penalty`: the last this-many tokens before rollout.max_tokens where the penalty
+    grows linearly from 0 to `overlong_penalty` (0: no penalty)."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    """`overlong: penalty`: the reward subtracted from a turn cut at the token limit."""
+    env_advantage_norm: bool = False
+    """After the group baselines, divide each environment's advantages by their standard deviation
+    over the batch, so that environments with different reward scales pull equally."""
     dynamic_sampling: bool = False
     """Replace groups whose rewards are all equal by sampling more (DAPO), so that each step trains
     on `batch_size` groups that carry a gradient; otherwise such groups are only filtered out."""
@@ -215,6 +226,8 @@ class EnvSection(Section):
     """Registered environment name (`codeworld envs list`)."""
     weight: float = Field(1.0, gt=0)
     """Relative sampling weight among the run's environments."""
+    loss_weight: float = Field(1.0, ge=0)
+    """Multiplies this environment's advantages: how hard its samples pull on the policy."""
     data: Path | None = None
     """Dataset file, when the environment reads one."""
     params: dict[str, Any] = Field(default_factory=dict)

@@ -27,14 +27,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rl.config import AlgorithmSection
+from rl.trajectory import Trajectory
 
 
 def group_advantages(rewards: Sequence[float], normalize_std: bool, eps: float = 1e-6) -> list[float]:
@@ -44,6 +46,45 @@ def group_advantages(rewards: Sequence[float], normalize_std: bool, eps: float =
     if normalize_std:
         centred = centred / (r.std(unbiased=False) + eps)
     return centred.tolist()
+
+
+def overlong_penalty(t: Trajectory, algo: AlgorithmSection, max_tokens: int) -> float:
+    """DAPO's soft overlong punishment of the last turn's length L: 0 up to max_tokens − buffer, then
+    falling linearly to −overlong_penalty at max_tokens (a turn cut there is truncated)."""
+    if algo.overlong != "penalty" or not algo.overlong_buffer:
+        return 0.0
+    mask = np.asarray(t.loss_mask)
+    last = len(mask) - np.flatnonzero(mask == 0)[-1] - 1 if (mask == 0).any() else len(mask)
+    free = max_tokens - algo.overlong_buffer
+    return -algo.overlong_penalty * min(1.0, max(0.0, (last - free) / algo.overlong_buffer))
+
+
+def batch_advantages(groups: Sequence[Sequence[Trajectory]], rewards: Sequence[Sequence[float]],
+                     algo: AlgorithmSection, loss_weights: Mapping[str, float],
+                     max_tokens: int) -> tuple[list[tuple[Trajectory, float]], int]:
+    """Each trained sample with its advantage, and how many groups were filtered for carrying no
+    signal. In order: the overlong penalty joins the reward; group baselines (and stds); per
+    environment, optionally, the advantages divided by their std over the batch (environments with
+    other reward scales pull equally); each environment's loss weight; truncated samples left out
+    under `overlong: filter` (their group's baseline still counts them, as in DAPO)."""
+    scored: list[tuple[Trajectory, float]] = []
+    filtered = 0
+    for group, group_rewards in zip(groups, rewards, strict=True):
+        shaped = [r + overlong_penalty(t, algo, max_tokens) for t, r in zip(group, group_rewards)]
+        if algo.filter_zero_variance and max(shaped) == min(shaped):
+            filtered += 1
+            continue
+        scored += zip(group, group_advantages(shaped, algo.normalize_std))
+    if algo.env_advantage_norm:
+        by_env: dict[str, list[float]] = {}
+        for t, adv in scored:
+            by_env.setdefault(t.env, []).append(adv)
+        std = {env: float(np.std(advs)) + 1e-6 for env, advs in by_env.items()}
+        scored = [(t, adv / std[t.env]) for t, adv in scored]
+    scored = [(t, adv * loss_weights.get(t.env, 1.0)) for t, adv in scored]
+    if algo.overlong == "filter":
+        scored = [(t, adv) for t, adv in scored if not t.truncated]
+    return scored, filtered
 
 
 def aggregation_weights(token_counts: Sequence[int], algo: AlgorithmSection, max_tokens: int) -> list[float]:

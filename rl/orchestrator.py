@@ -38,7 +38,7 @@ from rl.config import Config, ConfigError, EnvSection
 from rl.evaluation import Evaluator
 from rl.health import HealthMonitor
 from rl.learner import LearnerGroup, StepStats, TrainSample
-from rl.loss import group_advantages
+from rl.loss import batch_advantages
 from rl.metrics import MetricsWriter, make_trackers, metric_name, plot_reward_curve, step_metrics
 from rl.redis_server import connect_or_start
 from rl.samples import SampleStore
@@ -253,26 +253,20 @@ class Orchestrator:
                 self.dropped[key] = n
 
     def to_samples(self, groups: list[list[Trajectory]]) -> list[TrainSample]:
-        a, samples = self.cfg.algorithm, []
-        shuffled = self._shuffled_rewards(groups) if a.shuffle_rewards else None
-        for group in groups:
-            rewards = [shuffled[id(t)] if shuffled else t.reward for t in group]
-            if a.filter_zero_variance and max(rewards) == min(rewards):
-                self.dropped["zero_variance_groups"] += 1
-                continue
-            for t, adv in zip(group, group_advantages(rewards, a.normalize_std)):
-                samples.append(TrainSample(
-                    input_ids=np.concatenate([t.prompt_ids, t.completion_ids]), prompt_len=len(t.prompt_ids),
-                    loss_mask=t.loss_mask, sampler_logprobs=t.sampler_logprobs, advantage=adv,
-                    age=max(0, self.version - t.min_version)))
-        return samples
-
-    def _shuffled_rewards(self, groups: list[list[Trajectory]]) -> dict[int, float]:
-        """The control of `algorithm.shuffle_rewards`: the batch's rewards, permuted across samples."""
-        flat = [t for g in groups for t in g]
-        rewards = [t.reward for t in flat]
-        self.rng.shuffle(rewards)
-        return {id(t): r for t, r in zip(flat, rewards)}
+        """The batch's samples with their advantages (`rl.loss.batch_advantages`)."""
+        a = self.cfg.algorithm
+        rewards = [[t.reward for t in g] for g in groups]
+        if a.shuffle_rewards:  # the wiring control: the batch's rewards, permuted across samples
+            flat = [r for rs in rewards for r in rs]
+            self.rng.shuffle(flat)
+            it = iter(flat)
+            rewards = [[next(it) for _ in g] for g in groups]
+        loss_weights = {s.section.name: s.section.loss_weight for s in self.slots}
+        scored, filtered = batch_advantages(groups, rewards, a, loss_weights, self.cfg.rollout.max_tokens)
+        self.dropped["zero_variance_groups"] += filtered
+        return [TrainSample(input_ids=np.concatenate([t.prompt_ids, t.completion_ids]), prompt_len=len(t.prompt_ids),
+                            loss_mask=t.loss_mask, sampler_logprobs=t.sampler_logprobs, advantage=adv,
+                            age=max(0, self.version - t.min_version)) for t, adv in scored]
 
     async def train_step(self, samples: list[TrainSample]) -> StepStats | None:
         if not samples:

@@ -251,11 +251,14 @@ class EpisodeRunner:
         if result.reward is None:
             return EpisodeOutcome(trajectory=None, error=str(result.info.get("error", "no reward")),
                                   kind="env_reward_none", info=_jsonable(result.info), generate_s=gen_s)
+        reward = env.shape_reward(result.reward, sum(buf.mask))
+        if reward != result.reward:
+            result = result.model_copy(update={"info": {**result.info, "verified_reward": result.reward}})
         traj = Trajectory(
             id=uuid.uuid4().hex, run_id=self.run_id, env=env.name, task_id=task.id, group_id=group_id,
             group_size=0, prompt_ids=np.array(prompt_ids), completion_ids=np.array(buf.ids),
             loss_mask=np.array(buf.mask), sampler_logprobs=np.array(buf.logprobs),
-            policy_versions=np.array(buf.versions), reward=result.reward, reward_info=_jsonable(result.info),
+            policy_versions=np.array(buf.versions), reward=reward, reward_info=_jsonable(result.info),
             timings={"generate": gen_s, "episode": time.perf_counter() - start}, truncated=run.truncated)
         return EpisodeOutcome(trajectory=traj, generate_s=gen_s)
 

@@ -32,3 +32,11 @@ def test_difficulty_knobs_shape_the_problems() -> None:
     for t in tasks:
         a, b = t.meta["expr"].split("+")
         assert len(a) == 3 and len(b) == 3
+
+
+def test_every_environment_accepts_a_length_penalty_as_reward_shaping() -> None:
+    from envs.arithmetic import ArithmeticEnv, ArithmeticParams
+
+    env = ArithmeticEnv(ArithmeticParams(length_penalty=0.01))
+    assert env.shape_reward(1.0, 10) == pytest.approx(0.9)
+    assert ArithmeticEnv(ArithmeticParams()).shape_reward(1.0, 10) == 1.0

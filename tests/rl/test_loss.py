@@ -173,3 +173,42 @@ def test_token_logprobs_fp32_with_temperature() -> None:
     assert float(logp) == pytest.approx(float(expected), abs=1e-6)
     p = torch.softmax(z, 0)
     assert float(entropy) == pytest.approx(float(-(p * p.log()).sum()), abs=1e-6)
+
+
+def _traj(env: str, completion: int, truncated: bool = False, mask: list[int] | None = None):
+    import numpy as np
+
+    from rl.trajectory import Trajectory
+
+    m = np.array(mask if mask is not None else [1] * completion)
+    return Trajectory(id="t", run_id="r", env=env, task_id="x", group_id="g", group_size=2,
+                      prompt_ids=np.array([1, 2]), completion_ids=np.arange(len(m)), loss_mask=m,
+                      sampler_logprobs=np.zeros(len(m)), policy_versions=np.zeros(len(m)), reward=0.0,
+                      truncated=truncated)
+
+
+def test_overlong_penalty_falls_linearly_over_the_buffer() -> None:
+    from rl.loss import overlong_penalty
+
+    algo = AlgorithmSection(overlong="penalty", overlong_buffer=4, overlong_penalty=0.5)
+    lengths = {10: 0.0, 12: 0.0, 13: -0.125, 14: -0.25, 16: -0.5}  # max_tokens 16, free up to 12
+    assert {n: overlong_penalty(_traj("e", n), algo, 16) for n in lengths} == pytest.approx(lengths)
+    # multi-turn: the last turn's length counts (3 model tokens after an environment turn)
+    assert overlong_penalty(_traj("e", 0, mask=[1] * 20 + [0, 0] + [1] * 3), algo, 16) == 0.0
+    assert overlong_penalty(_traj("e", 16), AlgorithmSection(), 16) == 0.0
+
+
+def test_batch_advantages_filter_normalise_per_env_and_weight() -> None:
+    from rl.loss import batch_advantages
+
+    a1, a2, b1, b2, c1, c2 = (_traj("a", 3), _traj("a", 3, truncated=True), _traj("b", 3), _traj("b", 3),
+                              _traj("a", 3), _traj("a", 3))
+    groups, rewards = [[a1, a2], [b1, b2], [c1, c2]], [[1.0, 0.0], [10.0, 0.0], [1.0, 1.0]]
+    algo = AlgorithmSection(normalize_std=False, env_advantage_norm=True, overlong="filter")
+    scored, filtered = batch_advantages(groups, rewards, algo, {"b": 2.0}, max_tokens=16)
+    assert filtered == 1  # the group without signal
+    # group baselines: a ±0.5, b ±5; per env divided by the std over the batch (0.5 and 5): ±1;
+    # b's loss weight 2: ±2; a2 hit the token limit and is left out (its baseline still counted it)
+    assert [(t is a1, t is b1, t is b2) for t, _ in scored] == [(True, False, False), (False, True, False),
+                                                               (False, False, True)]
+    assert [adv for _, adv in scored] == pytest.approx([1.0, 2.0, -2.0], abs=1e-5)
