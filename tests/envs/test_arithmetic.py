@@ -2,6 +2,8 @@
 
 import asyncio
 
+import pytest
+
 from envs.base import Action
 from envs.registry import get_env
 
