@@ -188,3 +188,19 @@ def test_emulated_float8_keeps_its_recipe_and_reports_its_logprob_drift(tiny_mod
         assert 1e-4 < drift < 0.5, drift
     finally:
         dist.destroy_process_group()
+
+
+def test_kl_to_the_frozen_reference_starts_at_zero_and_grows(tiny_model: str) -> None:
+    """kl_coef keeps a frozen copy of the starting weights on the rank: the first step's policy is
+    the reference (KL 0), after it the policy has moved away (KL > 0) while the reference has not."""
+    algo = AlgorithmSection(kl_coef=0.5)
+    rank = LearnerRank(0, 1, free_port(), tiny_model, LearnerSection(lr=1e-2), algo, 1.0, 0)
+    try:
+        first = rank.train_step([weigh(_samples(), algo, 1)])
+        second = rank.train_step([weigh(_samples(), algo, 1)])
+        moved = any(not torch.equal(p, r) for p, r in zip(rank.model.state_dict().values(),
+                                                         rank.reference.state_dict().values()))
+    finally:
+        dist.destroy_process_group()
+    assert first.kl_sum == pytest.approx(0.0, abs=1e-6)
+    assert second.kl_sum > 1e-4 and moved
