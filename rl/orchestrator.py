@@ -44,7 +44,8 @@ from rl.redis_server import connect_or_start
 from rl.samples import SampleStore
 from rl.trajectory import Trajectory
 from rl.weights import exchange_dir, save_hf_checkpoint
-from workers.episode import ChatRenderer, EpisodeRunner
+from workers.chat import ChatRenderer
+from workers.episode import EpisodeRunner
 from workers.rollout import EngineConfig, RolloutWorker, Sampling, checkpoint_dir
 
 

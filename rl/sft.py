@@ -1,10 +1,11 @@
 """`codeworld sft`: a short supervised warm start before RL.
 
 Trains on tasks whose gold answer is known (`task.hidden["answer"]`), with the completion
-`\\boxed{answer}<eos>` and the loss on completion tokens only. Stops when greedy accuracy on a
-stopping set (train tasks held back from training) reaches `target_acc`, or at `max_steps` /
-`max_wall_s`. Greedy accuracy is measured exactly by teacher forcing: a greedy decode reproduces
-the gold completion iff every gold token is the argmax at its position.
+`\\boxed{answer}` closed by the chat template's end-of-turn token (the demo's EOS) and the loss on
+completion tokens only. Stops when greedy accuracy on a stopping set (train tasks held back from
+training) reaches `target_acc`, or at `max_steps` / `max_wall_s`. Greedy accuracy is measured
+exactly by teacher forcing: a greedy decode reproduces the gold completion iff every gold token is
+the argmax at its position.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class SftConfig(BaseModel):
 
 
 def _examples(tasks, renderer) -> list[tuple[list[int], list[int]]]:
-    eos = renderer.eos_id
-    return [(renderer.prompt(t.prompt), renderer.encode(f"\\boxed{{{t.hidden['answer']}}}") + [eos]) for t in tasks]
+    """(prompt, completion) token ids per task: the completion is the gold answer closed with the
+    chat template's end-of-turn token, as a model turn that ends is sampled."""
+    eot = renderer.end_of_turn_ids
+    return [(renderer.prompt(t.prompt), renderer.encode(f"\\boxed{{{t.hidden['answer']}}}") + eot)
+            for t in tasks]
 
 
 def _batch(examples, device):
@@ -83,7 +87,7 @@ def run_sft(cfg: SftConfig, model_dir: Path, out: Path, log=print) -> dict[str, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from envs.registry import get_env
-    from workers.episode import ChatRenderer
+    from workers.chat import ChatRenderer
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)

@@ -2,8 +2,10 @@
 group's episodes share their first request.
 
 The conversation is never decoded and re-encoded between turns: the prompt is rendered once, each
-model turn appends exactly the sampled tokens, and each environment turn appends the rendering of
-only the new messages. What the learner trains on is therefore exactly what the sampler saw.
+model turn appends exactly the sampled tokens (every turn stops at the chat template's end-of-turn
+token), and each environment turn appends what the template renders between the model's text and
+the next generation header in the whole conversation (`workers.chat.ChatRenderer.followup`). What
+the learner trains on is therefore exactly what the sampler saw.
 
 An exception out of an environment's `reset` or `step` is that sample's infrastructure failure:
 the episode gets no trajectory, with the error's kind (`env_error:ValueError`) for the drop
@@ -23,44 +25,12 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from envs.base import Action, EnvConfigError, Environment, Message, StepResult, Task
+from envs.base import Action, EnvConfigError, Environment, StepResult, Task
 from rl.trajectory import Trajectory
+from workers.chat import ChatRenderer
 from workers.rollout import Generation, Sampling
 
 log = logging.getLogger(__name__)
-
-
-class ChatRenderer:
-    """Renders chat messages to token ids with the model's chat template."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.eos_id: int = tokenizer.eos_token_id
-        probe = "\x00PROBE\x00"
-        # The text the template puts between the end of an assistant turn (its EOS, which the
-        # model samples) and the next messages: everything after "probe<eos>" in a rendering.
-        rendered = self._text([Message(role="assistant", content=probe)], add_generation_prompt=False)
-        self._after_eos = rendered.split(probe + tokenizer.eos_token, 1)[-1] if probe in rendered else ""
-
-    def _text(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def prompt(self, messages: list[Message]) -> list[int]:
-        """Token ids of the first prompt, ending with the assistant's generation header."""
-        return self.encode(self._text(messages, add_generation_prompt=True))
-
-    def followup(self, messages: list[Message], model_ended_with_eos: bool) -> list[int]:
-        """Token ids appended after a model turn: closing the turn if the model did not, then the
-        new messages and the next assistant header."""
-        head = "" if model_ended_with_eos else self.tokenizer.eos_token
-        return self.encode(head + self._after_eos + self._text(messages, add_generation_prompt=True))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class EpisodeOutcome(BaseModel):
@@ -159,8 +129,11 @@ class EpisodeRunner:
 
         When the episodes open with the same prompt (they do unless `reset` is randomised), their
         first turns are sampled as one n-sample request: one actor call and one prefill for the
-        group instead of one per episode. Later turns diverge and are sampled one by one."""
+        group instead of one per episode. Later turns diverge and are sampled one by one. Every
+        turn stops at the chat template's end-of-turn tokens as well as at `sampling`'s own."""
         start = time.perf_counter()
+        stops = [t for t in self.renderer.end_of_turn_ids if t not in sampling.stop_token_ids]
+        sampling = sampling.model_copy(update={"stop_token_ids": [*sampling.stop_token_ids, *stops]})
         runs: list[_Run] = [_Run(_Buffer()) for _ in envs]
         prompts: list[list[int]] = [[] for _ in envs]
         try:
@@ -225,8 +198,7 @@ class EpisodeRunner:
             if run.failure is not None or run.result.done:
                 run.unfinished = None
                 break
-            ended = bool(gen.token_ids) and gen.token_ids[-1] == self.renderer.eos_id
-            followup = self.renderer.followup(run.result.observation.messages, ended)
+            followup = self.renderer.followup(run.result.observation.messages, gen.token_ids)
             if len(prompt_ids) + len(buf.ids) + len(followup) >= self.max_model_len:
                 run.unfinished = "context"  # no room left for a reply: the environment's turn is not kept
                 break

@@ -1,6 +1,8 @@
 """EpisodeRunner against a real vLLM worker: a group's shared first turn is one n-sample request."""
 
 import asyncio
+import functools
+import itertools
 from typing import Any
 
 import numpy as np
@@ -9,19 +11,23 @@ from transformers import AutoTokenizer
 
 from envs.arithmetic import ArithmeticEnv, ArithmeticParams
 from envs.base import EnvConfigError, Message, Observation, StepResult, Task
-from workers.episode import ChatRenderer, EpisodeRunner
+from workers.chat import ChatRenderer
+from workers.episode import EpisodeRunner
 from workers.rollout import Generation, Sampling
 
 
 class CountingWorker:
-    """The real Ray worker behind a shim that records the `n` of each generate call."""
+    """The real Ray worker behind a shim that records the `n` and the stop tokens of each
+    generate call."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
         self.calls: list[int] = []
+        self.stops: list[list[int]] = []
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:
         self.calls.append(sampling.n)
+        self.stops.append(sampling.stop_token_ids)
         return await self.handle.generate.remote(prompt_ids, sampling)
 
 
@@ -157,3 +163,50 @@ def test_a_prompt_that_leaves_no_room_is_dropped_as_such(worker, tiny_model: str
     outcome = asyncio.run(runner.run(ArithmeticEnv(ArithmeticParams(n_train=5)), task(), worker,
                                      Sampling(max_tokens=10), "g5"))
     assert outcome.trajectory is None and outcome.kind == "prompt_too_long"
+
+
+class CheckAgainEnv(ArithmeticEnv):
+    """Arithmetic over three turns: the first two replies are answered with a request to check the
+    answer, the third is graded."""
+
+    max_turns = 3
+    CHECK = "Check your answer and reply again."
+
+    def __init__(self, params: ArithmeticParams) -> None:
+        super().__init__(params)
+        self.turn = 0
+
+    async def step(self, action):
+        self.turn += 1
+        if self.turn < self.max_turns:
+            check = Message(role="user", content=self.CHECK)
+            return StepResult(done=False, observation=Observation(messages=[check]))
+        return await super().step(action)
+
+
+def test_a_multi_turn_episode_renders_environment_turns_in_context(worker, tiny_model: str) -> None:
+    """Issue #9, defect 3, on the real engine with the demo tokenizer (ChatML, EOS = end of turn):
+    each environment turn is the rest of the model's turn's close (all of `<|im_end|>\\n`, or the
+    `\\n` after a sampled `<|im_end|>`), the new message and the generation prompt; every turn
+    stops at `<|im_end|>`."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    runner = EpisodeRunner(ChatRenderer(tok), "episode-test", 512)
+    counting, params = CountingWorker(worker), ArithmeticParams(n_train=5)
+    outcomes = asyncio.run(runner.run_group([CheckAgainEnv(params) for _ in range(2)], task(), counting,
+                                            Sampling(max_tokens=8), "g6"))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert counting.calls == [2, 1, 1, 1, 1]
+    assert all(im_end in stops for stops in counting.stops)
+    encode = functools.partial(tok.encode, add_special_tokens=False)
+    for outcome in outcomes:
+        t = outcome.trajectory
+        assert t is not None and t.reward is not None, outcome.error
+        assert t.prompt_ids.tolist() == encode(f"<|im_start|>user\n{task().prompt[0].content}<|im_end|>\n"
+                                               "<|im_start|>assistant\n")
+        pairs = zip(t.completion_ids.tolist(), t.loss_mask.tolist(), strict=True)
+        runs = [list(run) for _, run in itertools.groupby(pairs, key=lambda pair: pair[1])]
+        assert [run[0][1] for run in runs] == [1, 0, 1, 0, 1]
+        for model, env in zip(runs[0::2], runs[1::2], strict=False):
+            close = "" if model[-1][0] == im_end else "<|im_end|>"
+            said = f"{close}\n<|im_start|>user\n{CheckAgainEnv.CHECK}<|im_end|>\n<|im_start|>assistant\n"
+            assert [i for i, _ in env] == encode(said)
