@@ -132,4 +132,4 @@ class Environment(ABC):
         """The reward the learner trains on, given the verified `reward` of an episode in which the
         model generated `model_tokens` tokens. A hook: override it to shape rewards; by default it
         subtracts `params.length_penalty` per token. The verified reward stays in `reward_info`."""
-        return reward - self.params.length_penalty * model_tokens
+        return reward - getattr(self.params, "length_penalty", 0.0) * model_tokens
