@@ -218,7 +218,7 @@ class Orchestrator:
             self.tokens_generated += sum(t.num_model_tokens for t in trajs)
             await self.bus.apublish(trajs)
         async with self.admission:
-            self.buffer.generated(len(trajs))
+            self.buffer.generated(len(trajs), index)
             self.admission.notify_all()
 
     # ----------------------------------------------------------------- learner side
