@@ -302,7 +302,12 @@ def keep_meta(st, path):
 
 
 def wipe_dir(root):
-    """Deletes everything below root without following symlinks, first making dirs writable."""
+    """Deletes everything below root without following symlinks, first making dirs writable
+    (the root too, where it is the programs': one of them may have locked it)."""
+    try:
+        os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) | 0o700)
+    except PermissionError:
+        pass  # not the programs' (/tmp is root's): none of them can have locked it
     stack, dirs = [root], []
     while stack:
         path = stack.pop()

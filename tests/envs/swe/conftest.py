@@ -58,7 +58,7 @@ def swe_cache() -> Path:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def swe_pool() -> AsyncIterator[SandboxPool]:
     """The shared SWE pool of the session's loop (the one `SWEEnv` episodes use too)."""
-    pool = await shared_pool("docker", DEFAULT_IMAGE, 2)
+    pool = await shared_pool("docker", DEFAULT_IMAGE, 2, lease=True)  # held: never closed to make room
     yield pool
     await close_shared_pools()
 
