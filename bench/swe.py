@@ -35,8 +35,13 @@ from workers.sandbox import SandboxLimits, SandboxPool
 from workers.sandbox.docker_backend import DockerBackend
 from workers.sandbox.owner import Owner
 
-INSTANCES = ["marshmallow-code__marshmallow-1359", "pydicom__pydicom-1256", "pydicom__pydicom-1694",
-             "pallets__flask-4992", "pallets__flask-4045"]
+INSTANCES = [
+    "marshmallow-code__marshmallow-1359",
+    "pydicom__pydicom-1256",
+    "pydicom__pydicom-1694",
+    "pallets__flask-4992",
+    "pallets__flask-4045",
+]
 PARAMS = SWEParams(pull_images=False)
 LIMITS = SandboxLimits(work_mb=SWE_WORK_MB, pids=512)
 
@@ -47,13 +52,18 @@ def pct(values: list[float], q: float) -> float:
 
 
 def line(name: str, seconds: list[float]) -> str:
-    return (f"{name:<52} p50 {pct(seconds, 0.5) * 1e3:8.0f} ms   p99 {pct(seconds, 0.99) * 1e3:8.0f} ms"
-            f"   (n={len(seconds)})")
+    return (
+        f"{name:<52} p50 {pct(seconds, 0.5) * 1e3:8.0f} ms   p99 {pct(seconds, 0.99) * 1e3:8.0f} ms"
+        f"   (n={len(seconds)})"
+    )
 
 
 def tasks(ids: list[str]) -> list[SWETask]:
-    rows = {t.instance_id: t for name in ("dev.json", "test.json")
-            for t in load_swe_tasks(data_root() / "swebench_lite" / name)}
+    rows = {
+        t.instance_id: t
+        for name in ("dev.json", "test.json")
+        for t in load_swe_tasks(data_root() / "swebench_lite" / name)
+    }
     return [rows[i] for i in ids]
 
 
@@ -61,7 +71,9 @@ async def container_starts(task: SWETask, n: int) -> tuple[list[float], list[flo
     """(a): new containers of the official profile, and the cold `docker run` baseline."""
     image = task_image(task, PARAMS)
     profile, images = task_pool_options(task, PARAMS)
-    backend = DockerBackend(image, LIMITS, Owner.current(uuid.uuid4().hex[:12]), profile=profile, images=images)
+    backend = DockerBackend(
+        image, LIMITS, Owner.current(uuid.uuid4().hex[:12]), profile=profile, images=images
+    )
     await backend.start()
     starts = []
     try:
@@ -84,8 +96,9 @@ async def container_starts(task: SWETask, n: int) -> tuple[list[float], list[flo
 
 def new_pool(task: SWETask, size: int) -> SandboxPool:
     profile, images = task_pool_options(task, PARAMS)
-    return SandboxPool("docker", image=task_image(task, PARAMS), size=size, limits=LIMITS, profile=profile,
-                       images=images)
+    return SandboxPool(
+        "docker", image=task_image(task, PARAMS), size=size, limits=LIMITS, profile=profile, images=images
+    )
 
 
 async def episode_starts(task: SWETask, n: int) -> list[float]:
@@ -135,8 +148,11 @@ async def concurrent_episodes(task: SWETask, n: int) -> tuple[int, float, float]
 async def main(args: argparse.Namespace) -> None:
     chosen = tasks(args.instance)
     first = chosen[0]
-    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} "
-          f"GiB; instances: {', '.join(t.instance_id for t in chosen)}")
+    gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+    print(
+        f"machine: {os.cpu_count()} cores, {gib:.0f} "
+        f"GiB; instances: {', '.join(t.instance_id for t in chosen)}"
+    )
     starts, cold = await container_starts(first, args.starts)
     print(line(f"(a) container start, official profile ({first.repo})", starts))
     print(line("    baseline: cold docker run --rm IMAGE true", cold))
@@ -145,18 +161,27 @@ async def main(args: argparse.Namespace) -> None:
     grades, resolved = await gradings(chosen, args.grades)
     print(line(f"(c) grading, gold patches ({resolved}/{len(grades)} resolved)", grades))
     answering, opened, memory = await concurrent_episodes(first, args.episodes)
-    print(f"(d) concurrent episodes held: {answering} of {args.episodes} answering, opened in {opened:.1f} s, "
-          f"{memory:.0f} MB in all ({memory / max(answering, 1):.0f} MB each)")
-    print(f"container start p50 {pct(starts, 0.5) * 1e3:.0f} ms / p99 {pct(starts, 0.99) * 1e3:.0f} ms; "
-          f"episode start from the warm pool {pct(starts, 0.5) / pct(warm, 0.5):.1f}x faster than a new container; "
-          f"grading p50 {pct(grades, 0.5):.1f} s / p99 {pct(grades, 0.99):.1f} s; "
-          f"concurrent episodes held: {answering}")
+    print(
+        f"(d) concurrent episodes held: {answering} of {args.episodes} answering, opened in {opened:.1f} s, "
+        f"{memory:.0f} MB in all ({memory / max(answering, 1):.0f} MB each)"
+    )
+    print(
+        f"container start p50 {pct(starts, 0.5) * 1e3:.0f} ms / p99 {pct(starts, 0.99) * 1e3:.0f} ms; "
+        f"episode start from the warm pool {pct(starts, 0.5) / pct(warm, 0.5):.1f}x faster than a new "
+        "container; "
+        f"grading p50 {pct(grades, 0.5):.1f} s / p99 {pct(grades, 0.99):.1f} s; "
+        f"concurrent episodes held: {answering}"
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--starts", type=int, default=20, help="container and episode starts to time")
     parser.add_argument("--grades", type=int, default=3, help="gradings of each instance's gold patch")
     parser.add_argument("--episodes", type=int, default=16, help="episodes to hold at once")
-    parser.add_argument("--instance", nargs="+", default=INSTANCES, help="instances (their images must exist)")
+    parser.add_argument(
+        "--instance", nargs="+", default=INSTANCES, help="instances (their images must exist)"
+    )
     asyncio.run(main(parser.parse_args()))

@@ -27,7 +27,12 @@ from swebench.harness.constants import (
     TEST_EXIT_CODE,
     ResolvedStatus,
 )
-from swebench.harness.grading import get_eval_report, get_eval_tests_report, get_logs_eval, get_resolution_status
+from swebench.harness.grading import (
+    get_eval_report,
+    get_eval_tests_report,
+    get_logs_eval,
+    get_resolution_status,
+)
 from swebench.types import TestSpec
 
 from envs.swe import official
@@ -158,7 +163,8 @@ async def _apply_and_test(workspace: Workspace, task: SWETask, kept: str, timeou
     return verdict
 
 
-async def _apply_and_run_eval_script(workspace: Workspace, task: SWETask, kept: str, timeout_s: float) -> GradeResult:
+async def _apply_and_run_eval_script(workspace: Workspace, task: SWETask, kept: str,
+                                     timeout_s: float) -> GradeResult:
     """Official layout: apply the model's diff, then run the instance's SWE-bench evaluation
     script (which resets the test files, applies the test patch and runs the tests) and let
     swebench's report decide."""
@@ -171,7 +177,8 @@ async def _apply_and_run_eval_script(workspace: Workspace, task: SWETask, kept: 
         # The kept diff touches no trusted path, so only the task can make its test patch fail.
         await workspace.check_applies(task.test_patch)
     except PatchError as err:
-        return GradeResult(reward=None, applied=True, error=f"task {task.instance_id} is broken: its test_patch: {err}")
+        return GradeResult(reward=None, applied=True,
+                           error=f"task {task.instance_id} is broken: its test_patch: {err}")
     spec = official.test_spec(task, official.default_image(task))
     try:
         run = await workspace.run_script(spec.eval_script, timeout_s)
@@ -198,11 +205,14 @@ def judge_report(spec: TestSpec, run: ExecResult, diff: str) -> GradeResult:
         # No parseable results (swebench's triage hint included): the policy's run, so 0 — a
         # drop here would let a failing diff print an infrastructure signature to escape its 0.
         why = f" ({report['infra_failure_reason']})" if report.get("infra_failure_reason") else ""
-        return GradeResult(reward=0.0, error=f"the test output holds no test results{why}", log_tail=tail, log=output)
+        return GradeResult(reward=0.0, error=f"the test output holds no test results{why}", log_tail=tail,
+                           log=output)
     tests = report["tests_status"]
-    outcome = {k: TestOutcome(passed=tests[k]["success"], failed=tests[k]["failure"]) for k in (FAIL_TO_PASS, PASS_TO_PASS)}
+    outcome = {k: TestOutcome(passed=tests[k]["success"], failed=tests[k]["failure"])
+               for k in (FAIL_TO_PASS, PASS_TO_PASS)}
     return GradeResult(reward=1.0 if report["resolved"] else 0.0, resolved=report["resolved"],
-                       fail_to_pass=outcome[FAIL_TO_PASS], pass_to_pass=outcome[PASS_TO_PASS], log_tail=tail, log=output)
+                       fail_to_pass=outcome[FAIL_TO_PASS], pass_to_pass=outcome[PASS_TO_PASS], log_tail=tail,
+                       log=output)
 
 
 def judge(task: SWETask, run: ExecResult) -> GradeResult:

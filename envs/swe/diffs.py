@@ -354,7 +354,8 @@ def reverse_diff(diff: str) -> str:
             out += [f"--- {_side(new, 'a/')}\n", f"+++ {_side(old, 'b/')}\n"]
             i += 1
         elif line.startswith(("old mode ", "rename from ")) and i + 1 < len(lines):
-            key_old, key_new = ("old mode ", "new mode ") if line.startswith("old") else ("rename from ", "rename to ")
+            old_mode = line.startswith("old")
+            key_old, key_new = ("old mode ", "new mode ") if old_mode else ("rename from ", "rename to ")
             out += [key_old + lines[i + 1][len(key_new):], key_new + line[len(key_old):]]
             i += 1
         elif line.startswith(tuple(_SWAPPED_HEADERS)):

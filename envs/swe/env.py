@@ -118,8 +118,9 @@ def swe_task_to_task(swe: SWETask, params: SWEParams) -> Task:
 def unavailable_message(task: SWETask, image: str, err: Exception) -> str:
     """Why a task's sandbox cannot start, naming what is missing."""
     if task.image_resident():
-        return (f"{task.instance_id} needs the image {image}, which this node does not have and could not get "
-                f"({err}); pull it with `codeworld swe pull`, build a stand-in with `codeworld swe build-image`, "
+        return (f"{task.instance_id} needs the image {image}, which this node does not have and could not "
+                f"get ({err}); pull it with `codeworld swe pull`, build a stand-in with `codeworld swe "
+                "build-image`, "
                 "or stand an sdist in for the repository with `codeworld swe from-sdist`.")
     return f"the sandbox for {task.instance_id} cannot start: {err}"
 

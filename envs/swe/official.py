@@ -47,12 +47,16 @@ _OFFICIAL_TEST_CMDS: dict[str, str] = {
 }
 _VERSION_TEST_CMDS: dict[tuple[str, str], str] = {
     ("django/django", "1.9"): "./tests/runtests.py --verbosity 2",
-    **{("astropy/astropy", v): "pytest -rA -vv -o console_output_style=classic --tb=no -p no:nose"
-       for v in ("0.1", "0.2", "0.3", "0.4", "1.1", "1.2", "1.3")},
+    **{
+        ("astropy/astropy", v): "pytest -rA -vv -o console_output_style=classic --tb=no -p no:nose"
+        for v in ("0.1", "0.2", "0.3", "0.4", "1.1", "1.2", "1.3")
+    },
 }
 # Docker references as the engine accepts them: [registry[:port]/]path[:tag] or @digest.
-_REFERENCE = re.compile(r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._/-][a-z0-9]+)*"
-                        r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})?$")
+_REFERENCE = re.compile(
+    r"^(?:[a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._/-][a-z0-9]+)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})?$"
+)
 _NON_TEST_EXTS = (".json", ".png", "csv", ".txt", ".md", ".jpg", ".jpeg", ".pkl", ".yml", ".yaml", ".toml")
 
 
@@ -73,16 +77,24 @@ def image_for(task: SWETask, template: str | None, setting: str = "image_templat
     image = default_image(task)
     if template is None:
         return image
-    fields = {"image": image, "name": image.rsplit("/", 1)[-1], "instance_id": task.instance_id,
-              "docker_id": task.instance_id.replace("__", "_1776_").lower()}
+    fields = {
+        "image": image,
+        "name": image.rsplit("/", 1)[-1],
+        "instance_id": task.instance_id,
+        "docker_id": task.instance_id.replace("__", "_1776_").lower(),
+    }
     try:
         out = template.format(**fields)
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"{setting} {template!r} is not a valid template ({err!r}); it may use "
-                         "{image}, {name}, {instance_id} and {docker_id}.") from None
+        raise ValueError(
+            f"{setting} {template!r} is not a valid template ({err!r}); it may use "
+            "{image}, {name}, {instance_id} and {docker_id}."
+        ) from None
     if not _REFERENCE.match(out):
-        raise ValueError(f"{setting} {template!r} gives {out!r} for {task.instance_id}, which is not a Docker "
-                         "image name (lowercase repository, optional registry, tag or digest).")
+        raise ValueError(
+            f"{setting} {template!r} gives {out!r} for {task.instance_id}, which is not a Docker "
+            "image name (lowercase repository, optional registry, tag or digest)."
+        )
     return out
 
 
@@ -90,8 +102,9 @@ def check_template(template: str, setting: str = "image_template") -> str:
     """`template` if it makes Docker image names (tried on a sample instance), else ValueError."""
     from envs.swe.task import SWETask
 
-    sample = SWETask(instance_id="owner__repo-1", repo="owner/repo", problem_statement="", FAIL_TO_PASS=[],
-                     PASS_TO_PASS=[])
+    sample = SWETask(
+        instance_id="owner__repo-1", repo="owner/repo", problem_statement="", FAIL_TO_PASS=[], PASS_TO_PASS=[]
+    )
     image_for(sample, template, setting)
     return template
 
@@ -126,17 +139,29 @@ def eval_script(task: SWETask) -> str:
     from swebench.harness.constants import END_TEST_OUTPUT, START_TEST_OUTPUT
     from swebench.utils import generate_heredoc_delimiter, get_modified_files
 
-    lines = [f"source {CONDA_ROOT}/bin/activate", f"conda activate {ENV_NAME}", f"cd {REPO_DIR}",
-             f"git config --global --add safe.directory {REPO_DIR}", f"cd {REPO_DIR}", "git status", "git show",
-             f"git -c core.fileMode=false diff {task.base_commit}", f"source {CONDA_ROOT}/bin/activate",
-             f"conda activate {ENV_NAME}"]
+    lines = [
+        f"source {CONDA_ROOT}/bin/activate",
+        f"conda activate {ENV_NAME}",
+        f"cd {REPO_DIR}",
+        f"git config --global --add safe.directory {REPO_DIR}",
+        f"cd {REPO_DIR}",
+        "git status",
+        "git show",
+        f"git -c core.fileMode=false diff {task.base_commit}",
+        f"source {CONDA_ROOT}/bin/activate",
+        f"conda activate {ENV_NAME}",
+    ]
     reset = []
     if task.test_patch:
         reset = [f"git checkout {task.base_commit} {' '.join(get_modified_files(task.test_patch))}"]
         delimiter = generate_heredoc_delimiter(task.test_patch)
         lines += [*reset, f"git apply -v - <<'{delimiter}'\n{task.test_patch}\n{delimiter}"]
-    lines += [f": '{START_TEST_OUTPUT}'", " ".join([official_test_cmd(task), *test_directives(task)]),
-              f": '{END_TEST_OUTPUT}'", *reset]
+    lines += [
+        f": '{START_TEST_OUTPUT}'",
+        " ".join([official_test_cmd(task), *test_directives(task)]),
+        f": '{END_TEST_OUTPUT}'",
+        *reset,
+    ]
     return "\n".join(["#!/bin/bash", "set -uxo pipefail", *lines]) + "\n"
 
 
@@ -145,11 +170,21 @@ def test_spec(task: SWETask, image: str) -> TestSpec:
     from swebench.harness.constants import FAIL_ONLY_REPOS, EvalType
     from swebench.harness.utils import make_test_spec
 
-    eval_type = task.eval_type or (EvalType.FAIL_ONLY if task.repo in FAIL_ONLY_REPOS else EvalType.PASS_AND_FAIL).value
+    eval_type = (
+        task.eval_type
+        or (EvalType.FAIL_ONLY if task.repo in FAIL_ONLY_REPOS else EvalType.PASS_AND_FAIL).value
+    )
     instance: dict[str, Any] = {
-        "instance_id": task.instance_id, "image": image, "repo": task.repo, "version": task.version,
-        "FAIL_TO_PASS": task.FAIL_TO_PASS, "PASS_TO_PASS": task.PASS_TO_PASS,
-        "log_parser": task.resolved_log_parser(), "eval_type": eval_type, "eval_script": eval_script(task)}
+        "instance_id": task.instance_id,
+        "image": image,
+        "repo": task.repo,
+        "version": task.version,
+        "FAIL_TO_PASS": task.FAIL_TO_PASS,
+        "PASS_TO_PASS": task.PASS_TO_PASS,
+        "log_parser": task.resolved_log_parser(),
+        "eval_type": eval_type,
+        "eval_script": eval_script(task),
+    }
     return make_test_spec(instance)
 
 

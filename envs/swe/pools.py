@@ -46,7 +46,8 @@ async def shared_pool(backend: str, image: str, size: int, local_isolation: str 
     if key not in _pools:
         if key not in _starting:
             # One start per key, however many episodes ask at once.
-            _starting[key] = asyncio.create_task(_start(backend, image, size, local_isolation, profile, images))
+            start = _start(backend, image, size, local_isolation, profile, images)
+            _starting[key] = asyncio.create_task(start)
             await _close_idle(loop)
         try:
             _pools[key] = await asyncio.shield(_starting[key])
@@ -87,7 +88,8 @@ async def _start(backend: str, image: str, size: int, local_isolation: str | Non
                  profile: SandboxProfile | None, images: ImagePolicy | None) -> SandboxPool:
     pool = SandboxPool(backend=backend, image=image, size=size,  # type: ignore[arg-type]
                        limits=SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
-                       local_isolation=local_isolation, profile=profile, images=images)  # type: ignore[arg-type]
+                       local_isolation=local_isolation,  # type: ignore[arg-type]
+                       profile=profile, images=images)
     await pool.start()
     # What isolates the programs is reported on every result; a first run reads it before any
     # grading depends on it.

@@ -181,7 +181,10 @@ def _from_swe_smith(row: dict[str, Any]) -> dict[str, Any]:
     except PatchError as err:
         raise ValueError(f"its patch cannot be reversed into a fix ({err})") from None
     row["setup_patch"] = bug
-    tests = [*SWETask._json_list(row.get("FAIL_TO_PASS", [])), *SWETask._json_list(row.get("PASS_TO_PASS", []))]
+    tests: list[Any] = []
+    for key in ("FAIL_TO_PASS", "PASS_TO_PASS"):
+        value = SWETask._json_list(row.get(key, []))
+        tests += value if isinstance(value, list) else []  # anything else: the model's validation says so
     files = list(dict.fromkeys(t.split("::", 1)[0] for t in tests if isinstance(t, str)))
     row.setdefault("trusted_files", files)
     return row
@@ -198,12 +201,14 @@ def load_swe_tasks(path: Path, dataset: Dataset = "auto") -> list[SWETask]:
     for index, row in enumerate(read_records(path)):
         if not isinstance(row, dict):
             raise ValueError(f"{path}: record {index} is not a JSON object.")
-        name = f"record {index}" + (f" ({row['instance_id']})" if isinstance(row.get("instance_id"), str) else "")
+        instance_id = row.get("instance_id")
+        name = f"record {index}" + (f" ({instance_id})" if isinstance(instance_id, str) else "")
         kind = dataset
         if kind == "auto":
             kind = "swe-smith" if row.get("image_name") and not row.get("test_patch") else "swe-bench"
         try:
-            task = SWETask.model_validate({**(_from_swe_smith(row) if kind == "swe-smith" else row), "dataset": kind})
+            fields = _from_swe_smith(row) if kind == "swe-smith" else row
+            task = SWETask.model_validate({**fields, "dataset": kind})
         except ValidationError as err:
             first = err.errors()[0]
             field = ".".join(str(part) for part in first["loc"])

@@ -100,7 +100,8 @@ def _one_task(data: Path, instance: str, dataset: str) -> Any:
     from envs.swe.task import load_swe_tasks
 
     try:
-        found = [t for t in load_swe_tasks(data, dataset) if t.instance_id == instance]  # type: ignore[arg-type]
+        rows = load_swe_tasks(data, dataset)  # type: ignore[arg-type]
+        found = [t for t in rows if t.instance_id == instance]
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if not found:
@@ -112,10 +113,10 @@ def _one_task(data: Path, instance: str, dataset: str) -> Any:
 def build_image_cmd(
     data: Path = typer.Option(..., help="Task file with the instance (SWE-bench JSON array or JSONL)."),
     instance: str = typer.Option(..., help="The instance_id to build an image for."),
-    package: Optional[str] = typer.Option(None, help="The sdist standing in for the repository, NAME==VERSION; "
-                                          "default: the repository's name at the instance's version."),
-    dep: list[str] = typer.Option([], help="A requirement of the tests, installed from PyPI wheels (repeatable)."),
-    tag: Optional[str] = typer.Option(None, help="Image name; default: the official one (under --image-template)."),
+    package: Optional[str] = typer.Option(None, help="The sdist standing in for the repository, "
+                                          "NAME==VERSION; default: the repository's name at its version."),
+    dep: list[str] = typer.Option([], help="A requirement of the tests, from PyPI wheels (repeatable)."),
+    tag: Optional[str] = typer.Option(None, help="Image name; default: the official one (--image-template)."),
     image_template: Optional[str] = typer.Option(None, help="Image names as a template, e.g. "
                                                  "'registry:5000/{name}' (see docs/swe.md)."),
     dataset: str = typer.Option("auto", help="swe-bench, swe-gym, swe-smith or auto."),
@@ -143,7 +144,7 @@ def pull_cmd(
     instance: list[str] = typer.Option([], "--id", help="Only these instance ids (repeatable)."),
     image_template: Optional[str] = typer.Option(None, help="Image names as a template (see docs/swe.md)."),
     dataset: str = typer.Option("auto", help="swe-bench, swe-gym, swe-smith or auto."),
-    budget_gb: Optional[float] = typer.Option(None, help="Disk this node's SWE images may take (LRU eviction)."),
+    budget_gb: Optional[float] = typer.Option(None, help="Disk this node's SWE images may take (LRU)."),
 ) -> None:
     """Pull the images of a task file's official-layout instances onto this node."""
     import docker
@@ -154,12 +155,14 @@ def pull_cmd(
     from workers.sandbox.images import ImageStore, ImageUnavailable
 
     try:
-        tasks = [t for t in load_swe_tasks(data, dataset) if not instance or t.instance_id in instance]  # type: ignore[arg-type]
+        rows = load_swe_tasks(data, dataset)  # type: ignore[arg-type]
+        tasks = [t for t in rows if not instance or t.instance_id in instance]
         images = list(dict.fromkeys(image_for(t, image_template, "--image-template") for t in tasks
                                     if t.image_resident()))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    store = ImageStore(docker.from_env(timeout=1800), ImagePolicy(pull=True, manage=True, budget_gb=budget_gb))
+    policy = ImagePolicy(pull=True, manage=True, budget_gb=budget_gb)
+    store = ImageStore(docker.from_env(timeout=1800), policy)
     counts = {"present": 0, "pulled": 0, "failed": 0}
     for image in images:
         had = bool(store.held([image]))
@@ -194,8 +197,8 @@ def grade_cmd(
     if gold == (predictions is not None):
         _fail("give exactly one of --predictions FILE and --gold.")
     try:
-        params = SWEParams(backend=backend, image=image, pool_size=workers, image_template=image_template,  # type: ignore[arg-type]
-                           dataset=dataset)  # type: ignore[arg-type]
+        params = SWEParams(backend=backend, image=image, pool_size=workers,  # type: ignore[arg-type]
+                           image_template=image_template, dataset=dataset)  # type: ignore[arg-type]
         tasks = [t for t in load_swe_tasks(data, params.dataset) if not instance or t.instance_id in instance]
         diffs = {t.instance_id: t.patch for t in tasks} if gold else _read_predictions(predictions)
     except (ValueError, FileNotFoundError) as err:
@@ -234,7 +237,8 @@ def _first_error(err: Exception) -> str:
     return str(err)
 
 
-async def _grade_all(tasks: list[Any], diffs: dict[str, str], params: Any, workers: int) -> list[dict[str, Any]]:
+async def _grade_all(tasks: list[Any], diffs: dict[str, str], params: Any,
+                     workers: int) -> list[dict[str, Any]]:
     from envs.swe.env import task_image, task_pool_options, unavailable_message
     from envs.swe.pools import close_shared_pools, release_pool, shared_pool
     from reward.swe import GradeResult, grade_swe
@@ -246,8 +250,8 @@ async def _grade_all(tasks: list[Any], diffs: dict[str, str], params: Any, worke
         async with limit:
             image_name = task_image(task, params)
             try:
-                pool = await shared_pool(params.backend, image_name, workers, None, *task_pool_options(task, params),
-                                         lease=True)
+                options = task_pool_options(task, params)
+                pool = await shared_pool(params.backend, image_name, workers, None, *options, lease=True)
             except SandboxUnavailable as err:
                 result = GradeResult(reward=None, error=unavailable_message(task, image_name, err))
             else:

@@ -68,7 +68,8 @@ class SandboxProfile(BaseModel):
                                  "digits, '.', '_', '-' and '/'.")
             for root in _RESERVED_ROOTS:
                 if path == root or path.startswith(root + "/") or root.startswith(path + "/"):
-                    raise ValueError(f"writable path {path!r} overlaps {root}, which the sandbox manages itself.")
+                    raise ValueError(f"writable path {path!r} overlaps {root}, which the sandbox manages "
+                                     "itself.")
         for a in paths:
             for b in paths:
                 if a != b and b.startswith(a + "/"):

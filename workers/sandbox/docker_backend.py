@@ -199,7 +199,8 @@ class DockerBackend:
         # Each writable path: a tmpfs of its own, filled by the agent from a read-only volume.
         writable = {path: f"size={self.profile.writable_mb}m,uid={uid},gid={uid},mode=0755,exec"
                     for path in self.profile.writable_paths}
-        sources = {name: {"bind": f"{PRISTINE_ROOT}/{i}", "mode": "ro"} for i, name in enumerate(self.pristine)}
+        sources = {name: {"bind": f"{PRISTINE_ROOT}/{i}", "mode": "ro"}
+                   for i, name in enumerate(self.pristine)}
         return dict(
             image=self.image, command=["python3", "-I", "-c", KEEPALIVE], detach=True,
             user="0:0", network_mode="none", read_only=True,
@@ -226,8 +227,8 @@ class DockerBackend:
 
     async def _attach_agent(self, container_id: str) -> AgentChannel:
         writable = list(self.profile.writable_paths)
-        config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm", "/dev/mqueue", *writable], "env": _ENV,
-                  "oom_files": _OOM_FILES, "program_uid": self.limits.workload_uid,
+        config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm", "/dev/mqueue", *writable],
+                  "env": _ENV, "oom_files": _OOM_FILES, "program_uid": self.limits.workload_uid,
                   "restore": [[f"{PRISTINE_ROOT}/{i}", path] for i, path in enumerate(writable)]}
         api = self.client.api
         exec_id = (await asyncio.to_thread(

@@ -59,8 +59,9 @@ class ImageStore:
     """One node's images for pools: `ensure(image)` makes it present (pulling if allowed),
     records its use and keeps the managed images within the budget."""
 
-    def __init__(self, client: docker.DockerClient, policy: ImagePolicy,
-                 pull: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self, client: docker.DockerClient, policy: ImagePolicy, pull: Callable[[str, str], None] | None = None
+    ) -> None:
         self.client, self.policy = client, policy
         self._pull = pull or (lambda repository, tag: self.client.images.pull(repository, tag=tag))
         self.folder = _state_dir(policy)
@@ -89,8 +90,9 @@ class ImageStore:
             self._pull(repository, tag)
             return self.client.images.get(image)
         except _DOCKER_ERRORS as exc:
-            raise ImageUnavailable(f"image {image!r} is not on this node and could not be pulled: "
-                                   f"{str(exc)[:300]}") from exc
+            raise ImageUnavailable(
+                f"image {image!r} is not on this node and could not be pulled: {str(exc)[:300]}"
+            ) from exc
 
     def held(self, images: list[str]) -> list[str]:
         """Those of `images` this node holds now."""
@@ -165,11 +167,13 @@ class ImageStore:
 
 def pristine_name(image_id: str, path: str) -> str:
     """The volume holding `image_id`'s content at `path`."""
-    return f"codeworld-pristine-{image_id.removeprefix('sha256:')[:16]}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    path_hash = hashlib.sha256(path.encode()).hexdigest()[:8]
+    return f"codeworld-pristine-{image_id.removeprefix('sha256:')[:16]}-{path_hash}"
 
 
-def ensure_pristine(client: docker.DockerClient, image: str, image_id: str, paths: tuple[str, ...],
-                    lock_dir: Path) -> list[str]:
+def ensure_pristine(
+    client: docker.DockerClient, image: str, image_id: str, paths: tuple[str, ...], lock_dir: Path
+) -> list[str]:
     """Volumes holding the image's content at each of `paths`, made once per image and node:
     Docker fills an empty volume from the image when a container mounts it where the image has
     files. Made under a lock, so two pools never see a half-filled one."""
@@ -188,14 +192,20 @@ def ensure_pristine(client: docker.DockerClient, image: str, image_id: str, path
 
 
 def _fill_pristine(client: docker.DockerClient, image: str, image_id: str, path: str, name: str) -> None:
-    client.volumes.create(name, labels={PRISTINE_LABEL: "1", f"{PRISTINE_LABEL}.image": image_id,
-                                        f"{PRISTINE_LABEL}.path": path})
+    client.volumes.create(
+        name,
+        labels={PRISTINE_LABEL: "1", f"{PRISTINE_LABEL}.image": image_id, f"{PRISTINE_LABEL}.path": path},
+    )
     try:
         # Never started: Docker copies the image's files into the empty volume when the
         # container is made.
-        container = client.containers.create(image_id, command=["true"], network_mode="none",
-                                             volumes={name: {"bind": path, "mode": "rw"}},
-                                             labels={PRISTINE_LABEL: "filler"})
+        container = client.containers.create(
+            image_id,
+            command=["true"],
+            network_mode="none",
+            volumes={name: {"bind": path, "mode": "rw"}},
+            labels={PRISTINE_LABEL: "filler"},
+        )
         container.remove(force=True)
     except BaseException:
         with contextlib.suppress(*_DOCKER_ERRORS):

@@ -123,10 +123,12 @@ class SandboxPool:
         if self.backend_name == "docker":
             from workers.sandbox.docker_backend import DockerBackend
 
-            return DockerBackend(self.image, self.limits, self.owner, self._docker_url, self.profile, self.images)
+            return DockerBackend(self.image, self.limits, self.owner, self._docker_url, self.profile,
+                                 self.images)
         if self.profile.writable_paths:
-            raise SandboxUnavailable(f"writable paths ({', '.join(self.profile.writable_paths)}) need the docker "
-                                     "backend; the local backend has no image to fill them from.")
+            paths = ", ".join(self.profile.writable_paths)
+            raise SandboxUnavailable(f"writable paths ({paths}) need the docker backend; the local backend "
+                                     "has no image to fill them from.")
         from workers.sandbox.local import LocalBackend
 
         return LocalBackend(self.limits, self.owner, self._local_isolation)

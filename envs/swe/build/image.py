@@ -62,7 +62,10 @@ conda() {
         activate)
             local name="${2:-base}" root=/opt/miniconda3
             [ "$name" = base ] && return 0
-            [ -x "$root/envs/$name/bin/python" ] || { echo "conda: no environment named $name" >&2; return 1; }
+            if [ ! -x "$root/envs/$name/bin/python" ]; then
+                echo "conda: no environment named $name" >&2
+                return 1
+            fi
             conda deactivate
             export CONDA_DEFAULT_ENV="$name" CONDA_PREFIX="$root/envs/$name" VIRTUAL_ENV="$root/envs/$name"
             export PATH="$root/envs/$name/bin:$PATH"
@@ -108,13 +111,25 @@ def _run(argv: list[str], what: str, cwd: Path | None = None, env: dict[str, str
     return proc.stdout
 
 
-def _in_container(client: docker.DockerClient, image: str, script: str, mounts: dict[Path, str],
-                  commit: tuple[str, list[str]] | None = None) -> str:
+def _in_container(
+    client: docker.DockerClient,
+    image: str,
+    script: str,
+    mounts: dict[Path, str],
+    commit: tuple[str, list[str]] | None = None,
+) -> str:
     """Runs `script` as root in a fresh container of `image` without network, the host folders
     `mounts` read-only, and commits the result as `commit` (name, Dockerfile changes)."""
     volumes = {str(host): {"bind": inside, "mode": "ro"} for host, inside in mounts.items()}
-    container = client.containers.run(image, ["sh", "-c", script], detach=True, network_mode="none", user="0:0",
-                                      volumes=volumes, working_dir="/")
+    container = client.containers.run(
+        image,
+        ["sh", "-c", script],
+        detach=True,
+        network_mode="none",
+        user="0:0",
+        volumes=volumes,
+        working_dir="/",
+    )
     try:
         status = container.wait(timeout=900)["StatusCode"]
         logs = container.logs().decode(errors="replace")
@@ -132,13 +147,35 @@ def _git_debs(client: docker.DockerClient, folder: Path) -> list[Path]:
     """Debian packages git needs beyond what the sandbox image has, downloaded with the host's
     apt (the image is Debian bookworm, like the hosts codeworld supports)."""
     if shutil.which("apt-get") is None or shutil.which("apt-cache") is None:
-        raise RuntimeError("building the SWE base image needs Debian's apt on the host, to fetch git's packages.")
-    installed = set(client.containers.run(SANDBOX_BASE, ["dpkg-query", "-W", "-f", "${Package}\\n"], remove=True,
-                                          network_mode="none").decode().split())
-    tree = _run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
-                 "--no-breaks", "--no-replaces", "--no-enhances", *_GIT_ROOT_PACKAGES], "apt-cache depends")
-    names = sorted({line.split(":")[0] for line in tree.splitlines()
-                    if line and not line.startswith((" ", "<"))} - installed)
+        raise RuntimeError(
+            "building the SWE base image needs Debian's apt on the host, to fetch git's packages."
+        )
+    installed = set(
+        client.containers.run(
+            SANDBOX_BASE, ["dpkg-query", "-W", "-f", "${Package}\\n"], remove=True, network_mode="none"
+        )
+        .decode()
+        .split()
+    )
+    tree = _run(
+        [
+            "apt-cache",
+            "depends",
+            "--recurse",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+            *_GIT_ROOT_PACKAGES,
+        ],
+        "apt-cache depends",
+    )
+    names = sorted(
+        {line.split(":")[0] for line in tree.splitlines() if line and not line.startswith((" ", "<"))}
+        - installed
+    )
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.deb"):
         old.unlink()
@@ -157,31 +194,45 @@ def ensure_swe_base(cache: Path, echo: Callable[[str], None] = print) -> str:
     try:
         client.images.get(SANDBOX_BASE)
     except docker.errors.ImageNotFound:
-        raise RuntimeError(f"the sandbox image {SANDBOX_BASE} does not exist; build it first with "
-                           "`codeworld sandbox build-image`.") from None
+        raise RuntimeError(
+            f"the sandbox image {SANDBOX_BASE} does not exist; build it first with "
+            "`codeworld sandbox build-image`."
+        ) from None
     echo(f"codeworld: building {SWE_BASE} (git from Debian, the conda activation script) ...")
     with tempfile.TemporaryDirectory(prefix="codeworld-swe-base-") as tmp:
         debs, shim = Path(tmp) / "debs", Path(tmp) / "shim"
         names = [d.name for d in _git_debs(client, debs)]
         shim.mkdir()
         (shim / "activate").write_text(ACTIVATE)
-        script = ("set -e; export PATH=/usr/sbin:/usr/bin:/sbin:/bin; dpkg -i /mnt/debs/*.deb >/dev/null; "
-                  f"mkdir -p {CONDA_ROOT}/bin {CONDA_ROOT}/envs; cp /mnt/shim/activate {CONDA_ROOT}/bin/activate; "
-                  f"chmod 755 {CONDA_ROOT}/bin/activate; rm -rf /var/cache/apt/archives/*.deb; git --version")
+        script = (
+            "set -e; export PATH=/usr/sbin:/usr/bin:/sbin:/bin; dpkg -i /mnt/debs/*.deb >/dev/null; "
+            f"mkdir -p {CONDA_ROOT}/bin {CONDA_ROOT}/envs; cp /mnt/shim/activate {CONDA_ROOT}/bin/activate; "
+            f"chmod 755 {CONDA_ROOT}/bin/activate; rm -rf /var/cache/apt/archives/*.deb; git --version"
+        )
         changes = [f"LABEL codeworld.swe.base.packages={','.join(names)}"]
-        logs = _in_container(client, SANDBOX_BASE, script, {debs: "/mnt/debs", shim: "/mnt/shim"}, (SWE_BASE, changes))
+        logs = _in_container(
+            client, SANDBOX_BASE, script, {debs: "/mnt/debs", shim: "/mnt/shim"}, (SWE_BASE, changes)
+        )
     echo(f"codeworld: {SWE_BASE} ready ({logs.strip().splitlines()[-1]}).")
     return client.images.get(SWE_BASE).id
 
 
 def _recipe(task: SWETask, sdist: Path, deps: list[str], base_id: str) -> str:
-    parts = [BUILDER_VERSION, base_id, hashlib.sha256(sdist.read_bytes()).hexdigest(), *sorted(deps),
-             task.instance_id, task.base_commit, ACTIVATE]
+    parts = [
+        BUILDER_VERSION,
+        base_id,
+        hashlib.sha256(sdist.read_bytes()).hexdigest(),
+        *sorted(deps),
+        task.instance_id,
+        task.base_commit,
+        ACTIVATE,
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def build_instance_image(task: SWETask, package: str, deps: list[str], cache: Path, tag: str,
-                         echo: Callable[[str], None] = print) -> BuiltImage:
+def build_instance_image(
+    task: SWETask, package: str, deps: list[str], cache: Path, tag: str, echo: Callable[[str], None] = print
+) -> BuiltImage:
     """The official-layout image of `task` as `tag`, from the sdist of `package` (checked against
     the task's patches) and the wheels of `deps`; reused when an image of the same recipe exists."""
     start = time.perf_counter()
@@ -192,8 +243,13 @@ def build_instance_image(task: SWETask, package: str, deps: list[str], cache: Pa
     try:
         found = client.images.get(tag)
         if found.labels.get(RECIPE_LABEL) == recipe:
-            return BuiltImage(tag=tag, image_id=found.id, cached=True, seconds=time.perf_counter() - start,
-                              size_mb=found.attrs["Size"] / 1e6)
+            return BuiltImage(
+                tag=tag,
+                image_id=found.id,
+                cached=True,
+                seconds=time.perf_counter() - start,
+                size_mb=found.attrs["Size"] / 1e6,
+            )
     except docker.errors.ImageNotFound:
         pass
     echo(f"codeworld: building {tag} for {task.instance_id} from {package} ...")
@@ -201,39 +257,74 @@ def build_instance_image(task: SWETask, package: str, deps: list[str], cache: Pa
         ctx = Path(tmp)
         _write_testbed(ctx / "testbed", tree, executable_paths(sdist, sdist_prefix(sdist)), task, package)
         _write_env(ctx, task, package, fetch_deps(deps, cache) if deps else None, import_roots(tree))
-        script = (f"set -e; cp -a /mnt/ctx/testbed {REPO_DIR}; "
-                  f"python3 -m venv --without-pip --system-site-packages {ENV_PATH}; "
-                  f"site=$({_PYTHON} -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'); "
-                  f"cp -a /mnt/ctx/site/. \"$site/\"; cp -a /mnt/ctx/bin/. {ENV_PATH}/bin/; "
-                  f"chown -R 0:0 {REPO_DIR} {ENV_PATH}; chmod -R a+rX,go-w {REPO_DIR} {CONDA_ROOT}")
-        changes = [f"WORKDIR {REPO_DIR}", f"LABEL {RECIPE_LABEL}={recipe}",
-                   f"LABEL codeworld.swe.instance={task.instance_id}", f"LABEL codeworld.swe.stand_in=sdist:{package}"]
+        script = (
+            f"set -e; cp -a /mnt/ctx/testbed {REPO_DIR}; "
+            f"python3 -m venv --without-pip --system-site-packages {ENV_PATH}; "
+            f"site=$({_PYTHON} -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'); "
+            f'cp -a /mnt/ctx/site/. "$site/"; cp -a /mnt/ctx/bin/. {ENV_PATH}/bin/; '
+            f"chown -R 0:0 {REPO_DIR} {ENV_PATH}; chmod -R a+rX,go-w {REPO_DIR} {CONDA_ROOT}"
+        )
+        changes = [
+            f"WORKDIR {REPO_DIR}",
+            f"LABEL {RECIPE_LABEL}={recipe}",
+            f"LABEL codeworld.swe.instance={task.instance_id}",
+            f"LABEL codeworld.swe.stand_in=sdist:{package}",
+        ]
         _in_container(client, base_id, script, {ctx: "/mnt/ctx"}, (tag, changes))
     image = client.images.get(tag)
     seconds = time.perf_counter() - start
     echo(f"codeworld: {tag} ready in {seconds:.1f} s ({image.attrs['Size'] / 1e6:.0f} MB).")
-    return BuiltImage(tag=tag, image_id=image.id, cached=False, seconds=seconds, size_mb=image.attrs["Size"] / 1e6)
+    return BuiltImage(
+        tag=tag, image_id=image.id, cached=False, seconds=seconds, size_mb=image.attrs["Size"] / 1e6
+    )
 
 
-def _write_testbed(folder: Path, tree: dict[str, bytes], executables: set[str], task: SWETask, package: str) -> None:
+def _write_testbed(
+    folder: Path, tree: dict[str, bytes], executables: set[str], task: SWETask, package: str
+) -> None:
     """The repository as a git repository whose commit stands for `task.base_commit`."""
     for rel, data in tree.items():
         parts = rel.split("/")
         if not _SAFE_PATH.match(rel) or ".." in parts or ".git" in parts:
-            raise ValueError(f"the sdist of {package} holds the path {rel[:200]!r}, which cannot be part of /testbed.")
+            raise ValueError(
+                f"the sdist of {package} holds the path {rel[:200]!r}, which cannot be part of /testbed."
+            )
         path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         path.chmod(0o755 if rel in executables else 0o644)
-    env = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "HOME": str(folder),
-           "GIT_CEILING_DIRECTORIES": str(folder.parent), "PATH": "/usr/bin:/bin"}
+    env = {
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "HOME": str(folder),
+        "GIT_CEILING_DIRECTORIES": str(folder.parent),
+        "PATH": "/usr/bin:/bin",
+    }
     message = f"{task.repo} at {task.base_commit or 'its base'} (stood in for by the sdist {package})"
-    for argv in (["git", "init", "-q"], ["git", "add", "-A"],
-                 ["git", "-c", "user.name=codeworld", "-c", "user.email=codeworld@localhost", "commit", "-q",
-                  "--no-verify", "-m", message]):
+    for argv in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        [
+            "git",
+            "-c",
+            "user.name=codeworld",
+            "-c",
+            "user.email=codeworld@localhost",
+            "commit",
+            "-q",
+            "--no-verify",
+            "-m",
+            message,
+        ],
+    ):
         _run(argv, "preparing /testbed", cwd=folder, env=env)
     if _HEX40.match(task.base_commit):
-        _run(["git", "update-ref", f"refs/replace/{task.base_commit}", "HEAD"], "preparing /testbed", cwd=folder, env=env)
+        _run(
+            ["git", "update-ref", f"refs/replace/{task.base_commit}", "HEAD"],
+            "preparing /testbed",
+            cwd=folder,
+            env=env,
+        )
 
 
 def _write_env(ctx: Path, task: SWETask, package: str, deps: Path | None, roots: list[str]) -> None:
@@ -254,10 +345,14 @@ def _write_env(ctx: Path, task: SWETask, package: str, deps: Path | None, roots:
         (bin_dir / "pytest").write_text(_PYTEST_SCRIPT)
         (bin_dir / "pytest").chmod(0o755)
     name, version = parse_spec(package)
-    (site / "codeworld_testbed.pth").write_text("".join(f"{REPO_DIR}/{r}".removesuffix("/.") + "\n" for r in roots))
+    (site / "codeworld_testbed.pth").write_text(
+        "".join(f"{REPO_DIR}/{r}".removesuffix("/.") + "\n" for r in roots)
+    )
     meta = site / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
     meta.mkdir()
     (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (meta / "INSTALLER").write_text("codeworld\n")
     (meta / "RECORD").write_text("")
-    (meta / "direct_url.json").write_text(json.dumps({"url": f"file://{REPO_DIR}", "dir_info": {"editable": True}}))
+    (meta / "direct_url.json").write_text(
+        json.dumps({"url": f"file://{REPO_DIR}", "dir_info": {"editable": True}})
+    )

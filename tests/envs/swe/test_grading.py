@@ -30,7 +30,8 @@ def pytest_runtest_makereport(item, call):
 '''
 
 
-def stub_tests_diff(task: SWETask, tree: dict[str, bytes] | None = None, test_files: list[str] | None = None) -> str:
+def stub_tests_diff(task: SWETask, tree: dict[str, bytes] | None = None,
+                    test_files: list[str] | None = None) -> str:
     """A diff that empties the body of every FAIL_TO_PASS test (keeping decorators, so the test
     ids stay the same): if applied, those tests would pass whatever the code does. `tree`: the
     files to start from (default: the task's base), `test_files`: where the tests are."""

@@ -38,10 +38,15 @@ def edit_tests_diff(task: SWETask, base: dict[str, bytes]) -> str:
     """The test patch applied with every FAIL_TO_PASS test's body emptied: the tests the grader
     runs, made to pass whatever the code does."""
     reads, writes = touched_paths(task.test_patch)
-    after = {**base, **{p: d for p, d in apply_diff({p: base[p] for p in reads}, task.test_patch).items() if d}}
+    after = {
+        **base,
+        **{p: d for p, d in apply_diff({p: base[p] for p in reads}, task.test_patch).items() if d},
+    }
     stubbed = dict(after)
-    for path, data in apply_diff({p: after[p] for p in writes if p.endswith(".py")},
-                                 stub_tests_diff(task, after, [p for p in writes if p.endswith(".py")])).items():
+    for path, data in apply_diff(
+        {p: after[p] for p in writes if p.endswith(".py")},
+        stub_tests_diff(task, after, [p for p in writes if p.endswith(".py")]),
+    ).items():
         stubbed[path] = data
     return tree_diff({p: base[p] for p in writes if p in base}, {p: stubbed[p] for p in writes})
 
@@ -53,8 +58,12 @@ def delete_tests_diff(task: SWETask, base: dict[str, bytes]) -> str:
 
 def cases(task: SWETask) -> dict[str, tuple[str, float]]:
     base = base_files(task)
-    return {"gold": (task.patch, 1.0), "empty": ("", 0.0), "edits the tests": (edit_tests_diff(task, base), 0.0),
-            "deletes the tests": (delete_tests_diff(task, base), 0.0)}
+    return {
+        "gold": (task.patch, 1.0),
+        "empty": ("", 0.0),
+        "edits the tests": (edit_tests_diff(task, base), 0.0),
+        "deletes the tests": (delete_tests_diff(task, base), 0.0),
+    }
 
 
 def swebench_report(task: SWETask, image: str, diff: str, log: str, tmp: Path) -> dict:
@@ -62,19 +71,26 @@ def swebench_report(task: SWETask, image: str, diff: str, log: str, tmp: Path) -
     (tmp / "log.txt").write_text(log)
     spec = official.test_spec(task, image)
     prediction = {"instance_id": task.instance_id, "model_patch": diff, "model_name_or_path": "t"}
-    return get_eval_report(spec, prediction, str(tmp / "log.txt"), include_tests_status=True)[task.instance_id]
+    return get_eval_report(spec, prediction, str(tmp / "log.txt"), include_tests_status=True)[
+        task.instance_id
+    ]
 
 
-def official_harness(task: SWETask, image: str, diff: str, run_id: str, tmp: Path,
-                     monkeypatch: pytest.MonkeyPatch) -> bool:
+def official_harness(
+    task: SWETask, image: str, diff: str, run_id: str, tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> bool:
     """Whether swebench's harness (`run_instance`: its container, its git apply chain, the same
     evaluation script) resolves the instance with `diff` on the same image."""
     monkeypatch.chdir(tmp)  # it writes its logs under ./logs
     client = docker.from_env()
     try:
-        done = run_instance(official.test_spec(task, image), {"instance_id": task.instance_id, "model_patch": diff,
-                                                              "model_name_or_path": "codeworld-test"},
-                            client, run_id, timeout=600)
+        done = run_instance(
+            official.test_spec(task, image),
+            {"instance_id": task.instance_id, "model_patch": diff, "model_name_or_path": "codeworld-test"},
+            client,
+            run_id,
+            timeout=600,
+        )
     finally:
         client.close()
     if done is None:  # the harness gives up on a patch it cannot apply: unresolved
@@ -83,7 +99,9 @@ def official_harness(task: SWETask, image: str, diff: str, run_id: str, tmp: Pat
 
 
 @pytest.mark.parametrize("instance", list(OFFICIAL))
-async def test_verdicts_equal_swebenchs_own(instance: str, official_tasks, official_images, tmp_path, monkeypatch):
+async def test_verdicts_equal_swebenchs_own(
+    instance: str, official_tasks, official_images, tmp_path, monkeypatch
+):
     task, image = official_tasks[instance], official_images[instance]
     pool = await official_pool(task)
     for name, (diff, expected) in cases(task).items():
@@ -98,8 +116,9 @@ async def test_verdicts_equal_swebenchs_own(instance: str, official_tasks, offic
             assert result.dropped_paths, (instance, name)  # the grader's test files were out of its reach
 
 
-async def test_a_conftest_that_fools_the_official_harness_scores_0_here(official_tasks, official_images,
-                                                                        tmp_path, monkeypatch):
+async def test_a_conftest_that_fools_the_official_harness_scores_0_here(
+    official_tasks, official_images, tmp_path, monkeypatch
+):
     """A root conftest.py plugin that reports every test passed: swebench's harness takes it (its
     evaluation script resets only the test patch's files), codeworld drops it first."""
     instance = "pydicom__pydicom-1256"
@@ -129,11 +148,16 @@ async def test_an_episode_edits_testbed_and_a_fresh_sandbox_grades_it(official_t
         out = await env.step(act("<tool: bash>\npwd && git status --short && which python\n</tool>"))
         text = out.observation.messages[0].content
         assert text.startswith("/testbed\n/opt/miniconda3/envs/testbed/bin/python\n[exit code 0]"), text
-        edit = f"<tool: edit>\n{patched.path}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n</tool>"
+        edit = (f"<tool: edit>\n{patched.path}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n"
+                ">>>>>>> REPLACE\n</tool>")
         out = await env.step(act(edit))
         assert out.observation.messages[0].content.startswith(f"Edited {patched.path}.")
-        out = await env.step(act("<tool: bash>\ngit diff --stat && pytest -q -p no:cacheprovider tests/test_fields.py"
-                                 " 2>&1 | tail -1\n</tool>"))
+        out = await env.step(
+            act(
+                "<tool: bash>\ngit diff --stat && pytest -q -p no:cacheprovider tests/test_fields.py"
+                " 2>&1 | tail -1\n</tool>"
+            )
+        )
         assert f"{patched.path} | " in out.observation.messages[0].content
         assert " passed" in out.observation.messages[0].content
         done = await env.step(act("<tool: submit>\n</tool>"))

@@ -24,7 +24,7 @@ def long_context_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def test_swe_episodes_train_one_step(tmp_path: Path, long_context_tiny_model: str, official_images: dict[str, str],
+def test_swe_episodes_train_one_step(tmp_path: Path, long_context_tiny_model: str, official_images: dict,
                                      redis_url: str, ray_session: None) -> None:
     instance = "marshmallow-code__marshmallow-1359"
     rows = [r for r in json.loads((LITE / "dev.json").read_text()) if r["instance_id"] == instance]

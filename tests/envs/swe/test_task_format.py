@@ -49,7 +49,8 @@ def test_a_bad_record_is_named(tmp_path):
                                            json.dumps({"instance_id": "y", "repo": "r"})]]
     path = tmp_path / "tasks.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"tasks.jsonl: record 1 \(y\) is not a swe-bench task \(problem_statement: Field required\)"):
+    message = r"tasks.jsonl: record 1 \(y\) is not a swe-bench task \(problem_statement: Field required\)"
+    with pytest.raises(ValueError, match=message):
         load_swe_tasks(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_swe_tasks(tmp_path / "missing.jsonl")

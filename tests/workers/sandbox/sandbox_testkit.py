@@ -82,8 +82,9 @@ def clean_view(pool: SandboxPool) -> dict:
 
 
 PRISTINE_TESTBED = [
-    ["link.py", "0o120777", "pkg/__init__.py"], ["pkg", "0o40755", ""], ["readonly.txt", "0o100444", "f660a7996dea"],
-    ["run.sh", "0o100755", "a4e0317eafab"], ["pkg/__init__.py", "0o100644", "e13df8c44af5"], ["pkg/deep", "0o40755", ""],
+    ["link.py", "0o120777", "pkg/__init__.py"], ["pkg", "0o40755", ""],
+    ["readonly.txt", "0o100444", "f660a7996dea"], ["run.sh", "0o100755", "a4e0317eafab"],
+    ["pkg/__init__.py", "0o100644", "e13df8c44af5"], ["pkg/deep", "0o40755", ""],
     ["pkg/deep/er", "0o40755", ""], ["pkg/deep/er/leaf.txt", "0o100644", "73cb3858a687"]]
 """PROBE's view of TESTBED_IMAGE's /testbed."""
 
@@ -96,7 +97,8 @@ def ensure_testbed_image() -> str:
         return TESTBED_IMAGE
     except docker.errors.ImageNotFound:
         pass
-    container = client.containers.run(DEFAULT_IMAGE, ["sh", "-c", _TESTBED_SETUP], detach=True, network_mode="none")
+    container = client.containers.run(DEFAULT_IMAGE, ["sh", "-c", _TESTBED_SETUP], detach=True,
+                                      network_mode="none")
     try:
         assert container.wait()["StatusCode"] == 0, container.logs()
         repository, tag = TESTBED_IMAGE.split(":")

@@ -74,8 +74,8 @@ CASES = [
          "        threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); n += 1\n"
          "except RuntimeError:\n    print(n)", Status.OK,
          lambda r: int(r.stdout) < 96 or pytest.fail(repr(r.stdout))),
-    Case("disk_fill", "import os\nfor d in ['/work', '/tmp', '/dev/shm', '/var/tmp', '/run', '/home', '/', '/dev/mqueue',\n"
-         "          '/testbed', '/.codeworld/pristine/0']:\n"
+    Case("disk_fill", "import os\nfor d in ['/work', '/tmp', '/dev/shm', '/var/tmp', '/run', '/home', '/',\n"
+         "          '/dev/mqueue', '/testbed', '/.codeworld/pristine/0']:\n"
          "    n = 0\n    try:\n        with open(os.path.join(d, 'fill'), 'wb') as f:\n"
          "            while n < (1 << 30):\n                f.write(b'x' * (1 << 20)); f.flush(); n += 1 << 20\n"
          "    except OSError as e:\n        pass\n    print(d, n >> 20)", Status.OK,

@@ -34,13 +34,19 @@ def _free_port() -> int:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`127.0.0.1:PORT` of a registry serving from a temporary folder (Docker trusts loopback
     registries over plain HTTP)."""
-    assert REGISTRY, "docker-registry is not installed (make test installs it: deploy/setup/services.sh registry)"
+    assert REGISTRY, (
+        "docker-registry is not installed (make test installs it: deploy/setup/services.sh registry)"
+    )
     folder = tmp_path_factory.mktemp("registry")
     port = _free_port()
     config = folder / "config.yml"
-    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {folder / 'data'}\n"
-                      f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {folder / 'data'}\n"
+        f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen(
+        [REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         for _ in range(100):
             try:
@@ -59,8 +65,12 @@ def _pushed(registry: str, name: str, payload_mb: int) -> str:
     pushed, and then removed from this node."""
     client = docker.from_env()
     ref = f"{registry}/codeworld-test/{name}:1"
-    container = client.containers.run(DEFAULT_IMAGE, ["sh", "-c", f"head -c {payload_mb}M /dev/urandom > /payload"],
-                                      detach=True, network_mode="none")
+    container = client.containers.run(
+        DEFAULT_IMAGE,
+        ["sh", "-c", f"head -c {payload_mb}M /dev/urandom > /payload"],
+        detach=True,
+        network_mode="none",
+    )
     try:
         container.wait()
         container.commit(f"{registry}/codeworld-test/{name}", "1")
@@ -98,7 +108,10 @@ async def test_a_pool_pulls_its_image_on_demand(registry: str, tmp_path: Path) -
 @session_loop
 async def test_a_missing_image_is_named_and_never_pulled_unasked(registry: str, tmp_path: Path) -> None:
     absent = f"{registry}/codeworld-test/never-pushed:1"
-    for policy in (ImagePolicy(pull=True, state_dir=str(tmp_path)), ImagePolicy(pull=False, state_dir=str(tmp_path))):
+    for policy in (
+        ImagePolicy(pull=True, state_dir=str(tmp_path)),
+        ImagePolicy(pull=False, state_dir=str(tmp_path)),
+    ):
         pool = SandboxPool("docker", image=absent, size=1, limits=TEST_LIMITS, images=policy)
         with pytest.raises(SandboxUnavailable, match=absent.replace(".", r"\.")):
             await pool.start()
@@ -108,7 +121,9 @@ async def test_a_missing_image_is_named_and_never_pulled_unasked(registry: str, 
     assert not _present(ref)
 
 
-def test_the_least_recently_used_image_goes_beyond_the_budget_but_never_one_in_use(registry, tmp_path) -> None:
+def test_the_least_recently_used_image_goes_beyond_the_budget_but_never_one_in_use(
+    registry, tmp_path
+) -> None:
     refs = [_pushed(registry, f"lru-{i}", 20) for i in range(3)]
     client = docker.from_env()
     size_gb = client.images.get(DEFAULT_IMAGE).attrs["Size"] / (1 << 30)

@@ -36,8 +36,17 @@ async def pool() -> AsyncIterator[SandboxPool]:
 
 @session_loop
 async def test_writes_outside_the_writable_paths_fail(pool: SandboxPool) -> None:
-    outside = ["/etc/passwd", "/usr/lib/python3/dist-packages/owned.pth", "/owned", "/opt/owned", "/var/owned",
-               "/home/owned", "/.codeworld/pristine/0/pkg/__init__.py", "/.codeworld/owned", "/testbed/../owned"]
+    outside = [
+        "/etc/passwd",
+        "/usr/lib/python3/dist-packages/owned.pth",
+        "/owned",
+        "/opt/owned",
+        "/var/owned",
+        "/home/owned",
+        "/.codeworld/pristine/0/pkg/__init__.py",
+        "/.codeworld/owned",
+        "/testbed/../owned",
+    ]
     inside = ["/testbed/pkg/__init__.py", "/testbed/new.py", "/testbed/pkg/deep/er/leaf.txt"]
     result = await pool.run(ExecRequest(command=["python3", "-c", WRITES, *outside, *inside]))
     assert result.status is Status.OK, result.stderr
@@ -50,14 +59,16 @@ async def test_writes_outside_the_writable_paths_fail(pool: SandboxPool) -> None
 
 ATTACKS = {
     "edit, delete, add": "echo evil >> pkg/__init__.py; rm run.sh; echo new > pkg/new.py; mkdir -p a/b/c",
-    "modes and links": "chmod 000 pkg/deep; chmod 777 readonly.txt; ln -sf /etc/passwd link.py; ln -s /work w",
-    "special files": "mkfifo pkg/fifo; mkdir locked && touch locked/x && chmod 0 locked; python3 -c \""
-                     "import socket; s = socket.socket(socket.AF_UNIX); s.bind('sock')\"",
+    "modes and links": "chmod 000 pkg/deep; chmod 777 readonly.txt; ln -sf /etc/passwd link.py; "
+                       "ln -s /work w",
+    "special files": 'mkfifo pkg/fifo; mkdir locked && touch locked/x && chmod 0 locked; python3 -c "'
+    "import socket; s = socket.socket(socket.AF_UNIX); s.bind('sock')\"",
     "fill to the cap": "dd if=/dev/zero of=big bs=1M count=100 2>/dev/null; ls",
-    "a late writer": "echo now > now.txt; (sleep 0.5; echo late > late.txt) & setsid sh -c 'sleep 0.6; echo x > l2' &",
+    "a late writer": "echo now > now.txt; (sleep 0.5; echo late > late.txt) & "
+                     "setsid sh -c 'sleep 0.6; echo x > l2' &",
     "lock the root": "chmod 000 /testbed",
     "swap the tree": "cd / && mv /testbed/pkg /testbed/pkg2 && mkdir /testbed/pkg && echo 'VALUE = 2' > "
-                     "/testbed/pkg/__init__.py",
+    "/testbed/pkg/__init__.py",
 }
 
 
@@ -81,17 +92,44 @@ async def test_nothing_written_in_one_task_is_seen_by_the_next(pool: SandboxPool
 
 @session_loop
 async def test_a_writable_path_is_capped(pool: SandboxPool) -> None:
-    fill = ("import os\nn = 0\ntry:\n    with open('/testbed/fill', 'wb') as f:\n        while True:\n"
-            "            f.write(b'x' * (1 << 20)); f.flush(); n += 1\nexcept OSError as e:\n    print(n, e.errno)")
+    fill = (
+        "import os\nn = 0\ntry:\n    with open('/testbed/fill', 'wb') as f:\n        while True:\n"
+        "            f.write(b'x' * (1 << 20)); f.flush(); n += 1\n"
+        "except OSError as e:\n    print(n, e.errno)"
+    )
     result = await pool.run(ExecRequest(command=["python3", "-c", fill], memory_mb=256))
     mb, errno = result.stdout.split()
     assert 40 <= int(mb) <= 48 and errno == b"28", result.stdout  # ENOSPC at the 48 MB cap
     assert await probe(pool) == clean_view(pool)
 
 
-@pytest.mark.parametrize("path", ["/", "/proc", "/proc/self", "/sys/fs", "/dev", "/work", "/work/repo", "/tmp/x",
-                                  "/run", "/.codeworld", "/.codeworld/pristine/0", "testbed", "/testbed/",
-                                  "/a/../etc", "/a//b", "/a/./b", "/a,b", "/a:b", "/a b", "/a\x00b", "/a\nb", "/$HOME"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/proc",
+        "/proc/self",
+        "/sys/fs",
+        "/dev",
+        "/work",
+        "/work/repo",
+        "/tmp/x",
+        "/run",
+        "/.codeworld",
+        "/.codeworld/pristine/0",
+        "testbed",
+        "/testbed/",
+        "/a/../etc",
+        "/a//b",
+        "/a/./b",
+        "/a,b",
+        "/a:b",
+        "/a b",
+        "/a\x00b",
+        "/a\nb",
+        "/$HOME",
+    ],
+)
 def test_writable_paths_that_would_break_the_sandbox_are_refused(path: str) -> None:
     with pytest.raises(ValidationError):
         SandboxProfile(writable_paths=(path,))
