@@ -79,6 +79,8 @@ class ImageStore:
             entry["managed"] = bool(entry.get("managed")) or self.policy.manage
             if self.policy.budget_gb is not None:
                 self._evict(state, keep=image)
+        if self.policy.budget_gb is not None:
+            prune_pristine(self.client)  # images others removed leave their volumes behind
         return found.id
 
     def _fetch(self, image: str) -> docker.models.images.Image:
@@ -219,3 +221,18 @@ def remove_pristine(client: docker.DockerClient, image_id: str) -> None:
     for volume in client.volumes.list(filters={"label": f"{PRISTINE_LABEL}.image={image_id}"}):
         with contextlib.suppress(*_DOCKER_ERRORS):
             volume.remove(force=True)
+
+
+def prune_pristine(client: docker.DockerClient) -> int:
+    """Removes the content volumes of images no longer on this node (removed by anyone); one a
+    container still mounts stays. Returns how many went."""
+    gone = 0
+    for volume in client.volumes.list(filters={"label": PRISTINE_LABEL}):
+        image_id = (volume.attrs.get("Labels") or {}).get(f"{PRISTINE_LABEL}.image", "")
+        try:
+            client.images.get(image_id)
+        except docker.errors.ImageNotFound:
+            with contextlib.suppress(*_DOCKER_ERRORS):
+                volume.remove()
+                gone += 1
+    return gone

@@ -18,7 +18,7 @@ import pytest
 from sandbox_testkit import TEST_LIMITS
 
 from workers.sandbox import DEFAULT_IMAGE, ExecRequest, ImagePolicy, SandboxPool, SandboxUnavailable, Status
-from workers.sandbox.images import ImageStore, ImageUnavailable
+from workers.sandbox.images import ImageStore, ImageUnavailable, ensure_pristine
 
 session_loop = pytest.mark.asyncio(loop_scope="session")
 REGISTRY = shutil.which("docker-registry")
@@ -156,3 +156,18 @@ def test_an_unreachable_registry_is_an_error_naming_the_image(tmp_path: Path) ->
     store = ImageStore(docker.from_env(), ImagePolicy(pull=True, state_dir=str(tmp_path)))
     with pytest.raises(ImageUnavailable, match=f"image '{ref}' is not on this node and could not be pulled"):
         store.ensure(ref)
+
+
+def test_content_volumes_of_removed_images_are_pruned(registry: str, tmp_path: Path) -> None:
+    ref = _pushed(registry, "pruned", 1)
+    client = docker.from_env()
+    store = ImageStore(client, ImagePolicy(pull=True, manage=True, budget_gb=100, state_dir=str(tmp_path)))
+    image_id = store.ensure(ref)
+    (name,) = ensure_pristine(client, ref, image_id, ("/work",), tmp_path / "locks")
+    client.images.remove(ref)  # by someone else: the store never saw it go
+    assert client.volumes.get(name)
+    store.ensure(DEFAULT_IMAGE)
+    with pytest.raises(docker.errors.NotFound):
+        client.volumes.get(name)
+    client.close()
+
