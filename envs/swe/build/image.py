@@ -184,8 +184,8 @@ def _git_debs(client: docker.DockerClient, folder: Path) -> list[Path]:
 
 
 def ensure_swe_base(cache: Path, echo: Callable[[str], None] = print) -> str:
-    """The SWE base image's id, built (about 15 s) unless present: the sandbox image with git and
-    the activation script."""
+    """The SWE base image's id, built unless present: the sandbox image with git and the
+    activation script."""
     client = _client()
     try:
         return client.images.get(SWE_BASE).id

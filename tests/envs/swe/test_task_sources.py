@@ -215,3 +215,19 @@ async def test_a_swe_smith_episode_starts_from_the_bug(smith_image: str) -> None
     finally:
         await env.close()
     assert done.reward == 0.0 and done.info["diff"] == ""
+
+
+@session_loop
+async def test_an_episode_whose_image_cannot_be_had_gives_no_reward_naming_it() -> None:
+    """Pulled from a registry that is not there (a closed loopback port): no reward, never a 0."""
+    task = next(t for t in load_swe_tasks(LITE_DEV) if t.instance_id == "pydicom__pydicom-1256")
+    params = SWEParams(image_template="127.0.0.1:9/{name}")
+    env = SWEEnv(params)
+    await env.reset(swe_task_to_task(task, params))
+    try:
+        done = await env.step(Action(text="<tool: bash>\nls\n</tool>", token_ids=[1]))
+    finally:
+        await env.close()
+    assert done.done and done.reward is None
+    assert "127.0.0.1:9/sweb.eval.x86_64.pydicom_1776_pydicom-1256:latest" in done.info["error"]
+    assert "could not be pulled" in done.info["error"]
