@@ -24,8 +24,11 @@ an unchanged instance is never rebuilt). Image names follow the official harness
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import posixpath
 import re
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -47,7 +50,7 @@ from workers.sandbox.images import split_reference
 SWE_BASE = "codeworld-swe-base:py311"
 SANDBOX_BASE = "codeworld-sandbox:py311"
 RECIPE_LABEL = "codeworld.swe.recipe"
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 """Part of every recipe hash: bump it when what the builder puts in an image changes."""
 _GIT_ROOT_PACKAGES = ("git",)
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -115,22 +118,21 @@ def _in_container(
     client: docker.DockerClient,
     image: str,
     script: str,
-    mounts: dict[Path, str],
+    inputs: dict[Path, str],
     commit: tuple[str, list[str]] | None = None,
 ) -> str:
     """Runs `script` as root in a fresh container of `image` without network, the host folders
-    `mounts` read-only, and commits the result as `commit` (name, Dockerfile changes)."""
-    volumes = {str(host): {"bind": inside, "mode": "ro"} for host, inside in mounts.items()}
-    container = client.containers.run(
-        image,
-        ["sh", "-c", script],
-        detach=True,
-        network_mode="none",
-        user="0:0",
-        volumes=volumes,
-        working_dir="/",
+    `inputs` copied in first (and removed after the script), and commits the result as `commit`
+    (name, Dockerfile changes). Copied, not mounted: `docker commit` turns a mount into a VOLUME of
+    the image, and every container of it would then get anonymous volumes."""
+    cleanup = " ".join(shlex.quote(inside) for inside in inputs.values())
+    container = client.containers.create(
+        image, ["sh", "-c", f"{script}\nrm -rf {cleanup}"], network_mode="none", user="0:0", working_dir="/"
     )
     try:
+        for host, inside in inputs.items():
+            container.put_archive(posixpath.dirname(inside), _tar_of(host, posixpath.basename(inside)))
+        container.start()
         status = container.wait(timeout=900)["StatusCode"]
         logs = container.logs().decode(errors="replace")
         if status != 0:
@@ -140,7 +142,14 @@ def _in_container(
             container.commit(repository, tag, changes=commit[1])
         return logs
     finally:
-        container.remove(force=True)
+        container.remove(force=True, v=True)
+
+
+def _tar_of(folder: Path, name: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(folder, arcname=name)
+    return buffer.getvalue()
 
 
 def _git_debs(client: docker.DockerClient, folder: Path) -> list[Path]:
@@ -187,8 +196,12 @@ def ensure_swe_base(cache: Path, echo: Callable[[str], None] = print) -> str:
     """The SWE base image's id, built unless present: the sandbox image with git and the
     activation script."""
     client = _client()
+    parts = [BUILDER_VERSION, ACTIVATE, *_GIT_ROOT_PACKAGES]
+    recipe = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     try:
-        return client.images.get(SWE_BASE).id
+        found = client.images.get(SWE_BASE)
+        if found.labels.get(RECIPE_LABEL) == recipe:
+            return found.id
     except docker.errors.ImageNotFound:
         pass
     try:
@@ -209,7 +222,7 @@ def ensure_swe_base(cache: Path, echo: Callable[[str], None] = print) -> str:
             f"mkdir -p {CONDA_ROOT}/bin {CONDA_ROOT}/envs; cp /mnt/shim/activate {CONDA_ROOT}/bin/activate; "
             f"chmod 755 {CONDA_ROOT}/bin/activate; rm -rf /var/cache/apt/archives/*.deb; git --version"
         )
-        changes = [f"LABEL codeworld.swe.base.packages={','.join(names)}"]
+        changes = [f"LABEL codeworld.swe.base.packages={','.join(names)}", f"LABEL {RECIPE_LABEL}={recipe}"]
         logs = _in_container(
             client, SANDBOX_BASE, script, {debs: "/mnt/debs", shim: "/mnt/shim"}, (SWE_BASE, changes)
         )

@@ -129,6 +129,17 @@ async def test_a_conftest_that_fools_the_official_harness_scores_0_here(
     assert result.reward == 0.0 and result.dropped_paths == ["conftest.py"]
 
 
+async def test_built_images_declare_no_volumes(official_images) -> None:
+    """Built by committing containers: a mount of the build would be a VOLUME of the image, and
+    every sandbox of it would leave anonymous volumes behind."""
+    client = docker.from_env()
+    for image in official_images.values():
+        config = client.images.get(image).attrs["Config"]
+        assert not config.get("Volumes"), (image, config.get("Volumes"))
+        assert config["WorkingDir"] == "/testbed"
+    client.close()
+
+
 def act(text: str) -> Action:
     return Action(text=text, token_ids=[1, 2, 3])
 

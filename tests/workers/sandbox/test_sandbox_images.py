@@ -102,7 +102,10 @@ async def test_a_pool_pulls_its_image_on_demand(registry: str, tmp_path: Path) -
     async with SandboxPool("docker", image=ref, size=1, limits=TEST_LIMITS, images=policy) as pool:
         result = await pool.run(ExecRequest(command=["sh", "-c", "wc -c < /payload"]))
     assert result.status is Status.OK and result.stdout == b"1048576\n"
-    assert _present(ref) and ref in ImageStore(docker.from_env(), policy).last_used()
+    client = docker.from_env()
+    assert _present(ref) and ref in ImageStore(client, policy).last_used()
+    client.images.remove(ref)  # the registry's port is this module's: nothing else will use the name
+    client.close()
 
 
 @session_loop
