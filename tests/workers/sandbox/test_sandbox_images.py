@@ -4,9 +4,12 @@ record their use and evict the least recently used beyond a disk budget."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ import docker.errors
 import pytest
 from sandbox_testkit import TEST_LIMITS
 
+from envs.data import data_root
 from workers.sandbox import DEFAULT_IMAGE, ExecRequest, ImagePolicy, SandboxPool, SandboxUnavailable, Status
 from workers.sandbox.images import ImageStore, ImageUnavailable, ensure_pristine
 
@@ -174,3 +178,28 @@ def test_content_volumes_of_removed_images_are_pruned(registry: str, tmp_path: P
         client.volumes.get(name)
     client.close()
 
+
+
+def test_codeworld_swe_pull_fetches_a_task_files_images(registry: str, tmp_path: Path) -> None:
+    """`codeworld swe pull` with a template naming the loopback registry: the first run pulls, the
+    second finds the image present, an instance whose image the registry lacks fails by name."""
+    rows = json.loads((data_root() / "swebench_lite" / "dev.json").read_text())
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows
+                            if r["instance_id"] == "pydicom__pydicom-1256"))
+    ref = _pushed(registry, "pydicom_1776_pydicom-1256", 1)
+    env = {**os.environ, "CODEWORLD_CACHE": str(tmp_path / "cache")}
+
+    def pull(tag: str) -> subprocess.CompletedProcess[str]:
+        template = f"{registry}/codeworld-test/{{docker_id}}:{tag}"
+        argv = [str(Path(sys.executable).parent / "codeworld"), "swe", "pull", "--data", str(data),
+                "--image-template", template]
+        return subprocess.run(argv, capture_output=True, text=True, env=env)
+
+    first, second, missing = pull("1"), pull("1"), pull("2")
+    assert first.stdout.splitlines()[-1] == '{"images": 1, "present": 0, "pulled": 1, "failed": 0}', \
+        first.stderr
+    assert second.stdout.splitlines()[-1] == '{"images": 1, "present": 1, "pulled": 0, "failed": 0}'
+    assert missing.returncode == 1
+    assert f"{registry}/codeworld-test/pydicom_1776_pydicom-1256:2" in missing.stderr
+    docker.from_env().images.remove(ref)
