@@ -110,7 +110,8 @@ async def load_figures(backend: str, image: str, calls: int) -> tuple[Figures, i
         started = time.perf_counter()
         latencies = await asyncio.gather(*(once(i) for i in range(calls)))
         wall = time.perf_counter() - started
-        return Figures(f"load: {calls} at once, {backend}, 4 sandboxes", list(latencies), wall), pool.stats().sandbox_errors
+        figures = Figures(f"load: {calls} at once, {backend}, 4 sandboxes", list(latencies), wall)
+        return figures, pool.stats().sandbox_errors
 
 
 async def pool_figures(backend: str, label: str, image: str, runs: int) -> list[Figures]:

@@ -118,8 +118,8 @@ class Orchestrator:
                                                                  cfg.model_dump(mode="json")))
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                     num_cpus=None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, cfg.learner.world_size))
+            cpus = None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, cfg.learner.world_size)
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, num_cpus=cpus)
         url, self._private_redis = connect_or_start(cfg.bus.redis_url)
         self.bus = TrajectoryBus(url, cfg.run.name)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -126,7 +126,8 @@ class RolloutWorker:
             seed=sampling.seed, logprobs=0, stop_token_ids=sampling.stop_token_ids,
             output_kind=RequestOutputKind.DELTA,
         )
-        samples = [Generation(token_ids=[], logprobs=[], versions=[], finish_reason="length") for _ in range(sampling.n)]
+        samples = [Generation(token_ids=[], logprobs=[], versions=[], finish_reason="length")
+                   for _ in range(sampling.n)]
         request_id = f"r{next(self._ids)}"
         async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
             for delta in out.outputs:
