@@ -98,6 +98,10 @@ def demo_gain(work: Path, seeds: int) -> None:
     print(f"median gain {statistics.median(gains):.3f}, shuffled-reward gain {statistics.median(shuffled):.3f}")
 
 
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
 def staleness_table(work: Path, bounds: list[int], steps: int, seeds: int, seeded: set[int]) -> None:
     sft = sft_checkpoint(work, 0)
     common = [f"run.steps={steps}", "run.max_wall_s=3600", "eval.every=0"]
@@ -114,15 +118,13 @@ def staleness_table(work: Path, bounds: list[int], steps: int, seeds: int, seede
           f"| train reward, last 20 steps | held-out gain after {steps} steps (median; each run) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for bound, rs in results.items():
-        def med(key: str, rs: list[dict] = rs) -> float:
-            return statistics.median(r[key] for r in rs)
-
         gains = ", ".join(f"{r['gain']:+.3f}" for r in rs)
-        print(f"| {bound} | {len(rs)} | {med('s_per_step'):.2f} | {med('learner_idle'):.0%} | "
-              f"{med('staleness_seen'):.2f}, {max(r['max_staleness_seen'] for r in rs)} | {med('reward_last20'):.3f} | "
-              f"{med('gain'):+.3f} ({gains}) |")
+        print(f"| {bound} | {len(rs)} | {_median(rs, 's_per_step'):.2f} | {_median(rs, 'learner_idle'):.0%} | "
+              f"{_median(rs, 'staleness_seen'):.2f}, {max(r['max_staleness_seen'] for r in rs)} | "
+              f"{_median(rs, 'reward_last20'):.3f} | "
+              f"{_median(rs, 'gain'):+.3f} ({gains}) |")
     if 4 in results and 1 in results:
-        g4, g1 = (statistics.median(r["gain"] for r in results[b]) for b in (4, 1))
+        g4, g1 = (_median(results[b], "gain") for b in (4, 1))
         print(f"staleness 4 vs 1: gain {g4:.3f} vs {g1:.3f}")
 
 
