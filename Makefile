@@ -13,6 +13,7 @@ setup:
 services-test: setup
 	@bash deploy/setup/services.sh docker
 	@bash deploy/setup/services.sh chromium
+	@bash deploy/setup/services.sh registry
 	@$(CW) sandbox build-image --if-missing
 
 # Tiny model -> short supervised warm start -> async RL; see examples/demo.yaml.

@@ -70,6 +70,8 @@ def train(work: Path, name: str, sft: Path, seed: int, overrides: list[str]) -> 
     return {"name": name, "gain": gain, "before": summary["heldout_acc_before"], "after": summary["heldout_acc_after"],
             "steps": summary["steps"], "s_per_step": statistics.median(r["perf/step_s"] for r in steps),
             "staleness_seen": seen, "max_staleness_seen": max((a for a, _ in ages), default=0),
+            "learner_idle": statistics.median(r.get("perf/learner_idle", 0.0) for r in steps),
+            "reward_last20": statistics.mean(r["train/reward_mean"] for r in steps[-20:]),
             "wall_s": time.perf_counter() - started, "rows": rows}
 
 
@@ -95,15 +97,21 @@ def staleness_table(work: Path, bounds: list[int], steps: int, seeds: int, seede
         for seed in range(seeds if bound in seeded else 1):
             r = train(work, f"staleness{bound}-seed{seed}", sft, seed, [*common, f"algorithm.max_staleness={bound}"])
             results.setdefault(bound, []).append(r)
-            print(f"  bound {bound}, seed {seed}: gain {r['gain']:+.3f}, {r['s_per_step']:.2f} s/step, "
-                  f"staleness seen {r['staleness_seen']:.2f} (max {r['max_staleness_seen']})", flush=True)
-    print(f"\n| max_staleness | runs | s/step | staleness seen (mean, max) | held-out gain after {steps} steps |")
-    print("| --- | --- | --- | --- | --- |")
+            print(f"  bound {bound}, seed {seed}: gain {r['gain']:+.3f} ({r['before']:.3f} -> {r['after']:.3f}), "
+                  f"{r['s_per_step']:.2f} s/step, learner idle {r['learner_idle']:.0%}, "
+                  f"staleness seen {r['staleness_seen']:.2f} (max {r['max_staleness_seen']}), "
+                  f"train reward last 20 steps {r['reward_last20']:.3f}", flush=True)
+    print(f"\n| max_staleness | runs | s/step | learner idle | staleness seen (mean, max) "
+          f"| train reward, last 20 steps | held-out gain after {steps} steps (median; each run) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for bound, rs in results.items():
+        def med(key: str, rs: list[dict] = rs) -> float:
+            return statistics.median(r[key] for r in rs)
+
         gains = ", ".join(f"{r['gain']:+.3f}" for r in rs)
-        print(f"| {bound} | {len(rs)} | {statistics.median(r['s_per_step'] for r in rs):.2f} | "
-              f"{statistics.median(r['staleness_seen'] for r in rs):.2f}, {max(r['max_staleness_seen'] for r in rs)} | "
-              f"{statistics.median(r['gain'] for r in rs):+.3f} ({gains}) |")
+        print(f"| {bound} | {len(rs)} | {med('s_per_step'):.2f} | {med('learner_idle'):.0%} | "
+              f"{med('staleness_seen'):.2f}, {max(r['max_staleness_seen'] for r in rs)} | {med('reward_last20'):.3f} | "
+              f"{med('gain'):+.3f} ({gains}) |")
     if 4 in results and 1 in results:
         g4, g1 = (statistics.median(r["gain"] for r in results[b]) for b in (4, 1))
         print(f"staleness 4 vs 1: gain {g4:.3f} vs {g1:.3f}")

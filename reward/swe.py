@@ -27,9 +27,15 @@ from swebench.harness.constants import (
     TEST_EXIT_CODE,
     ResolvedStatus,
 )
-from swebench.harness.grading import get_eval_tests_report, get_logs_eval, get_resolution_status
+from swebench.harness.grading import (
+    get_eval_report,
+    get_eval_tests_report,
+    get_logs_eval,
+    get_resolution_status,
+)
 from swebench.types import TestSpec
 
+from envs.swe import official
 from envs.swe.diffs import PatchError, drop_paths, drop_protected, package_inits, shadowing_paths
 from envs.swe.task import SWETask
 from envs.swe.workspace import PolicyFault, SandboxFailure, SandboxSession, Workspace
@@ -73,6 +79,8 @@ class GradeResult(BaseModel):
     """Why there is no test verdict (diff does not apply, timeout, sandbox failure), else ''."""
     log_tail: str = ""
     """The last lines of the test output, for people reading a sample."""
+    log: str = Field(default="", exclude=True)
+    """The whole test output (for tests and debugging; left out of dumps, it can be megabytes)."""
     sandbox_s: float = 0.0
     """Seconds spent waiting on the sandbox."""
     total_s: float = 0.0
@@ -108,7 +116,8 @@ async def _grade(task: SWETask, diff: str, pool: SessionPool, timeout_s: float, 
             await workspace.test_environment()  # read while the tree is still the task's own
             kept, shadowing = await _drop_shadowing(workspace, kept)
             dropped += shadowing
-            verdict = await _apply_and_test(workspace, task, kept, timeout_s)
+            run = _apply_and_run_eval_script if task.image_resident() else _apply_and_test
+            verdict = await run(workspace, task, kept, timeout_s)
     except (SandboxFailure, SandboxError, SandboxUnavailable, PatchError) as err:
         # PatchError here: the task's own setup_patch does not apply, a broken task.
         return GradeResult(reward=None, dropped_paths=dropped, error=f"no verdict: {err}",
@@ -152,6 +161,58 @@ async def _apply_and_test(workspace: Workspace, task: SWETask, kept: str, timeou
     verdict = judge(task, run)
     verdict.applied = True
     return verdict
+
+
+async def _apply_and_run_eval_script(workspace: Workspace, task: SWETask, kept: str,
+                                     timeout_s: float) -> GradeResult:
+    """Official layout: apply the model's diff, then run the instance's SWE-bench evaluation
+    script (which resets the test files, applies the test patch and runs the tests) and let
+    swebench's report decide."""
+    workspace.policy_acted = True
+    try:
+        await workspace.apply(kept)
+    except (PatchError, PolicyFault) as err:
+        return GradeResult(reward=0.0, error=f"model diff: {err}", sandbox_s=workspace.sandbox_s)
+    try:
+        # The kept diff touches no trusted path, so only the task can make its test patch fail.
+        await workspace.check_applies(task.test_patch)
+    except PatchError as err:
+        return GradeResult(reward=None, applied=True,
+                           error=f"task {task.instance_id} is broken: its test_patch: {err}")
+    spec = official.test_spec(task, official.default_image(task))
+    try:
+        run = await workspace.run_script(spec.eval_script, timeout_s)
+    except PolicyFault as err:
+        return GradeResult(reward=0.0, applied=True, error=str(err))
+    verdict = judge_report(spec, run, kept)
+    verdict.applied = True
+    return verdict
+
+
+def judge_report(spec: TestSpec, run: ExecResult, diff: str) -> GradeResult:
+    """The verdict on one run of an evaluation script: swebench's own `get_eval_report` on its
+    log, as the official harness computes it."""
+    output = run.stdout.decode(errors="replace")
+    tail = "\n".join(output.splitlines()[-30:])
+    if run.status in (Status.TIMEOUT, Status.OOM, Status.OUTPUT_LIMIT):
+        return GradeResult(reward=0.0, error=f"tests ended as {run.status.value}", log_tail=tail, log=output)
+    prediction = {"instance_id": spec.instance_id, "model_patch": diff, "model_name_or_path": "codeworld"}
+    with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
+        f.write(output)
+        f.flush()
+        report = get_eval_report(spec, prediction, f.name, include_tests_status=True)[spec.instance_id]
+    if "tests_status" not in report:
+        # No parseable results (swebench's triage hint included): the policy's run, so 0 — a
+        # drop here would let a failing diff print an infrastructure signature to escape its 0.
+        why = f" ({report['infra_failure_reason']})" if report.get("infra_failure_reason") else ""
+        return GradeResult(reward=0.0, error=f"the test output holds no test results{why}", log_tail=tail,
+                           log=output)
+    tests = report["tests_status"]
+    outcome = {k: TestOutcome(passed=tests[k]["success"], failed=tests[k]["failure"])
+               for k in (FAIL_TO_PASS, PASS_TO_PASS)}
+    return GradeResult(reward=1.0 if report["resolved"] else 0.0, resolved=report["resolved"],
+                       fail_to_pass=outcome[FAIL_TO_PASS], pass_to_pass=outcome[PASS_TO_PASS], log_tail=tail,
+                       log=output)
 
 
 def judge(task: SWETask, run: ExecResult) -> GradeResult:

@@ -1,12 +1,18 @@
 """`GroupBuffer`: the staleness rule's one home — admission, the assembly of groups, their age.
 
 Invariants (unit-tested alone, in tests/rl/test_buffer.py):
-* Admission: a group may be admitted while `admitted − retired < (version + max_staleness + 1) ×
-  batch_size`, where `retired` counts groups that will never be trained (lost, too old, or replaced
-  under dynamic sampling). Each learner step trains `batch_size` groups and advances the version by
-  one, so every admitted group is accounted for once, by a version or by a retirement: groups in
-  flight or waiting never exceed `(max_staleness + 1) × batch_size`, the budget never leaks, and
-  with `max_staleness = 0` every token of batch v is sampled by weights v.
+* Admission, the hard bound: a group may be admitted while `admitted − retired < (version +
+  max_staleness + 1) × batch_size`, where `retired` counts groups that will never be trained (lost,
+  too old, or replaced under dynamic sampling). Each learner step trains `batch_size` groups and
+  advances the version by one, so every admitted group is accounted for once, by a version or by a
+  retirement: groups in flight or waiting never exceed `(max_staleness + 1) × batch_size`, the budget
+  never leaks, and with `max_staleness = 0` every token of batch v is sampled by weights v.
+* Admission, the look-ahead: within that bound, generation runs at most `lookahead` batches ahead
+  of the batch being trained, plus one group for each straggler (a group still generating after the
+  version it was admitted at has passed). When generation keeps up, a deeper pipeline buys no speed
+  and only ages the samples (measured: the learner, taking the oldest groups first, then trained on
+  samples as old as the bound, and learned less per step); the bound is for the slow groups of
+  long episodes, which must not stall the others.
 * Assembly: a group is complete when `group_size` of its trajectories (the number its episodes
   published) have arrived; groups are handed to the learner in the order they completed, so one
   slow episode never stalls the others.
@@ -50,6 +56,8 @@ class GroupBuffer:
     retirements: list[tuple[str, list[tuple[str, Trajectory]]]] = field(default_factory=list)
     """Complete groups retired since the caller last emptied this list: (reason, [(entry id,
     trajectory)]), for the ledger."""
+    _admitted_at: dict[int, int] = field(default_factory=dict)
+    """In-flight group index -> the version at its admission."""
     _partial: dict[str, list[tuple[str, Trajectory]]] = field(default_factory=dict)
     _missing: collections.Counter[str] = field(default_factory=collections.Counter)
     _ready: collections.deque[ReadyGroup] = field(default_factory=collections.deque)
@@ -58,19 +66,25 @@ class GroupBuffer:
     # ------------------------------------------------------------------ admission
     def can_admit(self) -> bool:
         a = self.algo
-        room = (self.version + a.max_staleness + 1) * a.batch_size
-        return self.admitted - self.retired < room and self.in_flight * a.group_size < self.max_concurrent_episodes
+        untrained = self.admitted - self.retired - self.version * a.batch_size
+        depth = min(a.max_staleness, a.lookahead) + 1
+        stragglers = sum(1 for v in self._admitted_at.values() if v < self.version)
+        return (untrained < (a.max_staleness + 1) * a.batch_size
+                and untrained < depth * a.batch_size + stragglers
+                and self.in_flight * a.group_size < self.max_concurrent_episodes)
 
     def admit(self) -> int:
         """Admit one group (call only when `can_admit`); returns its index."""
         index = self.admitted
         self.admitted += 1
         self.in_flight += 1
+        self._admitted_at[index] = self.version
         return index
 
-    def generated(self, published: int) -> None:
-        """A group's episodes ended; `published` of them reached the bus (0: the group is lost)."""
+    def generated(self, published: int, index: int | None = None) -> None:
+        """Group `index`'s episodes ended; `published` of them reached the bus (0: the group is lost)."""
         self.in_flight -= 1
+        self._admitted_at.pop(index, None)
         if not published:
             self._retire("lost")
 

@@ -315,7 +315,7 @@ class Orchestrator:
             self.ledger.dropped(ids, self.version + 1, lost)
             self.dropped[lost] += len(ids)
             async with self.admission:
-                self.buffer.generated(0)
+                self.buffer.generated(0, index)
                 self.admission.notify_all()
             return
         self.health.observe(slot.section.name, outcomes)
@@ -336,7 +336,7 @@ class Orchestrator:
             publish.add_done_callback(self.publishing.discard)
             await asyncio.shield(publish)
         async with self.admission:
-            self.buffer.generated(len(trajs))
+            self.buffer.generated(len(trajs), index)
             self.admission.notify_all()
 
     async def _episodes(self, slot: EnvSlot, task: Task, index: int, group_id: str) -> tuple[list[Any], str | None]:

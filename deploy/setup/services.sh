@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure the services codeworld needs are installed (and, for Docker, running).
-# Usage: services.sh redis | docker | chromium
+# Usage: services.sh redis | docker | chromium | registry
 set -euo pipefail
 
 need_root_or_say() {  # $1 = what is missing, $2 = the Debian package
@@ -53,9 +53,19 @@ ensure_chromium() {
   apt_install chromium
 }
 
+# A Docker registry the image tests run on a loopback port (tests/workers/sandbox/test_sandbox_images.py);
+# installed only: the tests start and stop their own.
+ensure_registry() {
+  command -v docker-registry >/dev/null && return 0
+  need_root_or_say "docker-registry (for the image tests)" "docker-registry"
+  echo "codeworld: installing docker-registry ..."
+  apt_install docker-registry
+}
+
 case "${1:-}" in
   redis) ensure_redis ;;
   docker) ensure_docker ;;
   chromium) ensure_chromium ;;
-  *) echo "usage: $0 redis|docker|chromium" >&2; exit 2 ;;
+  registry) ensure_registry ;;
+  *) echo "usage: $0 redis|docker|chromium|registry" >&2; exit 2 ;;
 esac

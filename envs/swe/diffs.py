@@ -330,3 +330,62 @@ def apply_diff(files: dict[str, bytes], diff: str, reverse: bool = False) -> dic
             # Reading through a link would read the host's files, not the repository's.
             raise PatchError("The diff creates a symbolic link, which is not supported.")
         return {p: (root / p).read_bytes() if (root / p).is_file() else None for p in touched}
+
+
+_HUNK = re.compile(r"^@@ -(\d+(?:,\d+)?) \+(\d+(?:,\d+)?) @@(.*)$")
+_SWAPPED_HEADERS = {"new file mode ": "deleted file mode ", "deleted file mode ": "new file mode "}
+
+
+def reverse_diff(diff: str) -> str:
+    """The diff that undoes `diff` (what `git apply --reverse` applies), written out: e.g. the fix
+    of a SWE-smith task, whose published patch is the bug. PatchError for a part that cannot be
+    undone as text (a copy, a binary part)."""
+    file_changes(diff)  # refuses what is not a plain, readable patch
+    out, lines, i = [], diff.splitlines(keepends=True), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("diff --git "):
+            old, new = _git_header_paths(line)
+            out.append(f"diff --git {new.replace('b/', 'a/', 1)} {old.replace('a/', 'b/', 1)}\n")
+        elif line.startswith(("copy from ", "copy to ", "GIT binary patch", "Binary files ")):
+            raise PatchError("The diff copies a file or has a binary part; it cannot be reversed as text.")
+        elif line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
+            old, new = line[4:].rstrip("\n"), lines[i + 1][4:].rstrip("\n")
+            out += [f"--- {_side(new, 'a/')}\n", f"+++ {_side(old, 'b/')}\n"]
+            i += 1
+        elif line.startswith(("old mode ", "rename from ")) and i + 1 < len(lines):
+            old_mode = line.startswith("old")
+            key_old, key_new = ("old mode ", "new mode ") if old_mode else ("rename from ", "rename to ")
+            out += [key_old + lines[i + 1][len(key_new):], key_new + line[len(key_old):]]
+            i += 1
+        elif line.startswith(tuple(_SWAPPED_HEADERS)):
+            head = next(h for h in _SWAPPED_HEADERS if line.startswith(h))
+            out.append(_SWAPPED_HEADERS[head] + line[len(head):])
+        elif line.startswith("index ") and ".." in line:
+            ids, _, mode = line[6:].rstrip("\n").partition(" ")
+            before, after = ids.split("..", 1)
+            out.append(f"index {after}..{before}{' ' + mode if mode else ''}\n")
+        elif (hunk := _HUNK.match(line.rstrip("\n"))) is not None:
+            out.append(f"@@ -{hunk.group(2)} +{hunk.group(1)} @@{hunk.group(3)}\n")
+        elif line[:1] in "+-" and not line.startswith(("+++ ", "--- ")):
+            out.append(("-" if line[0] == "+" else "+") + line[1:])
+        else:
+            out.append(line)
+        i += 1
+    return "".join(out)
+
+
+def _git_header_paths(line: str) -> tuple[str, str]:
+    rest = line[len("diff --git "):].rstrip("\n")
+    half = len(rest) // 2  # "a/X b/X": the paths are equal but for their prefixes (no rename here)
+    if rest[half:half + 1] == " " and rest[:half][2:] == rest[half + 1:][2:]:
+        return rest[:half], rest[half + 1:]
+    old, sep, new = rest.partition(" b/")
+    if not sep:
+        raise PatchError(f"The diff header {line.strip()[:200]!r} cannot be reversed.")
+    return old, "b/" + new
+
+
+def _side(path: str, prefix: str) -> str:
+    return path if path == "/dev/null" else prefix + path[2:]
+

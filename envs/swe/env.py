@@ -13,16 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from envs.base import Action, EnvParams, Environment, Message, Observation, StepResult, Task
 from envs.data import resolve
 from envs.registry import register_env
-from envs.swe.pools import require_isolation, shared_pool
-from envs.swe.task import SWETask, load_swe_tasks, official_image
+from envs.swe.official import check_template, image_for
+from envs.swe.pools import release_pool, require_isolation, shared_pool
+from envs.swe.task import Dataset, SWETask, load_swe_tasks
 from envs.swe.tools import TOOL_DOC, ToolCall, ToolFormatError, parse_tool_call
 from envs.swe.workspace import PolicyFault, SandboxFailure, Workspace
-from workers.sandbox import Isolation, SandboxError, SandboxUnavailable
+from workers.sandbox import ImagePolicy, Isolation, SandboxError, SandboxProfile, SandboxUnavailable
 
 MAX_TURNS = 200
 
@@ -62,13 +63,47 @@ class SWEParams(EnvParams):
     pool starts; on: the final step's info says `"isolation": "rlimit"`."""
     max_observation_chars: int = Field(default=8000, ge=200)
     """Tool output longer than this is cut (head and tail kept)."""
+    dataset: Dataset = "auto"
+    """The task file's published source: swe-bench (full, Lite, Verified, Multimodal), swe-gym,
+    swe-smith, or auto (SWE-smith rows are told by their `image_name`; name swe-gym)."""
+    image_template: str | None = None
+    """Official-layout tasks: the image name as a template of the published one, e.g.
+    `registry.local:5000/{image}` or `registry.local:5000/swe/{name}` ({instance_id} and
+    {docker_id} too); None: the published name (envs/swe/official.py)."""
+    writable_paths: tuple[str, ...] = ("/testbed",)
+    """Official-layout tasks: image paths writable per sandbox and restored on reset (add the
+    conda environment, `/opt/miniconda3/envs/testbed`, when an evaluation writes there)."""
+    writable_mb: int = Field(default=2048, ge=16)
+    """Size cap of each writable path (its bytes count against `memory_mb` too)."""
+    pull_images: bool = True
+    """Pull an official-layout task's image when this node lacks it (a missing image gives no
+    reward, with the image named)."""
+    image_budget_gb: float | None = Field(default=None, gt=0)
+    """Disk the SWE images of a node may take; the least recently used unused ones are removed
+    beyond it. None: no eviction."""
+
+
+    @field_validator("image_template")
+    @classmethod
+    def _check_template(cls, template: str | None) -> str | None:
+        return None if template is None else check_template(template, "params.image_template")
 
 
 def task_image(task: SWETask, params: SWEParams) -> str:
-    """The image a task runs in: its own, else the default (tarball tasks) or SWE-bench's."""
-    if task.image:
-        return task.image
-    return params.image if task.source is not None else official_image(task.instance_id)
+    """The image a task runs in: its own, else the default (tarball tasks) or its published
+    official-layout image under `params.image_template`."""
+    if task.source is not None:
+        return task.image or params.image
+    return image_for(task, params.image_template, "params.image_template")
+
+
+def task_pool_options(task: SWETask, params: SWEParams) -> tuple[SandboxProfile | None, ImagePolicy | None]:
+    """The sandbox profile and image policy of a task's pool: official-layout tasks get their
+    writable paths, pulled and managed images; tarball tasks the plain sandbox."""
+    if task.source is not None:
+        return None, None
+    profile = SandboxProfile(writable_paths=params.writable_paths, writable_mb=params.writable_mb)
+    return profile, ImagePolicy(pull=params.pull_images, manage=True, budget_gb=params.image_budget_gb)
 
 
 def swe_task_to_task(swe: SWETask, params: SWEParams) -> Task:
@@ -83,9 +118,10 @@ def swe_task_to_task(swe: SWETask, params: SWEParams) -> Task:
 def unavailable_message(task: SWETask, image: str, err: Exception) -> str:
     """Why a task's sandbox cannot start, naming what is missing."""
     if task.image_resident():
-        return (f"{task.instance_id} needs SWE-bench's image {image}, which this Docker engine does not have "
-                f"({err}); pull it where a registry is reachable, or stand an sdist in for the repository with "
-                "`codeworld swe from-sdist`.")
+        return (f"{task.instance_id} needs the image {image}, which this node does not have and could not "
+                f"get ({err}); pull it with `codeworld swe pull`, build a stand-in with `codeworld swe "
+                "build-image`, "
+                "or stand an sdist in for the repository with `codeworld swe from-sdist`.")
     return f"the sandbox for {task.instance_id} cannot start: {err}"
 
 
@@ -108,6 +144,9 @@ class SWEEnv(Environment):
         super().__init__(params)
         self.params: SWEParams = params
         self._stack = contextlib.AsyncExitStack()
+        """The episode's lease of its pool (released last) and its sandbox session."""
+        self._session = contextlib.AsyncExitStack()
+        """The episode's sandbox session (released before grading)."""
         self._workspace: Workspace | None = None
         self._broken = ""
         self.isolation: Isolation | None = None
@@ -117,16 +156,20 @@ class SWEEnv(Environment):
     @classmethod
     def load_tasks(cls, params: SWEParams, data: Path | None, split: str) -> Sequence[Task]:
         path = resolve(data, "swebench_lite/test.json" if split == "test" else "swebench_lite/dev.json")
-        return [swe_task_to_task(t, params) for t in load_swe_tasks(path)]
+        return [swe_task_to_task(t, params) for t in load_swe_tasks(path, params.dataset)]
 
     async def reset(self, task: Task) -> Observation:
         self.swe = SWETask.model_validate(task.hidden["swe"])
         try:
+            profile, images = task_pool_options(self.swe, self.params)
             self.pool = await shared_pool(self.params.backend, task_image(self.swe, self.params),
-                                          self.params.pool_size, self.params.local_isolation)
+                                          self.params.pool_size, self.params.local_isolation, profile, images,
+                                          lease=True)
+            self._stack.callback(release_pool, self.pool)
+            self._stack.push_async_exit(self._session)
             self.isolation = require_isolation(self.pool, self.params.allow_unisolated,
                                                "params.allow_unisolated")
-            box = await self._stack.enter_async_context(self.pool.session())
+            box = await self._session.enter_async_context(self.pool.session())
             self._workspace = Workspace(box, self.swe, self.params.memory_mb)
             await self._workspace.prepare()
             await self._workspace.snapshot()
@@ -176,7 +219,7 @@ class SWEEnv(Environment):
             reward = 0.0 if isinstance(err, PolicyFault) else None
             info["error"] = f"could not read the diff: {err}"
             return StepResult(done=True, reward=reward, info=info)
-        await self.close()
+        await self._session.aclose()  # the episode's sandbox goes back; the pool stays leased for grading
         from reward.swe import grade_swe  # swebench takes seconds to import; only grading needs it
 
         grade = await grade_swe(self.swe, diff, self.pool, timeout_s=self.params.test_timeout_s,

@@ -13,39 +13,83 @@ from __future__ import annotations
 import asyncio
 
 from envs.base import EnvConfigError
-from workers.sandbox import (ExecRequest, Isolation, PoolStats, SandboxLimits, SandboxPool, SandboxUnavailable,
-                             Status)
+from workers.sandbox import (ExecRequest, ImagePolicy, Isolation, PoolStats, SandboxLimits, SandboxPool,
+                             SandboxProfile, SandboxUnavailable, Status)
 
 SWE_WORK_MB = 2048
 """Size cap of the sandbox work dir: a repository, its dependencies and the episode's snapshot
 of it must fit (the bytes count against the memory limit, so small repositories cost little)."""
 
-_Key = tuple[asyncio.AbstractEventLoop, str, str, str | None]
+MAX_IDLE_POOLS = 8
+"""Pools of a loop kept warm beyond those in use: the least recently used idle one is closed when
+a new image needs a pool (SWE tasks come one image each; a warm pool pays while its task's group
+and grading reuse it)."""
+
+_Key = tuple[asyncio.AbstractEventLoop, str, str, str | None, SandboxProfile | None, ImagePolicy | None]
 _pools: dict[_Key, SandboxPool] = {}
 _starting: dict[_Key, asyncio.Task[SandboxPool]] = {}
 _isolation: dict[int, Isolation] = {}
+_used: dict[_Key, float] = {}
+_leases: dict[int, int] = {}
 
 
-async def shared_pool(backend: str, image: str, size: int, local_isolation: str | None = None) -> SandboxPool:
+async def shared_pool(backend: str, image: str, size: int, local_isolation: str | None = None,
+                      profile: SandboxProfile | None = None, images: ImagePolicy | None = None,
+                      lease: bool = False) -> SandboxPool:
     """This loop's warm pool for `image` on `backend`, started with `size` sandboxes if new
-    (`local_isolation`: the local backend's "bwrap" or "rlimit", None = the best available)."""
-    key = (asyncio.get_running_loop(), backend, image, local_isolation)
-    if key in _pools:
-        return _pools[key]
-    if key not in _starting:
-        # One start per key, however many episodes ask at once.
-        _starting[key] = asyncio.create_task(_start(backend, image, size, local_isolation))
-    try:
-        _pools[key] = await asyncio.shield(_starting[key])
-    finally:
-        _starting.pop(key, None)
-    return _pools[key]
+    (`local_isolation`: the local backend's "bwrap" or "rlimit", None = the best available;
+    `profile` and `images`: see `SandboxPool`). With `lease`, the caller holds the pool until
+    `release_pool`: a held pool is never closed to make room for another image's."""
+    loop = asyncio.get_running_loop()
+    key = (loop, backend, image, local_isolation, profile, images)
+    _used[key] = loop.time()
+    if key not in _pools:
+        if key not in _starting:
+            # One start per key, however many episodes ask at once.
+            start = _start(backend, image, size, local_isolation, profile, images)
+            _starting[key] = asyncio.create_task(start)
+            await _close_idle(loop)
+        try:
+            _pools[key] = await asyncio.shield(_starting[key])
+        finally:
+            _starting.pop(key, None)
+    pool = _pools[key]
+    if lease:
+        _leases[id(pool)] = _leases.get(id(pool), 0) + 1
+    return pool
 
 
-async def _start(backend: str, image: str, size: int, local_isolation: str | None) -> SandboxPool:
+def release_pool(pool: SandboxPool) -> None:
+    """Ends one lease of `shared_pool(..., lease=True)`."""
+    left = _leases.get(id(pool), 0) - 1
+    if left > 0:
+        _leases[id(pool)] = left
+    else:
+        _leases.pop(id(pool), None)
+
+
+async def _close_idle(loop: asyncio.AbstractEventLoop) -> None:
+    """Closes the least recently used idle pools of `loop` beyond MAX_IDLE_POOLS."""
+    idle = sorted((k for k, p in _pools.items() if k[0] is loop and id(p) not in _leases and _is_idle(p)),
+                  key=lambda k: _used.get(k, 0.0))
+    for key in idle[: max(0, len(idle) - MAX_IDLE_POOLS + 1)]:
+        pool = _pools.pop(key)
+        _isolation.pop(id(pool), None)
+        _used.pop(key, None)
+        await pool.close()
+
+
+def _is_idle(pool: SandboxPool) -> bool:
+    stats = pool.stats()
+    return stats.ready == stats.size and stats.waiting == 0
+
+
+async def _start(backend: str, image: str, size: int, local_isolation: str | None,
+                 profile: SandboxProfile | None, images: ImagePolicy | None) -> SandboxPool:
     pool = SandboxPool(backend=backend, image=image, size=size,  # type: ignore[arg-type]
                        limits=SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
-                       local_isolation=local_isolation)  # type: ignore[arg-type]
+                       local_isolation=local_isolation,  # type: ignore[arg-type]
+                       profile=profile, images=images)
     await pool.start()
     # What isolates the programs is reported on every result; a first run reads it before any
     # grading depends on it.
@@ -73,8 +117,7 @@ def require_isolation(pool: SandboxPool, allow_unisolated: bool, setting: str) -
 def shared_pool_stats() -> dict[str, PoolStats]:
     """Counters of this loop's shared pools by "<backend>-<image>" (for health metrics)."""
     loop = asyncio.get_running_loop()
-    return {f"{backend}-{image}": pool.stats() for (owner, backend, image), pool in _pools.items()
-            if owner is loop}
+    return {f"{key[1]}-{key[2]}": pool.stats() for key, pool in _pools.items() if key[0] is loop}
 
 
 async def close_shared_pools() -> None:
@@ -83,4 +126,5 @@ async def close_shared_pools() -> None:
     mine = [key for key in _pools if key[0] is loop]
     for key in mine:
         _isolation.pop(id(_pools[key]), None)
+        _used.pop(key, None)
     await asyncio.gather(*(_pools.pop(key).close() for key in mine))

@@ -10,10 +10,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from envs.data import read_records
-from envs.swe.diffs import normalize_trusted, touched_paths
+from envs.swe.diffs import PatchError, normalize_trusted, reverse_diff, touched_paths
 
 # How the test runner starts: the test environment's interpreter by its absolute path, with the
 # working folder taken off sys.path before pytest is imported (safe-path semantics, as `-P` gives
@@ -83,8 +85,19 @@ class SWETask(BaseModel):
     without any: it would reward every diff)."""
     PASS_TO_PASS: list[str]
     """Tests that pass at the base and must still pass after the fix."""
-    image: str | None = None
-    """Sandbox image for this task; None = the environment's default for its kind."""
+    image: str | None = Field(default=None, validation_alias=AliasChoices("image", "image_name"))
+    """Sandbox image for this task (SWE-smith rows: `image_name`); None = the default of its kind
+    (`official.default_image` for official-layout tasks)."""
+    dataset: Literal["swe-bench", "swe-gym", "swe-smith"] = "swe-bench"
+    """The published source of the row; says how its image is named when it names none."""
+    eval_script: str | None = None
+    """The row's own SWE-bench evaluation script (SWE-bench 5.x task repositories publish one);
+    None: written in SWE-bench's layout (`official.eval_script`). Official layout only."""
+    eval_type: Literal["pass_and_fail", "fail_only"] | None = None
+    """How SWE-bench scores the tests (`fail_only`: only failures count); None: by repository."""
+    setup_patch: str = ""
+    """Official layout: a diff applied to the image's repository before the episode and before
+    grading (a SWE-smith row's bug); never shown to the model."""
     source: SourceSpec | None = None
     """Base files to unpack; None = the repository is already in the image at `image_workdir`."""
     image_workdir: str = "/testbed"
@@ -153,25 +166,55 @@ class SWETask(BaseModel):
         return self.source is None
 
 
-def official_image(instance_id: str) -> str:
-    """The name of SWE-bench's prebuilt evaluation image of an instance (Docker Hub
-    `swebench/sweb.eval.x86_64.*`, where Docker Hub's naming forbids `__`)."""
-    return f"swebench/sweb.eval.x86_64.{instance_id.replace('__', '_1776_')}:latest".lower()
+Dataset = Literal["auto", "swe-bench", "swe-gym", "swe-smith"]
+"""A task file's published source; "auto": SWE-smith for rows with `image_name` and no
+`test_patch`, SWE-bench otherwise (SWE-Gym rows look like SWE-bench's: name them)."""
 
 
-def load_swe_tasks(path: Path) -> list[SWETask]:
-    """Read SWE tasks from a SWE-bench JSON array or a JSONL file; relative tarball paths are
-    made absolute against the file's folder. An error names the file and the record at fault."""
+def _from_swe_smith(row: dict[str, Any]) -> dict[str, Any]:
+    """A SWE-smith row as a task: its `patch` makes the bug, so it is the setup patch and its
+    reverse the gold fix; the files of its tests are trusted and are the ones run."""
+    row = dict(row)
+    try:
+        bug = str(row.get("patch") or "")
+        row["patch"] = reverse_diff(bug) if bug.strip() else ""
+    except PatchError as err:
+        raise ValueError(f"its patch cannot be reversed into a fix ({err})") from None
+    row["setup_patch"] = bug
+    tests: list[Any] = []
+    for key in ("FAIL_TO_PASS", "PASS_TO_PASS"):
+        value = SWETask._json_list(row.get(key, []))
+        tests += value if isinstance(value, list) else []  # anything else: the model's validation says so
+    files = list(dict.fromkeys(t.split("::", 1)[0] for t in tests if isinstance(t, str)))
+    row.setdefault("trusted_files", files)
+    return row
+
+
+def load_swe_tasks(path: Path, dataset: Dataset = "auto") -> list[SWETask]:
+    """Read SWE tasks from a JSON array or a JSONL file of SWE-bench (full, Lite, Verified,
+    Multimodal), SWE-Gym or SWE-smith rows, or of tasks codeworld built; relative tarball paths
+    are made absolute against the file's folder. Unknown fields are ignored; an error names the
+    file, the record and its instance id, and the field at fault."""
     if not path.is_file():
         raise FileNotFoundError(f"SWE task file {str(path)!r} does not exist.")
     tasks = []
     for index, row in enumerate(read_records(path)):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: record {index} is not a JSON object.")
+        instance_id = row.get("instance_id")
+        name = f"record {index}" + (f" ({instance_id})" if isinstance(instance_id, str) else "")
+        kind = dataset
+        if kind == "auto":
+            kind = "swe-smith" if row.get("image_name") and not row.get("test_patch") else "swe-bench"
         try:
-            task = SWETask.model_validate(row)
+            fields = _from_swe_smith(row) if kind == "swe-smith" else row
+            task = SWETask.model_validate({**fields, "dataset": kind})
         except ValidationError as err:
             first = err.errors()[0]
             field = ".".join(str(part) for part in first["loc"])
-            raise ValueError(f"{path}: record {index} is not a SWE task ({field}: {first['msg']}).") from None
+            raise ValueError(f"{path}: {name} is not a {kind} task ({field}: {first['msg']}).") from None
+        except ValueError as err:
+            raise ValueError(f"{path}: {name} is not a {kind} task: {err}.") from None
         if task.source is not None:
             src = task.source
             task.source = src.model_copy(update={

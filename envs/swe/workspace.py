@@ -234,6 +234,8 @@ class Workspace:
         """Put the base repository (and its dependencies) in place and set up the shell state."""
         self.root = (await self._checked(["pwd"], "pwd")).decode().strip()
         path = [f"{self._abs(STATE_DIR)}/bin"]
+        if self.task.image_resident() and self.task.setup_patch:
+            await self.apply(self.task.setup_patch)  # e.g. a SWE-smith task's bug
         if self.task.source is not None:
             await self._unpack(base_tree(self.task.source), REPO_DIR)
             if self.task.source.deps:
@@ -313,6 +315,21 @@ class Workspace:
         if errors:
             path, why = next(iter(errors.items()))
             raise PatchError(f"The diff cannot be written: {path}: {why}.")
+
+    async def check_applies(self, diff: str) -> None:
+        """PatchError unless `diff` applies to the repository as it is now (nothing is written)."""
+        if not diff.strip():
+            return
+        reads, _ = touched_paths(diff)
+        current = await self.read_files(reads)
+        apply_diff({p: d for p, d in current.items() if d is not None}, diff)
+
+    async def run_script(self, script: str, timeout_s: float) -> ExecResult:
+        """Run a bash script (an evaluation script) in a plain shell from the sandbox's root, its
+        stderr merged into its stdout as the official harness reads them."""
+        name = f"{STATE_DIR}/eval.sh"
+        return await self._exec(["bash", "-c", f"bash {shlex.quote(self._abs(name))} 2>&1"],
+                                files={name: script.encode()}, timeout_s=timeout_s)
 
     async def shell(self, command: str, timeout_s: float, limit_bytes: int = 1 << 20) -> ShellOutput:
         """Run `command` in the persistent shell; its output (stdout and stderr interleaved) is

@@ -21,7 +21,7 @@ def traj(group: str, version: int, reward: float, size: int) -> Trajectory:
 
 
 def publish(buf: GroupBuffer, index: int, version: int, rewards: list[float]) -> None:
-    buf.generated(len(rewards))
+    buf.generated(len(rewards), index)
     for i, r in enumerate(rewards):
         buf.add(f"{index}-{i}", traj(f"g{index}", version, r, len(rewards)))
 
@@ -108,7 +108,7 @@ def test_fifty_steps_with_slow_and_lost_groups_keep_the_budget(staleness: int) -
             version = running.pop(index)
             fate = rng.random()
             if fate < 0.1:
-                buf.generated(0)
+                buf.generated(0, index)
             else:
                 publish(buf, index, version, [1.0, 1.0] if fate < 0.5 else [0.0, 1.0])
             trained += buf.take(batch - len(trained))[0]
@@ -117,3 +117,36 @@ def test_fifty_steps_with_slow_and_lost_groups_keep_the_budget(staleness: int) -
             assert 0 <= age <= algo.effective_max_age and (staleness or age == 0)
         buf.advance(step + 1)
     assert buf.version == 50
+
+
+def test_generation_runs_one_batch_ahead_when_it_keeps_up_and_further_for_stragglers() -> None:
+    """Issue #15: filling the whole staleness budget bought no speed when generation kept up, and
+    the learner, taking the oldest groups first, then trained on samples as old as the bound."""
+    algo = AlgorithmSection(batch_size=2, group_size=2, max_staleness=4, lookahead=1)
+    buf = GroupBuffer(algo)
+    assert admit_all(buf) == [0, 1, 2, 3]  # the batch to train and the next one, not five batches
+    for i in range(4):
+        publish(buf, i, 0, [0.0, 1.0])
+    assert len(buf.take(2)[0]) == 2 and not buf.can_admit()  # one batch training, one ready
+    buf.advance(1)
+    assert admit_all(buf) == [4, 5]
+    publish(buf, 4, 1, [0.0, 1.0])  # group 5 straggles past the next version
+    assert len(buf.take(2)[0]) == 2
+    buf.advance(2)
+    # two batches untrained (4, 5 and three new), plus one because group 5 is a straggler
+    assert admit_all(buf) == [6, 7, 8]
+    deep = GroupBuffer(algo.model_copy(update={"lookahead": 4}))
+    assert len(admit_all(deep)) == 10  # lookahead up to the bound: the old behaviour
+
+
+def test_fast_generation_trains_samples_one_version_old_whatever_the_bound() -> None:
+    for staleness in (1, 4, 8):
+        buf = GroupBuffer(AlgorithmSection(batch_size=2, group_size=2, max_staleness=staleness))
+        ages = []
+        for step in range(20):
+            for index in admit_all(buf):  # generation keeps up: every admitted group completes at once
+                publish(buf, index, buf.version, [0.0, 1.0])
+            groups, _ = buf.take(2)
+            ages += [step - min(t.min_version for t in g) for g in groups]
+            buf.advance(step + 1)
+        assert max(ages) <= 1, (staleness, ages)

@@ -33,3 +33,23 @@ def test_a_set_takes_the_trained_environments_params_and_is_held_out_from_it() -
 def test_a_set_that_cannot_load_names_itself(sets: str, message: str) -> None:
     with pytest.raises((ConfigError, FileNotFoundError), match=message):
         evaluator(f"eval.sets={sets}")
+
+
+def test_an_unscored_episode_is_reported_beside_the_accuracy() -> None:
+    """Issue #9: the held-out accuracy was the mean over scored episodes only, with nothing saying
+    how many had no reward; now their count is reported with it."""
+    import numpy as np
+
+    from rl.evaluation import _figures
+    from rl.trajectory import Trajectory
+    from workers.episode import EpisodeOutcome
+
+    def scored(reward: float) -> EpisodeOutcome:
+        t = Trajectory(id="t", run_id="r", env="e", task_id="x", group_id="g", group_size=1,
+                       prompt_ids=np.array([1]), completion_ids=np.array([2]), loss_mask=np.array([1]),
+                       sampler_logprobs=np.array([0.0]), policy_versions=np.array([0]), reward=reward)
+        return EpisodeOutcome(trajectory=t)
+
+    unscored = EpisodeOutcome(trajectory=None, error="sandbox error", kind="env_reward_none")
+    figures = _figures("set", [[scored(1.0)], [scored(0.0)], [unscored], [scored(1.0)]], [], 0)
+    assert figures["eval/set/greedy"] == 2 / 3 and figures["eval/set/no_reward"] == 1.0

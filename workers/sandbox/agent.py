@@ -44,7 +44,7 @@ PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 CHUNK = 1 << 16
 LIBC = ctypes.CDLL(None, use_errno=True)
-tarfile = None  # imported by main() in the agent only: the zygote forks faster without it
+tarfile = shutil = None  # imported by main() in the agent only: the zygote forks faster without them
 
 
 def read_exact(fd, n):
@@ -276,8 +276,38 @@ def read_limits(pid):
         return None
 
 
+def fill_from(source, dest):
+    """Copies the image's tree at `source` (a read-only volume) into the empty directory `dest`:
+    directories, regular files and symbolic links (as links, never followed), permission bits and
+    times kept (no owner, no extended attributes); anything else (a FIFO, a device) is left out.
+    Runs as the programs' file-system uid, so what it makes is theirs to change, and only while no
+    program runs."""
+    with os.scandir(source) as entries:
+        for entry in entries:
+            target = os.path.join(dest, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)
+            elif entry.is_dir(follow_symlinks=False):
+                os.mkdir(target, 0o700)
+                fill_from(entry.path, target)
+            elif entry.is_file(follow_symlinks=False):
+                shutil.copyfile(entry.path, target, follow_symlinks=False)
+                keep_meta(entry.stat(follow_symlinks=False), target)
+    keep_meta(os.stat(source), dest)
+
+
+def keep_meta(st, path):
+    os.chmod(path, stat.S_IMODE(st.st_mode) & 0o1777)  # no setuid or setgid bit survives the copy
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def wipe_dir(root):
-    """Deletes everything below root without following symlinks, first making dirs writable."""
+    """Deletes everything below root without following symlinks, first making dirs writable
+    (the root too, where it is the programs': one of them may have locked it)."""
+    try:
+        os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) | 0o700)
+    except PermissionError:
+        pass  # not the programs' (/tmp is root's): none of them can have locked it
     stack, dirs = [root], []
     while stack:
         path = stack.pop()
@@ -522,6 +552,9 @@ class Agent:
         # effective ids carry the file-system uid (a plain access() checks as the real uid).
         self.wipe_roots = [r for r in config["wipe"]
                            if os.path.isdir(r) and os.access(r, os.W_OK, effective_ids=True)]
+        # (image content, writable path) pairs: each path is filled again after every wipe.
+        self.restore = [tuple(pair) for pair in config.get("restore", [])]
+        self.restore_all()
         self.oom_file = next((p for p in config.get("oom_files", []) if os.path.exists(p)), None)
         self.python = os.path.realpath(sys.executable)
         self.agent_pid, self.launcher_session = os.getpid(), os.getsid(0)
@@ -673,7 +706,17 @@ class Agent:
             except OSError:
                 clean = False
             clean = clean and not os.listdir(root)
+        if clean:
+            try:
+                self.restore_all()
+            except OSError:
+                clean = False
         return clean
+
+    def restore_all(self):
+        """Fills each writable path with the image's content (it is empty: new, or just wiped)."""
+        for source, dest in self.restore:
+            fill_from(source, dest)
 
     def clear_ipc(self):
         """Removes the programs' System V IPC objects; with a uid of their own, from a short-lived
@@ -995,11 +1038,12 @@ def decode_status(status):
 
 
 def main():
-    global tarfile
+    global shutil, tarfile
     role = sys.argv[1]
     if role == "zygote":
         zygote_main(int(sys.argv[2]))
-    import tarfile  # the agent's only import beyond the zygote's, made before any task arrives
+    import shutil  # noqa: F401 - the agent's only imports beyond the zygote's, made before any task arrives
+    import tarfile
     # Non-dumpable: a program running under the same uid cannot ptrace the agent or read its memory.
     LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     os.chdir("/")

@@ -14,7 +14,8 @@ import requests.exceptions
 
 from workers.sandbox.box import Box, SandboxBroken
 from workers.sandbox.channel import AGENT_ARGS, AgentChannel, ChannelClosed, TailBuffer
-from workers.sandbox.config import SandboxLimits
+from workers.sandbox.config import ImagePolicy, SandboxLimits, SandboxProfile
+from workers.sandbox.images import PRISTINE_ROOT, ImageStore, ImageUnavailable, ensure_pristine
 from workers.sandbox.models import Isolation
 from workers.sandbox.owner import Owner
 from workers.sandbox.reaper import LABEL, owner_labels, reap_containers
@@ -152,11 +153,16 @@ class DockerBox(Box):
 class DockerBackend:
     """Creates hardened containers of one image for one pool."""
 
-    def __init__(self, image: str, limits: SandboxLimits, owner: Owner, base_url: str | None = None) -> None:
+    def __init__(self, image: str, limits: SandboxLimits, owner: Owner, base_url: str | None = None,
+                 profile: SandboxProfile | None = None, images: ImagePolicy | None = None) -> None:
         self.image, self.limits, self.owner = image, limits, owner
         self.base_url = base_url
+        self.profile = profile or SandboxProfile()
+        self.images = images or ImagePolicy()
         self.client: docker.DockerClient | None = None
         self.memory_mb = 512
+        self.pristine: list[str] = []
+        """Per writable path, the volume holding the image's content there."""
 
     async def start(self) -> None:
         from workers.sandbox.pool import SandboxUnavailable
@@ -167,11 +173,15 @@ class DockerBackend:
         except Exception as exc:
             raise SandboxUnavailable(f"the Docker daemon is not reachable ({exc}); start dockerd or use "
                                      "backend='local'.") from exc
+        store = ImageStore(self.client, self.images)
         try:
-            await asyncio.to_thread(self.client.images.get, self.image)
-        except docker.errors.ImageNotFound as exc:
-            raise SandboxUnavailable(f"sandbox image {self.image!r} does not exist; build it with "
-                                     "`codeworld sandbox build-image`.") from exc
+            image_id = await asyncio.to_thread(store.ensure, self.image)
+        except ImageUnavailable as exc:
+            hint = "" if self.images.pull else "; build it with `codeworld sandbox build-image`"
+            raise SandboxUnavailable(f"sandbox image {self.image!r} does not exist{hint} ({exc})") from exc
+        if self.profile.writable_paths:
+            self.pristine = await asyncio.to_thread(ensure_pristine, self.client, self.image, image_id,
+                                                    self.profile.writable_paths, store.folder / "locks")
         await asyncio.to_thread(reap_containers, self.client, None)
 
     async def close(self) -> None:
@@ -186,6 +196,11 @@ class DockerBackend:
 
     def _container_kwargs(self) -> dict:
         lim, uid = self.limits, self.limits.workload_uid
+        # Each writable path: a tmpfs of its own, filled by the agent from a read-only volume.
+        writable = {path: f"size={self.profile.writable_mb}m,uid={uid},gid={uid},mode=0755,exec"
+                    for path in self.profile.writable_paths}
+        sources = {name: {"bind": f"{PRISTINE_ROOT}/{i}", "mode": "ro"}
+                   for i, name in enumerate(self.pristine)}
         return dict(
             image=self.image, command=["python3", "-I", "-c", KEEPALIVE], detach=True,
             user="0:0", network_mode="none", read_only=True,
@@ -193,7 +208,8 @@ class DockerBackend:
             pids_limit=lim.pids, mem_limit=f"{self.memory_mb}m", memswap_limit=f"{self.memory_mb}m",
             nano_cpus=int(lim.cpus * 1e9), shm_size=f"{lim.shm_mb}m", hostname="sandbox",
             tmpfs={"/work": f"size={lim.work_mb}m,uid={uid},gid={uid},mode=0700,exec",
-                   "/tmp": f"size={lim.tmp_mb}m,mode=1777,exec"},
+                   "/tmp": f"size={lim.tmp_mb}m,mode=1777,exec", **writable},
+            volumes=sources,
             labels={LABEL: "1", **owner_labels(self.owner)})
 
     async def create(self) -> DockerBox:
@@ -210,8 +226,10 @@ class DockerBackend:
         return DockerBox(channel, self.limits, self.client, container.id, self.memory_mb)
 
     async def _attach_agent(self, container_id: str) -> AgentChannel:
-        config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm", "/dev/mqueue"], "env": _ENV,
-                  "oom_files": _OOM_FILES, "program_uid": self.limits.workload_uid}
+        writable = list(self.profile.writable_paths)
+        config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm", "/dev/mqueue", *writable],
+                  "env": _ENV, "oom_files": _OOM_FILES, "program_uid": self.limits.workload_uid,
+                  "restore": [[f"{PRISTINE_ROOT}/{i}", path] for i, path in enumerate(writable)]}
         api = self.client.api
         exec_id = (await asyncio.to_thread(
             api.exec_create, container_id, ["python3", *AGENT_ARGS, json.dumps(config)],

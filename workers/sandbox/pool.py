@@ -10,7 +10,7 @@ import uuid
 from typing import AsyncIterator, Literal, Protocol
 
 from workers.sandbox.box import Box, SandboxBroken
-from workers.sandbox.config import SandboxLimits
+from workers.sandbox.config import ImagePolicy, SandboxLimits, SandboxProfile
 from workers.sandbox.models import ExecRequest, ExecResult, Isolation, PoolStats, Status
 from workers.sandbox.owner import Owner
 
@@ -65,7 +65,8 @@ class SandboxPool:
     def __init__(self, backend: Literal["docker", "local", "auto"] = "docker", image: str = DEFAULT_IMAGE,
                  size: int = 4, *, limits: SandboxLimits | None = None, max_waiting: int = 10_000,
                  acquire_timeout_s: float = 300.0, local_isolation: Literal["bwrap", "rlimit"] | None = None,
-                 docker_url: str | None = None) -> None:
+                 docker_url: str | None = None, profile: SandboxProfile | None = None,
+                 images: ImagePolicy | None = None) -> None:
         if backend not in ("docker", "local", "auto"):
             raise ValueError(f"sandbox backend {backend!r} is unknown; use 'docker', 'local' or 'auto'.")
         if size < 1:
@@ -74,6 +75,10 @@ class SandboxPool:
         self.limits = limits or SandboxLimits()
         self.max_waiting, self.acquire_timeout_s = max_waiting, acquire_timeout_s
         self._local_isolation, self._docker_url = local_isolation, docker_url
+        self.profile = profile or SandboxProfile()
+        """What the image's programs may write beyond the work dirs (Docker only)."""
+        self.images = images or ImagePolicy()
+        """How the image gets onto this node (Docker only): pulled or not, managed or not."""
         self.owner = Owner.current(uuid.uuid4().hex[:12])
         self._backend: Backend | None = None
         self._idle: collections.deque[Box] = collections.deque()
@@ -118,7 +123,12 @@ class SandboxPool:
         if self.backend_name == "docker":
             from workers.sandbox.docker_backend import DockerBackend
 
-            return DockerBackend(self.image, self.limits, self.owner, self._docker_url)
+            return DockerBackend(self.image, self.limits, self.owner, self._docker_url, self.profile,
+                                 self.images)
+        if self.profile.writable_paths:
+            paths = ", ".join(self.profile.writable_paths)
+            raise SandboxUnavailable(f"writable paths ({paths}) need the docker backend; the local backend "
+                                     "has no image to fill them from.")
         from workers.sandbox.local import LocalBackend
 
         return LocalBackend(self.limits, self.owner, self._local_isolation)

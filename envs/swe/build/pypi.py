@@ -87,6 +87,15 @@ def read_tree(tarball: Path, prefix: str = "") -> dict[str, bytes]:
     return tree
 
 
+def executable_paths(tarball: Path, prefix: str = "") -> set[str]:
+    """The regular files of `tarball` under `prefix` that are executable (scripts such as
+    Django's `tests/runtests.py`), by path relative to `prefix`."""
+    lead = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    with tarfile.open(tarball, "r:gz") as tar:
+        return {m.name.removeprefix("./")[len(lead):] for m in tar
+                if m.isfile() and m.mode & 0o111 and m.name.removeprefix("./").startswith(lead)}
+
+
 def sdist_prefix(tarball: Path) -> str:
     """The single top folder of an sdist (e.g. `toolz-1.2.0`)."""
     with tarfile.open(tarball, "r:gz") as tar:

@@ -14,15 +14,14 @@ from pathlib import Path
 
 from envs.swe.build.pypi import fetch_deps, fetch_sdist, read_tree, sdist_prefix
 from envs.swe.diffs import PatchError, apply_diff, touched_paths
-from envs.swe.task import SourceSpec, SWETask, official_image
+from envs.swe.official import default_image
+from envs.swe.task import SourceSpec, SWETask
 
 
-def from_sdist(task: SWETask, package: str, deps: list[str], cache: Path, out_dir: Path) -> SWETask:
-    """`task` with `source` set to the sdist of `package` (NAME==VERSION) copied into
-    `out_dir/sources`; ValueError naming the patch and file that do not match."""
-    sources = out_dir / "sources"
-    sources.mkdir(parents=True, exist_ok=True)
-    sdist = Path(shutil.copy2(fetch_sdist(package, cache), sources))
+def sdist_tree(task: SWETask, package: str, cache: Path) -> tuple[Path, dict[str, bytes]]:
+    """The sdist of `package` (NAME==VERSION) and its files, after checking that the task's gold
+    patch and test patch both apply to them; ValueError naming the patch and file that do not."""
+    sdist = fetch_sdist(package, cache)
     tree = read_tree(sdist, sdist_prefix(sdist))
     for name in ("patch", "test_patch"):
         diff = getattr(task, name)
@@ -33,9 +32,24 @@ def from_sdist(task: SWETask, package: str, deps: list[str], cache: Path, out_di
             raise ValueError(
                 f"The sdist of {package} is not the repository of {task.instance_id} at {task.base_commit[:12]}: "
                 f"its {name} does not apply ({err}); what is missing is the repository at that commit, or "
-                f"SWE-bench's image {official_image(task.instance_id)}."
+                f"SWE-bench's image {default_image(task)}."
             ) from None
+    return sdist, tree
+
+
+def import_roots(tree: dict[str, bytes]) -> list[str]:
+    """The repository folders its package imports from: `src` for a src layout, else the root."""
+    return ["src"] if any(p.startswith("src/") for p in tree) else ["."]
+
+
+def from_sdist(task: SWETask, package: str, deps: list[str], cache: Path, out_dir: Path) -> SWETask:
+    """`task` with `source` set to the sdist of `package` (NAME==VERSION) copied into
+    `out_dir/sources`; ValueError naming the patch and file that do not match."""
+    sources = out_dir / "sources"
+    sources.mkdir(parents=True, exist_ok=True)
+    found, tree = sdist_tree(task, package, cache)
+    sdist = Path(shutil.copy2(found, sources))
     bundle = Path(shutil.copy2(fetch_deps(deps, cache), sources)) if deps else None
     source = SourceSpec(tarball=str(sdist), prefix=sdist_prefix(sdist), deps=str(bundle) if bundle else None,
-                        pythonpath=["src"] if any(p.startswith("src/") for p in tree) else ["."])
+                        pythonpath=import_roots(tree))
     return task.model_copy(update={"source": source})

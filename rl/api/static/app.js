@@ -73,6 +73,14 @@ const SPECS = [
     re: /^train\/staleness\/(\d+)$/,
     stacked: true,
   },
+  // Off-policy health: how far the sampler's policy had drifted from the learner's, by staleness.
+  {tab: "training", key: "is-q", title: "Importance weights exp(prox − sampler): quantiles",
+   re: /^train\/is\/(p\d+)$/},
+  {tab: "training", key: "is-kl", title: "Sampler→learner KL per token, by staleness",
+   re: /^train\/is\/(all|age\d+)\/kl$/},
+  {tab: "training", key: "is-cap", title: "Tokens beyond the importance cap (truncated or masked)",
+   re: /^train\/is\/(all|age\d+)\/(above_cap|below_inverse_cap)$/, label: m => `${m[1]} ${m[2]}`},
+  {tab: "training", key: "by-age", title: "Train reward by staleness", re: /^train\/by_age\/(\d+)\/reward_mean$/},
   {tab: "training", key: "dropped", title: "Dropped per step, by reason", re: /^train\/dropped\/(.+)$/},
   {
     tab: "evaluation",

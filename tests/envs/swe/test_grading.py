@@ -30,12 +30,14 @@ def pytest_runtest_makereport(item, call):
 '''
 
 
-def stub_tests_diff(task: SWETask) -> str:
+def stub_tests_diff(task: SWETask, tree: dict[str, bytes] | None = None,
+                    test_files: list[str] | None = None) -> str:
     """A diff that empties the body of every FAIL_TO_PASS test (keeping decorators, so the test
-    ids stay the same): if applied, those tests would pass whatever the code does."""
-    tree = base_tree(task.source)
+    ids stay the same): if applied, those tests would pass whatever the code does. `tree`: the
+    files to start from (default: the task's base), `test_files`: where the tests are."""
+    tree = tree if tree is not None else base_tree(task.source)
     new = dict(tree)
-    for test_file in task.test_files:
+    for test_file in test_files if test_files is not None else task.test_files:
         source = tree[test_file].decode()
         lines = source.splitlines(keepends=True)
         names = {t.split("::")[-1].split("[")[0] for t in task.FAIL_TO_PASS if t.startswith(test_file + "::")}

@@ -44,10 +44,13 @@ async def test_no_change_leaves_the_instance_unresolved(marshmallow_task_file, s
 
 
 async def test_instance_without_its_image_names_the_missing_image(swe_cli):
-    run = swe_cli("swe", "grade", "--data", str(DEV), "--id", INSTANCE, "--gold", check=False)
+    """The image is looked for under a template that names a closed loopback port: not on this
+    node, and the pull fails at once (no traffic leaves the machine)."""
+    run = swe_cli("swe", "grade", "--data", str(DEV), "--id", INSTANCE, "--gold", "--image-template",
+                  "127.0.0.1:9/{name}", check=False)
     assert run.summary == {"n": 1, "passed": 0, "failed": 0, "errors": 1}
-    assert "swebench/sweb.eval.x86_64.marshmallow-code_1776_marshmallow-1359:latest" in run.proc.stderr
-    assert "codeworld swe from-sdist" in run.proc.stderr
+    assert "127.0.0.1:9/sweb.eval.x86_64.marshmallow-code_1776_marshmallow-1359:latest" in run.proc.stderr
+    assert "could not be pulled" in run.proc.stderr and "codeworld swe build-image" in run.proc.stderr
 
 
 async def test_sdist_that_is_not_the_repository_is_refused(tmp_path, swe_cli, swe_cache):

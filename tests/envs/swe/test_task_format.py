@@ -10,7 +10,8 @@ import pytest
 from envs.data import data_root
 from envs.swe.build.statement import failure_sections, write_statement
 from envs.swe.build.tasks import detect_layout, is_test_file
-from envs.swe.task import PYTEST, load_swe_tasks, official_image
+from envs.swe.official import default_image
+from envs.swe.task import PYTEST, load_swe_tasks
 
 LITE = data_root() / "swebench_lite"
 
@@ -38,7 +39,8 @@ def test_repository_specific_commands_and_parsers():
 
 
 def test_official_image_name_follows_docker_hub_naming():
-    assert official_image("django__django-15202") == "swebench/sweb.eval.x86_64.django_1776_django-15202:latest"
+    task = next(t for t in load_swe_tasks(LITE / "test.json") if t.instance_id == "django__django-15202")
+    assert default_image(task) == "swebench/sweb.eval.x86_64.django_1776_django-15202:latest"
 
 
 def test_a_bad_record_is_named(tmp_path):
@@ -47,7 +49,8 @@ def test_a_bad_record_is_named(tmp_path):
                                            json.dumps({"instance_id": "y", "repo": "r"})]]
     path = tmp_path / "tasks.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"tasks.jsonl: record 1 is not a SWE task \(problem_statement: Field required\)"):
+    message = r"tasks.jsonl: record 1 \(y\) is not a swe-bench task \(problem_statement: Field required\)"
+    with pytest.raises(ValueError, match=message):
         load_swe_tasks(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_swe_tasks(tmp_path / "missing.jsonl")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from sandbox_testkit import BACKENDS, TEST_LIMITS
+from sandbox_testkit import BACKENDS, make_pool
 
 from workers.sandbox import SandboxPool
 
@@ -13,5 +13,5 @@ from workers.sandbox import SandboxPool
 @pytest.fixture(scope="module", params=BACKENDS)
 async def pool(request: pytest.FixtureRequest) -> AsyncIterator[SandboxPool]:
     """Two warm sandboxes of one backend, shared by a module's tests."""
-    async with SandboxPool(backend=request.param, size=2, limits=TEST_LIMITS) as sandbox_pool:
+    async with make_pool(request.param) as sandbox_pool:
         yield sandbox_pool

@@ -12,7 +12,10 @@ from typing import Callable
 
 import pytest
 
-from sandbox_testkit import CLEAN_VIEW, host_fd_count, pool_containers, probe, sandbox_uid_processes
+from collections.abc import AsyncIterator
+
+from sandbox_testkit import (BACKENDS, WRITABLE, clean_view, host_fd_count, make_pool, pool_containers, probe,
+                             sandbox_uid_processes)
 from workers.sandbox import ExecRequest, ExecResult, SandboxPool, Status
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -71,7 +74,8 @@ CASES = [
          "        threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); n += 1\n"
          "except RuntimeError:\n    print(n)", Status.OK,
          lambda r: int(r.stdout) < 96 or pytest.fail(repr(r.stdout))),
-    Case("disk_fill", "import os\nfor d in ['/work', '/tmp', '/dev/shm', '/var/tmp', '/run', '/home', '/', '/dev/mqueue']:\n"
+    Case("disk_fill", "import os\nfor d in ['/work', '/tmp', '/dev/shm', '/var/tmp', '/run', '/home', '/',\n"
+         "          '/dev/mqueue', '/testbed', '/.codeworld/pristine/0']:\n"
          "    n = 0\n    try:\n        with open(os.path.join(d, 'fill'), 'wb') as f:\n"
          "            while n < (1 << 30):\n                f.write(b'x' * (1 << 20)); f.flush(); n += 1 << 20\n"
          "    except OSError as e:\n        pass\n    print(d, n >> 20)", Status.OK,
@@ -144,6 +148,13 @@ attempt("ptrace_launcher", lambda: libc.ptrace(16, os.getppid(), 0, 0))
 ]
 
 
+@pytest.fixture(scope="module", params=[*BACKENDS, WRITABLE])
+async def pool(request: pytest.FixtureRequest) -> AsyncIterator[SandboxPool]:
+    """Two warm sandboxes of one backend (here also Docker in the official SWE layout's profile)."""
+    async with make_pool(request.param) as sandbox_pool:
+        yield sandbox_pool
+
+
 @pytest.fixture(scope="module")
 def baseline(pool: SandboxPool) -> dict:
     """Host fds when the module's pool was fresh (checked again at the end)."""
@@ -162,7 +173,7 @@ async def test_hostile_case(pool: SandboxPool, baseline: dict, case: Case) -> No
         assert elapsed <= case.timeout_s + 0.5, elapsed
     await asyncio.sleep(case.probe_delay_s)
     views = await asyncio.gather(probe(pool), probe(pool))  # both sandboxes: whichever ran the case
-    assert views == [CLEAN_VIEW, CLEAN_VIEW]
+    assert views == [clean_view(pool), clean_view(pool)]
 
 
 async def test_fork_bomb_leaves_other_sandboxes_running(pool: SandboxPool) -> None:
@@ -175,7 +186,7 @@ async def test_fork_bomb_leaves_other_sandboxes_running(pool: SandboxPool) -> No
     result = await bomb_run
     assert result.status is Status.TIMEOUT
     assert others and all(r.status is Status.OK and r.stdout == b"42\n" for r in others), others
-    assert await probe(pool) == CLEAN_VIEW
+    assert await probe(pool) == clean_view(pool)
 
 
 async def test_symlinks_in_files_are_never_followed(pool: SandboxPool) -> None:
