@@ -308,6 +308,9 @@ class FaultsSection(Section):
 
     engine_call_s: float = Field(600, gt=0)
     """Longest one generate call may take before its engine counts as hung and is restarted."""
+    engine_start_s: float = Field(900, gt=0)
+    """Longest starting an engine (a restart: a new actor loading the model) may take before the
+    run stops resumably; far longer than one call, which is why it has its own deadline."""
     weight_push_s: float = Field(600, gt=0)
     """Longest pushing one version of the weights to the engines may take (an engine that does not
     load it in time is restarted on it)."""

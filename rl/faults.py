@@ -135,7 +135,7 @@ class EngineSupervisor:
             await self._stop(self.handles[i])
             try:
                 handle = self._start(self.configs[i])
-                await self.watchdog.guard(f"engine {i}: restart", self.faults.engine_call_s,
+                await self.watchdog.guard(f"engine {i}: restart", self.faults.engine_start_s,
                                           handle.get_version.remote())
                 if self.last_push is not None:
                     await self.watchdog.guard(f"engine {i}: weight push v{self.last_push.version} after restart",

@@ -54,6 +54,8 @@ class LedgerLine(BaseModel):
     """Why it was dropped (None when trained)."""
     entry: str | None = None
     """Its bus entry id, when it was published (samples without a reward never are)."""
+    env: str | None = None
+    """Its environment (None for samples adopted from a crashed launch and never read)."""
 
 
 class LedgerTotals(BaseModel):
@@ -83,6 +85,7 @@ class Ledger:
         self.totals = LedgerTotals()
         self._reasons: collections.Counter[str] = collections.Counter()
         self._open: dict[str, set[int]] = {}
+        self._env: dict[str, str] = {}  # group id -> environment, while open
         self._recent: list[tuple[int, str]] = []  # (step, id) decided since the last snapshot
         if resume_step is None:
             self.path.write_text("")
@@ -120,9 +123,11 @@ class Ledger:
             self._reasons[line.reason or ""] += 1
 
     # ------------------------------------------------------------------ generation
-    def open(self, group_id: str, size: int) -> list[str]:
-        """An admitted group of `size` samples; returns their ids."""
+    def open(self, group_id: str, size: int, env: str | None = None) -> list[str]:
+        """An admitted group of `size` samples of `env`; returns their ids."""
         self._open[group_id] = set(range(size))
+        if env is not None:
+            self._env[group_id] = env
         self.totals.generated += size
         return [sample_id(group_id, i) for i in range(size)]
 
@@ -135,6 +140,11 @@ class Ledger:
             if index not in members:
                 members.add(index)
                 self.totals.generated += 1
+
+    def note_env(self, group_id: str, env: str) -> None:
+        """The environment of an open group (learnt when its first trajectory is read)."""
+        if group_id in self._open:
+            self._env.setdefault(group_id, env)
 
     def is_open(self, sid: str) -> bool:
         group, index = split_id(sid)
@@ -159,9 +169,11 @@ class Ledger:
                 self.totals.refused += 1
                 continue
             members.discard(index)
+            env = self._env.get(group)
             if not members:
                 del self._open[group]
-            line = LedgerLine(id=sid, fate=fate, step=step, reason=reason, entry=(entries or {}).get(sid))
+                self._env.pop(group, None)
+            line = LedgerLine(id=sid, fate=fate, step=step, reason=reason, entry=(entries or {}).get(sid), env=env)
             self._file.write(line.model_dump_json() + "\n")
             self._count(line)
             self._recent.append((step, sid))

@@ -88,6 +88,9 @@ class RunSummary(BaseModel):
     bus_reconnects, hangs."""
     stopped: str | None = None
     """Why the run stopped before its last step and can be resumed (None: it finished)."""
+    bus_published: int | None = None
+    """Trajectories ever published on the lineage's stream, as Redis counts them (None: the run
+    stopped before the count was taken): every one has a line in the ledger."""
 
 
 class EnvSlot:
@@ -165,6 +168,7 @@ class Orchestrator:
         self.outstanding_max = 0  # most groups admitted and undecided at once, this step
         self.last_progress = time.monotonic()  # a trajectory read or a group finished
         self.last_record: dict[str, float] = {}
+        self.bus_published: int | None = None
         self._private_redis = None
 
     # ----------------------------------------------------------------- start / stop
@@ -284,10 +288,10 @@ class Orchestrator:
                 await self.admission.wait_for(self.buffer.can_admit)
                 index = self.buffer.admit()
                 group_id = self.launch.group_id(index)
-                self.ledger.open(group_id, self.cfg.algorithm.group_size)
+                slot = self.rng.choices(self.slots, weights)[0]
+                task = self.rng.choice(slot.tasks)
+                self.ledger.open(group_id, self.cfg.algorithm.group_size, slot.section.name)
                 self.outstanding_max = max(self.outstanding_max, self.ledger.open_group_count)
-            slot = self.rng.choices(self.slots, weights)[0]
-            task = self.rng.choice(slot.tasks)
             self.flights[group_id] = Flight(slot.section.name, task.id, self.version)
             self._spawn(self.run_group(slot, task, index, group_id))
 
@@ -400,6 +404,7 @@ class Orchestrator:
         for entry_id, traj in entries:
             if self.ledger.is_open(traj.id):
                 self.entry_of[traj.id] = entry_id
+                self.ledger.note_env(traj.group_id, traj.env)
                 self.buffer.add(entry_id, traj)
             else:
                 skip.append(entry_id)
@@ -540,7 +545,7 @@ class Orchestrator:
                              train_wall_s=train_wall, heldout_acc_before=before.get(greedy),
                              heldout_acc_after=after.get(greedy), eval_final=after, final_train_reward=last_reward,
                              dropped=dict(self.dropped), ledger=self.ledger.summary(), launch=self.launch,
-                             faults=self._fault_counts(), stopped=stopped)
+                             faults=self._fault_counts(), stopped=stopped, bus_published=self.bus_published)
         self.finish(summary)
         return summary
 
@@ -591,7 +596,7 @@ class Orchestrator:
 
     def _decide(self, step: int, flat: list[Trajectory], left_out: dict[str, str]) -> None:
         """The batch's fates in the ledger: trained by `step`, or left out of the loss."""
-        entries = {t.id: self.entry_of.pop(t.id, "") for t in flat}
+        entries = {t.id: self.entry_of.pop(t.id) for t in flat}
         self.ledger.trained([t.id for t in flat if t.id not in left_out], step, entries)
         for reason in set(left_out.values()):
             self.ledger.dropped([sid for sid, r in left_out.items() if r == reason], step, reason, entries)
@@ -702,6 +707,7 @@ class Orchestrator:
             await self.save_checkpoint(step)
         await self.bus.aack(self.unacked + [e.entry_id for e in entries])
         self.unacked = []
+        self.bus_published = await asyncio.to_thread(self.bus.published_total)
         await asyncio.to_thread(self.bus.delete)
 
     def state_dump(self) -> dict[str, Any]:
