@@ -35,21 +35,52 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 # `codeworld` with tests/e2e's environments registered (its conftest defines them).
-CODEWORLD = [sys.executable, "-c",
-             "import sys; sys.path.insert(0, 'tests/e2e'); import conftest; from rl.cli import app; app()"]
-COMMON = ["rollout.max_tokens=8", "rollout.max_model_len=128", "algorithm.group_size=2", "algorithm.batch_size=2",
-          "algorithm.max_staleness=1", "learner.lr=0.01", "eval.sets=[]", "checkpoint.every=2", "run.max_wall_s=null",
-          "logging.trackers=[]", "logging.progress=false", "logging.dashboard.enabled=false", "logging.plot=false",
-          "envs=[{name: test-reply-length}]"]
+CODEWORLD = [
+    sys.executable,
+    "-c",
+    "import sys; sys.path.insert(0, 'tests/e2e'); import conftest; from rl.cli import app; app()",
+]
+COMMON = [
+    "rollout.max_tokens=8",
+    "rollout.max_model_len=128",
+    "algorithm.group_size=2",
+    "algorithm.batch_size=2",
+    "algorithm.max_staleness=1",
+    "learner.lr=0.01",
+    "eval.sets=[]",
+    "checkpoint.every=2",
+    "run.max_wall_s=null",
+    "logging.trackers=[]",
+    "logging.progress=false",
+    "logging.dashboard.enabled=false",
+    "logging.plot=false",
+    "envs=[{name: test-reply-length}]",
+]
 DOCKERD_LOG = "/var/log/codeworld-dockerd.log"
 
 
-def launch(model: Path, run_dir: Path, steps: int, extra: list[str], log: Path, *flags: str) -> subprocess.Popen:
+def launch(
+    model: Path, run_dir: Path, steps: int, extra: list[str], log: Path, *flags: str
+) -> subprocess.Popen:
     with log.open("ab") as out:
-        return subprocess.Popen([*CODEWORLD, "train", "examples/demo.yaml", f"model.path={model}",
-                                 f"run.dir={run_dir}", f"run.name=recovery-{run_dir.name}", f"run.steps={steps}",
-                                 *COMMON, *extra, *flags], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        return subprocess.Popen(
+            [
+                *CODEWORLD,
+                "train",
+                "examples/demo.yaml",
+                f"model.path={model}",
+                f"run.dir={run_dir}",
+                f"run.name=recovery-{run_dir.name}",
+                f"run.steps={steps}",
+                *COMMON,
+                *extra,
+                *flags,
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
 
 def step_rows(run_dir: Path) -> list[dict]:
@@ -60,8 +91,9 @@ def step_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "train/version" in r]
 
 
-def wait_row(run_dir: Path, proc: subprocess.Popen, log: Path, ok: Callable[[dict], bool],
-             within_s: float = 900) -> dict:
+def wait_row(
+    run_dir: Path, proc: subprocess.Popen, log: Path, ok: Callable[[dict], bool], within_s: float = 900
+) -> dict:
     """The first learner-step row for which `ok` holds, waiting while the run lives."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
@@ -69,8 +101,10 @@ def wait_row(run_dir: Path, proc: subprocess.Popen, log: Path, ok: Callable[[dic
         if found:
             return found[0]
         if proc.poll() is not None:
-            sys.exit(f"bench/recovery.py: the run ended (exit {proc.returncode}) first; see {log}:\n"
-                     + "\n".join(log.read_text().splitlines()[-15:]))
+            sys.exit(
+                f"bench/recovery.py: the run ended (exit {proc.returncode}) first; see {log}:\n"
+                + "\n".join(log.read_text().splitlines()[-15:])
+            )
         time.sleep(0.1)
     sys.exit(f"bench/recovery.py: no such step within {within_s:.0f} s; see {log}")
 
@@ -115,9 +149,16 @@ FAULTS: dict[str, tuple[list[str], str | None]] = {
     "engine": ([], "VLLM::EngineCore"),
     "learner": (["learner.world_size=2"], "ray::LearnerRank"),
     "redis": ([], "redis-server"),
-    "dockerd": (["rollout.max_tokens=24", "rollout.max_model_len=1024", "algorithm.filter_zero_variance=false",
-                 "envs=[{name: test-reply-length}, {name: mbpp, params: {sandbox: {backend: docker, pool_size: 1}}}]"],
-                None),
+    "dockerd": (
+        [
+            "rollout.max_tokens=24",
+            "rollout.max_model_len=1024",
+            "algorithm.filter_zero_variance=false",
+            "envs=[{name: test-reply-length}, "
+            "{name: mbpp, params: {sandbox: {backend: docker, pool_size: 1}}}]",
+        ],
+        None,
+    ),
     "driver": ([], None),
 }
 
@@ -153,9 +194,15 @@ def one_fault(name: str, model: Path, work: Path, steps: int) -> dict:
     if code != 0:
         sys.exit(f"bench/recovery.py: the {name} run exited {code}; see {log}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"fault": name, "killed_after_step": killed_step, "next_step": row["step"],
-            "recovery_s": row["time"] - killed_at, "steps": summary["steps"], "faults": summary["faults"],
-            "ledger": summary["ledger"]}
+    return {
+        "fault": name,
+        "killed_after_step": killed_step,
+        "next_step": row["step"],
+        "recovery_s": row["time"] - killed_at,
+        "steps": summary["steps"],
+        "faults": summary["faults"],
+        "ledger": summary["ledger"],
+    }
 
 
 def main() -> None:
@@ -175,15 +222,20 @@ def main() -> None:
     for name in faults:
         r = one_fault(name, model, args.work, args.steps)
         results.append(r)
-        print(f"  {name}: killed after step {r['killed_after_step']}, next learner step ({r['next_step']}) "
-              f"{r['recovery_s']:.1f} s later; {r['steps']}/{args.steps} steps, faults {r['faults']}, "
-              f"ledger {r['ledger']['trained']} trained + {r['ledger']['dropped']} dropped of "
-              f"{r['ledger']['generated']}", flush=True)
+        print(
+            f"  {name}: killed after step {r['killed_after_step']}, next learner step ({r['next_step']}) "
+            f"{r['recovery_s']:.1f} s later; {r['steps']}/{args.steps} steps, faults {r['faults']}, "
+            f"ledger {r['ledger']['trained']} trained + {r['ledger']['dropped']} dropped of "
+            f"{r['ledger']['generated']}",
+            flush=True,
+        )
     print("\n| fault (SIGKILL) | killed after step | next learner step | seconds to it | run finished |")
     print("| --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['fault']} | {r['killed_after_step']} | {r['next_step']} | {r['recovery_s']:.1f} | "
-              f"{r['steps']}/{args.steps} steps |")
+        print(
+            f"| {r['fault']} | {r['killed_after_step']} | {r['next_step']} | {r['recovery_s']:.1f} | "
+            f"{r['steps']}/{args.steps} steps |"
+        )
 
 
 if __name__ == "__main__":

@@ -311,6 +311,9 @@ class FaultsSection(Section):
     engine_start_s: float = Field(900, gt=0)
     """Longest starting an engine (a restart: a new actor loading the model) may take before the
     run stops resumably; far longer than one call, which is why it has its own deadline."""
+    engine_poll_s: float = Field(5, gt=0)
+    """How often each engine is asked whether its vLLM core still lives; a dead one is restarted
+    at once, failing the calls that waited in it."""
     weight_push_s: float = Field(600, gt=0)
     """Longest pushing one version of the weights to the engines may take (an engine that does not
     load it in time is restarted on it)."""

@@ -5,7 +5,8 @@
   (`EngineDeadError`), whose actor died, or that hung is restarted — the old actor stopped or
   killed, a new one started with the same config and loaded with the last pushed weights — and
   the failed call raises `EngineFailed`, after which the orchestrator runs the group again or
-  drops it as lost. Pushes carry the `faults.weight_push_s` deadline per engine; an engine that
+  drops it as lost. `monitor` polls each engine's liveness, because a call waiting in vLLM when
+  its core dies may never return. Pushes carry the `faults.weight_push_s` deadline per engine; an engine that
   fails one is restarted onto those weights. Restarts beyond `faults.engine_restarts` stop the
   run resumably.
 * `supervise_redis` restarts the run's private redis-server (same port, same append-only file)
@@ -121,6 +122,20 @@ class EngineSupervisor:
                 await self.restart(i, epoch, why)
 
         await asyncio.gather(*(one(i) for i in range(len(self.handles))))
+
+    async def monitor(self) -> None:
+        """For as long as the run lasts: restart an engine whose vLLM core has died. Killing the
+        old actor fails every call still waiting in it, which its caller then retries or drops."""
+        while True:
+            await asyncio.sleep(self.faults.engine_poll_s)
+            for i, handle in enumerate(self.handles):
+                epoch = self.epoch[i]
+                try:
+                    dead = await asyncio.wait_for(handle.errored.remote(), self.faults.engine_poll_s)
+                except Exception:  # a busy or dead actor: the calls' own deadlines and errors decide
+                    continue
+                if dead and self.epoch[i] == epoch:
+                    await self.restart(i, epoch, "died (its vLLM core exited)")
 
     async def restart(self, i: int, epoch: int, why: str) -> None:
         """Replace engine `i` (unless another caller did since `epoch`), loaded with the last push."""

@@ -199,6 +199,7 @@ class Orchestrator:
                                    cfg.run.seed)
         self.supervisor = EngineSupervisor(engine_configs(cfg, model_dir), cfg.faults, self.watchdog)
         await self.supervisor.start()
+        self._service(self.supervisor.monitor())
         self.workers = self.supervisor.engines
         self.learner = await self._new_learner()
         self.weights_root = exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")

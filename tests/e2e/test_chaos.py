@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
-import pytest
 import torch
 
 from rl.config import Config, load_config
@@ -36,12 +35,29 @@ DOCKERD_LOG = "/var/log/codeworld-dockerd.log"
 
 
 def chaos_config(tmp_path: Path, model: str, name: str, steps: int, *extra: str) -> Config:
-    return load_config(None, [
-        f"run.name={name}", f"run.dir={tmp_path / 'run'}", f"run.steps={steps}", f"model.path={model}",
-        "rollout.max_tokens=8", "rollout.max_model_len=128", "algorithm.group_size=2", "algorithm.batch_size=2",
-        "algorithm.max_staleness=1", "learner.lr=0.01", "logging.trackers=[]", "logging.progress=false",
-        "logging.dashboard.enabled=false", "logging.plot=false", "envs=[{name: test-reply-length}]",
-        "eval.sets=[]", "checkpoint.every=2", *extra])
+    return load_config(
+        None,
+        [
+            f"run.name={name}",
+            f"run.dir={tmp_path / 'run'}",
+            f"run.steps={steps}",
+            f"model.path={model}",
+            "rollout.max_tokens=8",
+            "rollout.max_model_len=128",
+            "algorithm.group_size=2",
+            "algorithm.batch_size=2",
+            "algorithm.max_staleness=1",
+            "learner.lr=0.01",
+            "logging.trackers=[]",
+            "logging.progress=false",
+            "logging.dashboard.enabled=false",
+            "logging.plot=false",
+            "envs=[{name: test-reply-length}]",
+            "eval.sets=[]",
+            "checkpoint.every=2",
+            *extra,
+        ],
+    )
 
 
 def our_processes(marker: str, since: float, root: int | None = None) -> list[psutil.Process]:
@@ -68,7 +84,9 @@ async def step_reached(run_dir: Path, step: int, within_s: float = 900) -> None:
     raise TimeoutError(f"the run never reached step {step}")
 
 
-def run_with_fault(cfg: Config, fault: Callable[[], Awaitable[None]], resume: str | None = None) -> RunSummary:
+def run_with_fault(
+    cfg: Config, fault: Callable[[], Awaitable[None]], resume: str | None = None
+) -> RunSummary:
     async def both() -> RunSummary:
         killer = asyncio.ensure_future(fault())
         try:
@@ -84,8 +102,13 @@ def run_with_fault(cfg: Config, fault: Callable[[], Awaitable[None]], resume: st
 
 def print_recovery(fault: str, run_dir: Path, killed_at: float) -> None:
     """Seconds from the kill to the next learner step (bench/recovery.py measures the same)."""
-    row = next(r for r in read_rows(run_dir / "metrics.jsonl") if "train/version" in r and r["time"] > killed_at)
-    print(f"recovery [{fault}]: {row['time'] - killed_at:.1f} s from the kill to the next learner step ({row['step']})")
+    row = next(
+        r for r in read_rows(run_dir / "metrics.jsonl") if "train/version" in r and r["time"] > killed_at
+    )
+    print(
+        f"recovery [{fault}]: {row['time'] - killed_at:.1f} s from the kill "
+        f"to the next learner step ({row['step']})"
+    )
 
 
 def check_accounts(run_dir: Path, summary: RunSummary, steps: int) -> dict[str, int]:
@@ -94,7 +117,9 @@ def check_accounts(run_dir: Path, summary: RunSummary, steps: int) -> dict[str, 
     assert summary.steps == steps and summary.stopped is None, summary
     lines = read_ledger(run_dir / "ledger.jsonl")
     ids = collections.Counter(line.id for line in lines)
-    assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1][:5]  # one fate per id, so none trained twice
+    assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1][
+        :5
+    ]  # one fate per id, so none trained twice
     entries = [line.entry for line in lines if line.entry is not None]
     assert len(entries) == len(set(entries)) == summary.bus_published, (len(entries), summary.bus_published)
     t = summary.ledger
@@ -106,11 +131,12 @@ def check_accounts(run_dir: Path, summary: RunSummary, steps: int) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------- engines
-def test_engine_process_killed_mid_run_is_restarted(tmp_path: Path, tiny_model: str, redis_url: str,
-                                                    ray_session: None) -> None:
+def test_engine_process_killed_mid_run_is_restarted(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
     cfg = chaos_config(tmp_path, tiny_model, "chaos-engine", 6, f"bus.redis_url={redis_url}")
     began = time.time()
-    killed: list[int] = []
+    killed: list[float] = []
 
     async def kill_engine() -> None:
         await step_reached(cfg.run.dir, 2)
@@ -124,14 +150,22 @@ def test_engine_process_killed_mid_run_is_restarted(tmp_path: Path, tiny_model: 
     assert killed and summary.faults["engine_restarts"] >= 1, summary.faults
 
 
-def test_engine_that_stops_answering_is_named_dumped_and_restarted(tmp_path: Path, tiny_model: str, redis_url: str,
-                                                                   ray_session: None) -> None:
+def test_engine_that_stops_answering_is_named_dumped_and_restarted(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
     """SIGSTOP: the engine lives on, holding its requests and answering nothing. Whichever wait
     meets it first (a generate call, or the weight push after a step) is named with a state dump
     within its deadline, the engine is restarted, and the run finishes."""
     deadline = 30  # a fresh engine's first calls took over 8 s on the loaded 2-core test machine
-    cfg = chaos_config(tmp_path, tiny_model, "chaos-hang", 5, f"bus.redis_url={redis_url}",
-                       f"faults.engine_call_s={deadline}", f"faults.weight_push_s={deadline}")
+    cfg = chaos_config(
+        tmp_path,
+        tiny_model,
+        "chaos-hang",
+        5,
+        f"bus.redis_url={redis_url}",
+        f"faults.engine_call_s={deadline}",
+        f"faults.weight_push_s={deadline}",
+    )
     began = time.time()
     stopped: list[psutil.Process] = []
     stopped_at: list[float] = []
@@ -154,7 +188,9 @@ def test_engine_that_stops_answering_is_named_dumped_and_restarted(tmp_path: Pat
     dumps = sorted(cfg.run.dir.glob("hang-*.json"))
     assert dumps, "no state dump was written"
     dump = json.loads(dumps[0].read_text())
-    assert dump["what"] == "engine 0: generate" or dump["what"].startswith("engine 0: weight push v"), dump["what"]
+    assert dump["what"] == "engine 0: generate" or dump["what"].startswith("engine 0: weight push v"), dump[
+        "what"
+    ]
     assert dump["deadline_s"] == deadline
     waited = dump["time"] - stopped_at[0]
     assert waited <= deadline + 10, f"the hang was named {waited:.1f} s after the engine stopped"
@@ -166,12 +202,20 @@ def test_engine_that_stops_answering_is_named_dumped_and_restarted(tmp_path: Pat
 
 
 # ----------------------------------------------------------------------------------------- learner
-def test_learner_rank_killed_mid_run_is_rebuilt_from_the_last_checkpoint(tmp_path: Path, tiny_model: str,
-                                                                        redis_url: str, ray_session: None) -> None:
-    cfg = chaos_config(tmp_path, tiny_model, "chaos-learner", 6, f"bus.redis_url={redis_url}", "learner.world_size=2",
-                       "faults.learner_call_s=120")
+def test_learner_rank_killed_mid_run_is_rebuilt_from_the_last_checkpoint(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
+    cfg = chaos_config(
+        tmp_path,
+        tiny_model,
+        "chaos-learner",
+        6,
+        f"bus.redis_url={redis_url}",
+        "learner.world_size=2",
+        "faults.learner_call_s=120",
+    )
     began = time.time()
-    killed: list[int] = []
+    killed: list[float] = []
 
     async def kill_rank() -> None:
         await step_reached(cfg.run.dir, 3)  # one step past the checkpoint of step 2: it must be redone
@@ -187,22 +231,30 @@ def test_learner_rank_killed_mid_run_is_rebuilt_from_the_last_checkpoint(tmp_pat
 
 
 # ----------------------------------------------------------------------------------------- redis
-def test_private_redis_server_killed_mid_run_comes_back_on_its_append_only_file(tmp_path: Path, tiny_model: str,
-                                                                               ray_session: None) -> None:
+def test_private_redis_server_killed_mid_run_comes_back_on_its_append_only_file(
+    tmp_path: Path, tiny_model: str, ray_session: None
+) -> None:
     cfg = chaos_config(tmp_path, tiny_model, "chaos-redis", 6)  # no bus.redis_url: the run's own server
     began = time.time()
-    killed: list[int] = []
+    killed: list[float] = []
 
     async def kill_redis() -> None:
         await step_reached(cfg.run.dir, 2)
-        [server] = [p for p in our_processes("redis-server", began) if str(cfg.run.dir / "redis") in " ".join(p.cmdline())]
+        # redis-server rewrites its command line; its working directory is its `--dir`.
+        [server] = [
+            p
+            for p in our_processes("redis-server", began)
+            if p.cwd() == os.path.realpath(cfg.run.dir / "redis")
+        ]
         server.send_signal(signal.SIGKILL)
         killed.append(time.time())
 
     summary = run_with_fault(cfg, kill_redis)
     check_accounts(cfg.run.dir, summary, 6)
     print_recovery("redis-server", cfg.run.dir, killed[0])
-    assert killed and summary.faults["redis_restarts"] == 1 and summary.faults["bus_reconnects"] >= 1, summary.faults
+    assert killed and summary.faults["redis_restarts"] == 1 and summary.faults["bus_reconnects"] >= 1, (
+        summary.faults
+    )
 
 
 # ----------------------------------------------------------------------------------------- docker
@@ -229,11 +281,20 @@ def _restart_dockerd(old_pid: int) -> None:
         raise TimeoutError(f"dockerd did not come back within 90 s; see {DOCKERD_LOG}")
 
 
-def test_dockerd_killed_mid_run_gives_no_reward_not_zeros_and_the_pool_recovers(tmp_path: Path, tiny_model: str,
-                                                                               redis_url: str, ray_session: None) -> None:
-    cfg = chaos_config(tmp_path, tiny_model, "chaos-docker", 24, f"bus.redis_url={redis_url}",
-                       "rollout.max_tokens=24", "rollout.max_model_len=1024", "algorithm.filter_zero_variance=false",
-                       "envs=[{name: test-reply-length}, {name: mbpp, params: {sandbox: {backend: docker, pool_size: 1}}}]")
+def test_dockerd_killed_mid_run_gives_no_reward_not_zeros_and_the_pool_recovers(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
+    cfg = chaos_config(
+        tmp_path,
+        tiny_model,
+        "chaos-docker",
+        24,
+        f"bus.redis_url={redis_url}",
+        "rollout.max_tokens=24",
+        "rollout.max_model_len=1024",
+        "algorithm.filter_zero_variance=false",
+        "envs=[{name: test-reply-length}, {name: mbpp, params: {sandbox: {backend: docker, pool_size: 1}}}]",
+    )
     outage: list[float] = []
 
     async def kill_dockerd() -> None:
@@ -255,40 +316,60 @@ def test_dockerd_killed_mid_run_gives_no_reward_not_zeros_and_the_pool_recovers(
     code = [line for line in read_ledger(cfg.run.dir / "ledger.jsonl") if line.env == "mbpp"]
     # During the outage code samples lost their reward (an infrastructure failure), never scored 0.
     assert any((line.reason or "").startswith("no_reward:") for line in code), collections.Counter(
-        line.reason for line in code)
+        line.reason for line in code
+    )
     # After it the same pool graded code again: samples admitted once dockerd was back were trained.
     back = max(r["step"] for r in rows if r["time"] <= outage[1])
     assert any(line.fate == "trained" and line.step > back + 2 for line in code), (back, len(code))
 
 
 # ----------------------------------------------------------------------------------------- slow groups
-def test_slow_groups_keep_the_in_flight_budget_for_fifty_steps(tmp_path: Path, tiny_model: str, redis_url: str,
-                                                               ray_session: None) -> None:
+def test_slow_groups_keep_the_in_flight_budget_for_fifty_steps(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
     """Issue #11, defect 1, on a real run: groups that finish too late to be trained are dropped as
     stale; each must free its admission slot, or the budget shrinks until the loop waits forever."""
     staleness, batch = 1, 2
-    cfg = chaos_config(tmp_path, tiny_model, "chaos-slow", 50, f"bus.redis_url={redis_url}",
-                       "envs=[{name: test-slow-reply, params: {slow_s: 4.0}}]", "algorithm.max_age=1",
-                       f"algorithm.max_staleness={staleness}", f"algorithm.batch_size={batch}",
-                       "checkpoint.every=0", "faults.batch_wait_s=60")
+    cfg = chaos_config(
+        tmp_path,
+        tiny_model,
+        "chaos-slow",
+        50,
+        f"bus.redis_url={redis_url}",
+        "envs=[{name: test-slow-reply, params: {slow_s: 4.0}}]",
+        "algorithm.max_age=1",
+        f"algorithm.max_staleness={staleness}",
+        f"algorithm.batch_size={batch}",
+        "checkpoint.every=0",
+        "faults.batch_wait_s=60",
+    )
     summary = asyncio.run(run_training(cfg))
     reasons = check_accounts(cfg.run.dir, summary, 50)
     assert reasons.get("stale", 0) >= 2 * 5, reasons  # slow groups did go stale, again and again
-    budget = [r["buffer/outstanding_max"] for r in read_rows(cfg.run.dir / "metrics.jsonl") if "train/version" in r]
+    budget = [
+        r["buffer/outstanding_max"] for r in read_rows(cfg.run.dir / "metrics.jsonl") if "train/version" in r
+    ]
     assert budget == [(staleness + 1) * batch] * 50, budget
 
 
 # ----------------------------------------------------------------------------------------- the driver
 # `codeworld` with this folder's test environments registered (conftest defines them).
-CODEWORLD = ["-c", "import sys; sys.path.insert(0, 'tests/e2e'); import conftest; from rl.cli import app; app()"]
+CODEWORLD = [
+    "-c",
+    "import sys; sys.path.insert(0, 'tests/e2e'); import conftest; from rl.cli import app; app()",
+]
 
 
 def _driver(cfg_args: list[str], log: Path, *extra: str) -> subprocess.Popen:
     """`codeworld train` in its own process, its output in `log` (a pipe nobody reads would fill)."""
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, *CODEWORLD, "train", str(REPO / "examples/demo.yaml"), *cfg_args,
-                                 *extra], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        return subprocess.Popen(
+            [sys.executable, *CODEWORLD, "train", str(REPO / "examples/demo.yaml"), *cfg_args, *extra],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, log: Path, within_s: float = 900) -> None:
@@ -311,20 +392,39 @@ def _reap(proc: subprocess.Popen, tree: list[psutil.Process]) -> None:
             pass
 
 
-def test_driver_sigterm_then_sigkill_then_resume_trains_each_id_once_and_exactly(tmp_path: Path, tiny_model: str,
-                                                                                 ray_session: None) -> None:
+def test_driver_sigterm_then_sigkill_then_resume_trains_each_id_once_and_exactly(
+    tmp_path: Path, tiny_model: str, ray_session: None
+) -> None:
     """Launch 1 gets SIGTERM (checkpoint, exit 0), launch 2 (`--resume`) is SIGKILLed after a later
     checkpoint, launch 3 resumes and finishes. With max_staleness 0 and one rank, the final
     weights and optimizer state equal, bit for bit, a learner that trained the same batches
     without a stop; a learner that resumes the same checkpoint on two ranks lands within fp32
     tolerance of it."""
     steps = 6
-    args = [f"model.path={tiny_model}", f"run.dir={tmp_path / 'run'}", "run.name=chaos-driver", f"run.steps={steps}",
-            "eval.sets=[]", "algorithm.batch_size=2", "algorithm.group_size=2", "algorithm.max_staleness=0",
-            "rollout.max_tokens=8", "rollout.max_model_len=128", "envs=[{name: test-reply-length}]", "learner.lr=0.01",
-            "learner.warmup_steps=0", "learner.decay_steps=0", "checkpoint.every=1", "run.record_batches=true",
-            "logging.progress=false", "logging.trackers=[]", "logging.dashboard.enabled=false", "logging.plot=false",
-            "run.max_wall_s=null", "rollout.cpu_cores=null"]
+    args = [
+        f"model.path={tiny_model}",
+        f"run.dir={tmp_path / 'run'}",
+        "run.name=chaos-driver",
+        f"run.steps={steps}",
+        "eval.sets=[]",
+        "algorithm.batch_size=2",
+        "algorithm.group_size=2",
+        "algorithm.max_staleness=0",
+        "rollout.max_tokens=8",
+        "rollout.max_model_len=128",
+        "envs=[{name: test-reply-length}]",
+        "learner.lr=0.01",
+        "learner.warmup_steps=0",
+        "learner.decay_steps=0",
+        "checkpoint.every=1",
+        "run.record_batches=true",
+        "logging.progress=false",
+        "logging.trackers=[]",
+        "logging.dashboard.enabled=false",
+        "logging.plot=false",
+        "run.max_wall_s=null",
+        "rollout.cpu_cores=null",
+    ]
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
     # Launch 1: SIGTERM once step 2 is checkpointed.
@@ -354,8 +454,15 @@ def test_driver_sigterm_then_sigkill_then_resume_trains_each_id_once_and_exactly
     _compare_with_an_uninterrupted_learner(cfg, tiny_model, run_dir, steps)
 
 
-def _uninterrupted(cfg: Config, model: str, batches: list[list], world_size: int, start: Path | None,
-                   first_step: int, out: Path) -> None:
+def _uninterrupted(
+    cfg: Config,
+    model: str,
+    batches: list[list],
+    world_size: int,
+    start: Path | None,
+    first_step: int,
+    out: Path,
+) -> None:
     """A learner (Ray ranks, as the run uses) that trains `batches` one after the other, from the
     model or from checkpoint `start`, then saves a checkpoint to `out`."""
     from rl.learner import LearnerGroup
@@ -364,8 +471,9 @@ def _uninterrupted(cfg: Config, model: str, batches: list[list], world_size: int
     cfg = cfg.model_copy(deep=True)
     cfg.learner.world_size = world_size
     orc = Orchestrator(cfg)  # its `to_samples` turns groups into samples as the run did
-    learner = LearnerGroup(model, cfg.learner, cfg.algorithm, cfg.rollout.temperature, cfg.run.seed,
-                           cfg.rollout.max_tokens)
+    learner = LearnerGroup(
+        model, cfg.learner, cfg.algorithm, cfg.rollout.temperature, cfg.run.seed, cfg.rollout.max_tokens
+    )
     try:
         if start is not None:
             learner.load_checkpoint(start)
