@@ -140,7 +140,6 @@ def run_variant(opts: dict[str, Any], model_dir: Path, samples: list[Any], steps
     try:
         rank = LearnerRank(0, 1, free_port(), str(model_dir), cfg, AlgorithmSection(), 1.0, 0)
         lp = probe_logprobs(rank, samples, budget)
-        tokens = sum(int(s.loss_mask.sum()) for s in samples)
         losses, times = [], []
         if gpu:
             torch.cuda.reset_peak_memory_stats()

@@ -31,7 +31,9 @@ from rl.tiny_model import TinyModelSpec, init_tiny  # noqa: E402
 LARGE = TinyModelSpec(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=16, intermediate_size=3328)
 
 
-async def pipeline_tokens_per_s(model: str, groups: int, group_size: int, max_tokens: int) -> tuple[float, list[list[int]]]:
+async def pipeline_tokens_per_s(
+    model: str, groups: int, group_size: int, max_tokens: int
+) -> tuple[float, list[list[int]]]:
     """Run the generation side of the orchestrator until `groups` groups are on the bus."""
     from rl.orchestrator import Orchestrator
 
@@ -75,7 +77,8 @@ async def bare_tokens_per_s(model: str, prompts: list[list[int]], group_size: in
 
     async def one(i: int, prompt: list[int]) -> int:
         last = None
-        async for out in engine.generate({"prompt_token_ids": prompt}, params, f"b{i}"):
+        # `engine` is a closure cell that the `del` below empties after the last call.
+        async for out in engine.generate({"prompt_token_ids": prompt}, params, f"b{i}"):  # noqa: F821
             last = out
         return sum(len(o.token_ids) for o in last.outputs)
 

@@ -90,7 +90,7 @@ class MathEnv(BoxedAnswerEnv):
 
     @classmethod
     def load_tasks(cls, params: MathParams, data: Path | None, split: str) -> Sequence[Task]:
-        path = resolve(data, f"math500/test.jsonl")
+        path = resolve(data, "math500/test.jsonl")
         rows = read_records(path)[: params.limit]
         if not rows:
             raise ValueError(f"Dataset file {str(path)!r} has no rows.")

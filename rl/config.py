@@ -147,8 +147,9 @@ class AlgorithmSection(Section):
     @model_validator(mode="after")
     def _max_age_covers_the_bound(self) -> AlgorithmSection:
         if self.max_age is not None and self.max_age < self.max_staleness:
-            raise ValueError(f"max_age ({self.max_age}) is below max_staleness ({self.max_staleness}): groups the "
-                             "staleness bound admits would be dropped as too old; raise max_age or lower max_staleness.")
+            raise ValueError(f"max_age ({self.max_age}) is below max_staleness ({self.max_staleness}): groups "
+                             "the staleness bound admits would be dropped as too old; raise max_age or lower "
+                             "max_staleness.")
         return self
 
     @property

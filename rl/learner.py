@@ -255,7 +255,8 @@ def weigh(minibatch: Sequence[TrainSample], algo: AlgorithmSection, max_tokens: 
     """The minibatch's samples with their loss weights (`rl.loss.aggregation_weights`), which
     need the whole minibatch: ranks and micro-batches see parts of it."""
     counts = [int(s.loss_mask.sum()) for s in minibatch]
-    return [s.model_copy(update={"weight": w}) for s, w in zip(minibatch, aggregation_weights(counts, algo, max_tokens))]
+    weights = aggregation_weights(counts, algo, max_tokens)
+    return [s.model_copy(update={"weight": w}) for s, w in zip(minibatch, weights)]
 
 
 class StepStats(BaseModel):

@@ -189,8 +189,8 @@ class Orchestrator:
         self.watchdog = Watchdog(self.run_dir, self.state_dump)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                     num_cpus=None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, cfg.learner.world_size))
+            cpus = None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, cfg.learner.world_size)
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, num_cpus=cpus)
         self._start_bus(resumed is not None)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len,

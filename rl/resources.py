@@ -57,7 +57,7 @@ def describe(cfg: Config, gpu: bool) -> str:
     lines = [f"run {cfg.run.name!r}: model {cfg.model.path} ({n / 1e6:.2f} M params, {cfg.model.dtype}), "
              f"{cfg.run.steps} steps x {cfg.algorithm.batch_size} groups x {cfg.algorithm.group_size} samples, "
              f"max_staleness {cfg.algorithm.max_staleness}, loss {cfg.algorithm.loss}",
-             f"envs: " + ", ".join(f"{e.name} (weight {e.weight})" for e in cfg.envs),
+             "envs: " + ", ".join(f"{e.name} (weight {e.weight})" for e in cfg.envs),
              f"bus: {cfg.bus.redis_url or 'private redis-server started for the run'}",
              f"{'role':<42}{'count':>6}{'CPUs':>7}{'GPUs':>7}{'GiB each':>10}"]
     lines += [f"{r.role:<42}{r.count:>6}{r.cpus:>7g}{r.gpus:>7g}{r.memory_gib:>10.2f}" for r in rows]

@@ -107,7 +107,8 @@ def run_sft(cfg: SftConfig, model_dir: Path, out: Path, log=print) -> dict[str, 
     for step in range(1, cfg.max_steps + 1):
         ids, mask = _batch(rng.sample(train, cfg.batch_size), "cpu")
         logits = model(input_ids=ids).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         loss = (nll * mask.reshape(-1)).sum() / mask.sum()
         opt.zero_grad()
         loss.backward()

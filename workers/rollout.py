@@ -4,8 +4,10 @@ Token in, token out: `generate` takes prompt token ids and returns, for each sam
 token ids, the sampler's logprob of each sampled token and the policy version that produced each
 token. `update_weights` swaps weights while requests are in flight: pause (mode "keep") → reload
 from the pushed checkpoint → reset the prefix cache (cached prefixes hold old-weight KV; running
-requests are preempted and recompute theirs) → resume. Tokens sampled after the swap carry the
-new version, and are sampled from KV computed entirely by the new weights.
+requests are preempted and recompute theirs) → label the engine's weight version → resume. Each
+token carries the version the engine held when it sampled it (vLLM's weight-version spans), so
+tokens sampled after the swap carry the new version, and are sampled from KV computed entirely by
+the new weights.
 """
 
 from __future__ import annotations
@@ -130,18 +132,18 @@ class RolloutWorker:
             seed=sampling.seed, logprobs=0, stop_token_ids=sampling.stop_token_ids,
             output_kind=RequestOutputKind.DELTA,
         )
-        samples = [Generation(token_ids=[], logprobs=[], versions=[], finish_reason="length") for _ in range(sampling.n)]
+        samples = [Generation(token_ids=[], logprobs=[], versions=[], finish_reason="length")
+                   for _ in range(sampling.n)]
         request_id = f"r{next(self._ids)}"
         async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
             for delta in out.outputs:
                 sample = samples[delta.index]
-                # Tag tokens as they arrive: a weight swap between two deltas changes the version.
                 for tok, lp in zip(delta.token_ids, delta.logprobs or [], strict=True):
                     sample.token_ids.append(tok)
                     sample.logprobs.append(lp[tok].logprob)
-                    sample.versions.append(self.version)
                 if delta.finish_reason is not None:
                     sample.finish_reason = delta.finish_reason
+                    sample.versions = _token_versions(delta.weight_versions, len(sample.token_ids), request_id)
         return samples
 
     async def update_weights(self, push: WeightPush) -> float:
@@ -157,6 +159,9 @@ class RolloutWorker:
             # Preempting them frees their blocks; on resume they recompute under the new weights.
             if not await self.engine.reset_prefix_cache(reset_running_requests=True):
                 raise RuntimeError("vLLM refused to reset its prefix cache after a weight update.")
+            # The engine labels each step's outputs with this version as it produces them, so
+            # tokens sampled before the pause keep the old label however late they are read.
+            await self.engine.update_weight_version(str(push.version))
             self.version = push.version
         finally:
             await self.engine.resume_generation()
@@ -175,6 +180,24 @@ class RolloutWorker:
         defaults: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000,
                                     "runtime_env": {"env_vars": _engine_env(config)}}
         return ray.remote(cls).options(**(defaults | options)).remote(config)
+
+
+def _token_versions(spans: list[Any] | None, num_tokens: int, request_id: str) -> list[int]:
+    """Per-token policy versions from vLLM's weight-version spans (`CompletionOutput.weight_versions`).
+
+    The engine core stamps every step's outputs with the version it held while producing them
+    (versions change only while generation is paused), so a token produced under the old weights
+    but read after a swap keeps the old version. Tagging tokens with the worker's version as they
+    are *read* got this wrong whenever the reader lagged: vLLM merges unread deltas, and old and
+    new tokens arrived in one delta."""
+    if num_tokens == 0:
+        return []
+    if not spans or spans[0].start != 0 or spans[-1].end != num_tokens:
+        raise RuntimeError(f"vLLM returned weight-version spans {spans} that do not cover the {num_tokens} tokens "
+                           f"of request {request_id}; the rollout worker needs vLLM's per-token weight versions.")
+    # An engine never updated holds vLLM's initial label "default": the checkpoint it started from.
+    return [0 if span.version == "default" else int(span.version)
+            for span in spans for _ in range(span.end - span.start)]
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -89,7 +89,9 @@ def sft(
     from rl.sft import SftConfig, run_sft
 
     try:
-        tree = yaml.safe_load(config.read_text()) if config.is_file() else _fail(f"config {str(config)!r} does not exist.")
+        if not config.is_file():
+            _fail(f"config {str(config)!r} does not exist.")
+        tree = yaml.safe_load(config.read_text())
         for o in overrides or []:
             apply_override(tree, o)
         cfg = SftConfig.model_validate(tree)

@@ -80,7 +80,8 @@ def serve(
 
     token = token_file.read_text().strip() if token_file else os.environ.get("CODEWORLD_SANDBOX_TOKEN", "")
     if not token:
-        typer.echo("codeworld: set CODEWORLD_SANDBOX_TOKEN or pass --token-file; the service never runs open.", err=True)
+        typer.echo("codeworld: set CODEWORLD_SANDBOX_TOKEN or pass --token-file; the service never runs open.",
+                   err=True)
         raise typer.Exit(2)
     config = ServerConfig(backend=backend, image=image, size=size, token=token)
     uvicorn.run(create_app(config), host=host, port=port, log_level="info")

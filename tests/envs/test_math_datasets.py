@@ -37,7 +37,8 @@ def test_full_math_answer_is_the_last_boxed_of_the_solution() -> None:
     rows = [json.loads(line) for line in (data_root() / "math" / "test.jsonl").open()]
     nested = next(r for r in rows if "\\boxed{\\frac" in r["solution"])
     task = next(t for t in _tasks("math/test.jsonl") if t.id == nested["unique_id"])
-    assert task.hidden["answer"].startswith("\\frac{") and task.hidden["answer"].count("{") == task.hidden["answer"].count("}")
+    answer = task.hidden["answer"]
+    assert answer.startswith("\\frac{") and answer.count("{") == answer.count("}")
 
 
 def test_math500_is_a_subset_of_full_math_test() -> None:

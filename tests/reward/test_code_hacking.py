@@ -79,7 +79,8 @@ async def test_stdio_program_and_fake_markers(pool: SandboxPool) -> None:
 
 
 async def test_fraction_reward_and_time_limit(pool: SandboxPool) -> None:
-    program = "def add(a, b):\n    if a == 10:\n        while True:\n            pass\n    return a + b if a > 0 else 7\n"
+    program = ("def add(a, b):\n    if a == 10:\n        while True:\n            pass\n"
+               "    return a + b if a > 0 else 7\n")
     all_mode = await grade(pool, ADD_TESTS, program, LIMITS)
     fraction = await grade(pool, ADD_TESTS, program, LIMITS, reward_mode="fraction")
     assert all_mode.reward == 0.0

@@ -14,7 +14,7 @@ def test_group_advantages_normalised_by_population_std() -> None:
     assert group_advantages([1.0, 0.0, 0.0, 1.0], normalize_std=True) == pytest.approx([1, -1, -1, 1], abs=1e-5)
     # mean 1.5, population std sqrt(1.25)
     adv = group_advantages([0.0, 1.0, 2.0, 3.0], normalize_std=True)
-    assert adv == pytest.approx([-1.5 / math.sqrt(1.25), -0.5 / math.sqrt(1.25), 0.5 / math.sqrt(1.25), 1.5 / math.sqrt(1.25)], abs=1e-5)
+    assert adv == pytest.approx([d / math.sqrt(1.25) for d in (-1.5, -0.5, 0.5, 1.5)], abs=1e-5)
 
 
 def test_group_advantages_mean_only_and_constant_group() -> None:

@@ -165,7 +165,6 @@ def test_packed_step_on_two_gloo_ranks_equals_the_padded_step(ray_session: None,
 
 def test_activation_checkpointing_changes_nothing_but_memory(one_rank: LearnerRank, tiny_model: str) -> None:
     samples = mixed_samples(6, seed=2)
-    total = sum(int(s.loss_mask.sum()) for s in samples)
     plain = one_rank.train_step([weigh(samples, AlgorithmSection(), 1)])
     plain_weights = one_rank.full_state_dict()
     dist.destroy_process_group()

@@ -122,3 +122,51 @@ def test_engine_threads_bind_to_the_configured_cores(monkeypatch: pytest.MonkeyP
     assert _engine_env(EngineConfig(model_path="m", cpu_cores="1"))["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     every = _engine_env(EngineConfig(model_path="m"))["VLLM_CPU_OMP_THREADS_BIND"]
     assert every == f"0-{max(0, (os.cpu_count() or 1) - 1)}"
+
+
+def test_tokens_read_late_keep_the_version_that_sampled_them(learner, tiny_model: str, tmp_path: Path) -> None:
+    """A reader that lags behind the engine (an actor's event loop under load) reads deltas sampled
+    before a swap after it. Fault injected: the worker's reader sleeps before each read, so vLLM
+    merges the unread deltas and old and new tokens arrive together. Each token must still carry the
+    version whose weights sampled it: its logprob matches that version's weights."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.rollout import RolloutWorker
+
+    class LaggingReader(RolloutWorker):
+        def __init__(self, config: EngineConfig) -> None:
+            super().__init__(config)
+            read = self.engine.generate
+
+            async def lagging(*args, **kwargs):
+                async for out in read(*args, **kwargs):
+                    await asyncio.sleep(1.0)
+                    yield out
+
+            self.engine.generate = lagging
+
+    old_state = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    train_once(learner, np.random.default_rng(2))
+    push = learner.publish(tmp_path / "late", 5)
+    new_state = learner.full_state_dict()
+    worker = LaggingReader.remote_actor(EngineConfig(model_path=tiny_model, max_model_len=512))
+    try:
+        ray.get(worker.get_version.remote())
+
+        async def swap_midway() -> list:
+            pending = worker.generate.remote(PROMPT, Sampling(n=4, max_tokens=300))
+            await asyncio.sleep(1.5)
+            await worker.update_weights.remote(push)
+            return await pending
+
+        gens = asyncio.run(swap_midway())
+    finally:
+        ray.get(worker.shutdown.remote())
+        ray.kill(worker)
+    assert {v for g in gens for v in g.versions} == {0, 5}, "the swap must fall inside the generation"
+    for g in gens:
+        assert len(g.versions) == len(g.token_ids) and g.versions == sorted(g.versions)
+        for version, state in ((0, old_state), (5, new_state)):
+            at = [i for i, v in enumerate(g.versions) if v == version]
+            ref = reference_logprobs(state, tiny_model, PROMPT, g.token_ids)
+            assert np.max(np.abs(ref[at] - np.array(g.logprobs)[at]), initial=0.0) <= 1e-4, f"tokens tagged v{version}"

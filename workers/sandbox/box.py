@@ -149,7 +149,8 @@ class Box(abc.ABC):
         except asyncio.TimeoutError:
             self.dirty = True
             self.channel.close()
-            raise SandboxHung(f"the sandbox's agent did not answer a {header['op']} within {deadline_s:.0f} s") from None
+            raise SandboxHung(
+                f"the sandbox's agent did not answer a {header['op']} within {deadline_s:.0f} s") from None
         except ChannelClosed as exc:
             self.dirty = True
             raise SandboxBroken(str(exc), started=exc.sent) from exc

@@ -78,7 +78,8 @@ class BwrapLayout:
         if self.venv_dest:
             args += _dirs_to(self.venv_dest, bound) + ["--ro-bind", self.prefix, self.venv_dest]
         if self.oom_file is not None:
-            args += _dirs_to("/run/codeworld/cgroup", bound) + ["--ro-bind", str(self.oom_file.parent), "/run/codeworld/cgroup"]
+            args += _dirs_to("/run/codeworld/cgroup", bound)
+            args += ["--ro-bind", str(self.oom_file.parent), "/run/codeworld/cgroup"]
         return args
 
     def _scratch_mounts(self) -> list[str]:

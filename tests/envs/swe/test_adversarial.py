@@ -10,7 +10,7 @@ import pytest
 from test_grading import stub_tests_diff
 
 from envs.base import Action, EnvConfigError
-from envs.swe.diffs import file_diff, tree_diff
+from envs.swe.diffs import file_diff
 from envs.swe.env import SWEEnv, SWEParams, swe_task_to_task
 from envs.swe.task import SWETask
 from envs.swe.workspace import base_tree

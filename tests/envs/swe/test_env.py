@@ -75,7 +75,8 @@ async def test_scripted_agent_fixes_the_bug_and_scores_1(built_tasks):
         assert out.observation.messages[0].content.startswith(f"Edited {path}.")
         tests = " ".join(task.FAIL_TO_PASS)
         out = await env.step(bash(f"cd .. && python -m pytest -q -p no:cacheprovider {tests}"))
-        assert "passed" in out.observation.messages[0].content and "[exit code 0]" in out.observation.messages[0].content
+        content = out.observation.messages[0].content
+        assert "passed" in content and "[exit code 0]" in content
         done = await env.step(act("<tool: submit>\n</tool>"))
     finally:
         await env.close()

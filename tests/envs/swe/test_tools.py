@@ -19,7 +19,8 @@ def test_view_with_and_without_range():
 
 
 def test_edit_keeps_indentation_of_search_and_replace():
-    text = "<tool: edit>\na.py\n<<<<<<< SEARCH\n    if x < 1:\n        pass\n=======\n    if x <= 1:\n>>>>>>> REPLACE\n</tool>"
+    text = ("<tool: edit>\na.py\n<<<<<<< SEARCH\n    if x < 1:\n        pass\n=======\n    if x <= 1:\n"
+            ">>>>>>> REPLACE\n</tool>")
     call = parse_tool_call(text)
     assert call.search == "    if x < 1:\n        pass"
     assert call.text == "    if x <= 1:"

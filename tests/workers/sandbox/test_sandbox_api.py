@@ -15,7 +15,8 @@ import os, sys, pickle, dataclasses
 @dataclasses.dataclass
 class Point:
     x: int
-print(__name__, sys.argv[1:], sys.path[0] == (os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv[0] != "-c" else ""))
+here = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv[0] != "-c" else ""
+print(__name__, sys.argv[1:], sys.path[0] == here)
 print(pickle.loads(pickle.dumps(Point(3))), os.environ["GREETING"], os.getcwd())
 print(sys.stdin.read().upper(), end="")
 """
@@ -66,8 +67,8 @@ async def test_module_and_shell_and_shebang(pool: SandboxPool) -> None:
 
 
 async def test_workdir_and_cpu_time(pool: SandboxPool) -> None:
-    r = await pool.run(ExecRequest(command=["python3", "-c", "import os\nfor _ in range(3 * 10**6): pass\nprint(os.getcwd())"],
-                                   files={"deep/er/x.txt": b""}, workdir="deep/er"))
+    program = "import os\nfor _ in range(3 * 10**6): pass\nprint(os.getcwd())"
+    r = await pool.run(ExecRequest(command=["python3", "-c", program], files={"deep/er/x.txt": b""}, workdir="deep/er"))
     assert r.stdout == b"/work/deep/er\n" and r.cpu_s > 0.01, r
     missing = await pool.run(ExecRequest(command=["true"], workdir="nowhere"))
     assert missing.status is Status.RUNTIME_ERROR and "nowhere" in missing.error
@@ -83,7 +84,8 @@ async def test_memory_limit_follows_each_request(pool: SandboxPool) -> None:
 async def test_session_keeps_files_between_calls_and_is_reset_after(pool: SandboxPool) -> None:
     async with pool.session() as box:
         await box.put_files({"state/count.txt": b"1"})
-        r = await box.exec(ExecRequest(command=["sh", "-c", "echo $(( $(cat state/count.txt) + 1 )) > state/count.txt"]))
+        bump = "echo $(( $(cat state/count.txt) + 1 )) > state/count.txt"
+        r = await box.exec(ExecRequest(command=["sh", "-c", bump]))
         assert r.status is Status.OK
         r = await box.exec(ExecRequest(command=["sh", "-c", "sleep 100 & echo started"]))
         assert r.stdout == b"started\n"

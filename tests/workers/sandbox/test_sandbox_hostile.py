@@ -79,13 +79,14 @@ CASES = [
          "    n = 0\n    try:\n        with open(os.path.join(d, 'fill'), 'wb') as f:\n"
          "            while n < (1 << 30):\n                f.write(b'x' * (1 << 20)); f.flush(); n += 1 << 20\n"
          "    except OSError as e:\n        pass\n    print(d, n >> 20)", Status.OK,
-         lambda r: all(int(mb) <= 64 for _, mb in (l.split() for l in r.stdout.decode().splitlines()))
+         lambda r: all(int(mb) <= 64 for _, mb in (line.split() for line in r.stdout.decode().splitlines()))
          or pytest.fail(repr(r.stdout))),
     Case("setsid_orphan", "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1.0)\n"
          "    open('/work/late_orphan', 'w').write('x')\n    os._exit(0)\nprint('parent done')",
          Status.OK, probe_delay_s=1.5),
     Case("double_fork_daemon", "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-         "        time.sleep(1.0)\n        open('/tmp/late_daemon', 'w').write('x')\n        print('late', flush=True)\n"
+         "        time.sleep(1.0)\n        open('/tmp/late_daemon', 'w').write('x')\n"
+         "        print('late', flush=True)\n"
          "    os._exit(0)\nos.wait()\nprint('parent done')", Status.OK,
          lambda r: r.stdout == b"parent done\n" or pytest.fail(repr(r.stdout)), probe_delay_s=1.5),
     Case("stdout_50mb_one_write", "import sys; sys.stdout.buffer.write(b'x' * 50_000_000)", Status.OUTPUT_LIMIT,
@@ -104,7 +105,8 @@ attempt("tcp", lambda: socket.create_connection(("1.1.1.1", 80), timeout=1))
 attempt("dns", lambda: socket.getaddrinfo("pypi.org", 443))
 def udp():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
-    s.sendto(b"\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x03www\\x00\\x00\\x01\\x00\\x01", ("8.8.8.8", 53))
+    query = b"\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x03www\\x00\\x00\\x01\\x00\\x01"
+    s.sendto(query, ("8.8.8.8", 53))
     return s.recv(512)
 attempt("udp_dns", udp)
 attempt("ipv6", lambda: socket.create_connection(("2606:4700:4700::1111", 80), timeout=1))
@@ -142,8 +144,10 @@ attempt("ptrace_launcher", lambda: libc.ptrace(16, os.getppid(), 0, 0))
 """, Status.OK, blocked_lines),
     Case("sysv_ipc_leftover", "import ctypes\nlibc = ctypes.CDLL(None)\nshmid = libc.shmget(0, 4096, 0o1600)\n"
          "print(shmid >= 0)", Status.OK, lambda r: r.stdout == b"True\n" or pytest.fail(repr(r.stdout))),
-    Case("stdin_100mb", "import hashlib, sys\nd = sys.stdin.buffer.read()\nprint(len(d), hashlib.sha256(d).hexdigest())",
-         Status.OK, lambda r: r.stdout.split() == [b"104857600", hashlib.sha256(b"s" * (100 << 20)).hexdigest().encode()]
+    Case("stdin_100mb",
+         "import hashlib, sys\nd = sys.stdin.buffer.read()\nprint(len(d), hashlib.sha256(d).hexdigest())",
+         Status.OK,
+         lambda r: r.stdout.split() == [b"104857600", hashlib.sha256(b"s" * (100 << 20)).hexdigest().encode()]
          or pytest.fail(repr(r.stdout)), stdin=b"s" * (100 << 20), timeout_s=60),
 ]
 

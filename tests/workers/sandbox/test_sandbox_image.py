@@ -23,8 +23,8 @@ def test_default_image_comes_from_the_builder_with_python_and_pytest() -> None:
         image = client.images.get(DEFAULT_IMAGE)
         assert image.labels.get(IMAGE_LABEL) == "1"  # set by build-image (and the Dockerfile) only
         assert image.attrs["Config"]["WorkingDir"] == "/work"
-        out = client.containers.run(DEFAULT_IMAGE, ["sh", "-c", "id -u sandbox; stat -c %u /work; python3 -m pytest --version"],
-                                    remove=True, network_mode="none").decode()
+        probe = "id -u sandbox; stat -c %u /work; python3 -m pytest --version"
+        out = client.containers.run(DEFAULT_IMAGE, ["sh", "-c", probe], remove=True, network_mode="none").decode()
     finally:
         client.close()
     lines = out.splitlines()

@@ -37,8 +37,8 @@ async def test_http_service_runs_and_holds_sessions() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         async with SandboxClient(url, TOKEN) as client:
-            r = await client.run(ExecRequest(command=["python3", "-c", "import sys; sys.stdout.buffer.write(b'\\xff' + sys.stdin.buffer.read())"],
-                                             stdin=b"\x00bin"))
+            echo = "import sys; sys.stdout.buffer.write(b'\\xff' + sys.stdin.buffer.read())"
+            r = await client.run(ExecRequest(command=["python3", "-c", echo], stdin=b"\x00bin"))
             assert (r.status, r.stdout) == (Status.OK, b"\xff\x00bin")
             async with client.session() as box:
                 await box.put_files({"a.txt": b"one"})
