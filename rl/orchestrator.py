@@ -589,11 +589,13 @@ class Orchestrator:
         async with self.admission:  # admit the next groups only once the engines serve `step`
             self.buffer.advance(step)
             self.admission.notify_all()
-        await self._checkpoint_and_ack(step, ids)
         wall = time.perf_counter() - step_start
         record = _step_record(self, flat, stats, wait_s, sync_s, wall, time.perf_counter() - train_start,
                               (self.tokens_generated - tokens_before) / max(wall, 1e-9))
+        # The row goes out before the checkpoint: a checkpoint of step k must find row k written, or
+        # a crash between the two leaves the resumed run's curve without step k (seen in the chaos test).
         self.last_record = self.metrics.log(step, record)
+        await self._checkpoint_and_ack(step, ids)
         return self.last_record
 
     def _decide(self, step: int, flat: list[Trajectory], left_out: dict[str, str]) -> None:
