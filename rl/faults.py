@@ -84,7 +84,8 @@ class EngineSupervisor:
 
     def state(self) -> list[dict[str, Any]]:
         """Per engine: queue depth and restarts (for state dumps and metrics)."""
-        return [{"engine": i, "queue_depth": self.depth[i], "restarts": self.epoch[i]} for i in range(len(self.configs))]
+        return [{"engine": i, "queue_depth": self.depth[i], "restarts": self.epoch[i]}
+                for i in range(len(self.configs))]
 
     async def generate(self, i: int, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:
         epoch = self.epoch[i]
@@ -111,7 +112,8 @@ class EngineSupervisor:
         async def one(i: int) -> None:
             epoch = self.epoch[i]
             try:
-                await self.watchdog.guard(f"engine {i}: weight push v{push.version}", self.faults.weight_push_s,
+                await self.watchdog.guard(f"engine {i}: weight push v{push.version}",
+                                          self.faults.weight_push_s,
                                           self.handles[i].update_weights.remote(push))
             except Hang as hang:
                 await self.restart(i, epoch, f"hung loading weights ({hang})")
@@ -153,14 +155,16 @@ class EngineSupervisor:
                 await self.watchdog.guard(f"engine {i}: restart", self.faults.engine_start_s,
                                           handle.get_version.remote())
                 if self.last_push is not None:
-                    await self.watchdog.guard(f"engine {i}: weight push v{self.last_push.version} after restart",
-                                              self.faults.weight_push_s, handle.update_weights.remote(self.last_push))
+                    what = f"engine {i}: weight push v{self.last_push.version} after restart"
+                    await self.watchdog.guard(what, self.faults.weight_push_s,
+                                              handle.update_weights.remote(self.last_push))
             except Exception as exc:
                 raise StopResumable(f"engine {i} {why}, and its restart failed: {type(exc).__name__}: "
                                     f"{' '.join(str(exc).split())[:300]}") from None
             self.handles[i] = handle
             self.epoch[i] += 1
-            log.warning("engine %d restarted, serving v%s", i, self.last_push.version if self.last_push else 0)
+            log.warning("engine %d restarted, serving v%s", i,
+                        self.last_push.version if self.last_push else 0)
 
     @staticmethod
     async def _stop(handle: Any) -> None:

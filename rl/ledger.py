@@ -173,7 +173,8 @@ class Ledger:
             if not members:
                 del self._open[group]
                 self._env.pop(group, None)
-            line = LedgerLine(id=sid, fate=fate, step=step, reason=reason, entry=(entries or {}).get(sid), env=env)
+            line = LedgerLine(id=sid, fate=fate, step=step, reason=reason, entry=(entries or {}).get(sid),
+                              env=env)
             self._file.write(line.model_dump_json() + "\n")
             self._count(line)
             self._recent.append((step, sid))
@@ -203,7 +204,8 @@ class Ledger:
     def summary(self) -> LedgerTotals:
         """The totals as of now."""
         open_count = sum(len(m) for m in self._open.values())
-        return self.totals.model_copy(update={"open": open_count, "by_reason": dict(sorted(self._reasons.items()))})
+        return self.totals.model_copy(update={"open": open_count,
+                                              "by_reason": dict(sorted(self._reasons.items()))})
 
     def sync(self) -> None:
         """Make every line written so far durable (before a checkpoint's metadata names them)."""
@@ -218,7 +220,8 @@ class Ledger:
 
 def read_ledger(path: Path) -> list[LedgerLine]:
     """Every line of a ledger file (for tests and tools)."""
-    return [LedgerLine.model_validate(json.loads(raw)) for raw in path.read_text().splitlines() if raw.strip()]
+    return [LedgerLine.model_validate(json.loads(raw))
+            for raw in path.read_text().splitlines() if raw.strip()]
 
 
 def decided_in(path: Path, ids: set[str]) -> set[str]:

@@ -148,7 +148,8 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d{6,}", p.name) and (p / META).is_file())
+    return sorted(p for p in root.glob("step_*")
+                  if re.fullmatch(r"step_\d{6,}", p.name) and (p / META).is_file())
 
 
 def set_aside_later(run_dir: Path, step: int, launch: str) -> list[Path]:

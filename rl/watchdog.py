@@ -67,7 +67,8 @@ class Watchdog:
             state = {"state_error": f"{type(exc).__name__}: {exc}"}
         body = {"what": what, "deadline_s": seconds, "time": now,
                 "waited_s": None if started is None else now - started, **state}
-        path = self.run_dir / f"hang-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{int(now * 1000) % 1000:03d}.json"
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{int(now * 1000) % 1000:03d}"
+        path = self.run_dir / f"hang-{stamp}.json"
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(body, indent=1, default=str))
