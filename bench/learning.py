@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 CODEWORLD = [sys.executable, "-m", "rl.cli"]
 QUIET = ["logging.dashboard.enabled=false", "logging.progress=false", "logging.trackers=[]", "logging.plot=false"]
@@ -50,8 +52,15 @@ def sft_checkpoint(work: Path, seed: int) -> Path:
         init = work / f"init-seed{seed}"
         print(f"  building the SFT warm start for seed {seed} ...", flush=True)
         run(["model", "init-tiny", str(init), "--seed", str(seed)], work / "logs" / f"init-{seed}.log")
-        run(["sft", "examples/demo_sft.yaml", "--model", str(init), "--out", str(out), f"seed={seed}"],
-            work / "logs" / f"sft-{seed}.log")
+        log = work / "logs" / f"sft-{seed}.log"
+        run(["sft", "examples/demo_sft.yaml", "--model", str(init), "--out", str(out), f"seed={seed}"], log)
+        # The SFT stops at its target accuracy or at its wall-clock cap; on a loaded machine the cap
+        # comes first and RL starts from a weaker model: say so beside the seed's figures.
+        result = json.loads(log.read_text().splitlines()[-1])
+        target = yaml.safe_load((REPO / "examples" / "demo_sft.yaml").read_text())["target_acc"]
+        if result["stop_acc"] < target:
+            print(f"  warning: seed {seed}'s SFT stopped at {result['stop_acc']:.3f} on its stopping set, "
+                  f"short of its target {target} (wall-clock cap after {result['wall_s']:.0f} s)", flush=True)
     return out
 
 

@@ -139,14 +139,21 @@ async def _drop_shadowing(workspace: Workspace, diff: str) -> tuple[str, list[st
     return (drop_paths(diff, set(shadowing)), shadowing) if shadowing else (diff, [])
 
 
-async def _apply_and_test(workspace: Workspace, task: SWETask, kept: str, timeout_s: float) -> GradeResult:
-    """Apply the model's diff (from here on a failure of the sandbox's tree is the policy's), the
-    task's test_patch, and run the tests."""
+async def _apply_model_diff(workspace: Workspace, kept: str) -> GradeResult | None:
+    """Apply the model's kept diff; from here on a failure of the sandbox's tree is the policy's.
+    Returns the 0 grade of a diff that does not apply, None when it applied."""
     workspace.policy_acted = True
     try:
         await workspace.apply(kept)
     except (PatchError, PolicyFault) as err:
         return GradeResult(reward=0.0, error=f"model diff: {err}", sandbox_s=workspace.sandbox_s)
+    return None
+
+
+async def _apply_and_test(workspace: Workspace, task: SWETask, kept: str, timeout_s: float) -> GradeResult:
+    """Apply the model's diff, the task's test_patch, and run the tests."""
+    if (refused := await _apply_model_diff(workspace, kept)) is not None:
+        return refused
     try:
         await workspace.apply(task.test_patch)
     except PatchError as err:
@@ -168,11 +175,8 @@ async def _apply_and_run_eval_script(workspace: Workspace, task: SWETask, kept: 
     """Official layout: apply the model's diff, then run the instance's SWE-bench evaluation
     script (which resets the test files, applies the test patch and runs the tests) and let
     swebench's report decide."""
-    workspace.policy_acted = True
-    try:
-        await workspace.apply(kept)
-    except (PatchError, PolicyFault) as err:
-        return GradeResult(reward=0.0, error=f"model diff: {err}", sandbox_s=workspace.sandbox_s)
+    if (refused := await _apply_model_diff(workspace, kept)) is not None:
+        return refused
     try:
         # The kept diff touches no trusted path, so only the task can make its test patch fail.
         await workspace.check_applies(task.test_patch)
