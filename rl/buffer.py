@@ -53,9 +53,13 @@ class GroupBuffer:
     in_flight: int = 0
     retired_by: collections.Counter[str] = field(default_factory=collections.Counter)
     """Retired groups by reason: lost, stale, future, zero_variance."""
+    retirements: list[tuple[str, list[tuple[str, Trajectory]]]] = field(default_factory=list)
+    """Complete groups retired since the caller last emptied this list: (reason, [(entry id,
+    trajectory)]), for the ledger."""
     _admitted_at: dict[int, int] = field(default_factory=dict)
     """In-flight group index -> the version at its admission."""
     _partial: dict[str, list[tuple[str, Trajectory]]] = field(default_factory=dict)
+    _missing: collections.Counter[str] = field(default_factory=collections.Counter)
     _ready: collections.deque[ReadyGroup] = field(default_factory=collections.deque)
     _done_ids: list[str] = field(default_factory=list)
 
@@ -93,9 +97,25 @@ class GroupBuffer:
         """One trajectory read from the bus; a group is judged once it is complete."""
         items = self._partial.setdefault(traj.group_id, [])
         items.append((entry_id, traj))
-        if len(items) == traj.group_size:
-            del self._partial[traj.group_id]
+        self._complete(traj.group_id, traj.group_size)
+
+    def lose_member(self, group_id: str, group_size: int) -> None:
+        """One published member of a group will never arrive (its bus entry did not decode): the
+        group is complete with one member fewer, and retired as lost when none is left."""
+        self._missing[group_id] += 1
+        self._partial.setdefault(group_id, [])
+        self._complete(group_id, group_size)
+
+    def _complete(self, group_id: str, group_size: int) -> None:
+        items = self._partial[group_id]
+        if len(items) + self._missing[group_id] < group_size:
+            return
+        del self._partial[group_id]
+        self._missing.pop(group_id, None)
+        if items:
             self._judge(items)
+        else:
+            self._retire("lost")
 
     def _judge(self, items: list[tuple[str, Trajectory]]) -> None:
         ids, trajs = [e for e, _ in items], [t for _, t in items]
@@ -104,6 +124,7 @@ class GroupBuffer:
             self._ready.append(ReadyGroup(trajs, ids))
             return
         self._retire(reason, len(trajs))
+        self.retirements.append((reason, items))
         self._done_ids += ids
 
     def reject_reason(self, trajs: list[Trajectory]) -> str | None:
@@ -139,7 +160,16 @@ class GroupBuffer:
             age = self.reject_reason(group.trajectories)  # the version may have moved since it completed
             if age in ("stale", "future"):
                 self._retire(age, len(group.trajectories))
+                self.retirements.append((age, list(zip(group.entry_ids, group.trajectories))))
             else:
                 groups.append(group.trajectories)  # its slot comes back with the next version
             ids += group.entry_ids
         return groups, ids
+
+    def state(self) -> dict[str, object]:
+        """Counters and the groups waiting, for a watchdog's state dump."""
+        return {"version": self.version, "admitted": self.admitted, "retired": self.retired,
+                "in_flight": self.in_flight, "ready": len(self._ready), "retired_by": dict(self.retired_by),
+                "partial": [{"group": g, "have": len(items), "missing": self._missing[g],
+                             "size": items[0][1].group_size if items else None}
+                            for g, items in self._partial.items()]}

@@ -302,6 +302,44 @@ class CheckpointSection(Section):
     step that used them is checkpointed (or right after the step when checkpointing is off)."""
 
 
+class FaultsSection(Section):
+    """How a run survives its parts failing: deadlines on every wait (a watchdog names what hung,
+    writes `hang-<time>.json` in the run directory, then restarts the part or stops the run
+    resumably) and how often a part may be restarted."""
+
+    engine_call_s: float = Field(600, gt=0)
+    """Longest one generate call may take before its engine counts as hung and is restarted."""
+    engine_start_s: float = Field(900, gt=0)
+    """Longest starting an engine (a restart: a new actor loading the model) may take before the
+    run stops resumably; far longer than one call, which is why it has its own deadline."""
+    engine_poll_s: float = Field(5, gt=0)
+    """How often each engine is asked whether its vLLM core still lives; a dead one is restarted
+    at once, failing the calls that waited in it."""
+    weight_push_s: float = Field(600, gt=0)
+    """Longest pushing one version of the weights to the engines may take (an engine that does not
+    load it in time is restarted on it)."""
+    learner_call_s: float = Field(3600, gt=0)
+    """Longest one learner call (a step, a publish, a checkpoint) may take before the learner ranks
+    count as hung and are rebuilt from the last checkpoint."""
+    batch_wait_s: float = Field(1800, gt=0)
+    """Longest the learner may wait for a batch without any trajectory arriving or any group
+    finishing; then the run stops resumably, naming what it waited for."""
+    episode_s: float = Field(3600, gt=0)
+    """Longest one group's episodes (environment steps, sandboxes, engine calls) may take; a group
+    past it is cancelled and its samples are dropped as lost."""
+    redis_s: float = Field(120, gt=0)
+    """How long a Redis call is retried (with backoff) through a dropped connection before the run
+    stops resumably."""
+    engine_restarts: int = Field(10, ge=0)
+    """Engine restarts allowed in one launch (dead or hung); one more stops the run resumably."""
+    learner_rebuilds: int = Field(3, ge=0)
+    """Times the learner ranks may be rebuilt from the last checkpoint in one launch; one more
+    stops the run resumably."""
+    group_retries: int = Field(1, ge=0)
+    """Times a group whose engine died is run again (on a restarted engine) before its samples
+    are dropped as lost."""
+
+
 class WandbSection(Section):
     project: str = "codeworld"
     """W&B project."""
@@ -370,6 +408,7 @@ class Config(Section):
     bus: BusSection = BusSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
+    faults: FaultsSection = FaultsSection()
 
 
 class ConfigError(ValueError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import importlib
 import json
+import logging
 import os
 import re
 import time
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 FILE_NAME = "metrics.jsonl"
 """The metrics file inside a run directory."""
 
+log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\- ]")
 
 
@@ -129,6 +131,10 @@ class Tracker(Protocol):
     def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
         """Record samples (trackers without a place for them ignore them)."""
 
+    def rewind(self, step: int) -> None:
+        """The run went back to step `step` (a resume, a learner rebuilt from a checkpoint): the
+        points after it are gone from the run's lineage; the next `log` is step + 1."""
+
     def close(self) -> None:
         """Flush and release."""
 
@@ -146,9 +152,18 @@ class TensorBoardTracker:
     """Event files under <run dir>/tb."""
 
     def __init__(self, run_dir: Path) -> None:
+        self._dir = run_dir / "tb"
+        self._writer = self._open(None)
+
+    def _open(self, purge_step: int | None) -> Any:
         from torch.utils.tensorboard import SummaryWriter  # tensorboard is a core dependency
 
-        self._writer = SummaryWriter(str(run_dir / "tb"))
+        return SummaryWriter(str(self._dir), purge_step=purge_step)
+
+    def rewind(self, step: int) -> None:
+        # TensorBoard hides every event at or after `purge_step` that an earlier writer left.
+        self._writer.close()
+        self._writer = self._open(step + 1)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():
@@ -195,6 +210,11 @@ class WandbTracker:
             self._table(step, "samples/train", self._train_rows)
             self._train_rows = []
 
+    def rewind(self, step: int) -> None:
+        # W&B keeps the points it has; steps it has seen already are refused with a warning, so
+        # the curve goes on from its last step (the metrics.jsonl and TensorBoard curves rewind).
+        log.warning("W&B cannot take back the points after step %d; its curve shows them", step)
+
     def _table(self, step: int, key: str, rows: list[list[Any]]) -> None:
         if rows:
             table = self._wandb.Table(columns=SAMPLE_COLUMNS, data=rows[:_TABLE_ROWS])
@@ -232,6 +252,10 @@ class MlflowTracker:
     def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
         pass  # MLflow tables need pandas; the dashboard's sample browser shows them
 
+    def rewind(self, step: int) -> None:
+        # MLflow keeps every point; those after `step` and their successors share step numbers.
+        log.warning("MLflow cannot take back the points after step %d; its curve shows both", step)
+
     def close(self) -> None:
         self._client.set_terminated(self.run_id)
 
@@ -251,13 +275,40 @@ def make_trackers(run_dir: Path, run_name: str, logging: LoggingSection,
 
 
 class MetricsWriter:
-    """Writes `metrics.jsonl` in the run directory and feeds the trackers the same names."""
+    """Writes `metrics.jsonl` in the run directory and feeds the trackers the same names.
 
-    def __init__(self, run_dir: Path, trackers: Sequence[Tracker]) -> None:
+    A fresh run starts the file empty (a re-run into the same directory must not mix its curve
+    with the old one's); a resumed run keeps the rows up to its checkpoint's step and goes on from
+    there, so each step has one row, whatever happened between launches.
+    """
+
+    def __init__(self, run_dir: Path, trackers: Sequence[Tracker], resume_step: int | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / FILE_NAME
-        self._file = self.path.open("a")
         self.trackers = list(trackers)
+        if resume_step is None:
+            self.path.write_text("")
+            self._file = self.path.open("a")
+        else:
+            self._file = self.path.open("a")
+            self.rewind(resume_step)
+
+    def rewind(self, step: int) -> None:
+        """Forget the rows after `step` (atomically) and tell the trackers; the next row is step + 1."""
+        self._file.close()
+        rows = []
+        for raw in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                if json.loads(raw)["step"] <= step:
+                    rows.append(raw)
+            except (ValueError, KeyError, TypeError):
+                break  # a row torn by the crash: nothing after it was written whole
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{r}\n" for r in rows))
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+        for tracker in self.trackers:
+            tracker.rewind(step)
 
     def log(self, step: int, metrics: Mapping[str, float | None]) -> dict[str, float]:
         """Record one row at `step` (values that are None or not finite are left out); returns it."""

@@ -97,8 +97,9 @@ class PrivateRedis:
                  binary: str = "redis-server", start_timeout_s: float = 10.0) -> None:
         """Start the server and wait until it answers PING.
 
-        appendonly: write an append-only file (fsync every second) so a restarted server on the
-            same `dir` has the data back; for durability tests.
+        appendonly: write an append-only file so a restarted server on the same `dir` has the data
+            back. Redis writes a command to the file before it replies, so a killed server loses
+            nothing it acknowledged; the fsync every second only matters if the machine dies.
         dir: working directory (AOF, log); kept at close. None: a temp dir removed at close.
         binary: the redis-server executable (name on PATH or a path).
         start_timeout_s: how long to wait for the first PING answer.
@@ -111,6 +112,9 @@ class PrivateRedis:
         self.dir = Path(tempfile.mkdtemp(prefix="codeworld-redis-")) if dir is None else Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._proc: subprocess.Popen | None = None
+        self._exe, self._appendonly, self._timeout_s = exe, appendonly, start_timeout_s
+        self.restarts = 0
+        """Times `restart` brought the server back."""
         atexit.register(self.close)
         try:
             self._start(exe, appendonly, start_timeout_s)
@@ -118,10 +122,22 @@ class PrivateRedis:
             self.close()
             raise
 
-    def _start(self, exe: str, appendonly: bool, timeout_s: float) -> None:
+    def restart(self) -> None:
+        """Start the server again on the same port and directory (with `appendonly`, its data
+        come back from the append-only file) after it died; a live server is stopped first."""
+        if self._proc is not None:
+            _stop_group(self._proc)
+        self._start(self._exe, self._appendonly, self._timeout_s, port=self.port)
+        self.restarts += 1
+
+    def alive(self) -> bool:
+        """Whether the server process still runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _start(self, exe: str, appendonly: bool, timeout_s: float, port: int | None = None) -> None:
         # Another process may take the free port between our probe and redis' bind: retry then.
         for _ in range(5):
-            self.port = _free_port()
+            self.port = port or _free_port()
             argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "yes" if appendonly else "no", "--daemonize", "no",
                     "--dir", str(self.dir)]
@@ -202,14 +218,15 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def connect_or_start(redis_url: str | None) -> tuple[str, PrivateRedis | None]:
-    """The Redis to use: `redis_url` if given (checked with PING), else a new `PrivateRedis`.
+def connect_or_start(redis_url: str | None, aof_dir: Path | None = None) -> tuple[str, PrivateRedis | None]:
+    """The Redis to use: `redis_url` if given (checked with PING), else a new `PrivateRedis`
+    (with an append-only file in `aof_dir` when given, so that a restart keeps its data).
 
     Returns the URL and the private server, which the caller closes at shutdown (None when the
     URL was given).
     """
     if redis_url is None:
-        server = PrivateRedis()
+        server = PrivateRedis(appendonly=aof_dir is not None, dir=aof_dir)
         return server.url, server
     client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
     try:

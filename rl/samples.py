@@ -237,6 +237,11 @@ class SampleStore:
             self._db.execute("DELETE FROM samples WHERE seq <= (SELECT MAX(seq) FROM samples) - ?",
                              (self.settings.max_samples,))
 
+    def forget_after(self, step: int) -> None:
+        """Delete the train samples of steps after `step` (the run went back to that checkpoint)."""
+        with self._db:
+            self._db.execute("DELETE FROM samples WHERE kind = 'train' AND step > ?", (step,))
+
     def close(self) -> None:
         # Back to a rollback journal: a finished run is one self-contained file, which a read-only
         # reader opens without creating WAL side files next to it.

@@ -115,6 +115,12 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
+    def errored(self) -> bool:
+        """Whether the vLLM engine is dead (its core process exited). A call already waiting in
+        vLLM when the core dies may never return (the weight push was seen to), so the engine
+        supervisor polls this instead of waiting for the call's deadline."""
+        return bool(self.engine.errored)
+
     async def generate(self, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:
         """Sample `sampling.n` completions of `prompt_ids` as one vLLM request (its parallel
         sampling: one prefill, and sample i seeded with seed + i when a seed is given)."""

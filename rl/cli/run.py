@@ -13,16 +13,31 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _resume_target(resume: bool, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`--resume` alone resumes from the run directory's latest checkpoint; `--resume PATH` from
+    that checkpoint directory (PATH is the one argument after CONFIG without `=`)."""
+    paths = [o for o in overrides if "=" not in o]
+    if not resume:
+        return None, overrides
+    if len(paths) > 1:
+        _fail(f"--resume takes one checkpoint directory, not {len(paths)}: {paths}.")
+    return (paths[0] if paths else "latest"), [o for o in overrides if "=" in o]
+
+
 def train(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
     overrides: list[str] = typer.Argument(None, help="dotted.key=value overrides."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resource plan only."),
+    resume: bool = typer.Option(False, "--resume", help="Resume from the latest checkpoint of run.dir, or from "
+                                "the checkpoint directory given as `--resume PATH`."),
 ) -> None:
     """Run asynchronous RL as configured."""
     from rl.config import ConfigError, load_config
+    from rl.faults import RESUMABLE_EXIT, StopResumable
 
+    target, overrides = _resume_target(resume, overrides or [])
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, overrides)
         if dry_run:
             import torch
 
@@ -34,17 +49,30 @@ def train(
             return
         from rl.orchestrator import run_training
 
-        summary = asyncio.run(run_training(cfg))
+        summary = asyncio.run(run_training(cfg, target))
     except (ConfigError, FileNotFoundError, KeyError) as err:
         _fail(str(err).strip('"'))
     except (KeyboardInterrupt, asyncio.CancelledError):
         typer.echo("codeworld: interrupted; everything the run started has been stopped.", err=True)
         raise typer.Exit(130)
-    typer.echo(json.dumps(summary.model_dump(), indent=2))
+    except StopResumable as err:
+        typer.echo(f"codeworld: {err}. Resume it with: {_resume_command(config, overrides)}", err=True)
+        raise typer.Exit(RESUMABLE_EXIT)
+    typer.echo(json.dumps(summary.model_dump(mode="json"), indent=2))
+    if summary.stopped is not None:
+        typer.echo(f"codeworld: {summary.stopped}; checkpointed. Resume it with: "
+                   f"{_resume_command(config, overrides)}", err=True)
+        return
     from rl.api.server import watch_command
 
     board = cfg.logging.dashboard
     typer.echo(f"codeworld: watch this run: {watch_command(cfg.run.dir, board.host, board.port)}", err=True)
+
+
+def _resume_command(config: Path, overrides: list[str]) -> str:
+    import shlex
+
+    return shlex.join(["codeworld", "train", str(config), *overrides, "--resume"])
 
 
 def sft(

@@ -1,6 +1,7 @@
 """A dense-reward environment for loop tests: a random tiny model earns varied rewards on it,
 so every group carries gradient (arithmetic would give all-zero groups before warm start)."""
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,3 +22,22 @@ class ReplyLengthEnv(Environment):
 
     async def step(self, action: Action) -> StepResult:
         return StepResult(done=True, reward=len(action.text) / 40)
+
+
+@register_env("test-slow-reply")
+class SlowReplyEnv(ReplyLengthEnv):
+    """ReplyLengthEnv whose tasks t0, t5, t10, ... take `slow_s` seconds to grade: groups that fall
+    behind the learner and go stale (the long tail of multi-turn environments)."""
+
+    class Params(EnvParams):
+        slow_s: float = 0.0
+        """Seconds a slow task's grading takes."""
+
+    async def step(self, action: Action) -> StepResult:
+        if self._task_id.endswith(("0", "5")):
+            await asyncio.sleep(self.params.slow_s)
+        return await super().step(action)
+
+    async def reset(self, task: Task) -> Observation:
+        self._task_id = task.id
+        return await super().reset(task)
