@@ -4,7 +4,7 @@ PY := .venv/bin/python
 CW := .venv/bin/codeworld
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test setup services-test bench
+.PHONY: demo test test-chaos setup services-test bench
 
 setup:
 	@bash deploy/setup/venv.sh
@@ -24,6 +24,10 @@ demo: setup
 
 test: services-test
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# Real runs with one part killed mid-run each (about 30 minutes on 2 cores); kept out of `make test`.
+test-chaos: services-test
+	@$(PY) -m pytest -m chaos tests/e2e/test_chaos.py $(PYTEST_ARGS)
 
 bench: setup
 	@$(PY) bench/pipeline.py

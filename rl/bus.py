@@ -151,8 +151,9 @@ class TrajectoryBus:
                     # pending list, and only a pass through that list gives them back.
                     self._phase, self._pending_cursor = "pending", b"0"
                 if time.monotonic() + delay > deadline:
-                    raise BusUnavailable(f"the trajectory bus {self.key}: Redis did not answer for {self.retry_s:.0f} s "
-                                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}).") from None
+                    why = " ".join(str(exc).split())[:200]
+                    raise BusUnavailable(f"the trajectory bus {self.key}: Redis did not answer for "
+                                         f"{self.retry_s:.0f} s ({type(exc).__name__}: {why}).") from None
                 logger.warning("trajectory bus %s: %s; retrying in %.2f s", self.key, type(exc).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

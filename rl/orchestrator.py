@@ -558,7 +558,8 @@ class Orchestrator:
 
     async def _stop_resumably(self, err: BaseException) -> str:
         """Checkpoint what the learner holds when it can, and say where the run resumes from."""
-        if not isinstance(err, BusUnavailable) and not self.learner_broken and self.learner_step > self._last_checkpoint():
+        learner_ahead = not self.learner_broken and self.learner_step > self._last_checkpoint()
+        if not isinstance(err, BusUnavailable) and learner_ahead:
             try:
                 await self._checkpoint_and_ack(self.learner_step, [], force=True, ack=False)
             except Exception as exc:  # the learner may be what failed: the last checkpoint stands
@@ -624,7 +625,8 @@ class Orchestrator:
             await self._learner_call(self.learner.save_checkpoint, path, what=f"checkpoint step {step}")
         meta = CheckpointMeta(step=step, lineage=self.launch.lineage, launch=self.launch.launch,
                               world_size=self.cfg.learner.world_size, rng_state=rng_state(self.rng),
-                              env_weights=[s.section.weight for s in self.slots], tokens_generated=self.tokens_generated,
+                              env_weights=[s.section.weight for s in self.slots],
+                              tokens_generated=self.tokens_generated,
                               dropped=dict(self.dropped), open_groups=self.ledger.snapshot(step),
                               train_s=self.last_record.get("perf/elapsed_s", self.train_s_before),
                               heldout_before=self.heldout_before)

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 
 from rl.config import Config, load_config
@@ -30,6 +31,7 @@ from rl.ledger import read_ledger
 from rl.metrics import read_rows
 from rl.orchestrator import RunSummary, load_recorded, run_training
 
+pytestmark = pytest.mark.chaos
 REPO = Path(__file__).resolve().parents[2]
 DOCKERD_LOG = "/var/log/codeworld-dockerd.log"
 

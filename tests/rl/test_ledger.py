@@ -117,7 +117,8 @@ def test_metrics_of_a_fresh_run_start_empty_and_a_resume_goes_on_from_its_step(t
     resumed = MetricsWriter(tmp_path, [], resume_step=1)
     resumed.log(2, {"train/reward_mean": 20.0})
     resumed.close()
-    assert [(r["step"], r["train/reward_mean"]) for r in read_rows(tmp_path / "metrics.jsonl")] == [(1, 10.0), (2, 20.0)]
+    rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["train/reward_mean"]) for r in rows] == [(1, 10.0), (2, 20.0)]
 
 
 def test_tensorboard_drops_the_points_after_the_resumed_step(tmp_path: Path) -> None:
