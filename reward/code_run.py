@@ -158,6 +158,15 @@ async def materialize(pool: Runner, tests: CodeTests, limits: ExecLimits) -> Cod
     return _expected_cache[key]
 
 
+def _why(result: Any) -> str:
+    """What the sandbox said of a run that ended early: its error, else the exit code and the
+    last line of stderr (the harness's traceback ends there)."""
+    if result.error:
+        return f" ({result.error})"
+    lines = result.stderr.decode(errors="replace").strip().splitlines()
+    return f" (exit code {result.exit_code}{': ' + lines[-1][:200] if lines else ''})"
+
+
 async def grade(pool: Runner, tests: CodeTests, program: str, limits: ExecLimits,
                 reward_mode: Literal["all", "fraction"] = "all") -> GradeResult:
     """Run `program` on every test in the sandbox and compare on the host. Infrastructure
@@ -172,7 +181,7 @@ async def grade(pool: Runner, tests: CodeTests, program: str, limits: ExecLimits
     outcomes = judge(tests, report)
     error = report.malformed or report.load_error
     if error is None and not report.done:
-        error = f"run ended as {result.status.value} before all tests were reported"
+        error = f"run ended as {result.status.value} before all tests were reported{_why(result)}"
     return GradeResult(
         reward=reward_from(outcomes, reward_mode), passed=sum(o.passed for o in outcomes),
         total=len(outcomes), outcomes=outcomes, status=result.status.value, error=error,

@@ -117,3 +117,11 @@ async def test_sandbox_failure_gives_no_reward() -> None:
     result = await grade(_BrokenSandbox(), ADD_TESTS, "def add(a, b):\n    return a + b\n", LIMITS)
     assert result.reward is None
     assert "container vanished" in result.error
+
+
+async def test_a_run_cut_short_says_why(pool: SandboxPool) -> None:
+    """The grade's error carries what the sandbox saw of a run that ended before its report did:
+    the exit code, or the sandbox's own error (a 0 a user cannot explain is a 0 nobody trusts)."""
+    exits = await grade(pool, ADD_TESTS, "import os\ndef add(a, b):\n    os._exit(3)\n", LIMITS)
+    assert exits.reward == 0.0 and exits.error == "run ended as runtime_error before all tests were reported " \
+        "(exit code 3)", exits.error

@@ -883,7 +883,8 @@ class Run:
         self.pump(self.start + self.header["timeout_s"])
         wall = time.monotonic() - self.start
         discard(self.stdin_left)
-        oom = read_oom_kills(oom_file) > ooms
+        ooms_after = read_oom_kills(oom_file)
+        oom = ooms_after > ooms
         exit_code = decode_status(self.status) if self.status is not None else None
         if self.outcome in (None, "launcher_died") and oom and exit_code != 0:
             self.outcome = "oom"  # the kernel's OOM killer may have taken the launcher too
@@ -891,7 +892,7 @@ class Run:
             self.outcome = "exited"
         reply = {"ok": True, "outcome": self.outcome, "exit_code": exit_code, "wall_s": wall,
                  "cpu_s": self.cpu, "stdout_truncated": self.out_truncated,
-                 "stderr_truncated": self.err_truncated}
+                 "stderr_truncated": self.err_truncated, "oom_kills": ooms_after}
         return reply, (bytes(self.out), bytes(self.err))
 
     def aborted(self, why):

@@ -23,6 +23,15 @@ _OUTCOME_ERRORS = {
 }
 
 
+def oom_kill_count(text: str) -> int | None:
+    """The `oom_kill N` count of a cgroup's memory.events (v2) or memory.oom_control (v1)."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
 class SandboxBroken(Exception):
     """This sandbox can no longer be used (its agent, container or daemon failed). `started` is
     False when the request never reached the sandbox, so it is safe to run it elsewhere."""
@@ -40,6 +49,9 @@ class Box(abc.ABC):
     """One warm sandbox: runs programs through its agent, resets between tasks."""
 
     isolation: Isolation
+    programs_own_uid: bool = True
+    """Programs run under a uid of their own, so they cannot signal the agent: an agent that dies
+    in a live sandbox was killed by something else (the OOM killer, the host), see `oom_kills_now`."""
 
     def __init__(self, channel: AgentChannel, limits: SandboxLimits) -> None:
         self.channel = channel
@@ -50,6 +62,8 @@ class Box(abc.ABC):
         """Tasks served (one-shot runs and sessions); the pool replaces the sandbox at the limit."""
         self.broken_by_program = False
         """A program of the current task broke this sandbox (killed its agent or launcher)."""
+        self.oom_kills = 0
+        """OOM kills in this sandbox as of the agent's last reply (a fresh sandbox has had none)."""
 
     @property
     def worn_out(self) -> bool:
@@ -63,6 +77,11 @@ class Box(abc.ABC):
     @abc.abstractmethod
     async def is_alive(self) -> bool:
         """Whether the sandbox itself (not just the agent) still exists."""
+
+    @abc.abstractmethod
+    async def oom_kills_now(self) -> int | None:
+        """OOM kills in this sandbox so far, read from outside the agent (also once the sandbox
+        has died, as far as the backend can tell); None if unreadable."""
 
     @abc.abstractmethod
     async def destroy(self) -> None:
@@ -92,6 +111,7 @@ class Box(abc.ABC):
             return ExecResult(status=Status.RUNTIME_ERROR, isolation=self.isolation, error=reply.get("error", ""))
         self.dirty = self.dirty or not reply.get("clean", False)
         self.broken_by_program = self.broken_by_program or reply.get("tampered", False)
+        self.oom_kills = reply.get("oom_kills", self.oom_kills)
         return self._result(reply, blobs)
 
     def _result(self, reply: dict, blobs: list[bytes]) -> ExecResult:

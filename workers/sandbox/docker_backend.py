@@ -12,7 +12,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from workers.sandbox.box import Box, SandboxBroken
+from workers.sandbox.box import Box, SandboxBroken, oom_kill_count
 from workers.sandbox.channel import AGENT_ARGS, AgentChannel, ChannelClosed, TailBuffer
 from workers.sandbox.config import ImagePolicy, SandboxLimits, SandboxProfile
 from workers.sandbox.images import PRISTINE_ROOT, ImageStore, ImageUnavailable, ensure_pristine
@@ -141,6 +141,32 @@ class DockerBox(Box):
         except Exception:  # daemon gone or container gone: either way not alive
             return False
         return bool(state["State"]["Running"])
+
+    async def oom_kills_now(self) -> int | None:
+        for _ in range(2):  # an exec that failed or lost its output is tried again once
+            stopped = await self._kills_if_stopped()
+            if stopped is not None:
+                return stopped
+            try:
+                exec_id = (await asyncio.to_thread(self.client.api.exec_create, self.container_id,
+                                                   ["cat", *_OOM_FILES], user="0:0"))["Id"]
+                out = await asyncio.to_thread(self.client.api.exec_start, exec_id)
+            except (docker.errors.DockerException, requests.exceptions.RequestException):
+                continue
+            count = oom_kill_count(out.decode(errors="replace"))
+            if count is not None:
+                return count
+        # Unreadable in a container still running: a program can cause that (a full pids limit).
+        return await self._kills_if_stopped()
+
+    async def _kills_if_stopped(self) -> int | None:
+        """The OOM kill count when the container is gone or stopped, None while it runs. Gone (or
+        the daemon is): nothing a program can do. Stopped: only whether an OOM kill stopped it."""
+        try:
+            state = (await asyncio.to_thread(self.client.api.inspect_container, self.container_id))["State"]
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return self.oom_kills
+        return None if state["Running"] else self.oom_kills + bool(state.get("OOMKilled"))
 
     async def destroy(self) -> None:
         self.channel.close()

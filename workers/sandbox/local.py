@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from workers.sandbox.box import Box, SandboxBroken
+from workers.sandbox.box import Box, SandboxBroken, oom_kill_count
 from workers.sandbox.cgroup import SlotCgroup, remove_cgroup_dir, stale_cgroup_dirs
 from workers.sandbox.channel import AGENT_ARGS, AgentChannel, TailBuffer
 from workers.sandbox.config import SandboxLimits
@@ -50,6 +50,7 @@ class LocalBox(Box):
         self.cgroup = cgroup
         self.isolation = isolation
         self.scratch = scratch
+        self.programs_own_uid = os.geteuid() == 0  # as `_command` gives the agent a `program_uid`
 
     async def set_memory(self, memory_mb: int) -> None:
         if self.memory_mb == memory_mb:
@@ -60,6 +61,14 @@ class LocalBox(Box):
             except OSError as exc:
                 raise SandboxBroken(f"could not set the sandbox's memory limit: {exc}", started=False) from exc
         self.memory_mb = memory_mb
+
+    async def oom_kills_now(self) -> int | None:
+        if self.cgroup is None:
+            return None
+        try:
+            return oom_kill_count(self.cgroup.oom_file.read_text())
+        except OSError:
+            return None
 
     def rlimits(self, request: ExecRequest) -> dict[str, int]:
         limits = super().rlimits(request)

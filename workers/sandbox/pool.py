@@ -18,14 +18,22 @@ DEFAULT_IMAGE = "codeworld-sandbox:py311"
 _CREATE_AT_ONCE = 4
 
 
-_KILLED_AGENT = ExecResult(status=Status.RUNTIME_ERROR, exit_code=-9, broke_sandbox=True,
-                           error="the program killed the sandbox agent; the sandbox was replaced")
+_KILLED_AGENT = ExecResult(
+    status=Status.RUNTIME_ERROR, exit_code=-9, broke_sandbox=True,
+    error="the program killed the sandbox agent or ran it out of memory; the sandbox was replaced")
 _BROKEN_BY_PROGRAM = "a program of this session broke its sandbox (killed or stopped its agent or launcher)"
 
 
 async def program_killed_agent(box: Box) -> bool:
-    """The agent's channel died: if its sandbox still lives, only the program can have done it
-    (it runs under the agent's uid; PID 1 and the daemon are out of its reach)."""
+    """The agent's channel died while a program ran: was it the program's doing? Where programs
+    have a uid of their own they cannot signal the agent, but their memory use can make the OOM
+    killer take it (or the sandbox's init), which shows as a kill count above the one the agent
+    last reported; an unreadable count blames the program, so that breaking a sandbox never earns
+    a dropped sample in place of a zero. Where programs share the agent's uid, the program did it
+    unless the sandbox itself is gone (the daemon's or the host's doing)."""
+    if box.programs_own_uid:
+        kills = await box.oom_kills_now()
+        return kills is None or kills > box.oom_kills
     for _ in range(2):
         if not await box.is_alive():
             return False
@@ -156,8 +164,8 @@ class SandboxPool:
     # ------------------------------------------------------------------------------------ running
     async def run(self, request: ExecRequest) -> ExecResult:
         """Runs one program in a clean sandbox. A sandbox found dead when the run is handed to it
-        is replaced and the run retried once; a failure after the program started is a
-        SANDBOX_ERROR (it is never run twice)."""
+        is replaced and the run retried once; a failure after the program started is never
+        retried: RUNTIME_ERROR when the program caused it, SANDBOX_ERROR otherwise."""
         for attempt in range(2):
             try:
                 box = await self._acquire()

@@ -46,7 +46,7 @@ async def test_wrong_then_right_gets_feedback_then_full_reward() -> None:
 async def test_public_pass_ends_the_episode_and_hidden_tests_decide() -> None:
     params = ENV.Params.model_validate({**DOCKER, "dataset": "mbpp", "turns": 3, "limit": 1})
     [only] = await run_episode(ENV, params, _task(params, "mbpp/1"), OVERFIT, RIGHT)
-    assert only.done and only.reward == 0.0 and only.info["passed"] == 1
+    assert only.done and only.reward == 0.0 and only.info["passed"] == 1, only.info
 
 
 @MODULE_LOOP

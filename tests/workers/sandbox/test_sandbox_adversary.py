@@ -274,6 +274,12 @@ def _zygote(box: object) -> int:
     return next(pid for pid, cmd in _host_processes(box) if b"\0zygote\0" in cmd)
 
 
+def _agent(box: object) -> int:
+    """The agent is the zygote's parent (seen from the host)."""
+    stat = open(f"/proc/{_zygote(box)}/stat").read()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def _freeze(box: object) -> None:
     """Stops every process of the sandbox from the host (a hung agent, for real)."""
     if hasattr(box, "container_id"):
@@ -358,6 +364,37 @@ async def test_a_launcher_that_dies_mid_run_is_a_sandbox_error(backend: str) -> 
         result = await asyncio.wait_for(run, 15)
         assert result.status is Status.SANDBOX_ERROR, result
         assert (await pool.run(FAST)).stdout == b"42\n" and pool.stats().replaced == 1
+
+
+async def test_an_agent_killed_from_outside_mid_run_is_a_sandbox_error(backend: str) -> None:
+    """The agent dies mid-run by no act of the program (programs run under a uid of their own and
+    cannot signal it; here the host kills it, as a daemon or a stream fault would lose it): no
+    reward for that run, never a zero charged to the program; the sandbox is replaced."""
+    slow = ExecRequest(command=["python3", "-c", "import time; time.sleep(2); print(42)"], timeout_s=30)
+    async with SandboxPool(backend=backend, size=1, limits=TEST_LIMITS) as pool:
+        assert (await pool.run(FAST)).status is Status.OK
+        run = asyncio.ensure_future(pool.run(slow))
+        await asyncio.sleep(1.0)
+        os.kill(_agent(_only_box(pool)), signal.SIGKILL)
+        result = await asyncio.wait_for(run, 30)
+        assert (result.status, result.broke_sandbox) == (Status.SANDBOX_ERROR, False), result
+        assert (await pool.run(FAST)).stdout == b"42\n" and pool.stats().replaced == 1
+
+
+async def test_memory_exhaustion_that_takes_the_agent_is_the_programs(backend: str) -> None:
+    """A program can get the agent killed without signalling it: it takes back the OOM preference
+    the launcher gave it (oom_score_adj 1000 -> 0) and runs the sandbox out of memory with
+    processes smaller than the agent (here the host makes the agent the certain pick). The kill
+    count shows it: the program's fault, a RUNTIME_ERROR that broke the sandbox, never a dropped
+    sample nor a retry."""
+    hog = ExecRequest(command=["python3", "-c", "open('/proc/self/oom_score_adj', 'w').write('0')\n"
+                               "x = []\nwhile True: x.append(bytearray(1 << 20))"], timeout_s=30, memory_mb=128)
+    async with SandboxPool(backend=backend, size=1, limits=TEST_LIMITS) as pool:
+        assert (await pool.run(FAST)).status is Status.OK
+        Path(f"/proc/{_agent(_only_box(pool))}/oom_score_adj").write_text("1000")
+        result = await asyncio.wait_for(pool.run(hog), 60)
+        assert (result.status, result.broke_sandbox) == (Status.RUNTIME_ERROR, True), result
+        assert pool.stats().sandbox_errors == 0
 
 
 async def test_sandboxes_are_recycled_after_a_number_of_tasks(backend: str) -> None:
