@@ -287,7 +287,11 @@ class MetricsWriter:
         self.path = run_dir / FILE_NAME
         self.trackers = list(trackers)
         if resume_step is None:
-            self.path.write_text("")
+            # A new file, not one cut in place: a reader holding an offset into the old one (the
+            # dashboard's live stream) sees a different file, even once this one has grown past it.
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("")
+            os.replace(tmp, self.path)
             self._file = self.path.open("a")
         else:
             self._file = self.path.open("a")

@@ -35,7 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from rl.api.runs import RunInfo, RunsRoot, UnknownRun
+from rl.api.runs import Cursor, RunInfo, RunsRoot, UnknownRun
 from rl.samples import SampleFacets, SamplePage, SampleQuery, SampleReader, SampleRecord
 
 STATIC = Path(__file__).parent / "static"
@@ -211,7 +211,7 @@ def _add_page_routes(app: FastAPI, root: RunsRoot, token: str | None) -> None:
     @app.get("/api/events", include_in_schema=False)
     async def events(request: Request, run: Annotated[list[str], Query(min_length=1, max_length=16)]) -> Any:
         runs = list(dict.fromkeys(run))
-        offsets: dict[str, int | None] = dict.fromkeys(runs)
+        offsets: dict[str, Cursor | None] = dict.fromkeys(runs)
         seqs: dict[str, int | None] = dict.fromkeys(runs)
         for run_id in runs:
             root.run_dir(run_id)  # unknown runs are a 404 before the stream starts
@@ -222,11 +222,12 @@ def _add_page_routes(app: FastAPI, root: RunsRoot, token: str | None) -> None:
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _stream(request: Request, root: RunsRoot, runs: list[str], offsets: dict[str, int | None],
+async def _stream(request: Request, root: RunsRoot, runs: list[str], offsets: dict[str, Cursor | None],
                   seqs: dict[str, int | None]) -> AsyncIterator[str]:
     """`metrics` events carry rows appended since the stream opened (a client opens the stream
-    before fetching the curves, and drops steps it already has); `samples` events say the store
-    grew. A comment every 15 s keeps proxies from closing an idle stream."""
+    before fetching the curves, and drops steps it already has), or, `rewound`, the whole file
+    when a new or resumed run rewrote it (the client fetches its curves again); `samples` events
+    say the store grew. A comment every 15 s keeps proxies from closing an idle stream."""
     quiet = 0.0
     yield "retry: 2000\n\n"
     while not await request.is_disconnected():
@@ -242,17 +243,18 @@ async def _stream(request: Request, root: RunsRoot, runs: list[str], offsets: di
         await asyncio.sleep(EVENT_PERIOD_S)
 
 
-def _news(root: RunsRoot, run_id: str, offsets: dict[str, int | None],
+def _news(root: RunsRoot, run_id: str, offsets: dict[str, Cursor | None],
           seqs: dict[str, int | None]) -> list[str]:
     events = []
     try:
-        offsets[run_id], rows = root.tail(run_id, offsets[run_id])
+        offsets[run_id], rows, rewound = root.tail(run_id, offsets[run_id])
         reader = root.samples(run_id)
         seq = reader.last_seq() if reader is not None else 0
     except (OSError, UnknownRun, sqlite3.Error):
         return []  # the run went away or is being rewritten; the next period tries again
-    if rows:
-        events.append(f"event: metrics\ndata: {json.dumps({'run': run_id, 'rows': rows})}\n\n")
+    if rows or rewound:
+        news = {"run": run_id, "rows": rows, "rewound": rewound}
+        events.append(f"event: metrics\ndata: {json.dumps(news)}\n\n")
     if seqs[run_id] is not None and seq != seqs[run_id]:
         events.append(f"event: samples\ndata: {json.dumps({'run': run_id, 'last_seq': seq})}\n\n")
     seqs[run_id] = seq

@@ -19,7 +19,7 @@ import time
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -111,6 +111,15 @@ def parse_rows(text: str) -> Iterator[tuple[int, dict[str, float]]]:
         row.pop("time", None)
         yield step, {k: float(v) for k, v in row.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class Cursor(NamedTuple):
+    """Where the live stream stands in a run's metrics file."""
+
+    inode: int
+    """The file read (a rewritten file is a new one)."""
+    offset: int
+    """Bytes of it already sent."""
 
 
 class MetricColumns:
@@ -228,16 +237,19 @@ class RunsRoot:
                        live=summary is None and time.time() - updated < LIVE_WINDOW_S,
                        has_samples=_regular(directory / SAMPLES_FILE), summary=summary)
 
-    def tail(self, run_id: str, offset: int | None) -> tuple[int, list[dict[str, Any]]]:
-        """Complete rows appended since byte `offset` (None: none, start from the end now) and the
-        new offset: what the live stream sends."""
+    def tail(self, run_id: str, cursor: Cursor | None) -> tuple[Cursor, list[dict[str, Any]], bool]:
+        """Complete rows appended since `cursor` (None: none, start from the end now), the new
+        cursor, and whether the file was replaced or cut since (a new run or a resume into the
+        directory rewrote it): the rows are then the whole file's, and the client redraws."""
         fd = _open_regular(self.run_dir(run_id) / METRICS_FILE)
         with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if offset is None or offset > size:
-                return size, []
+            st = os.fstat(f.fileno())
+            if cursor is None:
+                return Cursor(st.st_ino, st.st_size), [], False
+            rewound = st.st_ino != cursor.inode or st.st_size < cursor.offset
+            offset = 0 if rewound else cursor.offset
             f.seek(offset)
-            chunk = f.read(size - offset)
+            chunk = f.read(st.st_size - offset)
         end = chunk.rfind(b"\n") + 1
         rows = [{"step": step, **row} for step, row in parse_rows(chunk[:end].decode("utf-8", "replace"))]
-        return offset + end, rows
+        return Cursor(st.st_ino, offset + end), rows, rewound

@@ -281,8 +281,23 @@ def test_a_request_from_another_machine_needs_the_token(runs_dir: Path) -> None:
         srv.stop()
 
 
+def _read_events(lines, events: list[tuple[str, dict]], done) -> None:
+    """Reads server-sent events into `events` until `done(events)`; 30 s at most."""
+    kind, deadline = None, time.time() + 30
+    for line in lines:  # a keep-alive comment arrives every 15 s at the latest
+        assert time.time() < deadline, f"not the events awaited within 30 s: {events}"
+        if line.startswith("event: "):
+            kind = line.removeprefix("event: ")
+        elif line.startswith("data: ") and kind:
+            events.append((kind, json.loads(line.removeprefix("data: "))))
+        if done(events):
+            return
+
+
 def test_the_live_stream_sends_new_rows_and_samples(runs_dir: Path, server: DashboardServer,
                                                      tiny_model: str) -> None:
+    """A run resumed into the watched directory rewrites its metrics file: the stream says so
+    (`rewound`, with the whole file) and then sends the rows appended after it."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -294,23 +309,19 @@ def test_the_live_stream_sends_new_rows_and_samples(runs_dir: Path, server: Dash
                       timeout=30) as res:
         assert res.status_code == 200 and res.headers["content-type"].startswith("text/event-stream")
         lines = res.iter_lines()
-        writer = MetricsWriter(run_dir, [])
-        writer.log(3, {"train/reward_mean": 0.75})
+        writer = MetricsWriter(run_dir, [], resume_step=1)
+        writer.log(2, {"train/reward_mean": 0.75})
         store = SampleStore(run_dir, SamplesSection(train_share=1.0), tok.decode)
         store.record_train(3, [[trajectory(tok, 3, 0, 1.0)]], trained_version=2)
-        kind, deadline = None, time.time() + 30
-        for line in lines:  # a keep-alive comment arrives every 15 s at the latest
-            assert time.time() < deadline, f"no metrics and samples events within 30 s: {events}"
-            if line.startswith("event: "):
-                kind = line.removeprefix("event: ")
-            elif line.startswith("data: ") and kind:
-                events.append((kind, json.loads(line.removeprefix("data: "))))
-            if {k for k, _ in events} == {"metrics", "samples"}:
-                break
+        _read_events(lines, events, lambda got: {k for k, _ in got} == {"metrics", "samples"})
+        writer.log(3, {"train/reward_mean": 0.5})
+        _read_events(lines, events, lambda got: sum(k == "metrics" for k, _ in got) == 2)
         writer.close()
         store.close()
-    rows = next(d for k, d in events if k == "metrics")["rows"]
-    assert rows == [{"step": 3, "train/reward_mean": 0.75}]
+    rewound, appended = [d for k, d in events if k == "metrics"]
+    assert rewound["rewound"] and [r["step"] for r in rewound["rows"]] == [1, 2]
+    assert rewound["rows"][1] == {"step": 2, "train/reward_mean": 0.75}
+    assert not appended["rewound"] and appended["rows"] == [{"step": 3, "train/reward_mean": 0.5}]
 
 
 # The app's own schema; the app object is built over no runs directory only to produce it, and the

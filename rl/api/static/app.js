@@ -419,9 +419,14 @@ function connectLive() {
   return opened;
 }
 
-function onRows({run, rows}) {
+function onRows({run, rows, rewound}) {
   state.live.events += 1;
   state.live.last = Date.now();
+  if (rewound) {
+    // A new or resumed run rewrote the file: the curves are fetched again, not appended to.
+    refreshLayout().then(() => updateLive());
+    return;
+  }
   let newNames = false,
     refetch = false;
   for (const row of rows) {
