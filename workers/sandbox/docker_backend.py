@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Callable
 
 import docker
@@ -114,6 +115,10 @@ class _ExecStream(asyncio.Protocol):
             self.transport.close()
 
 
+OOM_QUERY_S = 10.0
+"""How long the pool keeps asking a live container for its OOM kill count after losing its agent."""
+
+
 class DockerBox(Box):
     """One warm container."""
 
@@ -143,21 +148,26 @@ class DockerBox(Box):
         return bool(state["State"]["Running"])
 
     async def oom_kills_now(self) -> int | None:
-        for _ in range(2):  # an exec that failed or lost its output is tried again once
+        # An exec can fail while the daemon shuts down (it still answers inspections for a while)
+        # or lose its output; a program can also make it fail (a full pids limit). Asked again for
+        # a while: the daemon's trouble shows as a stopped container or no answer, the program's
+        # lasts (its processes outlive the agent until the container is removed).
+        deadline = time.monotonic() + OOM_QUERY_S
+        while True:
             stopped = await self._kills_if_stopped()
             if stopped is not None:
                 return stopped
             try:
                 exec_id = (await asyncio.to_thread(self.client.api.exec_create, self.container_id,
                                                    ["cat", *_OOM_FILES], user="0:0"))["Id"]
-                out = await asyncio.to_thread(self.client.api.exec_start, exec_id)
-            except (docker.errors.DockerException, requests.exceptions.RequestException):
-                continue
-            count = oom_kill_count(out.decode(errors="replace"))
+                count = oom_kill_count((await asyncio.to_thread(self.client.api.exec_start, exec_id)).decode())
+            except (docker.errors.DockerException, requests.exceptions.RequestException, UnicodeDecodeError):
+                count = None
             if count is not None:
                 return count
-        # Unreadable in a container still running: a program can cause that (a full pids limit).
-        return await self._kills_if_stopped()
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.5)
 
     async def _kills_if_stopped(self) -> int | None:
         """The OOM kill count when the container is gone or stopped, None while it runs. Gone (or
