@@ -129,11 +129,13 @@ def staleness_table(work: Path, bounds: list[int], steps: int, seeds: int, seede
 
 
 def time_to_accuracy(rows: list[dict], target: float, label: str) -> float | None:
-    """Seconds of training at the first evaluation whose greedy accuracy reaches `target`."""
+    """Seconds of training at the first evaluation whose greedy accuracy reaches `target`. An
+    evaluation has a row of its own; the clock is on the training row of the same step."""
+    elapsed = {r["step"]: r["perf/elapsed_s"] for r in rows if "perf/elapsed_s" in r}
     for r in rows:
         value = r.get(label)
-        if value is not None and value >= target and "perf/elapsed_s" in r:
-            return r["perf/elapsed_s"]
+        if value is not None and value >= target and r["step"] in elapsed:
+            return elapsed[r["step"]]
     return None
 
 
