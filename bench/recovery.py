@@ -156,7 +156,7 @@ FAULTS: dict[str, tuple[list[str], str | None]] = {
             "rollout.max_model_len=1024",
             "algorithm.filter_zero_variance=false",
             "envs=[{name: test-reply-length}, "
-            "{name: mbpp, params: {sandbox: {backend: docker, pool_size: 1}}}]",
+            "{name: mbpp, params: {sandbox: {backend: docker, size: 1}}}]",
         ],
         None,
     ),

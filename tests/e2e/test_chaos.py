@@ -295,7 +295,7 @@ def test_dockerd_killed_mid_run_gives_no_reward_not_zeros_and_the_pool_recovers(
         "rollout.max_tokens=24",
         "rollout.max_model_len=1024",
         "algorithm.filter_zero_variance=false",
-        "envs=[{name: test-reply-length}, {name: mbpp, params: {sandbox: {backend: docker, pool_size: 1}}}]",
+        "envs=[{name: test-reply-length}, {name: mbpp, params: {sandbox: {backend: docker, size: 1}}}]",
     )
     outage: list[float] = []
 
