@@ -6,7 +6,7 @@
 Each fault is one real `codeworld train` run in its own process, one after another (the machine has
 two cores): a freshly built tiny model (under --work), the dense-reward environment of tests/e2e
 (`test-reply-length`: a random model earns varied rewards on it), the run's own Redis, and one part
-SIGKILLed once step 2 is logged:
+SIGKILLed once step 3 is logged (one past the checkpoint of step 2):
 * engine: the vLLM engine core process (the run restarts the engine);
 * learner: one of two learner ranks (the run rebuilds the learner from its last checkpoint);
 * redis: the run's private redis-server (restarted on its append-only file);
@@ -171,7 +171,8 @@ def one_fault(name: str, model: Path, work: Path, steps: int) -> dict:
     log.write_text("")
     proc = launch(model, run_dir, steps, extra, log)
     try:
-        wait_row(run_dir, proc, log, lambda r: r["step"] >= 2)
+        # One step past the checkpoint of step 2 (`checkpoint.every=2`): there is one to go back to.
+        wait_row(run_dir, proc, log, lambda r: r["step"] >= 3)
         killed_at, killed_step = time.time(), step_rows(run_dir)[-1]["step"]
         if name == "driver":
             tree = psutil.Process(proc.pid).children(recursive=True)

@@ -355,8 +355,13 @@ class LearnerGroup:
         ray.get([r.load_checkpoint.remote(str(path)) for r in self.ranks])
 
     def shutdown(self) -> None:
+        """End the ranks: an orderly shutdown where a rank still answers, then kill. Never raises:
+        a rank may be dead, or stuck in a collective with a dead peer (a failed learner)."""
         import ray
 
-        ray.get([r.shutdown.remote() for r in self.ranks])
-        for r in self.ranks:
-            ray.kill(r)
+        for rank in self.ranks:
+            try:
+                ray.get(rank.shutdown.remote(), timeout=10)
+            except Exception:
+                pass  # dead or stuck: killed below either way
+            ray.kill(rank, no_restart=True)

@@ -679,7 +679,7 @@ class Orchestrator:
         log.warning("%s; rebuilding the learner from %s", err, checkpoints[-1])
         await self._stop_generation()
         old = self.learner
-        await asyncio.to_thread(_kill_learner, old)
+        await asyncio.to_thread(old.shutdown)
         self.learner = await self._new_learner()
         meta = read_meta(checkpoints[-1])
         self.ledger.close()
@@ -736,18 +736,6 @@ class Orchestrator:
         (self.run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
         if self.cfg.logging.plot:
             plot_reward_curve(self.metrics.path, self.run_dir / "reward_curve.png")
-
-
-def _kill_learner(learner: LearnerGroup) -> None:
-    """End the ranks of a failed learner: an orderly shutdown where a rank still answers, then kill."""
-    import ray
-
-    for rank in learner.ranks:
-        try:
-            ray.get(rank.shutdown.remote(), timeout=10)
-        except Exception:
-            pass  # dead or stuck in a collective with a dead peer
-        ray.kill(rank, no_restart=True)
 
 
 def engine_configs(cfg: Config, model_dir: Path) -> list[EngineConfig]:

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from rl.config import Config, load_config
+from rl.faults import StopResumable
 from rl.ledger import read_ledger
 from rl.metrics import read_rows
 from rl.orchestrator import RunSummary, load_recorded, run_training
@@ -230,6 +231,33 @@ def test_learner_rank_killed_mid_run_is_rebuilt_from_the_last_checkpoint(
     check_accounts(cfg.run.dir, summary, 6)
     print_recovery("learner rank", cfg.run.dir, killed[0])
     assert killed and summary.faults["learner_rebuilds"] == 1, summary.faults
+
+
+
+def test_learner_rank_killed_before_any_checkpoint_stops_resumably_with_its_reason(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
+    # Failed before: stopping the run shut the learner down with a call to the dead rank, whose
+    # ActorDiedError replaced the run's own message (bench/recovery.py met it).
+    cfg = chaos_config(
+        tmp_path,
+        tiny_model,
+        "chaos-learner-early",
+        6,
+        f"bus.redis_url={redis_url}",
+        "learner.world_size=2",
+        "checkpoint.every=4",
+        "faults.learner_call_s=120",
+    )
+
+    async def kill_rank() -> None:
+        await step_reached(cfg.run.dir, 1)
+        ranks = our_processes("ray::LearnerRank", 0)
+        assert len(ranks) == 2, ranks
+        ranks[-1].send_signal(signal.SIGKILL)
+
+    with pytest.raises(StopResumable, match="no checkpoint to rebuild it from yet"):
+        run_with_fault(cfg, kill_rank)
 
 
 # ----------------------------------------------------------------------------------------- redis
