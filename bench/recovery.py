@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,7 @@ FAULTS: dict[str, tuple[list[str], str | None]] = {
 def one_fault(name: str, model: Path, work: Path, steps: int) -> dict:
     extra, marker = FAULTS[name]
     run_dir, log = work / "runs" / name, work / "logs" / f"{name}.log"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier invocation's rows would pass for this run's
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     proc = launch(model, run_dir, steps, extra, log)
