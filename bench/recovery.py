@@ -15,8 +15,7 @@ SIGKILLed once step 3 is logged (one past the checkpoint of step 2):
 * driver: the `codeworld train` process itself, followed by `codeworld train --resume`.
 Recovery is the time of the first metrics row written after the kill minus the kill's time (for the
 driver this includes starting the new process). Every run must then reach its step count. Prints a
-markdown table. (The README's table so far holds the same figure as printed by
-tests/e2e/test_chaos.py; this script has not been run yet.)
+markdown table (the README's, beside the figures tests/e2e/test_chaos.py prints).
 """
 
 from __future__ import annotations

@@ -205,33 +205,30 @@ def test_engine_that_stops_answering_is_named_dumped_and_restarted(
 
 
 # ----------------------------------------------------------------------------------------- learner
+def two_rank_run(tmp_path: Path, tiny_model: str, redis_url: str, name: str, *extra: str) -> Config:
+    return chaos_config(tmp_path, tiny_model, name, 6, f"bus.redis_url={redis_url}", "learner.world_size=2",
+                        "faults.learner_call_s=120", *extra)
+
+
+async def kill_a_rank(run_dir: Path, after_step: int, killed: list[float]) -> None:
+    await step_reached(run_dir, after_step)
+    # No birth-time filter: a rank may be a worker process Ray started with the session.
+    ranks = our_processes("ray::LearnerRank", 0)
+    assert len(ranks) == 2, ranks
+    ranks[-1].send_signal(signal.SIGKILL)
+    killed.append(time.time())
+
+
 def test_learner_rank_killed_mid_run_is_rebuilt_from_the_last_checkpoint(
     tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
 ) -> None:
-    cfg = chaos_config(
-        tmp_path,
-        tiny_model,
-        "chaos-learner",
-        6,
-        f"bus.redis_url={redis_url}",
-        "learner.world_size=2",
-        "faults.learner_call_s=120",
-    )
+    cfg = two_rank_run(tmp_path, tiny_model, redis_url, "chaos-learner")
     killed: list[float] = []
-
-    async def kill_rank() -> None:
-        await step_reached(cfg.run.dir, 3)  # one step past the checkpoint of step 2: it must be redone
-        # No birth-time filter: a rank may be a worker process Ray started with the session.
-        ranks = our_processes("ray::LearnerRank", 0)
-        assert len(ranks) == 2, ranks
-        ranks[-1].send_signal(signal.SIGKILL)
-        killed.append(time.time())
-
-    summary = run_with_fault(cfg, kill_rank)
+    # One step past the checkpoint of step 2: it must be redone.
+    summary = run_with_fault(cfg, lambda: kill_a_rank(cfg.run.dir, 3, killed))
     check_accounts(cfg.run.dir, summary, 6)
     print_recovery("learner rank", cfg.run.dir, killed[0])
     assert killed and summary.faults["learner_rebuilds"] == 1, summary.faults
-
 
 
 def test_learner_rank_killed_before_any_checkpoint_stops_resumably_with_its_reason(
@@ -239,26 +236,9 @@ def test_learner_rank_killed_before_any_checkpoint_stops_resumably_with_its_reas
 ) -> None:
     # Failed before: stopping the run shut the learner down with a call to the dead rank, whose
     # ActorDiedError replaced the run's own message (bench/recovery.py met it).
-    cfg = chaos_config(
-        tmp_path,
-        tiny_model,
-        "chaos-learner-early",
-        6,
-        f"bus.redis_url={redis_url}",
-        "learner.world_size=2",
-        "checkpoint.every=4",
-        "faults.learner_call_s=120",
-    )
-
-    async def kill_rank() -> None:
-        await step_reached(cfg.run.dir, 1)
-        ranks = our_processes("ray::LearnerRank", 0)
-        assert len(ranks) == 2, ranks
-        ranks[-1].send_signal(signal.SIGKILL)
-
+    cfg = two_rank_run(tmp_path, tiny_model, redis_url, "chaos-learner-early", "checkpoint.every=4")
     with pytest.raises(StopResumable, match="no checkpoint to rebuild it from yet"):
-        run_with_fault(cfg, kill_rank)
-
+        run_with_fault(cfg, lambda: kill_a_rank(cfg.run.dir, 1, []))
 
 # ----------------------------------------------------------------------------------------- redis
 def test_private_redis_server_killed_mid_run_comes_back_on_its_append_only_file(
