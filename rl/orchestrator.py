@@ -17,7 +17,6 @@ import collections
 import json
 import os
 import random
-import shutil
 import sys
 import time
 import uuid
@@ -29,7 +28,7 @@ from pydantic import BaseModel
 
 from envs.base import EnvParams, Environment, Task
 from envs.registry import get_env
-from envs.swe.pools import shared_pool_stats
+from envs.swe.pools import close_shared_pools, shared_pool_stats
 from rl.api.server import run_location, start_for_run
 from rl.bus import TrajectoryBus
 from rl.config import Config, ConfigError, EnvSection
@@ -38,12 +37,13 @@ from rl.health import HealthMonitor
 from rl.learner import LearnerGroup, StepStats, TrainSample
 from rl.loss import group_advantages
 from rl.metrics import MetricsWriter, make_trackers, metric_name, plot_reward_curve, step_metrics
+from rl.placement import reserve
 from rl.redis_server import connect_or_start
 from rl.samples import SampleStore
 from rl.trajectory import Trajectory
-from rl.weights import exchange_dir, save_hf_checkpoint
+from rl.weights import WeightSync, exchange_dir, save_hf_checkpoint
 from workers.episode import ChatRenderer, EpisodeRunner
-from workers.rollout import EngineConfig, RolloutWorker, Sampling, checkpoint_dir
+from workers.rollout import EngineConfig, EnginePool, RolloutWorker, Sampling, checkpoint_dir
 
 
 class RunSummary(BaseModel):
@@ -117,25 +117,34 @@ class Orchestrator:
         # Trackers first: a tracker configured but not installed fails before anything starts.
         self.metrics = MetricsWriter(self.run_dir, make_trackers(self.run_dir, cfg.run.name, cfg.logging,
                                                                  cfg.model_dump(mode="json")))
+        # The bus before Ray: an unreachable or wrongly protected Redis is one clear error at start.
+        url, self._private_redis = connect_or_start(cfg.bus.redis_url, cfg.bus.password_env)
+        self.bus = TrajectoryBus(url, cfg.run.name)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                      num_cpus=None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, cfg.learner.world_size))
-        url, self._private_redis = connect_or_start(cfg.bus.redis_url)
-        self.bus = TrajectoryBus(url, cfg.run.name)
+        # Every actor's resources are held before the first one starts (an impossible plan fails here).
+        self.placement = await asyncio.to_thread(reserve, cfg)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len)
         self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode,
                                    cfg.run.seed)
         engine = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                               enforce_eager=cfg.rollout.enforce_eager, kv_cache_gib=cfg.rollout.kv_cache_gib,
-                              cpu_cores=cfg.rollout.cpu_cores,
+                              cpu_cores=cfg.rollout.cpu_cores, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.run.seed)
-        self.workers = [RolloutWorker.remote_actor(engine) for _ in range(cfg.rollout.num_workers)]
+        self.workers = [RolloutWorker.remote_actor(engine, **self.placement.options(p))
+                        for p in self.placement.plan.engines]
+        self.engines = EnginePool(len(self.workers))
         self.learner = await asyncio.to_thread(LearnerGroup, str(model_dir), cfg.learner, cfg.algorithm,
-                                               cfg.rollout.temperature, cfg.run.seed)
+                                               cfg.rollout.temperature, cfg.run.seed, self.placement)
         await asyncio.gather(*(w.get_version.remote() for w in self.workers))
-        self.weights_root = exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")
+        self.weights = WeightSync(cfg.weights, self.learner, self.workers,
+                                  [cfg.rollout.tensor_parallel_size] * len(self.workers),
+                                  self.placement.plan.transport(cfg.weights.transport),
+                                  exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}"), cfg.model.dtype)
+        await asyncio.to_thread(self.weights.connect)
 
     async def _learner_call(self, fn: Any, *args: Any) -> Any:
         """A blocking learner call in a thread that `stop` waits for: cancelling the awaiting
@@ -155,6 +164,7 @@ class Orchestrator:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.learner_calls:
             await asyncio.wait(self.learner_calls, timeout=120)
+        await close_shared_pools()  # the sandbox pools this run's environments opened
         for worker in getattr(self, "workers", []):
             try:
                 await asyncio.wait_for(worker.shutdown.remote(), timeout=30)
@@ -162,14 +172,16 @@ class Orchestrator:
                 pass  # the actor is killed with Ray below either way
         if hasattr(self, "learner"):
             await asyncio.to_thread(self.learner.shutdown)
+        if hasattr(self, "placement"):  # also ends the actors in it: on a shared cluster nothing else would
+            self.placement.remove()
         if getattr(self, "_owns_ray", False) and ray.is_initialized():
             ray.shutdown()
         if hasattr(self, "bus"):
             self.bus.close()
         if self._private_redis is not None:
             self._private_redis.close()
-        if hasattr(self, "weights_root"):
-            shutil.rmtree(self.weights_root, ignore_errors=True)
+        if hasattr(self, "weights"):
+            self.weights.close()
         if hasattr(self, "metrics"):
             self.metrics.close()
         if hasattr(self, "samples"):
@@ -193,8 +205,9 @@ class Orchestrator:
                 self.in_flight += 1
             slot = self.rng.choices(self.slots, weights)[0]
             task = self.rng.choice(slot.tasks)
-            worker = self.workers[index % len(self.workers)]
-            self._spawn(self.run_group(slot, task, worker, index))
+            samples = self.cfg.algorithm.group_size
+            engine = self.engines.pick(samples)  # the shallowest queue, not round-robin
+            self._spawn(self.engines.serve(engine, samples, self.run_group(slot, task, self.workers[engine], index)))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -278,8 +291,7 @@ class Orchestrator:
     async def push_weights(self, version: int) -> float:
         """Publish the learner's weights as `version` and load them into every engine."""
         start = time.perf_counter()
-        push = await self._learner_call(self.learner.publish, self.weights_root, version)
-        await asyncio.gather(*(w.update_weights.remote(push) for w in self.workers))
+        await self._learner_call(self.weights.push, version)
         return time.perf_counter() - start
 
     # ----------------------------------------------------------------- the run

@@ -23,6 +23,7 @@ from envs.swe.task import SWETask, load_swe_tasks, official_image
 from envs.swe.tools import TOOL_DOC, ToolCall, ToolFormatError, parse_tool_call
 from envs.swe.workspace import PolicyFault, SandboxFailure, Workspace
 from workers.sandbox import Isolation, SandboxError, SandboxUnavailable
+from workers.sandbox.choice import SandboxService
 
 MAX_TURNS = 200
 
@@ -62,6 +63,9 @@ class SWEParams(EnvParams):
     pool starts; on: the final step's info says `"isolation": "rlimit"`."""
     max_observation_chars: int = Field(default=8000, ge=200)
     """Tool output longer than this is cut (head and tail kept)."""
+    service: SandboxService = Field(default_factory=SandboxService)
+    """Where the pools live: this process, a pool actor per node of the Ray cluster, or a sandbox
+    service (`workers.sandbox.choice`)."""
 
 
 def task_image(task: SWETask, params: SWEParams) -> str:
@@ -123,7 +127,7 @@ class SWEEnv(Environment):
         self.swe = SWETask.model_validate(task.hidden["swe"])
         try:
             self.pool = await shared_pool(self.params.backend, task_image(self.swe, self.params),
-                                          self.params.pool_size, self.params.local_isolation)
+                                          self.params.pool_size, self.params.local_isolation, self.params.service)
             self.isolation = require_isolation(self.pool, self.params.allow_unisolated,
                                                "params.allow_unisolated")
             box = await self._stack.enter_async_context(self.pool.session())

@@ -1,6 +1,8 @@
-"""Sandbox pools shared by the SWE episodes of an event loop: one warm pool per (backend, image),
-started on first use and closed by `close_shared_pools` (episodes come and go; containers stay).
-Keyed by the running loop too, because a pool's queues and tasks belong to the loop that made it.
+"""Sandbox pools shared by the episodes of an event loop: one warm pool per (backend, image,
+service), started on first use and closed by `close_shared_pools` (episodes come and go;
+containers stay). The service (`workers.sandbox.choice`) says where the pool lives: in this
+process, as one actor per node of the Ray cluster, or behind a sandbox service. Keyed by the
+running loop too, because a pool's queues and tasks belong to the loop that made it.
 
 A pool's isolation is read from its first run when it starts. Rewards refuse a pool that isolates
 by rlimits only (`Isolation.RLIMIT`: no namespaces, no container) unless the environment's config
@@ -11,30 +13,34 @@ answers among them), the network, and as non-root the trainer's own processes.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from envs.base import EnvConfigError
-from workers.sandbox import (ExecRequest, Isolation, PoolStats, SandboxLimits, SandboxPool, SandboxUnavailable,
-                             Status)
+from workers.sandbox import ExecRequest, Isolation, PoolStats, SandboxLimits, SandboxUnavailable, Status
+from workers.sandbox.choice import SandboxService, open_pool, stats_by_node
 
 SWE_WORK_MB = 2048
 """Size cap of the sandbox work dir: a repository, its dependencies and the episode's snapshot
 of it must fit (the bytes count against the memory limit, so small repositories cost little)."""
 
-_Key = tuple[asyncio.AbstractEventLoop, str, str, str | None]
-_pools: dict[_Key, SandboxPool] = {}
-_starting: dict[_Key, asyncio.Task[SandboxPool]] = {}
+_Key = tuple[asyncio.AbstractEventLoop, str, str, str | None, str]
+_pools: dict[_Key, Any] = {}
+_starting: dict[_Key, asyncio.Task[Any]] = {}
 _isolation: dict[int, Isolation] = {}
 
 
-async def shared_pool(backend: str, image: str, size: int, local_isolation: str | None = None) -> SandboxPool:
+async def shared_pool(backend: str, image: str, size: int, local_isolation: str | None = None,
+                      service: SandboxService | None = None) -> Any:
     """This loop's warm pool for `image` on `backend`, started with `size` sandboxes if new
-    (`local_isolation`: the local backend's "bwrap" or "rlimit", None = the best available)."""
-    key = (asyncio.get_running_loop(), backend, image, local_isolation)
+    (`local_isolation`: the local backend's "bwrap" or "rlimit", None = the best available), where
+    `service` says (None: the default, `auto`)."""
+    service = service or SandboxService()
+    key = (asyncio.get_running_loop(), backend, image, local_isolation, service.model_dump_json())
     if key in _pools:
         return _pools[key]
     if key not in _starting:
         # One start per key, however many episodes ask at once.
-        _starting[key] = asyncio.create_task(_start(backend, image, size, local_isolation))
+        _starting[key] = asyncio.create_task(_start(backend, image, size, local_isolation, service))
     try:
         _pools[key] = await asyncio.shield(_starting[key])
     finally:
@@ -42,11 +48,10 @@ async def shared_pool(backend: str, image: str, size: int, local_isolation: str 
     return _pools[key]
 
 
-async def _start(backend: str, image: str, size: int, local_isolation: str | None) -> SandboxPool:
-    pool = SandboxPool(backend=backend, image=image, size=size,  # type: ignore[arg-type]
-                       limits=SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
-                       local_isolation=local_isolation)  # type: ignore[arg-type]
-    await pool.start()
+async def _start(backend: str, image: str, size: int, local_isolation: str | None,
+                 service: SandboxService) -> Any:
+    pool = await open_pool(service, backend, image, size,  # type: ignore[arg-type]
+                           SandboxLimits(work_mb=SWE_WORK_MB, pids=512), local_isolation)  # type: ignore[arg-type]
     # What isolates the programs is reported on every result; a first run reads it before any
     # grading depends on it.
     first = await pool.run(ExecRequest(command=["true"], timeout_s=60))
@@ -58,7 +63,7 @@ async def _start(backend: str, image: str, size: int, local_isolation: str | Non
     return pool
 
 
-def require_isolation(pool: SandboxPool, allow_unisolated: bool, setting: str) -> Isolation:
+def require_isolation(pool: Any, allow_unisolated: bool, setting: str) -> Isolation:
     """The isolation of a shared pool; EnvConfigError when it is rlimits only and the config
     (`setting`, the key's dotted path) does not accept that."""
     isolation = _isolation[id(pool)]
@@ -70,11 +75,15 @@ def require_isolation(pool: SandboxPool, allow_unisolated: bool, setting: str) -
     return isolation
 
 
-def shared_pool_stats() -> dict[str, PoolStats]:
-    """Counters of this loop's shared pools by "<backend>-<image>" (for health metrics)."""
+def shared_pool_stats() -> dict[tuple[str, str], PoolStats]:
+    """Counters of this loop's shared pools by (node, "<backend>-<image>") (for health metrics):
+    one entry per node for pools spread over a Ray cluster."""
     loop = asyncio.get_running_loop()
-    return {f"{backend}-{image}": pool.stats() for (owner, backend, image), pool in _pools.items()
-            if owner is loop}
+    out: dict[tuple[str, str], PoolStats] = {}
+    for (owner, backend, image, _isolation_kind, _service), pool in _pools.items():
+        if owner is loop:
+            out.update(stats_by_node(pool, f"{backend}-{image}"))
+    return out
 
 
 async def close_shared_pools() -> None:

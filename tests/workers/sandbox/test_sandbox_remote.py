@@ -65,14 +65,14 @@ async def test_ray_actor_per_node() -> None:
     try:
         async with RaySandboxPool(backend="local", size=1) as pool:
             node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-            assert set(pool.actors) == node_ids
+            assert set(pool.nodes) == node_ids
             r = await pool.run(ExecRequest(command=["python3", "-c", "print(sum(range(10)))"]))
             assert (r.status, r.stdout) == (Status.OK, b"45\n")
             async with pool.session() as box:
                 await box.put_files({"x.py": b"print('from file')"})
                 assert (await box.exec(ExecRequest(command=["python3", "x.py"]))).stdout == b"from file\n"
                 assert await box.get_files(["x.py"]) == {"x.py": b"print('from file')"}
-            stats = await pool.stats()
+            stats = pool.stats_by_node()  # brought back by every run and session
             assert [s.runs for s in stats.values()] == [1]
     finally:
         if started_here:
