@@ -250,14 +250,16 @@ def check_redis(url: str, password_env: str) -> None:
     client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     try:
         client.ping()
-    except redis.AuthenticationError as exc:  # WRONGPASS, or a password sent to a server without one
-        raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} refused the password ({exc}).") from None
-    except redis.ResponseError as exc:
-        if "NOAUTH" not in str(exc) and "Authentication required" not in str(exc):
-            raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} answered PING with an error "
-                                   f"({exc}).") from None
-        raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} requires a password; put it in the "
-                               f"URL (redis://:PASSWORD@host:port/0) or in ${password_env}.") from None
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        # RESP3 clients open with HELLO, which a server with a password answers with an
+        # authentication error when none was sent (NOAUTH with RESP2).
+        auth = isinstance(exc, redis.AuthenticationError) or "NOAUTH" in str(exc)
+        if auth and parts.password is None:
+            raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} requires a password; put it in "
+                                   f"the URL (redis://:PASSWORD@host:port/0) or in ${password_env}.") from None
+        what = "refused the password" if auth else "answered PING with an error"
+        raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} {what} "
+                               f"({' '.join(str(exc).split())}).") from None
     except redis.RedisError as exc:
         tls = " (TLS: is it a TLS port, and does ssl_ca_certs name the CA that signed its certificate?)" \
             if parts.scheme == "rediss" else ""

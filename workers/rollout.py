@@ -2,10 +2,14 @@
 
 Token in, token out: `generate` takes prompt token ids and returns, for each sample, the sampled
 token ids, the sampler's logprob of each sampled token and the policy version that produced each
-token. `update_weights` swaps weights while requests are in flight: pause (mode "keep") → reload
-from the pushed checkpoint → reset the prefix cache (cached prefixes hold old-weight KV; running
-requests are preempted and recompute theirs) → resume. Tokens sampled after the swap carry the
-new version, and are sampled from KV computed entirely by the new weights.
+token. A weight swap happens while requests are in flight: pause (mode "keep") → load → reset
+the prefix cache (cached prefixes hold old-weight KV; running requests are preempted and recompute
+theirs) → resume. Tokens sampled after the swap carry the new version, and are sampled from KV
+computed entirely by the new weights. The load comes from a pushed file (`update_weights`, one
+node) or from the learner's broadcast (`start_weight_update` → `receive_bucket`... →
+`finish_weight_update`, any node; see `workers.weight_transfer`).
+
+`EnginePool` is the orchestrator's view of its engines' queues, for load balancing.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import time
-from pathlib import Path
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -287,9 +292,11 @@ class EnginePool:
 
 
 def _reason(err: BaseException) -> str:
-    """The engine's own one-line reason, without the RPC layers' wrapping."""
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
+    """The engine worker's own sentence, without the RPC layers' wrapping ("Call to collective_rpc
+    method failed: Worker failed with error '...', please check the stack trace above ...")."""
+    text = " ".join(str(err).split())
+    inner = re.search(r"Worker failed with error '(.*)', please check", text)
+    return inner.group(1) if inner else text or type(err).__name__
 
 
 def checkpoint_dir(path: str | Path) -> Path:
