@@ -14,6 +14,7 @@ services-test: setup
 	@bash deploy/setup/services.sh docker
 	@bash deploy/setup/services.sh chromium
 	@$(CW) sandbox build-image --if-missing
+	@bash deploy/local/cluster.sh image
 
 # Tiny model -> short supervised warm start -> async RL; see examples/demo.yaml.
 demo: setup

@@ -7,6 +7,7 @@
 #                              [--sandboxes] [--mount DIR]... [--env KEY=VALUE]...
 #   deploy/local/cluster.sh down [--name N]
 #   deploy/local/cluster.sh env [--name N]       # prints RAY_ADDRESS, CODEWORLD_REDIS_URL, ...
+#   deploy/local/cluster.sh image                # builds the local image if missing (make services-test)
 #
 # Nodes run from the codeworld node image (--image, deploy/docker/Dockerfile.cpu) or, by default,
 # from a small local image (deploy/local/Dockerfile, built on first use) with this checkout, its
@@ -72,6 +73,10 @@ node_args() {  # sets `args`: the docker run arguments every node shares, the im
   args+=("${extra_env[@]}" "$image")
 }
 
+image_if_missing() {
+  docker image inspect "$local_image" >/dev/null 2>&1 || docker build -q -t "$local_image" "$here" >/dev/null
+}
+
 ray_start() {  # $1 = node container, then `ray start` options
   local node="$1" out
   shift
@@ -82,7 +87,7 @@ ray_start() {  # $1 = node container, then `ray start` options
 
 up() {
   docker network inspect "$name-net" >/dev/null 2>&1 && die "a cluster '$name' exists: run '$0 down --name $name'."
-  docker image inspect "$local_image" >/dev/null 2>&1 || docker build -q -t "$local_image" "$here" >/dev/null
+  image_if_missing
   password="$(head -c 18 /dev/urandom | base64 | tr -d '/+=')"
   docker network create --label "codeworld.cluster=$name" "$name-net" >/dev/null
   trap 'echo "cluster.sh: start failed; removing what was started" >&2; down' ERR
@@ -138,5 +143,6 @@ case "$command" in
   up) up ;;
   down) down ;;
   env) env_lines ;;
-  *) die "usage: $0 up|down|env [options] (see the header of $0)." ;;
+  image) image_if_missing ;;
+  *) die "usage: $0 up|down|env|image [options] (see the header of $0)." ;;
 esac
