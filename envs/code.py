@@ -155,7 +155,8 @@ async def sandbox_pool(params: SandboxParams):
     """The shared pool `params` asks for, its isolation checked against `allow_unisolated`."""
     from envs.swe.pools import require_isolation, shared_pool
 
-    pool = await shared_pool(params.backend, params.image, params.size, params.local_isolation, params.service)
+    pool = await shared_pool(params.backend, params.image, params.size, params.local_isolation,
+                             params.service)
     require_isolation(pool, params.allow_unisolated, "params.sandbox.allow_unisolated")
     return pool
 

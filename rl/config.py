@@ -79,8 +79,8 @@ class RolloutSection(Section):
     def _gpus_fit_tensor_parallel(self) -> RolloutSection:
         tp, gpus = self.tensor_parallel_size, self.num_gpus
         if gpus is not None and 0 < gpus < 1 and tp > 1:
-            raise ValueError(f"rollout.num_gpus {gpus} (a share of one GPU) needs rollout.tensor_parallel_size 1, "
-                             f"not {tp}.")
+            raise ValueError(f"rollout.num_gpus {gpus} (a share of one GPU) needs "
+                             f"rollout.tensor_parallel_size 1, not {tp}.")
         if gpus is not None and gpus >= 1 and gpus != tp:
             raise ValueError(f"rollout.num_gpus {gpus:g} must equal rollout.tensor_parallel_size {tp} "
                              "(one GPU per tensor-parallel rank).")

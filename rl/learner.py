@@ -276,7 +276,8 @@ def _rendezvous(reservation: Reservation | None) -> tuple[str, int]:
         return "127.0.0.1", free_port()
     node = reservation.plan.learner[0].node
     on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
-    return node.address, ray.get(ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on_node).remote())
+    port = ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on_node).remote()
+    return node.address, ray.get(port)
 
 
 class StepStats(BaseModel):
@@ -316,13 +317,14 @@ class LearnerGroup:
             raise err.cause from None
         address, port = _rendezvous(reservation)
         remote = ray.remote(LearnerRank)
-        self.ranks = [remote.options(**options[r]).remote(r, learner.world_size, port, model_path, learner, algo,
-                                                          temperature, seed, address)
+        self.ranks = [remote.options(**options[r]).remote(r, learner.world_size, port, model_path, learner,
+                                                          algo, temperature, seed, address)
                       for r in range(learner.world_size)]
         ray.get([r.ready.remote() for r in self.ranks])
         self.world_size = learner.world_size
-        log.info("learner: %d rank(s) ready, rendezvous at %s:%d (%s attention, %s float8, mixed precision %s)",
-                 self.world_size, address, port, learner.attention, learner.float8, learner.mixed_precision)
+        log.info("learner: %d rank(s) ready, rendezvous at %s:%d (%s attention, %s float8, "
+                 "mixed precision %s)", self.world_size, address, port, learner.attention, learner.float8,
+                 learner.mixed_precision)
 
     def train_step(self, minibatches: Sequence[Sequence[TrainSample]]) -> StepStats:
         """One optimizer step per minibatch; each is split across ranks with balanced tokens (a

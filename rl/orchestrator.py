@@ -132,7 +132,8 @@ class Orchestrator:
                                    cfg.run.seed)
         engine = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                               enforce_eager=cfg.rollout.enforce_eager, kv_cache_gib=cfg.rollout.kv_cache_gib,
-                              cpu_cores=cfg.rollout.cpu_cores, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                              cpu_cores=cfg.rollout.cpu_cores,
+                              tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.run.seed)
         self.workers = [RolloutWorker.remote_actor(engine, **self.placement.options(p))
                         for p in self.placement.plan.engines]
@@ -207,7 +208,8 @@ class Orchestrator:
             task = self.rng.choice(slot.tasks)
             samples = self.cfg.algorithm.group_size
             engine = self.engines.pick(samples)  # the shallowest queue, not round-robin
-            self._spawn(self.engines.serve(engine, samples, self.run_group(slot, task, self.workers[engine], index)))
+            group = self.run_group(slot, task, self.workers[engine], index)
+            self._spawn(self.engines.serve(engine, samples, group))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

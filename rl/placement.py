@@ -34,7 +34,8 @@ _PIN = 0.001
 def count_params(model_dir: Path) -> int:
     """Parameters of a Hugging Face decoder, from its config.json alone."""
     c = json.loads((model_dir / "config.json").read_text())
-    h, layers, vocab, inter = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
+    h, layers = c["hidden_size"], c["num_hidden_layers"]
+    vocab, inter = c["vocab_size"], c["intermediate_size"]
     head = c.get("head_dim") or h // c["num_attention_heads"]
     kv = c.get("num_key_value_heads", c["num_attention_heads"]) * head
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter + 2 * h
@@ -140,12 +141,12 @@ def _check_totals(cfg: Config, nodes: list[Node], gpu: bool, learner: dict[str, 
         total = sum(n.gpus for n in nodes)
         need = w + e * gpus
         if need > total:
-            raise ConfigError(f"learner.world_size ({w}) + rollout.num_workers ({e}) x {gpus:g} GPUs per engine "
-                              f"need {need:g} GPUs; the cluster has {total:g}.")
+            raise ConfigError(f"learner.world_size ({w}) + rollout.num_workers ({e}) x {gpus:g} GPUs per "
+                              f"engine need {need:g} GPUs; the cluster has {total:g}.")
         most = max(n.gpus for n in nodes)
         if gpus > most:
-            raise ConfigError(f"rollout.tensor_parallel_size {cfg.rollout.tensor_parallel_size} needs {gpus:g} "
-                              f"GPUs on one node; the largest node has {most:g}.")
+            raise ConfigError(f"rollout.tensor_parallel_size {cfg.rollout.tensor_parallel_size} needs "
+                              f"{gpus:g} GPUs on one node; the largest node has {most:g}.")
     if not any(_fits(_free(n), learner) for n in nodes):
         key = "learner.threads_per_rank" if not gpu else "learner.world_size"
         raise ConfigError(f"{key}: a learner rank needs {_show(learner)}; no node has that much.")
@@ -185,8 +186,8 @@ def assign(cfg: Config, nodes: list[Node]) -> Plan:
         node = next((n for n in candidates if _fits(free[n.node_id], engine_need)), None)
         if node is None:
             where = "on nodes without learner ranks" if cfg.placement.engines == "separate" else "anywhere"
-            raise ConfigError(f"rollout.num_workers: engine {i + 1} of {cfg.rollout.num_workers} ({_show(engine_need)}) "
-                              f"does not fit {where} once the learner is placed"
+            raise ConfigError(f"rollout.num_workers: engine {i + 1} of {cfg.rollout.num_workers} "
+                              f"({_show(engine_need)}) does not fit {where} once the learner is placed"
                               + (" (placement.engines: separate)." if where != "anywhere" else "."))
         _take(free[node.node_id], engine_need)
         engines.append(Placed(role="rollout engine", index=i, resources=engine_need, node=node))
@@ -200,8 +201,8 @@ def _place_learner(cfg: Config, order: list[Node], free: dict[str, dict[str, flo
     if cfg.placement.learner == "spread":
         hosts = [n for n in order if _fits(free[n.node_id], need)][:w]
         if len(hosts) < w:
-            raise ConfigError(f"placement.learner: spread puts each of learner.world_size ({w}) ranks on a node "
-                              f"of its own; only {len(hosts)} node(s) can hold a rank ({_show(need)}).")
+            raise ConfigError(f"placement.learner: spread puts each of learner.world_size ({w}) ranks on a "
+                              f"node of its own; only {len(hosts)} node(s) can hold a rank ({_show(need)}).")
     else:
         hosts = []
         for n in order:  # fill one node before the next
@@ -243,7 +244,8 @@ class Reservation:
         from ray.util.placement_group import placement_group, remove_placement_group
 
         self.plan = plan
-        self.groups = [placement_group([_pinned(p) for p in placed], strategy="PACK", name=f"codeworld-{role}")
+        self.groups = [placement_group([_pinned(p) for p in placed], strategy="PACK",
+                                       name=f"codeworld-{role}")
                        for role, placed in (("learner", plan.learner), ("engines", plan.engines))]
         start = time.perf_counter()
         for group, placed in zip(self.groups, (plan.learner, plan.engines)):
@@ -303,7 +305,8 @@ def describe(cfg: Config, plan: Plan | None, gpu: bool = False) -> str:
     gpu = plan.gpu if plan is not None else gpu
     learner, engine = bundles(cfg, gpu)
     lines = [f"run {cfg.run.name!r}: model {cfg.model.path} ({n / 1e6:.2f} M params, {cfg.model.dtype}), "
-             f"{cfg.run.steps} steps x {cfg.algorithm.batch_size} groups x {cfg.algorithm.group_size} samples, "
+             f"{cfg.run.steps} steps x {cfg.algorithm.batch_size} groups x {cfg.algorithm.group_size} "
+             "samples, "
              f"max_staleness {cfg.algorithm.max_staleness}, loss {cfg.algorithm.loss}",
              "envs: " + ", ".join(f"{e.name} (weight {e.weight})" for e in cfg.envs),
              f"bus: {_redacted(cfg.bus.redis_url) or 'private redis-server started for the run'}",
@@ -314,7 +317,8 @@ def describe(cfg: Config, plan: Plan | None, gpu: bool = False) -> str:
     if plan is None:
         lines.append("no Ray cluster (RAY_ADDRESS is unset): set it to see which node gets which actor.")
         return "\n".join(lines)
-    lines.append(f"weights: {plan.transport(cfg.weights.transport)} (weights.transport {cfg.weights.transport})")
+    choice = cfg.weights.transport
+    lines.append(f"weights: {plan.transport(choice)} (weights.transport {choice})")
     lines.append(describe_plan(plan))
     return "\n".join(lines)
 
@@ -325,7 +329,8 @@ def describe_plan(plan: Plan) -> str:
         here = [f"learner rank {p.index}" for p in plan.learner if p.node.node_id == node.node_id]
         here += [f"engine {p.index}" for p in plan.engines if p.node.node_id == node.node_id]
         here.append("sandbox pool" if node.sandboxes is None else f"no sandboxes ({node.sandboxes})")
-        lines.append(f"{node.address:<18}{node.cpus:>6g}{node.gpus:>6g}{node.memory / GIB:>8.1f}  " + ", ".join(here))
+        lines.append(f"{node.address:<18}{node.cpus:>6g}{node.gpus:>6g}{node.memory / GIB:>8.1f}  "
+                     + ", ".join(here))
     return "\n".join(lines)
 
 

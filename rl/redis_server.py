@@ -138,7 +138,8 @@ class PrivateRedis:
             if self.tls is not None:
                 cert, key = self.tls
                 argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
-                         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+                         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                         "--tls-auth-clients", "no"]
             with open(self.dir / "redis.log", "ab") as log:
                 self._proc = _on_spawner_thread(lambda: subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -229,7 +230,8 @@ def redact(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.hostname}{port}"))
 
 
 def with_password(url: str, password_env: str) -> str:
@@ -255,8 +257,9 @@ def check_redis(url: str, password_env: str) -> None:
         # authentication error when none was sent (NOAUTH with RESP2).
         auth = isinstance(exc, redis.AuthenticationError) or "NOAUTH" in str(exc)
         if auth and parts.password is None:
-            raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} requires a password; put it in "
-                                   f"the URL (redis://:PASSWORD@host:port/0) or in ${password_env}.") from None
+            raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} requires a password; put "
+                                   f"it in the URL (redis://:PASSWORD@host:port/0) or in ${password_env}."
+                                   ) from None
         what = "refused the password" if auth else "answered PING with an error"
         raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} {what} "
                                f"({' '.join(str(exc).split())}).") from None
@@ -269,7 +272,8 @@ def check_redis(url: str, password_env: str) -> None:
         client.close()
 
 
-def connect_or_start(redis_url: str | None, password_env: str = "CODEWORLD_REDIS_PASSWORD") -> tuple[str, PrivateRedis | None]:
+def connect_or_start(redis_url: str | None,
+                     password_env: str = "CODEWORLD_REDIS_PASSWORD") -> tuple[str, PrivateRedis | None]:
     """The Redis to use: `redis_url` if given (with the password from `$password_env` when the URL
     has none; checked with PING), else a new `PrivateRedis`.
 

@@ -195,7 +195,8 @@ class BroadcastSender(TrainerWeightTransferEngine[GlooBroadcastInit]):
             raise
         return PushStats(seconds=time.perf_counter() - start, bytes=sent, buckets=len(plan))
 
-    def _stream(self, version: int, plan: list[list[TensorMeta]], params: Iterator[tuple[str, torch.Tensor]]) -> int:
+    def _stream(self, version: int, plan: list[list[TensorMeta]],
+                params: Iterator[tuple[str, torch.Tensor]]) -> int:
         """Pack each bucket and hand it to a send thread, which announces it, broadcasts it and
         waits until every engine verified it before the next one goes: the engines stay in step,
         and one that refused a bucket is sent nothing more. Two buffers let the next bucket be

@@ -59,7 +59,8 @@ def publish(state_dict: Mapping[str, "torch.Tensor"], root: Path, version: int) 
     for old in root.glob("v*"):
         if old != target and old.name < target.name:
             shutil.rmtree(old, ignore_errors=True)
-    return WeightPush(version=version, path=target, checksum=sha256_file(final), num_bytes=final.stat().st_size)
+    return WeightPush(version=version, path=target, checksum=sha256_file(final),
+                      num_bytes=final.stat().st_size)
 
 
 def _without_aliases(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:  # noqa: F821

@@ -198,7 +198,8 @@ class RolloutWorker:
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
         endpoint = endpoint.model_copy(update={"local_address": ray.util.get_node_ip_address()})
-        await self.engine.init_weight_transfer_engine(WeightTransferInitRequest(init_info=endpoint.model_dump()))
+        request = WeightTransferInitRequest(init_info=endpoint.model_dump())
+        await self.engine.init_weight_transfer_engine(request)
 
     async def start_weight_update(self) -> None:
         """Pause generation (in-flight requests wait, keeping their KV) and start staging a push."""
@@ -220,7 +221,8 @@ class RolloutWorker:
         except Exception as err:
             # vLLM has ended its update session and the engine dropped what it had staged.
             await self._end_receiving()
-            raise WeightTransferRefused(f"engine at v{self.version} refused the push: {_reason(err)}") from None
+            raise WeightTransferRefused(f"engine at v{self.version} refused the push: {_reason(err)}"
+                                        ) from None
 
     async def finish_weight_update(self, version: int) -> float:
         """Load the staged push as `version` if it is whole, reset the prefix cache and resume.
@@ -229,7 +231,8 @@ class RolloutWorker:
         problem = await self.engine.collective_rpc("staged_update_problem", args=(version,))
         if any(problem):
             await self.abort_weight_update()
-            raise WeightTransferRefused(f"engine at v{self.version} refused the push: {next(p for p in problem if p)}")
+            reason = next(p for p in problem if p)
+            raise WeightTransferRefused(f"engine at v{self.version} refused the push: {reason}")
         try:
             await self.engine.finish_weight_update()
             await self._after_load(version)

@@ -107,7 +107,8 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
 
     def receive_weights(self, update_info: Bucket) -> None:  # type: ignore[override]
         if self.wire is None:
-            raise RuntimeError("the broadcast weight transfer was never joined (init_weight_transfer_engine).")
+            raise RuntimeError("the broadcast weight transfer was never joined "
+                               "(init_weight_transfer_engine).")
         bucket = update_info
         buffer = self._buffer(bucket.nbytes)
         self.wire.broadcast(buffer)  # join the broadcast first: the sender is already in it

@@ -127,7 +127,8 @@ class SWEEnv(Environment):
         self.swe = SWETask.model_validate(task.hidden["swe"])
         try:
             self.pool = await shared_pool(self.params.backend, task_image(self.swe, self.params),
-                                          self.params.pool_size, self.params.local_isolation, self.params.service)
+                                          self.params.pool_size, self.params.local_isolation,
+                                          self.params.service)
             self.isolation = require_isolation(self.pool, self.params.allow_unisolated,
                                                "params.allow_unisolated")
             box = await self._stack.enter_async_context(self.pool.session())

@@ -51,7 +51,8 @@ async def shared_pool(backend: str, image: str, size: int, local_isolation: str 
 async def _start(backend: str, image: str, size: int, local_isolation: str | None,
                  service: SandboxService) -> Any:
     pool = await open_pool(service, backend, image, size,  # type: ignore[arg-type]
-                           SandboxLimits(work_mb=SWE_WORK_MB, pids=512), local_isolation)  # type: ignore[arg-type]
+                           SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
+                           local_isolation)  # type: ignore[arg-type]
     # What isolates the programs is reported on every result; a first run reads it before any
     # grading depends on it.
     first = await pool.run(ExecRequest(command=["true"], timeout_s=60))

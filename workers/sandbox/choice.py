@@ -50,8 +50,9 @@ def resolved_kind(service: SandboxService) -> Literal["process", "ray", "http"]:
     return "process"
 
 
-async def open_pool(service: SandboxService, backend: Literal["docker", "local", "auto"], image: str, size: int,
-                    limits: SandboxLimits, local_isolation: Literal["bwrap", "rlimit"] | None) -> Any:
+async def open_pool(service: SandboxService, backend: Literal["docker", "local", "auto"], image: str,
+                    size: int, limits: SandboxLimits,
+                    local_isolation: Literal["bwrap", "rlimit"] | None) -> Any:
     """The started pool `service` names (backend, image and size apply to process and ray pools;
     an HTTP service runs its own)."""
     kind = resolved_kind(service)
@@ -60,7 +61,8 @@ async def open_pool(service: SandboxService, backend: Literal["docker", "local",
 
         token = os.environ.get(service.token_env)
         if not token:
-            raise SandboxUnavailable(f"the sandbox service at {service.url} needs its token in ${service.token_env}.")
+            raise SandboxUnavailable(f"the sandbox service at {service.url} needs its token in "
+                                     f"${service.token_env}.")
         return SandboxClient(service.url or "", token)
     if kind == "ray":
         from workers.sandbox.ray_pool import RaySandboxPool
@@ -68,7 +70,8 @@ async def open_pool(service: SandboxService, backend: Literal["docker", "local",
         pool: Any = RaySandboxPool(backend=backend, image=image, size=size, limits=limits,
                                    local_isolation=local_isolation)
     else:
-        pool = SandboxPool(backend=backend, image=image, size=size, limits=limits, local_isolation=local_isolation)
+        pool = SandboxPool(backend=backend, image=image, size=size, limits=limits,
+                           local_isolation=local_isolation)
     await pool.start()
     return pool
 

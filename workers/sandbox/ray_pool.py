@@ -55,7 +55,8 @@ def probe_nodes(node_ids: list[str], backend: Backend = "docker", image: str = D
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(why_no_sandboxes)
-    calls = {node: probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+    calls = {node: probe.options(num_cpus=0,
+                                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
              .remote(backend, image) for node in node_ids}
     out: dict[str, str | None] = {}
     for node, call in calls.items():
@@ -125,7 +126,8 @@ class RaySandboxPool:
     Ray job: one SandboxPoolActor per alive node that can run the backend's sandboxes."""
 
     def __init__(self, backend: Backend = "docker", image: str = DEFAULT_IMAGE, size: int = 4,
-                 limits: SandboxLimits | None = None, local_isolation: Literal["bwrap", "rlimit"] | None = None,
+                 limits: SandboxLimits | None = None,
+                 local_isolation: Literal["bwrap", "rlimit"] | None = None,
                  node_ids: list[str] | None = None) -> None:
         self.backend_name: str = backend
         self.image, self.size = image, size
@@ -147,14 +149,16 @@ class RaySandboxPool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         ids = self.node_ids or [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        why = await asyncio.to_thread(probe_nodes, ids, self.backend_name, self.image)  # type: ignore[arg-type]
+        why = await asyncio.to_thread(probe_nodes, ids, self.backend_name,  # type: ignore[arg-type]
+                                      self.image)
         usable = [node for node in ids if why[node] is None]
         if not usable:
             raise SandboxUnavailable(f"no node of the Ray cluster can run {self.backend_name} sandboxes: "
                                      + "; ".join(sorted(set(filter(None, why.values())))))
         actor_cls = ray.remote(num_cpus=0)(SandboxPoolActor)
-        actors = {node: actor_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-                  .remote(self.backend_name, self.image, self.size, self.limits.model_dump(), self.local_isolation)
+        args = (self.backend_name, self.image, self.size, self.limits.model_dump(), self.local_isolation)
+        actors = {node: actor_cls.options(
+                      scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
                   for node in usable}
         for node, actor in actors.items():
             try:
@@ -166,7 +170,8 @@ class RaySandboxPool:
             self.backend_name = backend
             self.nodes[node] = _NodePool(actor, address, self.size)
         if not self.nodes:
-            raise SandboxUnavailable(f"no {self.backend_name} sandbox pool started on any node of the Ray cluster.")
+            raise SandboxUnavailable(f"no {self.backend_name} sandbox pool started on any node of the Ray "
+                                     "cluster.")
         log.info("sandbox pools (%s, %s) on %s", self.backend_name, self.image,
                  ", ".join(n.address for n in self.nodes.values()))
 
