@@ -74,7 +74,7 @@ def test_dry_run_prints_the_plan_without_starting_anything(tiny_model: str) -> N
     assert "1.04 M params" in out.stdout
     assert "learner: 2 rank(s)" in out.stdout
     assert "engines: 1 x (" in out.stdout
-    assert "no Ray cluster (RAY_ADDRESS is unset)" in out.stdout  # the plan per node: tests/e2e/test_cluster.py
+    assert "no Ray cluster (RAY_ADDRESS is unset)" in out.stdout  # per node: tests/e2e/test_cluster.py
 
 
 def test_cli_rejects_unknown_key_with_its_path(tiny_model: str) -> None:
