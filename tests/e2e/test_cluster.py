@@ -139,7 +139,8 @@ def test_training_across_nodes_matches_a_plain_synchronous_loop(cluster, job_dir
     norms = [r["train/grad_norm"] for r in rows]
     assert norms[0] == pytest.approx(ref_norms[0], rel=1e-5) and norms[1:] == pytest.approx(ref_norms[1:], rel=1e-3)
     # Sandboxes ran on every node (the driver's node first, the overflow elsewhere), counted per node.
-    nodes = {k.split("/")[1] for r in rows for k, v in r.items() if k.startswith("sandbox/") and k.endswith("/runs") and v}
+    nodes = {k.split("/")[1] for r in rows for k, v in r.items()
+             if k.startswith("sandbox/") and k.endswith("/runs") and v}
     assert len(nodes) == 3, nodes
     assert max(r["train/mismatch_abs"] for r in rows) <= 1e-5  # learner vs sampler after cross-node pushes
 
