@@ -15,6 +15,7 @@ services-test: setup
 	@bash deploy/setup/services.sh chromium
 	@bash deploy/setup/services.sh registry
 	@$(CW) sandbox build-image --if-missing
+	@bash deploy/local/cluster.sh image
 
 # Tiny model -> short supervised warm start -> async RL; see examples/demo.yaml.
 demo: setup

@@ -30,6 +30,7 @@ from envs.code_datasets import (
 from envs.data import resolve
 from envs.registry import register_env
 from reward.code import CodeTests, ExecLimits, GradeResult
+from workers.sandbox.choice import SandboxService
 
 DEFAULT_IMAGE = "codeworld-sandbox:py311"
 
@@ -52,6 +53,9 @@ class SandboxParams(BaseModel):
     """Accept a pool that isolates programs by rlimits only (they can read the host's files, the
     answers included, reach the network and signal the trainer's processes). Off: such a pool
     is refused when it starts; on: every step's info says `"isolation": "rlimit"`."""
+    service: SandboxService = Field(default_factory=SandboxService)
+    """Where the pool lives: this process, a pool actor per node of the Ray cluster, or a sandbox
+    service (`workers.sandbox.choice`)."""
 
 
 class CodeParams(EnvParams):
@@ -151,7 +155,8 @@ async def sandbox_pool(params: SandboxParams):
     """The shared pool `params` asks for, its isolation checked against `allow_unisolated`."""
     from envs.swe.pools import require_isolation, shared_pool
 
-    pool = await shared_pool(params.backend, params.image, params.size, params.local_isolation)
+    pool = await shared_pool(params.backend, params.image, params.size, params.local_isolation,
+                             service=params.service)
     require_isolation(pool, params.allow_unisolated, "params.sandbox.allow_unisolated")
     return pool
 

@@ -63,11 +63,28 @@ class RolloutSection(Section):
     def _core_number(cls, value: object) -> object:
         return str(value) if isinstance(value, int) else value  # `rollout.cpu_cores=1` reads as an int
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    """Share of GPU memory a GPU engine may take."""
+    """Share of its GPUs' memory a GPU engine may take (weights, activations, KV cache)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine shards the model over; they are always on one node."""
+    num_gpus: float | None = Field(None, ge=0)
+    """GPUs each engine reserves. None: `tensor_parallel_size` on a cluster with GPUs, 0 without. A
+    fraction (with `tensor_parallel_size` 1) lets several engines share a GPU; size
+    `gpu_memory_utilization` so that they fit."""
     enforce_eager: bool = True
     """Skip torch.compile / CUDA graphs: starts ~3x faster, generates a little slower."""
     max_concurrent_episodes: int = Field(512, ge=1)
     """Episodes running at once across all workers (beyond admission control)."""
+
+    @model_validator(mode="after")
+    def _gpus_fit_tensor_parallel(self) -> RolloutSection:
+        tp, gpus = self.tensor_parallel_size, self.num_gpus
+        if gpus is not None and 0 < gpus < 1 and tp > 1:
+            raise ValueError(f"rollout.num_gpus {gpus} (a share of one GPU) needs "
+                             f"rollout.tensor_parallel_size 1, not {tp}.")
+        if gpus is not None and gpus >= 1 and gpus != tp:
+            raise ValueError(f"rollout.num_gpus {gpus:g} must equal rollout.tensor_parallel_size {tp} "
+                             "(one GPU per tensor-parallel rank).")
+        return self
 
 
 class AlgorithmSection(Section):
@@ -290,10 +307,45 @@ class EvalSection(Section):
 
 
 class BusSection(Section):
-    redis_url: str | None = None
-    """Redis to use; unset: codeworld starts a private redis-server and stops it at exit."""
+    redis_url: str | None = Field(None, pattern=r"^rediss?://")
+    """Redis to use (`redis://host:6379/0`, `rediss://` for TLS; a private CA as
+    `?ssl_ca_certs=/path/ca.pem`); unset: codeworld starts a private redis-server and stops it at
+    exit. A password may be in the URL (`redis://:PASSWORD@host:6379/0`) or in `password_env`."""
+    password_env: str = "CODEWORLD_REDIS_PASSWORD"
+    """Environment variable holding the Redis password, used when `redis_url` carries none (keeps
+    the secret out of config files and logs)."""
     block_ms: int = Field(1000, ge=1)
     """How long one read waits for trajectories before checking for shutdown."""
+
+
+class WeightsSection(Section):
+    transport: Literal["auto", "file", "broadcast"] = "auto"
+    """How new weights reach the engines. file: safetensors in shared memory that each engine
+    reloads, for engines on learner rank 0's node only; broadcast: streamed in buckets from the
+    learner's shards to every engine's workers (gloo on CPU, NCCL on GPU), across nodes; auto:
+    file when every engine is on learner rank 0's node, broadcast otherwise."""
+    bucket_mb: float = Field(256, gt=0)
+    """Broadcast bucket size in MiB: the learner gathers, checksums and sends this much at a time
+    (a larger tensor goes alone). Learner rank 0 holds one bucket; an engine stages the whole push
+    (one model's bytes) until it is verified."""
+    timeout_s: float = Field(600, gt=0)
+    """Longest any one step of a broadcast push (joining, one bucket, the final load) may take
+    before the push fails."""
+    push_attempts: int = Field(3, ge=1)
+    """Attempts at a push an engine refused (a corrupted or torn transfer: the engines keep
+    serving the previous version); after the last, the run stops with the engines' reason."""
+
+
+class PlacementSection(Section):
+    learner: Literal["pack", "spread"] = "pack"
+    """Learner ranks: pack fills nodes (ranks talk over NVLink or shared memory); spread puts one
+    rank per node."""
+    engines: Literal["packed", "separate"] = "packed"
+    """Rollout engines: packed fills the learner's nodes first, then others; separate never puts
+    an engine on a node with a learner rank."""
+    timeout_s: float = Field(120, gt=0)
+    """How long Ray may take to reserve the plan (other jobs may hold resources) before the run
+    stops with the plan that could not be placed."""
 
 
 class CheckpointSection(Section):
@@ -406,6 +458,8 @@ class Config(Section):
     envs: list[EnvSection] = Field(default_factory=list, min_length=1)
     eval: EvalSection = EvalSection()
     bus: BusSection = BusSection()
+    weights: WeightsSection = WeightsSection()
+    placement: PlacementSection = PlacementSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
     faults: FaultsSection = FaultsSection()

@@ -8,7 +8,12 @@
   drops it as lost. `monitor` polls each engine's liveness, because a call waiting in vLLM when
   its core dies may never return. Pushes carry the `faults.weight_push_s` deadline per engine; an engine that
   fails one is restarted onto those weights. Restarts beyond `faults.engine_restarts` stop the
-  run resumably.
+  run resumably. Each engine starts with its own Ray options (its bundle of the run's placement,
+  `rl.placement`); a new group goes to the engine with the fewest groups in flight (`assign`), so
+  a slower engine (a smaller GPU, a node shared with the learner) gets fewer groups, not an equal
+  share. With the broadcast transport (`restartable=False`) an engine that dies stops the run
+  resumably instead: a new engine would have to join the transfer group, which this does not do
+  yet (`--resume` starts every engine and the group afresh).
 * `supervise_redis` restarts the run's private redis-server (same port, same append-only file)
   when it dies; the bus retries its calls across the gap (rl/bus.py).
 * `StopResumable` is how any part ends a run that cannot go on by itself: the CLI prints its
@@ -18,8 +23,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rl.config import FaultsSection
@@ -62,11 +68,18 @@ class EngineSupervisor:
     """The run's rollout engines: started, guarded, pushed to and restarted here."""
 
     def __init__(self, configs: list[EngineConfig], faults: FaultsSection, watchdog: Watchdog,
-                 start: Callable[[EngineConfig], Any] = RolloutWorker.remote_actor) -> None:
+                 start: Callable[..., Any] = RolloutWorker.remote_actor, options: list[dict[str, Any]] | None = None,
+                 restartable: bool = True) -> None:
+        """`start(config, **options)` starts one engine actor; `options`: per engine, its Ray options
+        (None: none); `restartable`: False where a dead engine must stop the run (see above)."""
         self.configs, self.faults, self.watchdog, self._start = configs, faults, watchdog, start
+        self.options = options or [{} for _ in configs]
+        self.restartable = restartable
         self.handles: list[Any] = []
         self.depth = [0] * len(configs)
         """Generate calls outstanding per engine (its queue depth)."""
+        self.groups = [0] * len(configs)
+        """Groups assigned to each engine and not yet finished (`assign`)."""
         self.epoch = [0] * len(configs)
         """Restarts per engine: a failure seen under an older epoch was already dealt with."""
         self.restarts = 0
@@ -74,7 +87,7 @@ class EngineSupervisor:
         self._locks = [asyncio.Lock() for _ in configs]
 
     async def start(self) -> None:
-        self.handles = [self._start(c) for c in self.configs]
+        self.handles = [self._start(c, **o) for c, o in zip(self.configs, self.options, strict=True)]
         await asyncio.gather(*(h.get_version.remote() for h in self.handles))
 
     @property
@@ -83,9 +96,21 @@ class EngineSupervisor:
         return [GuardedEngine(self, i) for i in range(len(self.configs))]
 
     def state(self) -> list[dict[str, Any]]:
-        """Per engine: queue depth and restarts (for state dumps and metrics)."""
-        return [{"engine": i, "queue_depth": self.depth[i], "restarts": self.epoch[i]}
+        """Per engine: queue depth, groups in flight and restarts (for state dumps and metrics)."""
+        return [{"engine": i, "queue_depth": self.depth[i], "groups": self.groups[i], "restarts": self.epoch[i]}
                 for i in range(len(self.configs))]
+
+    @contextlib.contextmanager
+    def assign(self, avoid: int | None = None) -> Iterator[GuardedEngine]:
+        """The engine for one group, held while the block runs: the one with the fewest groups in
+        flight (the lowest index on a tie), another than `avoid` (a retry's failed engine) when
+        there is another."""
+        i = min(range(len(self.configs)), key=lambda e: (e == avoid, self.groups[e], e))
+        self.groups[i] += 1
+        try:
+            yield GuardedEngine(self, i)
+        finally:
+            self.groups[i] -= 1
 
     async def generate(self, i: int, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:
         epoch = self.epoch[i]
@@ -125,6 +150,22 @@ class EngineSupervisor:
 
         await asyncio.gather(*(one(i) for i in range(len(self.handles))))
 
+    async def dead(self) -> list[int]:
+        """Engines whose actor or vLLM core has died (a busy engine that does not answer within
+        `faults.engine_poll_s` counts as alive: the calls' own deadlines decide about it)."""
+        import ray
+
+        async def one(i: int) -> bool:
+            try:
+                return bool(await asyncio.wait_for(self.handles[i].errored.remote(), self.faults.engine_poll_s))
+            except ray.exceptions.RayActorError:
+                return True
+            except Exception:
+                return False
+
+        found = await asyncio.gather(*(one(i) for i in range(len(self.handles))))
+        return [i for i, is_dead in enumerate(found) if is_dead]
+
     async def monitor(self) -> None:
         """For as long as the run lasts: restart an engine whose vLLM core has died. Killing the
         old actor fails every call still waiting in it, which its caller then retries or drops."""
@@ -144,6 +185,9 @@ class EngineSupervisor:
         async with self._locks[i]:
             if self.epoch[i] != epoch:
                 return
+            if not self.restartable:
+                raise StopResumable(f"engine {i} {why}; under the broadcast weight transport an engine cannot "
+                                    "rejoin the transfer group mid-run yet, so the run stops")
             self.restarts += 1
             if self.restarts > self.faults.engine_restarts:
                 raise StopResumable(f"engine {i} {why}, and the run has restarted engines "
@@ -151,7 +195,7 @@ class EngineSupervisor:
             log.warning("engine %d %s; restarting it", i, why)
             await self._stop(self.handles[i])
             try:
-                handle = self._start(self.configs[i])
+                handle = self._start(self.configs[i], **self.options[i])
                 await self.watchdog.guard(f"engine {i}: restart", self.faults.engine_start_s,
                                           handle.get_version.remote())
                 if self.last_push is not None:

@@ -54,7 +54,7 @@ class HealthMonitor:
         self.node = socket.gethostname()
         self._envs: dict[str, _Window] = collections.defaultdict(_Window)
         self._since = time.perf_counter()
-        self._pool_runs: dict[str, int] = {}
+        self._pool_runs: dict[tuple[str, str], int] = {}
 
     def observe(self, env: str, outcomes: Iterable[EpisodeOutcome]) -> None:
         window = self._envs[env]
@@ -76,20 +76,22 @@ class HealthMonitor:
                 # Everything of the episode that was not generation: reset, verification, sandboxes.
                 window.verify_s.append(max(traj.timings["episode"] - traj.timings["generate"], 0.0))
 
-    def drain(self, pools: Mapping[str, Any]) -> dict[str, float]:
-        """Metrics for the interval since the last call; `pools` maps a pool's label to its
-        `PoolStats` (counters since the pool started)."""
+    def drain(self, pools: Mapping[str | tuple[str, str], Any]) -> dict[str, float]:
+        """Metrics for the interval since the last call; `pools` maps a pool's label, or a
+        (node, label) pair for a pool on another node, to its `PoolStats` (counters since the pool
+        started)."""
         now = time.perf_counter()
         dt, self._since = max(now - self._since, 1e-9), now
         out: dict[str, float] = {}
         for env, window in sorted(self._envs.items()):
             out.update({metric_name("env", env, k): v for k, v in _window_metrics(window, dt).items()})
         self._envs.clear()
-        for label, stats in sorted(pools.items()):
+        for key, stats in sorted(pools.items(), key=lambda item: str(item[0])):
+            node, label = key if isinstance(key, tuple) else (self.node, key)
             s = stats.model_dump()
-            runs_before, self._pool_runs[label] = self._pool_runs.get(label, 0), s["runs"]
+            runs_before, self._pool_runs[(node, label)] = self._pool_runs.get((node, label), 0), s["runs"]
             values = {**s, "busy": s["size"] - s["ready"], "exec_per_s": (s["runs"] - runs_before) / dt}
-            out.update({metric_name("sandbox", self.node, label, k): float(v) for k, v in values.items()})
+            out.update({metric_name("sandbox", node, label, k): float(v) for k, v in values.items()})
         return out
 
 

@@ -18,14 +18,17 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from rl.batching import MicroBatch, TrainSample, dummy_micro_batch, micro_batches
-from rl.config import AlgorithmSection, LearnerSection
+from rl.config import AlgorithmSection, LearnerSection, WeightsSection
 from rl.loss import ImportanceStats, aggregation_weights, merge_importance
-from rl.weights import WeightPush
+from workers.weight_transfer import WeightPush
+
+if TYPE_CHECKING:
+    from rl.placement import Reservation
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,9 @@ def lr_multiplier(step: int, cfg: LearnerSection) -> float:
 
 
 def free_port() -> int:
+    """A TCP port free on every interface of this node (a rendezvous listens on all of them)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -71,14 +75,16 @@ class LearnerRank:
     """One rank of the learner. Start through `LearnerGroup`."""
 
     def __init__(self, rank: int, world_size: int, master_port: int, model_path: str,
-                 learner: LearnerSection, algo: AlgorithmSection, temperature: float, seed: int) -> None:
+                 learner: LearnerSection, algo: AlgorithmSection, temperature: float, seed: int,
+                 master_addr: str = "127.0.0.1") -> None:
         import torch
         import torch.distributed as dist
 
         from rl.parallelize import build_model, require_runnable
 
         require_runnable(learner)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+        # Rank 0's node address: ranks on other nodes rendezvous there.
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         torch.set_num_threads(learner.threads_per_rank)
         torch.manual_seed(seed)
         cuda = torch.cuda.is_available()
@@ -213,6 +219,22 @@ class LearnerRank:
         sd = self.full_state_dict()
         return publish(sd, Path(root), version) if sd is not None else None
 
+    def connect_engines(self, engines: list[Any], tp_sizes: list[int], weights: WeightsSection,
+                        dtype: str) -> None:
+        """Set up the broadcast weight transport (collective; rank 0 opens it on its node)."""
+        import torch
+
+        from rl.weight_broadcast import connect
+
+        if getattr(self, "sender", None) is not None:  # formed again: a restarted engine, say
+            self.sender.shutdown()
+        self.sender = connect(self.model, self.rank, engines, tp_sizes, weights.bucket_mb, weights.timeout_s,
+                              getattr(torch, dtype), free_port() if self.rank == 0 else 0)
+
+    def broadcast(self, version: int) -> Any:
+        """Stream this version's weights to the engines (collective); rank 0 returns its PushStats."""
+        return self.sender.send_weights(version)
+
     def save_checkpoint(self, path: str) -> None:
         """Model and optimizer state with torch.distributed.checkpoint (resharding on load)."""
         import torch.distributed.checkpoint as dcp
@@ -236,6 +258,8 @@ class LearnerRank:
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        if getattr(self, "sender", None) is not None:
+            self.sender.shutdown()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -257,6 +281,30 @@ def weigh(minibatch: Sequence[TrainSample], algo: AlgorithmSection, max_tokens: 
     counts = [int(s.loss_mask.sum()) for s in minibatch]
     weights = aggregation_weights(counts, algo, max_tokens)
     return [s.model_copy(update={"weight": w}) for s, w in zip(minibatch, weights)]
+
+
+def _rank_options(learner: LearnerSection, reservation: Reservation | None) -> list[dict[str, Any]]:
+    """Ray options of each rank: its bundle of the run's placement, or (no placement) one CPU and,
+    when the cluster has GPUs, one GPU."""
+    import ray
+
+    if reservation is not None:
+        return [reservation.options(p) for p in reservation.plan.learner]
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    return [{"num_cpus": min(learner.threads_per_rank, 1), "num_gpus": gpus}] * learner.world_size
+
+
+def _rendezvous(reservation: Reservation | None) -> tuple[str, int]:
+    """Rank 0's node address and a port free there (where every rank meets)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if reservation is None:
+        return "127.0.0.1", free_port()
+    node = reservation.plan.learner[0].node
+    on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+    port = ray.remote(free_port).options(num_cpus=0, scheduling_strategy=on_node).remote()
+    return node.address, ray.get(port)
 
 
 class StepStats(BaseModel):
@@ -285,27 +333,31 @@ class LearnerGroup:
     """Driver-side handle on the learner ranks."""
 
     def __init__(self, model_path: str, learner: LearnerSection, algo: AlgorithmSection,
-                 temperature: float, seed: int, max_tokens: int = 1) -> None:
-        """`max_tokens`: the rollout's token limit per turn, the constant of `aggregation: token_sum`."""
+                 temperature: float, seed: int, max_tokens: int = 1,
+                 reservation: Reservation | None = None) -> None:
+        """`max_tokens`: the rollout's token limit per turn, the constant of `aggregation: token_sum`.
+        `reservation`: the run's placement (`rl.placement`); None: this machine's Ray, any GPU."""
         import ray
 
         from rl.parallelize import require_runnable
 
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        options = _rank_options(learner, reservation)
         # Check the kernels where a rank will run, so a bad choice is one clear error, not a dead actor.
-        probe = ray.remote(require_runnable).options(num_cpus=0, num_gpus=gpus)
+        probe = ray.remote(require_runnable).options(**options[0])
         try:
             ray.get(probe.remote(learner))
         except ray.exceptions.RayTaskError as err:
             raise err.cause from None
-        port = free_port()
-        remote = ray.remote(LearnerRank).options(num_cpus=min(learner.threads_per_rank, 1), num_gpus=gpus)
-        self.ranks = [remote.remote(r, learner.world_size, port, model_path, learner, algo, temperature, seed)
+        address, port = _rendezvous(reservation)
+        remote = ray.remote(LearnerRank)
+        self.ranks = [remote.options(**options[r]).remote(r, learner.world_size, port, model_path, learner,
+                                                          algo, temperature, seed, address)
                       for r in range(learner.world_size)]
         ray.get([r.ready.remote() for r in self.ranks])
         self.world_size, self.algo, self.max_tokens = learner.world_size, algo, max_tokens
-        log.info("learner: %d rank(s) ready (%s attention, %s float8, mixed precision %s)", self.world_size,
-                 learner.attention, learner.float8, learner.mixed_precision)
+        log.info("learner: %d rank(s) ready, rendezvous at %s:%d (%s attention, %s float8, "
+                 "mixed precision %s)", self.world_size, address, port, learner.attention, learner.float8,
+                 learner.mixed_precision)
 
     def train_step(self, minibatches: Sequence[Sequence[TrainSample]]) -> StepStats:
         """One optimizer step per minibatch; each is split across ranks with balanced tokens (a
@@ -338,6 +390,25 @@ class LearnerGroup:
 
         pushes = ray.get([r.publish.remote(str(root), version) for r in self.ranks])
         return next(p for p in pushes if p is not None)
+
+    def connect_engines(self, engines: list[Any], tp_sizes: list[int], weights: WeightsSection,
+                        dtype: str) -> None:
+        """Join the broadcast transport with the engines (they receive in `dtype`)."""
+        import ray
+
+        ray.get([r.connect_engines.remote(engines, tp_sizes, weights, dtype) for r in self.ranks])
+
+    def broadcast(self, version: int) -> Any:
+        """Stream this version's weights into every engine; returns rank 0's PushStats. Raises
+        `WeightTransferRefused` when an engine refused the push (it keeps its previous weights)."""
+        import ray
+
+        from workers.weight_transfer import WeightTransferRefused
+
+        try:
+            return ray.get([r.broadcast.remote(version) for r in self.ranks])[0]
+        except ray.exceptions.RayTaskError as err:
+            raise (err.cause if isinstance(err.cause, WeightTransferRefused) else err) from None
 
     def full_state_dict(self) -> dict[str, Any]:
         import ray

@@ -37,7 +37,7 @@ from pydantic import BaseModel
 
 from envs.base import EnvParams, Environment, Task
 from envs.registry import get_env
-from envs.swe.pools import shared_pool_stats
+from envs.swe.pools import close_shared_pools, shared_pool_stats
 from rl.api.server import run_location, start_for_run
 from rl.buffer import GroupBuffer
 from rl.bus import BusUnavailable, EntryInfo, TrajectoryBus
@@ -49,6 +49,7 @@ from rl.learner import LearnerGroup, StepStats, TrainSample
 from rl.ledger import Ledger, LedgerTotals, decided_in, sample_id
 from rl.loss import batch_advantages
 from rl.metrics import MetricsWriter, make_trackers, metric_name, plot_reward_curve, step_metrics
+from rl.placement import reserve
 from rl.redis_server import connect_or_start
 from rl.resume import (CheckpointMeta, Launch, checkpoint_path, complete_checkpoints, find_checkpoint,
                        lock_run_dir, plan_adoption, read_meta, require_fresh, rng_state, set_aside_later,
@@ -56,7 +57,7 @@ from rl.resume import (CheckpointMeta, Launch, checkpoint_path, complete_checkpo
 from rl.samples import SampleStore
 from rl.trajectory import Trajectory
 from rl.watchdog import Hang, Watchdog
-from rl.weights import exchange_dir, save_hf_checkpoint
+from rl.weights import WeightSync, exchange_dir, save_hf_checkpoint
 from workers.chat import ChatRenderer
 from workers.episode import EpisodeRunner
 from workers.rollout import EngineConfig, Sampling, checkpoint_dir
@@ -187,22 +188,31 @@ class Orchestrator:
                                                                  cfg.model_dump(mode="json")), resume_step=step)
         self.ledger = Ledger(self.run_dir, step, resumed[1].open_groups if resumed else None)
         self.watchdog = Watchdog(self.run_dir, self.state_dump)
+        # The bus before Ray: an unreachable or wrongly protected Redis is one clear error at start.
+        self._start_bus(resumed is not None)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             cpus = None if os.environ.get("RAY_ADDRESS") else max(os.cpu_count() or 1, cfg.learner.world_size)
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False, num_cpus=cpus)
-        self._start_bus(resumed is not None)
+        # Every actor's resources are held before the first one starts (an impossible plan fails here).
+        self.placement = await asyncio.to_thread(reserve, cfg)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len,
                                     cfg.algorithm.unfinished_reward)
         self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode,
                                    cfg.run.seed)
-        self.supervisor = EngineSupervisor(engine_configs(cfg, model_dir), cfg.faults, self.watchdog)
+        configs = engine_configs(cfg, model_dir)
+        self.weights = WeightSync(cfg.weights, [cfg.rollout.tensor_parallel_size] * len(configs),
+                                  self.placement.plan.transport(cfg.weights.transport),
+                                  exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}"), cfg.model.dtype)
+        self.supervisor = EngineSupervisor(
+            configs, cfg.faults, self.watchdog,
+            options=[self.placement.options(p) for p in self.placement.plan.engines],
+            restartable=self.weights.transport == "file")
         await self.supervisor.start()
         self._service(self.supervisor.monitor())
         self.workers = self.supervisor.engines
         self.learner = await self._new_learner()
-        self.weights_root = exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}")
         if resumed is not None:
             await self.restore(*resumed, lost_reason="lost:crash")
 
@@ -213,7 +223,7 @@ class Orchestrator:
         aof = self.run_dir / "redis"
         if not resumed:
             shutil.rmtree(aof, ignore_errors=True)
-        url, self._private_redis = connect_or_start(cfg.bus.redis_url, aof)
+        url, self._private_redis = connect_or_start(cfg.bus.redis_url, aof, cfg.bus.password_env)
         if self._private_redis is not None:
             self._service(supervise_redis(self._private_redis))
         # A resumed launch's predecessor is dead: its pending entries are taken over at once.
@@ -225,7 +235,7 @@ class Orchestrator:
         return await self.watchdog.guard(
             "learner: start", cfg.faults.learner_call_s,
             asyncio.to_thread(LearnerGroup, str(checkpoint_dir(cfg.model.path)), cfg.learner, cfg.algorithm,
-                              cfg.rollout.temperature, cfg.run.seed, cfg.rollout.max_tokens))
+                              cfg.rollout.temperature, cfg.run.seed, cfg.rollout.max_tokens, self.placement))
 
     async def _learner_call(self, fn: Any, *args: Any, what: str = "call") -> Any:
         """A blocking learner call in a thread that `stop` waits for: cancelling the awaiting
@@ -259,18 +269,21 @@ class Orchestrator:
         await asyncio.gather(*self.tasks, *self.services, return_exceptions=True)
         if self.learner_calls:
             await asyncio.wait(self.learner_calls, timeout=120)
+        await close_shared_pools()  # the sandbox pools this run's environments opened
         if hasattr(self, "supervisor"):
             await self.supervisor.shutdown()
         if hasattr(self, "learner"):
             await asyncio.to_thread(self.learner.shutdown)
+        if hasattr(self, "placement"):  # also ends the actors in it: on a shared cluster nothing else would
+            self.placement.remove()
         if getattr(self, "_owns_ray", False) and ray.is_initialized():
             ray.shutdown()
         if hasattr(self, "bus"):
             self.bus.close()
         if self._private_redis is not None:
             self._private_redis.close()
-        if hasattr(self, "weights_root"):
-            shutil.rmtree(self.weights_root, ignore_errors=True)
+        if hasattr(self, "weights"):
+            self.weights.close()
         for part in ("metrics", "samples", "ledger", "_lock"):
             if hasattr(self, part):
                 getattr(self, part).close()
@@ -350,23 +363,24 @@ class Orchestrator:
         cfg = self.cfg
         sampling = Sampling(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p)
-        lost = None
+        lost, failed = None, None
         for attempt in range(cfg.faults.group_retries + 1):
-            engine = self.workers[(index + attempt) % len(self.workers)]
-            self.flights[group_id].engine = engine.index
-            # No per-request seeds: vLLM's CPU sampler cannot restore a seeded generator's position
-            # when a weight update preempts the request (the engine dies); the engine seed is enough.
-            episodes = self.runner.run_group([slot.make() for _ in range(cfg.algorithm.group_size)],
-                                             task, engine, sampling, group_id)
-            try:
-                return await self.watchdog.guard(f"group {group_id} ({slot.section.name}): episodes",
-                                                 cfg.faults.episode_s, episodes), None
-            except EngineFailed as exc:
-                lost = f"lost:engine_{exc.why.split()[0]}"
-                log.warning("group %s: %s (attempt %d)", group_id, exc, attempt + 1)
-            except Hang:
-                self.faults["hangs"] += 1
-                return [], "lost:deadline"
+            # The shallowest engine, not round-robin; a retry goes to another engine where there is one.
+            with self.supervisor.assign(avoid=failed) as engine:
+                self.flights[group_id].engine = engine.index
+                # No per-request seeds: vLLM's CPU sampler cannot restore a seeded generator's position
+                # when a weight update preempts the request (the engine dies); the engine seed is enough.
+                episodes = self.runner.run_group([slot.make() for _ in range(cfg.algorithm.group_size)],
+                                                 task, engine, sampling, group_id)
+                try:
+                    return await self.watchdog.guard(f"group {group_id} ({slot.section.name}): episodes",
+                                                     cfg.faults.episode_s, episodes), None
+                except EngineFailed as exc:
+                    lost, failed = f"lost:engine_{exc.why.split()[0]}", engine.index
+                    log.warning("group %s: %s (attempt %d)", group_id, exc, attempt + 1)
+                except Hang:
+                    self.faults["hangs"] += 1
+                    return [], "lost:deadline"
         return [], lost
 
     # ----------------------------------------------------------------- learner side
@@ -475,9 +489,27 @@ class Orchestrator:
     async def push_weights(self, version: int) -> float:
         """Publish the learner's weights as `version` and load them into every engine."""
         start = time.perf_counter()
-        push = await self._learner_call(self.learner.publish, self.weights_root, version, what="publish weights")
-        await self.supervisor.push(push)
+        if self.weights.transport == "file":
+            push = await self._learner_call(self.learner.publish, self.weights.root, version, what="publish weights")
+            await self.supervisor.push(push)
+        else:
+            await self._broadcast(version)
         return time.perf_counter() - start
+
+    async def _broadcast(self, version: int) -> None:
+        """The broadcast push. A dead engine would never join the transfer group (the learner would
+        wait `weights.timeout_s` for it), so the engines are checked first, and again when the push
+        fails: a dead one stops the run resumably, naming it, rather than passing for the learner's
+        failure."""
+        for i in await self.supervisor.dead():
+            await self.supervisor.restart(i, self.supervisor.epoch[i], "died")  # StopResumable under broadcast
+        try:
+            await self._learner_call(self.weights.push, self.learner, self.supervisor.handles, version,
+                                     what=f"broadcast weights v{version}")
+        except LearnerFailed:
+            for i in await self.supervisor.dead():
+                await self.supervisor.restart(i, self.supervisor.epoch[i], f"died during the push of v{version}")
+            raise
 
     # ----------------------------------------------------------------- the run
     async def evaluate(self, step: int) -> dict[str, float]:
@@ -678,8 +710,7 @@ class Orchestrator:
             raise StopResumable(f"{err}; {why}")
         log.warning("%s; rebuilding the learner from %s", err, checkpoints[-1])
         await self._stop_generation()
-        old = self.learner
-        await asyncio.to_thread(old.shutdown)
+        await asyncio.to_thread(self.learner.shutdown)
         self.learner = await self._new_learner()
         meta = read_meta(checkpoints[-1])
         self.ledger.close()
@@ -744,6 +775,7 @@ def engine_configs(cfg: Config, model_dir: Path) -> list[EngineConfig]:
     r = cfg.rollout
     base = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=r.max_model_len,
                         enforce_eager=r.enforce_eager, kv_cache_gib=r.kv_cache_gib, cpu_cores=r.cpu_cores,
+                        tensor_parallel_size=r.tensor_parallel_size,
                         gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.run.seed)
     return [base.model_copy(update={"seed": cfg.run.seed + i}) for i in range(r.num_workers)]
 

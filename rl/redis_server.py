@@ -23,8 +23,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
+
+from rl.config import ConfigError
 
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before fork: preexec_fn must not load libraries
@@ -94,7 +97,8 @@ class PrivateRedis:
     """
 
     def __init__(self, *, appendonly: bool = False, dir: Path | None = None,
-                 binary: str = "redis-server", start_timeout_s: float = 10.0) -> None:
+                 binary: str = "redis-server", start_timeout_s: float = 10.0, password: str | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         """Start the server and wait until it answers PING.
 
         appendonly: write an append-only file so a restarted server on the same `dir` has the data
@@ -103,7 +107,11 @@ class PrivateRedis:
         dir: working directory (AOF, log); kept at close. None: a temp dir removed at close.
         binary: the redis-server executable (name on PATH or a path).
         start_timeout_s: how long to wait for the first PING answer.
+        password: require this password (`requirepass`); `url` carries it.
+        tls: (certificate, key) files: serve TLS only (`url` is rediss://, trusting that
+            certificate as its CA: a self-signed one for tests).
         """
+        self.password, self.tls = password, tls
         exe = shutil.which(binary)
         if exe is None:
             raise RuntimeError(f"redis-server not found: install the redis-server package "
@@ -141,6 +149,13 @@ class PrivateRedis:
             argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "yes" if appendonly else "no", "--daemonize", "no",
                     "--dir", str(self.dir)]
+            if self.password is not None:
+                argv += ["--requirepass", self.password]
+            if self.tls is not None:
+                cert, key = self.tls
+                argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                         "--tls-auth-clients", "no"]
             with open(self.dir / "redis.log", "ab") as log:
                 self._proc = _on_spawner_thread(lambda: subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -153,7 +168,7 @@ class PrivateRedis:
                            f"log {self.dir / 'redis.log'}:\n{self._log_tail()}")
 
     def _wait_ready(self, timeout_s: float) -> bool:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline and self._proc.poll() is None:
@@ -174,8 +189,11 @@ class PrivateRedis:
 
     @property
     def url(self) -> str:
-        """redis:// URL of the server."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """URL of the server (rediss:// with TLS), with its password when it has one."""
+        auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
 
     @property
     def pid(self) -> int | None:
@@ -218,21 +236,70 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def connect_or_start(redis_url: str | None, aof_dir: Path | None = None) -> tuple[str, PrivateRedis | None]:
-    """The Redis to use: `redis_url` if given (checked with PING), else a new `PrivateRedis`
-    (with an append-only file in `aof_dir` when given, so that a restart keeps its data).
+class RedisUnavailable(ConfigError, ConnectionError):
+    """`bus.redis_url` cannot be used: unreachable, a password refused or missing, TLS failing."""
 
-    Returns the URL and the private server, which the caller closes at shutdown (None when the
-    URL was given).
+
+def redact(url: str) -> str:
+    """`url` with its password (if any) replaced by ***, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.hostname}{port}"))
+
+
+def with_password(url: str, password_env: str) -> str:
+    """`url`, given the password in `$password_env` when it carries none itself."""
+    password = os.environ.get(password_env)
+    parts = urlsplit(url)
+    if parts.password is not None or not password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def check_redis(url: str, password_env: str) -> None:
+    """PING `url`; RedisUnavailable with one sentence saying what is wrong (never the password)."""
+    shown, parts = redact(url), urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or 6379}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.ResponseError) as exc:
+        # RESP3 clients open with HELLO, which a server with a password answers with an
+        # authentication error when none was sent (NOAUTH with RESP2).
+        auth = isinstance(exc, redis.AuthenticationError) or "NOAUTH" in str(exc)
+        if auth and parts.password is None:
+            raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} requires a password; put "
+                                   f"it in the URL (redis://:PASSWORD@host:port/0) or in ${password_env}."
+                                   ) from None
+        what = "refused the password" if auth else "answered PING with an error"
+        raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} {what} "
+                               f"({' '.join(str(exc).split())}).") from None
+    except redis.RedisError as exc:
+        tls = " (TLS: is it a TLS port, and does ssl_ca_certs name the CA that signed its certificate?)" \
+            if parts.scheme == "rediss" else ""
+        raise RedisUnavailable(f"bus.redis_url {shown}: no Redis answers at {where}{tls}: "
+                               f"{' '.join(str(exc).split())}") from None
+    finally:
+        client.close()
+
+
+def connect_or_start(redis_url: str | None, aof_dir: Path | None = None,
+                     password_env: str = "CODEWORLD_REDIS_PASSWORD") -> tuple[str, PrivateRedis | None]:
+    """The Redis to use: `redis_url` if given (with the password from `$password_env` when the URL
+    has none; checked with PING), else a new `PrivateRedis` (with an append-only file in `aof_dir`
+    when given, so that a restart keeps its data).
+
+    Returns the URL to connect with and the private server, which the caller closes at shutdown
+    (None when the URL was given).
     """
     if redis_url is None:
         server = PrivateRedis(appendonly=aof_dir is not None, dir=aof_dir)
         return server.url, server
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise ConnectionError(f"bus.redis_url={redis_url!r} does not answer PING: {exc}") from exc
-    finally:
-        client.close()
-    return redis_url, None
+    url = with_password(redis_url, password_env)
+    check_redis(url, password_env)
+    return url, None

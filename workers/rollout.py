@@ -2,12 +2,13 @@
 
 Token in, token out: `generate` takes prompt token ids and returns, for each sample, the sampled
 token ids, the sampler's logprob of each sampled token and the policy version that produced each
-token. `update_weights` swaps weights while requests are in flight: pause (mode "keep") → reload
-from the pushed checkpoint → reset the prefix cache (cached prefixes hold old-weight KV; running
-requests are preempted and recompute theirs) → label the engine's weight version → resume. Each
-token carries the version the engine held when it sampled it (vLLM's weight-version spans), so
-tokens sampled after the swap carry the new version, and are sampled from KV computed entirely by
-the new weights.
+token. A weight swap happens while requests are in flight: pause (mode "keep") → load → reset
+the prefix cache (cached prefixes hold old-weight KV; running requests are preempted and recompute
+theirs) → label the engine's weight version → resume. Each token carries the version the engine
+held when it sampled it (vLLM's weight-version spans), so tokens sampled after the swap carry the
+new version, and are sampled from KV computed entirely by the new weights. The load comes from a
+pushed file (`update_weights`, one node) or from the learner's broadcast (`start_weight_update` →
+`receive_bucket`... → `finish_weight_update`, any node; see `workers.weight_transfer`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rl.weights import WeightPush, verify_push
+from workers.weight_transfer import (
+    GLOO_BACKEND,
+    NCCL_BACKEND,
+    Endpoint,
+    WeightPush,
+    WeightTransferRefused,
+    verify_push,
+)
+
+
 
 
 class EngineConfig(BaseModel):
@@ -44,6 +55,8 @@ class EngineConfig(BaseModel):
     "0-3"); None: all cores, unless that variable is already set."""
     gpu_memory_utilization: float = 0.5
     """Share of GPU memory for the engine (GPU only)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs the engine shards the model over (worker processes of its own, on one node)."""
     seed: int = 0
     """Engine seed."""
 
@@ -99,18 +112,30 @@ class RolloutWorker:
 
     def __init__(self, config: EngineConfig) -> None:
         os.environ.update(_engine_env(config))
+        import torch
         from vllm import AsyncEngineArgs
+        from vllm.config import WeightTransferConfig
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        import workers.vllm_extension  # noqa: F401  (registers the broadcast backends)
 
         args = AsyncEngineArgs(
             model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
             enforce_eager=config.enforce_eager, seed=config.seed, enable_prefix_caching=True,
             logprobs_mode="processed_logprobs", gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+            # Worker processes of this actor, on the GPUs Ray gave it; the "ray" executor would
+            # place them itself, outside the run's placement group.
+            distributed_executor_backend="mp" if config.tensor_parallel_size > 1 else None,
             worker_extension_cls="workers.vllm_extension.WeightSyncExtension",
+            weight_transfer_config=WeightTransferConfig(
+                backend=NCCL_BACKEND if torch.cuda.is_available() else GLOO_BACKEND),
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self.version = 0
+        self.tensor_parallel_size = config.tensor_parallel_size
         self._ids = itertools.count()
+        self._receiving = False
 
     def get_version(self) -> int:
         return self.version
@@ -147,25 +172,93 @@ class RolloutWorker:
         return samples
 
     async def update_weights(self, push: WeightPush) -> float:
-        """Verify the push's checksum, then swap weights without dropping in-flight requests.
-        Returns the seconds generation was paused."""
+        """File transport: verify the push's checksum, then swap weights without dropping in-flight
+        requests. Returns the seconds generation was paused."""
         await asyncio.to_thread(verify_push, push)
         start = time.perf_counter()
         await self.engine.pause_generation(mode="keep", clear_cache=False)
         try:
             await self.engine.collective_rpc("load_pushed_weights", args=(str(push.path),))
-            # Paused requests still hold KV blocks, and a plain reset refuses (returns False) while
-            # any block is in use, silently leaving old-weight KV for every cached prompt prefix.
-            # Preempting them frees their blocks; on resume they recompute under the new weights.
-            if not await self.engine.reset_prefix_cache(reset_running_requests=True):
-                raise RuntimeError("vLLM refused to reset its prefix cache after a weight update.")
-            # The engine labels each step's outputs with this version as it produces them, so
-            # tokens sampled before the pause keep the old label however late they are read.
-            await self.engine.update_weight_version(str(push.version))
-            self.version = push.version
+            await self._after_load(push.version)
         finally:
             await self.engine.resume_generation()
         return time.perf_counter() - start
+
+    async def _after_load(self, version: int) -> None:
+        # Paused requests still hold KV blocks, and a plain reset refuses (returns False) while
+        # any block is in use, silently leaving old-weight KV for every cached prompt prefix.
+        # Preempting them frees their blocks; on resume they recompute under the new weights.
+        if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update.")
+        # The engine labels each step's outputs with this version as it produces them, so tokens
+        # sampled before the pause keep the old label however late they are read.
+        await self.engine.update_weight_version(str(version))
+        self.version = version
+
+    # --------------------------------------------------------------- broadcast transport
+    # The learner drives these through `rl.weights.EngineFleet` (vLLM's weight-sync client
+    # protocol): init once, then per push start → one receive_bucket per bucket → finish, or abort.
+    async def init_weight_transfer(self, endpoint: Endpoint) -> None:
+        """Join the learner's transfer group (blocks until every member has joined)."""
+        import ray
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        endpoint = endpoint.model_copy(update={"local_address": ray.util.get_node_ip_address()})
+        request = WeightTransferInitRequest(init_info=endpoint.model_dump())
+        await self.engine.init_weight_transfer_engine(request)
+
+    async def start_weight_update(self) -> None:
+        """Pause generation (in-flight requests wait, keeping their KV) and start staging a push."""
+        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        self._receiving = True
+        try:
+            await self.engine.start_weight_update()
+        except BaseException:
+            await self._end_receiving()
+            raise
+
+    async def receive_bucket(self, bucket: dict[str, Any]) -> None:
+        """Receive, verify and stage one bucket; a refused bucket ends the push with the previous
+        weights still loaded and generation resumed."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        try:
+            await self.engine.update_weights(WeightTransferUpdateRequest(update_info=bucket))
+        except Exception as err:
+            # vLLM has ended its update session and the engine dropped what it had staged.
+            await self._end_receiving()
+            raise WeightTransferRefused(f"engine at v{self.version} refused the push: {_reason(err)}"
+                                        ) from None
+
+    async def finish_weight_update(self, version: int) -> float:
+        """Load the staged push as `version` if it is whole, reset the prefix cache and resume.
+        Returns the seconds the load took (generation was paused for the whole push)."""
+        start = time.perf_counter()
+        problem = await self.engine.collective_rpc("staged_update_problem", args=(version,))
+        if any(problem):
+            await self.abort_weight_update()
+            reason = next(p for p in problem if p)
+            raise WeightTransferRefused(f"engine at v{self.version} refused the push: {reason}")
+        try:
+            await self.engine.finish_weight_update()
+            await self._after_load(version)
+        finally:
+            await self._end_receiving()
+        return time.perf_counter() - start
+
+    async def abort_weight_update(self) -> None:
+        """End a push that will not complete: drop what was staged, keep serving the old weights."""
+        if not self._receiving:
+            return
+        try:
+            await self.engine.collective_rpc("discard_staged_update")
+            await self.engine.finish_weight_update()  # ends vLLM's session; loads nothing
+        finally:
+            await self._end_receiving()
+
+    async def _end_receiving(self) -> None:
+        self._receiving = False
+        await self.engine.resume_generation()
 
     def shutdown(self) -> None:
         """Stop the engine and its processes."""
@@ -177,9 +270,19 @@ class RolloutWorker:
         threads, and a CPU claim would starve the learner on small machines."""
         import ray
 
-        defaults: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000,
-                                    "runtime_env": {"env_vars": _engine_env(config)}}
+        env = _engine_env(config)
+        if config.cpu_cores is None:  # "all cores" means the engine's node's cores, not this one's
+            env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        defaults: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, "runtime_env": {"env_vars": env}}
         return ray.remote(cls).options(**(defaults | options)).remote(config)
+
+
+def _reason(err: BaseException) -> str:
+    """The engine worker's own sentence, without the RPC layers' wrapping ("Call to collective_rpc
+    method failed: Worker failed with error '...', please check the stack trace above ...")."""
+    text = " ".join(str(err).split())
+    inner = re.search(r"Worker failed with error '(.*)', please check", text)
+    return inner.group(1) if inner else text or type(err).__name__
 
 
 def _token_versions(spans: list[Any] | None, num_tokens: int, request_id: str) -> list[int]:

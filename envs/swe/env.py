@@ -24,6 +24,7 @@ from envs.swe.task import Dataset, SWETask, load_swe_tasks
 from envs.swe.tools import TOOL_DOC, ToolCall, ToolFormatError, parse_tool_call
 from envs.swe.workspace import PolicyFault, SandboxFailure, Workspace
 from workers.sandbox import ImagePolicy, Isolation, SandboxError, SandboxProfile, SandboxUnavailable
+from workers.sandbox.choice import SandboxService
 
 MAX_TURNS = 200
 
@@ -81,7 +82,9 @@ class SWEParams(EnvParams):
     image_budget_gb: float | None = Field(default=None, gt=0)
     """Disk the SWE images of a node may take; the least recently used unused ones are removed
     beyond it. None: no eviction."""
-
+    service: SandboxService = Field(default_factory=SandboxService)
+    """Where the pools live: this process, a pool actor per node of the Ray cluster, or a sandbox
+    service (`workers.sandbox.choice`)."""
 
     @field_validator("image_template")
     @classmethod
@@ -164,7 +167,7 @@ class SWEEnv(Environment):
             profile, images = task_pool_options(self.swe, self.params)
             self.pool = await shared_pool(self.params.backend, task_image(self.swe, self.params),
                                           self.params.pool_size, self.params.local_isolation, profile, images,
-                                          lease=True)
+                                          lease=True, service=self.params.service)
             self._stack.callback(release_pool, self.pool)
             self._stack.push_async_exit(self._session)
             self.isolation = require_isolation(self.pool, self.params.allow_unisolated,

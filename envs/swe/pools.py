@@ -1,6 +1,8 @@
-"""Sandbox pools shared by the SWE episodes of an event loop: one warm pool per (backend, image),
-started on first use and closed by `close_shared_pools` (episodes come and go; containers stay).
-Keyed by the running loop too, because a pool's queues and tasks belong to the loop that made it.
+"""Sandbox pools shared by the episodes of an event loop: one warm pool per (backend, image,
+service), started on first use and closed by `close_shared_pools` (episodes come and go;
+containers stay). The service (`workers.sandbox.choice`) says where the pool lives: in this
+process, as one actor per node of the Ray cluster, or behind a sandbox service. Keyed by the
+running loop too, because a pool's queues and tasks belong to the loop that made it.
 
 A pool's isolation is read from its first run when it starts. Rewards refuse a pool that isolates
 by rlimits only (`Isolation.RLIMIT`: no namespaces, no container) unless the environment's config
@@ -11,10 +13,12 @@ answers among them), the network, and as non-root the trainer's own processes.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from envs.base import EnvConfigError
-from workers.sandbox import (ExecRequest, ImagePolicy, Isolation, PoolStats, SandboxLimits, SandboxPool,
-                             SandboxProfile, SandboxUnavailable, Status)
+from workers.sandbox import (ExecRequest, ImagePolicy, Isolation, PoolStats, SandboxLimits, SandboxProfile,
+                             SandboxUnavailable, Status)
+from workers.sandbox.choice import SandboxService, open_pool, stats_by_node
 
 SWE_WORK_MB = 2048
 """Size cap of the sandbox work dir: a repository, its dependencies and the episode's snapshot
@@ -25,9 +29,9 @@ MAX_IDLE_POOLS = 8
 a new image needs a pool (SWE tasks come one image each; a warm pool pays while its task's group
 and grading reuse it)."""
 
-_Key = tuple[asyncio.AbstractEventLoop, str, str, str | None, SandboxProfile | None, ImagePolicy | None]
-_pools: dict[_Key, SandboxPool] = {}
-_starting: dict[_Key, asyncio.Task[SandboxPool]] = {}
+_Key = tuple[asyncio.AbstractEventLoop, str, str, str | None, SandboxProfile | None, ImagePolicy | None, str]
+_pools: dict[_Key, Any] = {}
+_starting: dict[_Key, asyncio.Task[Any]] = {}
 _isolation: dict[int, Isolation] = {}
 _used: dict[_Key, float] = {}
 _leases: dict[int, int] = {}
@@ -35,18 +39,20 @@ _leases: dict[int, int] = {}
 
 async def shared_pool(backend: str, image: str, size: int, local_isolation: str | None = None,
                       profile: SandboxProfile | None = None, images: ImagePolicy | None = None,
-                      lease: bool = False) -> SandboxPool:
+                      lease: bool = False, service: SandboxService | None = None) -> Any:
     """This loop's warm pool for `image` on `backend`, started with `size` sandboxes if new
     (`local_isolation`: the local backend's "bwrap" or "rlimit", None = the best available;
-    `profile` and `images`: see `SandboxPool`). With `lease`, the caller holds the pool until
-    `release_pool`: a held pool is never closed to make room for another image's."""
+    `profile` and `images`: see `SandboxPool`; `service`: where the pool lives, None = `auto`,
+    see `workers.sandbox.choice`). With `lease`, the caller holds the pool until `release_pool`:
+    a held pool is never closed to make room for another image's."""
     loop = asyncio.get_running_loop()
-    key = (loop, backend, image, local_isolation, profile, images)
+    service = service or SandboxService()
+    key = (loop, backend, image, local_isolation, profile, images, service.model_dump_json())
     _used[key] = loop.time()
     if key not in _pools:
         if key not in _starting:
             # One start per key, however many episodes ask at once.
-            start = _start(backend, image, size, local_isolation, profile, images)
+            start = _start(backend, image, size, local_isolation, profile, images, service)
             _starting[key] = asyncio.create_task(start)
             await _close_idle(loop)
         try:
@@ -59,7 +65,7 @@ async def shared_pool(backend: str, image: str, size: int, local_isolation: str 
     return pool
 
 
-def release_pool(pool: SandboxPool) -> None:
+def release_pool(pool: Any) -> None:
     """Ends one lease of `shared_pool(..., lease=True)`."""
     left = _leases.get(id(pool), 0) - 1
     if left > 0:
@@ -79,18 +85,18 @@ async def _close_idle(loop: asyncio.AbstractEventLoop) -> None:
         await pool.close()
 
 
-def _is_idle(pool: SandboxPool) -> bool:
-    stats = pool.stats()
-    return stats.ready == stats.size and stats.waiting == 0
+def _is_idle(pool: Any) -> bool:
+    """No sandbox of the pool is in use on any node (a sandbox service reports no counters here:
+    never idle, so never closed)."""
+    stats = stats_by_node(pool, "").values()
+    return bool(stats) and all(s.ready == s.size and s.waiting == 0 for s in stats)
 
 
 async def _start(backend: str, image: str, size: int, local_isolation: str | None,
-                 profile: SandboxProfile | None, images: ImagePolicy | None) -> SandboxPool:
-    pool = SandboxPool(backend=backend, image=image, size=size,  # type: ignore[arg-type]
-                       limits=SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
-                       local_isolation=local_isolation,  # type: ignore[arg-type]
-                       profile=profile, images=images)
-    await pool.start()
+                 profile: SandboxProfile | None, images: ImagePolicy | None, service: SandboxService) -> Any:
+    pool = await open_pool(service, backend, image, size,  # type: ignore[arg-type]
+                           SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
+                           local_isolation, profile, images)  # type: ignore[arg-type]
     # What isolates the programs is reported on every result; a first run reads it before any
     # grading depends on it.
     first = await pool.run(ExecRequest(command=["true"], timeout_s=60))
@@ -102,7 +108,7 @@ async def _start(backend: str, image: str, size: int, local_isolation: str | Non
     return pool
 
 
-def require_isolation(pool: SandboxPool, allow_unisolated: bool, setting: str) -> Isolation:
+def require_isolation(pool: Any, allow_unisolated: bool, setting: str) -> Isolation:
     """The isolation of a shared pool; EnvConfigError when it is rlimits only and the config
     (`setting`, the key's dotted path) does not accept that."""
     isolation = _isolation[id(pool)]
@@ -114,10 +120,15 @@ def require_isolation(pool: SandboxPool, allow_unisolated: bool, setting: str) -
     return isolation
 
 
-def shared_pool_stats() -> dict[str, PoolStats]:
-    """Counters of this loop's shared pools by "<backend>-<image>" (for health metrics)."""
+def shared_pool_stats() -> dict[tuple[str, str], PoolStats]:
+    """Counters of this loop's shared pools by (node, "<backend>-<image>") (for health metrics):
+    one entry per node for pools spread over a Ray cluster."""
     loop = asyncio.get_running_loop()
-    return {f"{key[1]}-{key[2]}": pool.stats() for key, pool in _pools.items() if key[0] is loop}
+    out: dict[tuple[str, str], PoolStats] = {}
+    for (owner, backend, image, *_options), pool in _pools.items():
+        if owner is loop:
+            out.update(stats_by_node(pool, f"{backend}-{image}"))
+    return out
 
 
 async def close_shared_pools() -> None:

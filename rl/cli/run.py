@@ -39,13 +39,9 @@ def train(
     try:
         cfg = load_config(config, overrides)
         if dry_run:
-            import torch
+            from rl.placement import dry_run as plan_text
 
-            from rl.parallelize import require_runnable
-            from rl.resources import describe
-
-            require_runnable(cfg.learner)  # the kernels this machine cannot run, as a start would
-            typer.echo(describe(cfg, gpu=torch.cuda.is_available()))
+            typer.echo(plan_text(cfg))
             return
         from rl.orchestrator import run_training
 

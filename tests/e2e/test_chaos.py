@@ -134,24 +134,37 @@ def check_accounts(run_dir: Path, summary: RunSummary, steps: int) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------------------- engines
+async def kill_the_engine(run_dir: Path, began: float, killed: list[float]) -> None:
+    await step_reached(run_dir, 2)
+    [core] = our_processes("VLLM::EngineCore", began)
+    core.send_signal(signal.SIGKILL)
+    killed.append(time.time())
+
+
 def test_engine_process_killed_mid_run_is_restarted(
     tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
 ) -> None:
     cfg = chaos_config(tmp_path, tiny_model, "chaos-engine", 6, f"bus.redis_url={redis_url}")
-    began = time.time()
-    killed: list[float] = []
-
-    async def kill_engine() -> None:
-        await step_reached(cfg.run.dir, 2)
-        [core] = our_processes("VLLM::EngineCore", began)
-        core.send_signal(signal.SIGKILL)
-        killed.append(time.time())
-
-    summary = run_with_fault(cfg, kill_engine)
+    began, killed = time.time(), []
+    summary = run_with_fault(cfg, lambda: kill_the_engine(cfg.run.dir, began, killed))
     check_accounts(cfg.run.dir, summary, 6)
     print_recovery("vLLM engine", cfg.run.dir, killed[0])
     assert killed and summary.faults["engine_restarts"] >= 1, summary.faults
 
+
+
+def test_engine_killed_under_the_broadcast_transport_stops_the_run_resumably_then_it_resumes(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
+    # A restarted engine cannot join the transfer group yet: the run must say so at once, not wait
+    # `weights.timeout_s` for an engine that never joins (it did), and `--resume` must finish it.
+    cfg = chaos_config(tmp_path, tiny_model, "chaos-engine-broadcast", 6, f"bus.redis_url={redis_url}",
+                       "weights.transport=broadcast")
+    began = time.time()
+    with pytest.raises(StopResumable, match="engine 0 died.*broadcast weight transport"):
+        run_with_fault(cfg, lambda: kill_the_engine(cfg.run.dir, began, []))
+    summary = asyncio.run(run_training(cfg, "latest"))
+    check_accounts(cfg.run.dir, summary, 6)
 
 def test_engine_that_stops_answering_is_named_dumped_and_restarted(
     tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None

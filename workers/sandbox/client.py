@@ -27,6 +27,8 @@ class SandboxClient:
     """`async with SandboxClient(url, token) as pool: await pool.run(req)`; sessions as in SandboxPool."""
 
     def __init__(self, url: str, token: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.backend_name = f"service at {url}"
+        """How messages name this pool (SandboxPool's backend name)."""
         self._http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
                                        timeout=httpx.Timeout(60.0), transport=transport)
 
@@ -34,9 +36,10 @@ class SandboxClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+        await self.close()
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
+        """Close the connections (the service and its sandboxes stay)."""
         await self._http.aclose()
 
     async def _post(self, path: str, body: str, timeout_s: float = 60.0) -> bytes:

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 async def test_pool_counters_are_named_by_backend_and_image(swe_pool) -> None:
     # Failed before: the stats unpacked a pool's key into three names while it has four.
-    stats = shared_pool_stats()
+    stats = {label: s for (_node, label), s in shared_pool_stats().items()}
     assert "docker-codeworld-sandbox:py311" in stats and stats["docker-codeworld-sandbox:py311"].size == 2
 
 

@@ -65,15 +65,44 @@ async def test_ray_actor_per_node() -> None:
     try:
         async with RaySandboxPool(backend="local", size=1) as pool:
             node_ids = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-            assert set(pool.actors) == node_ids
+            assert set(pool.nodes) == node_ids
             r = await pool.run(ExecRequest(command=["python3", "-c", "print(sum(range(10)))"]))
             assert (r.status, r.stdout) == (Status.OK, b"45\n")
             async with pool.session() as box:
                 await box.put_files({"x.py": b"print('from file')"})
                 assert (await box.exec(ExecRequest(command=["python3", "x.py"]))).stdout == b"from file\n"
                 assert await box.get_files(["x.py"]) == {"x.py": b"print('from file')"}
-            stats = await pool.stats()
+            stats = pool.stats_by_node()  # brought back by every run and session
             assert [s.runs for s in stats.values()] == [1]
     finally:
         if started_here:
             ray.shutdown()
+
+
+async def test_an_environment_chooses_its_pool_by_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`SandboxService`: the HTTP service and the Ray pools as choices; `auto` is the process pool
+    unless the Ray cluster has more than one node (tests/e2e/test_cluster.py covers that)."""
+    from pydantic import ValidationError
+
+    from workers.sandbox import SandboxLimits, SandboxPool, SandboxUnavailable
+    from workers.sandbox.choice import SandboxService, open_pool, resolved_kind
+
+    with pytest.raises(ValidationError, match="service.kind http needs service.url"):
+        SandboxService(kind="http")
+    assert resolved_kind(SandboxService()) == "process"
+    monkeypatch.delenv("CODEWORLD_SANDBOX_TOKEN", raising=False)
+    with pytest.raises(SandboxUnavailable, match=r"needs its token in \$CODEWORLD_SANDBOX_TOKEN"):
+        await open_pool(SandboxService(kind="http", url="http://127.0.0.1:9"), "local", "img", 1, SandboxLimits(), None)
+    monkeypatch.setenv("CODEWORLD_SANDBOX_TOKEN", TOKEN)
+    client = await open_pool(SandboxService(kind="http", url="http://127.0.0.1:9"), "local", "img", 1,
+                             SandboxLimits(), None)
+    try:  # nothing listens there: an infrastructure failure, not an exception
+        assert (await client.run(ExecRequest(command=["true"]))).status is Status.SANDBOX_ERROR
+    finally:
+        await client.close()
+    pool = await open_pool(SandboxService(kind="process"), "local", "img", 1, SandboxLimits(), None)
+    try:
+        assert isinstance(pool, SandboxPool)
+        assert (await pool.run(ExecRequest(command=["true"]))).status is Status.OK
+    finally:
+        await pool.close()
