@@ -26,7 +26,7 @@ demo: setup
 test: services-test
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
-# Real runs with one part killed mid-run each (about 10 minutes on an idle 2-core machine); kept out of `make test`.
+# Real runs with one part killed mid-run each (about 12 minutes on an idle 2-core machine); kept out of `make test`.
 test-chaos: services-test
 	@$(PY) -m pytest -m chaos tests/e2e/test_chaos.py $(PYTEST_ARGS)
 
