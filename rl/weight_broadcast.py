@@ -198,9 +198,9 @@ class BroadcastSender(TrainerWeightTransferEngine[GlooBroadcastInit]):
     def _stream(self, version: int, plan: list[list[TensorMeta]],
                 params: Iterator[tuple[str, torch.Tensor]]) -> int:
         """Pack each bucket and hand it to a send thread, which announces it, broadcasts it and
-        waits until every engine verified it before the next one goes: the engines stay in step,
-        and one that refused a bucket is sent nothing more. Two buffers let the next bucket be
-        gathered and packed while the previous one is on the wire."""
+        waits until every engine took it (and verified the one before) before the next one goes:
+        the engines stay in step, and one that refused a bucket is sent nothing more. Two buffers
+        let the next bucket be gathered and packed while the previous one is on the wire."""
         sent, sends, refused = 0, [], threading.Event()
         with ThreadPoolExecutor(1) as send_thread, ThreadPoolExecutor(1) as announce:
             for index, tensors in enumerate(plan):

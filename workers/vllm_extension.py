@@ -10,6 +10,7 @@ the configured weight-transfer engine, so the registration is always there in ti
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -67,9 +68,11 @@ class WeightSyncExtension:
 class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
     """The engine side of the bucketed broadcast (gloo on CPU, NCCL on GPU).
 
-    `update_weights` receives one bucket, verifies it against its header and stages it;
-    `finish_weight_update` loads the staged push in one layerwise reload. A bucket that fails a
-    check drops the whole staged push and raises, so nothing of a torn push is ever loaded. The
+    `update_weights` receives one bucket, checks its header and stages it, and hashes it while the
+    next bucket arrives (that verdict is read with the next bucket, or by `problem` for the last);
+    `finish_weight_update` loads the staged push in one layerwise reload once every checksum is in.
+    A bucket that fails a check drops the whole staged push and raises, so nothing of a torn or
+    corrupted push is ever loaded. The
     staging costs one model's bytes on the engine's device for the duration of a push."""
 
     init_info_cls = Endpoint  # type: ignore[assignment]
@@ -82,6 +85,9 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
         self.staged: list[tuple[Bucket, torch.Tensor]] = []
         self.spare: list[torch.Tensor] = []
         """CPU staging buffers of the last push, for the next (fresh pages cost ~0.3 s per GB)."""
+        self.hasher: ThreadPoolExecutor | None = None
+        self.pending: Future[None] | None = None
+        """The checksum of the last bucket received, still being computed (`_settle` reads it)."""
 
     def parse_init_info(self, init_dict: dict[str, Any]) -> Endpoint:  # type: ignore[override]
         return Endpoint.model_validate(init_dict)
@@ -112,13 +118,28 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
         bucket = update_info
         buffer = self._buffer(bucket.nbytes)
         self.wire.broadcast(buffer)  # join the broadcast first: the sender is already in it
+        self.staged.append((bucket, buffer))  # at once, so a refusal hands its buffer back too
         try:
-            self._check(bucket, buffer)
+            self._check_header(bucket)
+            self._settle()  # the previous bucket's checksum, computed while this one arrived
         except Exception:
-            self.staged.append((bucket, buffer))  # its buffer is reused like the others'
             self.discard()
             raise
-        self.staged.append((bucket, buffer))
+        # Hashing overlaps the next bucket's transfer instead of holding the sender back: its
+        # verdict is read when the next bucket arrives or the push is checked (`problem`), both
+        # before anything is loaded. Measured ~0.13 s of a 1.5 s push of 1.4 GB across nodes.
+        self.pending = self._hasher().submit(self._verify, bucket, buffer)
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if self.hasher is None:
+            self.hasher = ThreadPoolExecutor(1, thread_name_prefix="weight-checksum")
+        return self.hasher
+
+    def _settle(self) -> None:
+        """Wait for the last bucket's checksum; raise `ChecksumMismatch` if it did not match."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
         """A staging buffer: on CPU the same-sized one of the last push if there is one. (On a GPU
@@ -128,22 +149,33 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
             return self.spare.pop(index)
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
-    def _check(self, bucket: Bucket, buffer: torch.Tensor) -> None:
-        where = f"weight push v{bucket.version}, bucket {bucket.index + 1} of {bucket.count}"
-        first = self.staged[0][0] if self.staged else None
-        if bucket.index != len(self.staged) or (first is not None and (first.version, first.count)
-                                                 != (bucket.version, bucket.count)):
-            expected = f"bucket {len(self.staged) + 1}" + (f" of v{first.version}" if first else "")
+    @staticmethod
+    def _where(bucket: Bucket) -> str:
+        return f"weight push v{bucket.version}, bucket {bucket.index + 1} of {bucket.count}"
+
+    def _check_header(self, bucket: Bucket) -> None:
+        """Check the header of the bucket just staged (the last one) against the push so far."""
+        where, position, first = self._where(bucket), len(self.staged) - 1, self.staged[0][0]
+        if bucket.index != position or (first.version, first.count) != (bucket.version, bucket.count):
+            expected = f"bucket {position + 1}" + (f" of v{first.version}" if position else "")
             raise ChecksumMismatch(f"{where}: out of order (expected {expected}); the push is refused.")
         if layout(bucket.tensors)[1] != bucket.nbytes:
             raise ChecksumMismatch(f"{where}: header says {bucket.nbytes} bytes but its tensors take "
                                    f"{layout(bucket.tensors)[1]}; the push is refused.")
+
+    def _verify(self, bucket: Bucket, buffer: torch.Tensor) -> None:
         actual = checksum(buffer)
         if actual != bucket.checksum:
-            raise ChecksumMismatch(f"{where}: received bytes have checksum {actual}, the sender announced "
-                                   f"{bucket.checksum}; the push is refused and the previous weights stay.")
+            raise ChecksumMismatch(f"{self._where(bucket)}: received bytes have checksum {actual}, the sender "
+                                   f"announced {bucket.checksum}; the push is refused and the previous "
+                                   "weights stay.")
 
     def problem(self, version: int) -> str | None:
+        try:
+            self._settle()
+        except ChecksumMismatch as err:
+            self.discard()
+            return str(err)
         if not self.staged:
             return f"weight push v{version}: no bucket was received."
         first = self.staged[0][0]
@@ -154,12 +186,20 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
         return None
 
     def discard(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            wait([pending])  # its buffer may be handed out again
         if self.device.type == "cpu":
             self.spare += [buffer for _, buffer in self.staged]
         self.staged = []
 
     def finish_weight_update(self) -> None:
         """Load the staged push (nothing when it was discarded)."""
+        try:
+            self._settle()  # never load a bucket whose checksum is still out
+        except ChecksumMismatch:
+            self.discard()
+            raise
         if not self.staged:
             return
         from vllm.model_executor.model_loader.reload import (
@@ -176,6 +216,10 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
             self.spare = [buffer for _, buffer in staged]
 
     def shutdown(self) -> None:
+        self.discard()
+        if self.hasher is not None:
+            self.hasher.shutdown()
+            self.hasher = None
         if self.wire is not None:
             self.wire.close()
             self.wire = None

@@ -272,19 +272,27 @@ def assert_still_serving(worker, before: tuple[int, list[list[int]], np.ndarray]
     assert np.max(np.abs(logprobs - before[2])) <= 1e-6
 
 
-def test_a_bucket_flipped_in_flight_is_refused_and_the_previous_version_serves(worker, tiny_model: str) -> None:
+@pytest.mark.parametrize("which", ["a middle", "the last"])
+def test_a_bucket_flipped_in_flight_is_refused_and_the_previous_version_serves(worker, tiny_model: str,
+                                                                              which: str) -> None:
+    """The engine hashes a bucket while the next arrives; the last one's verdict is read only when
+    the push is checked, so a flip there must be caught as surely as one in the middle."""
     before = _serving(worker)
     sender = HFSender(worker, tiny_model, seed=1)
-    sender.flip_bucket(3)
-    with pytest.raises(WeightTransferRefused, match=r"v40, bucket 4 of \d+: received bytes have checksum"):
-        sender.sender.send_weights(40)
+    count = len(plan_buckets([TensorMeta(name=n, dtype="float32", shape=list(p.shape))
+                              for n, p in sender.model.named_parameters()], 2**18))
+    index, version = (3, 40) if which == "a middle" else (count - 1, 42)
+    sender.flip_bucket(index)
+    with pytest.raises(WeightTransferRefused,
+                       match=rf"v{version}, bucket {index + 1} of {count}: received bytes have checksum"):
+        sender.sender.send_weights(version)
     assert_still_serving(worker, before)
     # The group is still usable: the next, clean push loads.
     clean = HFSender(worker, tiny_model, seed=1)
-    clean.sender.send_weights(41)
+    clean.sender.send_weights(version + 1)
     gens = ray.get(worker.generate.remote(PROMPT, Sampling(n=2, max_tokens=12, seed=5)))
     for gen in gens:
-        assert gen.versions == [41] * len(gen.token_ids)
+        assert gen.versions == [version + 1] * len(gen.token_ids)
         ref = reference_logprobs(clean.state(), tiny_model, PROMPT, gen.token_ids)
         assert np.max(np.abs(ref - np.array(gen.logprobs))) <= 1e-4
 
