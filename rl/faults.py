@@ -11,9 +11,9 @@
   run resumably. Each engine starts with its own Ray options (its bundle of the run's placement,
   `rl.placement`); a new group goes to the engine with the fewest groups in flight (`assign`), so
   a slower engine (a smaller GPU, a node shared with the learner) gets fewer groups, not an equal
-  share. With the broadcast transport (`restartable=False`) an engine that dies stops the run
-  resumably instead: a new engine would have to join the transfer group, which this does not do
-  yet (`--resume` starts every engine and the group afresh).
+  share. With the broadcast transport there is no file to load a new engine from: it is held out
+  of generation (`ready`) and `rejoin` asks the orchestrator for a push, which forms the transfer
+  group again with it and loads the weights the others serve.
 * `supervise_redis` restarts the run's private redis-server (same port, same append-only file)
   when it dies; the bus retries its calls across the gap (rl/bus.py).
 * `StopResumable` is how any part ends a run that cannot go on by itself: the CLI prints its
@@ -69,12 +69,18 @@ class EngineSupervisor:
 
     def __init__(self, configs: list[EngineConfig], faults: FaultsSection, watchdog: Watchdog,
                  start: Callable[..., Any] = RolloutWorker.remote_actor, options: list[dict[str, Any]] | None = None,
-                 restartable: bool = True) -> None:
+                 rejoin: Callable[[], None] | None = None) -> None:
         """`start(config, **options)` starts one engine actor; `options`: per engine, its Ray options
-        (None: none); `restartable`: False where a dead engine must stop the run (see above)."""
+        (None: none); `rejoin`: None where a restarted engine loads the last pushed file, else what
+        brings a restarted engine onto the served weights (see above; it must not block: the
+        restart may run inside a push)."""
         self.configs, self.faults, self.watchdog, self._start = configs, faults, watchdog, start
         self.options = options or [{} for _ in configs]
-        self.restartable = restartable
+        self.rejoin = rejoin
+        self.ready = [asyncio.Event() for _ in configs]
+        """Set while an engine serves the run's weights; a restarted one waits for `rejoin`."""
+        for event in self.ready:
+            event.set()
         self.handles: list[Any] = []
         self.depth = [0] * len(configs)
         """Generate calls outstanding per engine (its queue depth)."""
@@ -113,6 +119,7 @@ class EngineSupervisor:
             self.groups[i] -= 1
 
     async def generate(self, i: int, prompt_ids: list[int], sampling: Sampling) -> list[Generation]:
+        await self.ready[i].wait()  # a restarted engine generates only once it serves the run's weights
         epoch = self.epoch[i]
         self.depth[i] += 1
         try:
@@ -185,9 +192,6 @@ class EngineSupervisor:
         async with self._locks[i]:
             if self.epoch[i] != epoch:
                 return
-            if not self.restartable:
-                raise StopResumable(f"engine {i} {why}; under the broadcast weight transport an engine cannot "
-                                    "rejoin the transfer group mid-run yet, so the run stops")
             self.restarts += 1
             if self.restarts > self.faults.engine_restarts:
                 raise StopResumable(f"engine {i} {why}, and the run has restarted engines "
@@ -207,8 +211,18 @@ class EngineSupervisor:
                                     f"{' '.join(str(exc).split())[:300]}") from None
             self.handles[i] = handle
             self.epoch[i] += 1
+            if self.rejoin is not None:
+                self.ready[i].clear()
+                self.rejoin()
+                log.warning("engine %d restarted; it generates again once the next push has loaded it", i)
+                return
             log.warning("engine %d restarted, serving v%s", i,
                         self.last_push.version if self.last_push else 0)
+
+    def joined(self) -> None:
+        """Every engine serves the weights just pushed to all of them: restarted ones generate again."""
+        for event in self.ready:
+            event.set()
 
     @staticmethod
     async def _stop(handle: Any) -> None:

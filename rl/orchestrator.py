@@ -61,6 +61,7 @@ from rl.weights import WeightSync, exchange_dir, save_hf_checkpoint
 from workers.chat import ChatRenderer
 from workers.episode import EpisodeRunner
 from workers.rollout import EngineConfig, Sampling, checkpoint_dir
+from workers.weight_transfer import WeightTransferRefused
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,9 @@ class Orchestrator:
         self.evaluator = Evaluator(cfg, self.health)
         self.tokens_generated = 0
         self.admission = asyncio.Condition()
+        self.push_lock = asyncio.Lock()
+        """Held from a learner step through its push, and by every other push: no push reads the
+        learner's weights while a step changes them."""
         self.unacked: list[str] = []  # bus ids of trajectories trained on but not yet durable
         self.tasks: set[asyncio.Task[Any]] = set()  # the producer and its groups
         self.services: set[asyncio.Task[Any]] = set()  # run-long helpers (the Redis supervisor)
@@ -208,13 +212,14 @@ class Orchestrator:
         self.supervisor = EngineSupervisor(
             configs, cfg.faults, self.watchdog,
             options=[self.placement.options(p) for p in self.placement.plan.engines],
-            restartable=self.weights.transport == "file")
+            rejoin=None if self.weights.transport == "file" else lambda: self._service(self._rejoin()))
         await self.supervisor.start()
         self._service(self.supervisor.monitor())
         self.workers = self.supervisor.engines
         self.learner = await self._new_learner()
         if resumed is not None:
-            await self.restore(*resumed, lost_reason="lost:crash")
+            async with self.push_lock:
+                await self.restore(*resumed, lost_reason="lost:crash")
 
     def _start_bus(self, resumed: bool) -> None:
         """The lineage's stream. A private Redis keeps an append-only file in the run directory, so
@@ -498,18 +503,33 @@ class Orchestrator:
 
     async def _broadcast(self, version: int) -> None:
         """The broadcast push. A dead engine would never join the transfer group (the learner would
-        wait `weights.timeout_s` for it), so the engines are checked first, and again when the push
-        fails: a dead one stops the run resumably, naming it, rather than passing for the learner's
-        failure."""
+        wait `weights.timeout_s` for it), so the engines are checked first and a dead one restarted:
+        the push then forms the group anew with it (`WeightSync`). When the push fails and an engine
+        has died, that engine is restarted and the push runs once more; otherwise a refusal stops
+        the run resumably and any other failure is the learner's. Call with `push_lock` held."""
         for i in await self.supervisor.dead():
-            await self.supervisor.restart(i, self.supervisor.epoch[i], "died")  # StopResumable under broadcast
+            await self.supervisor.restart(i, self.supervisor.epoch[i], "died")
+        what = f"broadcast weights v{version}"
         try:
-            await self._learner_call(self.weights.push, self.learner, self.supervisor.handles, version,
-                                     what=f"broadcast weights v{version}")
-        except LearnerFailed:
-            for i in await self.supervisor.dead():
+            await self._learner_call(self.weights.push, self.learner, self.supervisor.handles, version, what=what)
+        except (LearnerFailed, WeightTransferRefused) as err:
+            dead = await self.supervisor.dead()
+            if not dead and isinstance(err, WeightTransferRefused):  # every attempt (weights.push_attempts)
+                raise StopResumable(f"weight push v{version}: {err}") from None
+            if not dead:
+                raise
+            for i in dead:
                 await self.supervisor.restart(i, self.supervisor.epoch[i], f"died during the push of v{version}")
-            raise
+            await self._learner_call(self.weights.push, self.learner, self.supervisor.handles, version, what=what)
+        self.supervisor.joined()
+
+    async def _rejoin(self) -> None:
+        """An engine restarted under the broadcast transport: push the learner's weights, the version
+        the others serve, to every engine, which forms the transfer group anew with it. Nothing to
+        do when a push since the restart has loaded it."""
+        async with self.push_lock:
+            if not all(ready.is_set() for ready in self.supervisor.ready):
+                await self._broadcast(self.learner_step)
 
     # ----------------------------------------------------------------- the run
     async def evaluate(self, step: int) -> dict[str, float]:
@@ -615,10 +635,11 @@ class Orchestrator:
         if self.cfg.run.record_batches:
             _record(self.run_dir / "batches" / f"step_{step:06d}.msgpack", flat)
         samples, left_out = self.to_samples(groups)
-        stats = await self.train_step(samples)
-        self.learner_step = step
-        self._decide(step, flat, left_out)
-        sync_s = await self.push_weights(step)
+        async with self.push_lock:  # a rejoin push must find the learner's weights and step agreeing
+            stats = await self.train_step(samples)
+            self.learner_step = step
+            self._decide(step, flat, left_out)
+            sync_s = await self.push_weights(step)
         async with self.admission:  # admit the next groups only once the engines serve `step`
             self.buffer.advance(step)
             self.admission.notify_all()
@@ -718,7 +739,8 @@ class Orchestrator:
         self.metrics.rewind(meta.step)
         self.samples.forget_after(meta.step)
         self.bus.rewind()
-        await self.restore(checkpoints[-1], meta, lost_reason="lost:rewind")
+        async with self.push_lock:
+            await self.restore(checkpoints[-1], meta, lost_reason="lost:rewind")
         self.last_progress = time.monotonic()
         self._spawn(self.produce())
         return meta.step
