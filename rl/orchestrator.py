@@ -514,9 +514,9 @@ class Orchestrator:
             await self._learner_call(self.weights.push, self.learner, self.supervisor.handles, version, what=what)
         except (LearnerFailed, WeightTransferRefused) as err:
             dead = await self.supervisor.dead()
-            if not dead and isinstance(err, WeightTransferRefused):  # every attempt (weights.push_attempts)
-                raise StopResumable(f"weight push v{version}: {err}") from None
             if not dead:
+                if isinstance(err, WeightTransferRefused):  # on every attempt (weights.push_attempts)
+                    raise StopResumable(f"weight push v{version}: {err}") from None
                 raise
             for i in dead:
                 await self.supervisor.restart(i, self.supervisor.epoch[i], f"died during the push of v{version}")

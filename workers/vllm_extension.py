@@ -72,8 +72,8 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
     next bucket arrives (that verdict is read with the next bucket, or by `problem` for the last);
     `finish_weight_update` loads the staged push in one layerwise reload once every checksum is in.
     A bucket that fails a check drops the whole staged push and raises, so nothing of a torn or
-    corrupted push is ever loaded. The
-    staging costs one model's bytes on the engine's device for the duration of a push."""
+    corrupted push is ever loaded. The staging costs one model's bytes on the engine's device for
+    the duration of a push."""
 
     init_info_cls = Endpoint  # type: ignore[assignment]
     update_info_cls = Bucket  # type: ignore[assignment]
