@@ -19,17 +19,22 @@ Invariants (unit-tested alone, in tests/rl/test_buffer.py):
 * Age: a group whose oldest token was sampled more than `max_age` versions ago (`max_staleness + 1`
   by default), or at a version the learner has not reached (another run's entry), is retired.
 * Dynamic sampling: a group whose rewards are all equal carries no gradient; it is retired and its
-  slot admits a replacement, so each step trains on `batch_size` informative groups.
+  slot admits a replacement, so each step trains on `batch_size` informative groups. At most
+  `(dynamic_sampling_max_batches − 1) × batch_size` groups are replaced per version; after that they
+  are passed on (the learner filters them), so a policy that solves every task or none still steps.
 Every retirement is counted by reason.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 from dataclasses import dataclass, field
 
 from rl.config import AlgorithmSection
 from rl.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +67,8 @@ class GroupBuffer:
     _missing: collections.Counter[str] = field(default_factory=collections.Counter)
     _ready: collections.deque[ReadyGroup] = field(default_factory=collections.deque)
     _done_ids: list[str] = field(default_factory=list)
+    _replaced: int = 0
+    """Groups replaced under dynamic sampling since the version last advanced."""
 
     # ------------------------------------------------------------------ admission
     def can_admit(self) -> bool:
@@ -90,6 +97,8 @@ class GroupBuffer:
 
     def advance(self, version: int) -> None:
         """The engines now serve `version`."""
+        if version != self.version:
+            self._replaced = 0
         self.version = version
 
     # ------------------------------------------------------------------ assembly
@@ -123,6 +132,14 @@ class GroupBuffer:
         if reason is None:
             self._ready.append(ReadyGroup(trajs, ids))
             return
+        if reason == "zero_variance":
+            self._replaced += 1
+            if self._replaced == self._replace_budget:
+                log.warning("dynamic sampling: %d groups without reward signal were replaced at version %d; "
+                            "until the next version such groups are filtered instead of replaced "
+                            "(algorithm.dynamic_sampling_max_batches = %d). The tasks may be too easy or "
+                            "too hard for the policy.", self._replaced, self.version,
+                            self.algo.dynamic_sampling_max_batches)
         self._retire(reason, len(trajs))
         self.retirements.append((reason, items))
         self._done_ids += ids
@@ -134,9 +151,14 @@ class GroupBuffer:
             return "future"
         if age > self.algo.effective_max_age:
             return "stale"
-        if self.algo.dynamic_sampling and len({t.reward for t in trajs}) == 1:
+        if (self.algo.dynamic_sampling and len({t.reward for t in trajs}) == 1
+                and self._replaced < self._replace_budget):
             return "zero_variance"
         return None
+
+    @property
+    def _replace_budget(self) -> int:
+        return (self.algo.dynamic_sampling_max_batches - 1) * self.algo.batch_size
 
     def _retire(self, reason: str, samples: int = 0) -> None:
         self.retired += 1

@@ -160,6 +160,11 @@ class AlgorithmSection(Section):
     dynamic_sampling: bool = False
     """Replace groups whose rewards are all equal by sampling more (DAPO), so that each step trains
     on `batch_size` groups that carry a gradient; otherwise such groups are only filtered out."""
+    dynamic_sampling_max_batches: int = Field(10, ge=1)
+    """`dynamic_sampling`: at most this many batches' worth of groups are drawn for one version of
+    the weights (the batch and its replacements). Past that, groups without signal are passed on
+    and filtered as without dynamic sampling, so a policy that solves every task, or none, still
+    trains on the informative groups there are instead of sampling forever; a warning says so."""
 
     @model_validator(mode="after")
     def _max_age_covers_the_bound(self) -> AlgorithmSection:

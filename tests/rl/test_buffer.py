@@ -88,6 +88,25 @@ def test_dynamic_sampling_replaces_groups_without_signal() -> None:
     assert buf.retired_by["zero_variance"] == 1
 
 
+def test_dynamic_sampling_stops_replacing_after_its_draws_and_starts_again_at_the_next_version() -> None:
+    """A policy that solves every task: each group has one reward. Replacing them forever starved
+    the learner (it waited while generation ran on); past `dynamic_sampling_max_batches` batches'
+    worth of draws for one version they are passed on, for the learner to filter."""
+    algo = AlgorithmSection(batch_size=2, group_size=2, max_staleness=0, dynamic_sampling=True,
+                            dynamic_sampling_max_batches=3)
+    buf = GroupBuffer(algo)
+    for index in range(6):  # the batch (2) and (3 − 1) × 2 replacements: the last two pass
+        assert buf.can_admit()
+        assert buf.admit() == index
+        publish(buf, index, 0, [1.0, 1.0])
+    assert buf.retired_by["zero_variance"] == 4 and buf.ready == 2 and not buf.can_admit()
+    assert len(buf.take(2)[0]) == 2
+    buf.advance(1)
+    for index in admit_all(buf):
+        publish(buf, index, 1, [0.0, 0.0])
+    assert buf.retired_by["zero_variance"] == 6 and buf.ready == 0  # replaced again at the new version
+
+
 @pytest.mark.parametrize("staleness", [0, 1, 4])
 def test_fifty_steps_with_slow_and_lost_groups_keep_the_budget(staleness: int) -> None:
     """Random completion order, slow groups that turn stale, lost groups and (half the time) groups
