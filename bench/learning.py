@@ -14,8 +14,9 @@ under --work (default runs/bench-learning) and reused by later invocations.
 * --staleness: from seed 0's SFT checkpoint, `--steps` RL steps at each bound (several seeds at the
   bounds in --seeded-bounds), printing seconds per step, the staleness actually seen and the gain.
   Last line: `staleness 4 vs 1: gain G4 vs G1` (medians).
-* --dynamic: the demo with and without `algorithm.dynamic_sampling`, and the wall-clock seconds each
-  needs to reach the held-out accuracy of the slower one (from `eval.every` evaluations).
+* --dynamic: the demo without `algorithm.dynamic_sampling`, and with it at the demo's batch_size and
+  at the informative groups per step the run without it trained; the wall-clock seconds each needs
+  to reach the held-out accuracy of the slowest (from `eval.every` evaluations), as ratios.
 """
 
 from __future__ import annotations
@@ -139,18 +140,35 @@ def time_to_accuracy(rows: list[dict], target: float, label: str) -> float | Non
     return None
 
 
+def informative_groups_per_step(run: dict, group_size: int) -> float:
+    """Mean groups per step that carried a gradient in a run without dynamic sampling."""
+    steps = [r for r in run["rows"] if "perf/step_s" in r]
+    filtered = statistics.mean(r.get("train/dropped/zero_variance_groups", 0.0) for r in steps)
+    return statistics.mean(r["train/samples"] for r in steps) / group_size - filtered
+
+
 def dynamic(work: Path) -> None:
+    """Dynamic sampling off; on at the demo's batch_size (each step trains that many informative
+    groups, so it draws about twice as many); on at the number of informative groups the run
+    without it trained per step (about the same draws per step)."""
     sft = sft_checkpoint(work, 0)
+    demo = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())["algorithm"]
     common = ["eval.every=10", "eval.sets.0.n=500"]
     label = "eval/arithmetic/greedy"
     off = train(work, "dynamic-off", sft, 0, [*common, "algorithm.dynamic_sampling=false"])
-    on = train(work, "dynamic-on", sft, 0, [*common, "algorithm.dynamic_sampling=true"])
-    target = min(off["after"], on["after"])
-    t_off, t_on = (time_to_accuracy(r["rows"], target, label) for r in (off, on))
-    print(f"without dynamic sampling: {off['before']:.3f} -> {off['after']:.3f}, reached {target:.3f} after {t_off} s")
-    print(f"with dynamic sampling:    {on['before']:.3f} -> {on['after']:.3f}, reached {target:.3f} after {t_on} s")
-    if t_off and t_on:
-        print(f"dynamic sampling reaches {target:.3f} in {t_on / t_off:.2f}x the wall-clock seconds")
+    batches = [demo["batch_size"], round(informative_groups_per_step(off, demo["group_size"]))]
+    on = {b: train(work, f"dynamic-on-b{b}", sft, 0, [*common, "algorithm.dynamic_sampling=true",
+                                                      f"algorithm.batch_size={b}"]) for b in batches}
+    target = min(r["after"] for r in [off, *on.values()])
+    t_off = time_to_accuracy(off["rows"], target, label)
+    for name, r in [("without dynamic sampling", off)] + [(f"with, batch_size {b}", r) for b, r in on.items()]:
+        print(f"{name + ':':36} {r['before']:.3f} -> {r['after']:.3f}, {r['s_per_step']:.2f} s/step, "
+              f"reached {target:.3f} after {time_to_accuracy(r['rows'], target, label)} s", flush=True)
+    for b, r in on.items():
+        t_on = time_to_accuracy(r["rows"], target, label)
+        if t_off and t_on:
+            print(f"dynamic sampling (batch_size {b}) reaches {target:.3f} in {t_on / t_off:.2f}x "
+                  "the wall-clock seconds")
 
 
 def main() -> None:
