@@ -162,8 +162,9 @@ def dynamic(work: Path) -> None:
     target = min(r["after"] for r in [off, *on.values()])
     t_off = time_to_accuracy(off["rows"], target, label)
     for name, r in [("without dynamic sampling", off)] + [(f"with, batch_size {b}", r) for b, r in on.items()]:
+        t = time_to_accuracy(r["rows"], target, label)
         print(f"{name + ':':36} {r['before']:.3f} -> {r['after']:.3f}, {r['s_per_step']:.2f} s/step, "
-              f"reached {target:.3f} after {time_to_accuracy(r['rows'], target, label)} s", flush=True)
+              f"reached {target:.3f} " + (f"after {t:.0f} s" if t is not None else "never"), flush=True)
     for b, r in on.items():
         t_on = time_to_accuracy(r["rows"], target, label)
         if t_off and t_on:
