@@ -67,8 +67,7 @@ CPU_VARIANTS = {  # what --tiny can run on a CPU: the same code paths, float8 em
     "bf16 sdpa compiled": {**BF16, "compile": True},
     "fp8 rowwise sdpa (emulated)": {**BF16, "float8": "rowwise", "float8_emulate": True},
     "fp8 tensorwise sdpa (emulated)": {**BF16, "float8": "tensorwise", "float8_emulate": True},
-    "fp8 rowwise sdpa compiled (emulated)": {**BF16, "float8": "rowwise", "float8_emulate": True,
-                                             "compile": True},
+    "fp8 rowwise sdpa compiled (emulated)": {**BF16, "float8": "rowwise", "float8_emulate": True, "compile": True},
     "bf16 fa3": VARIANTS["bf16 fa3"],
 }
 H200_BF16_FLOPS = 790e12
@@ -79,9 +78,17 @@ def build_model(out: Path, shape: str) -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
-                         max_position_embeddings=4096, tie_word_embeddings=True, torch_dtype="float32")
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
     torch.manual_seed(0)
     # Random init on the GPU: seconds, not the minutes 2 B parameters take on the CPU.
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -99,10 +106,15 @@ def batch(samples: int, longest: int, vocab: int) -> list[Any]:
     for i in range(samples):
         n = int(rng.integers(longest // 4, longest + 1))
         prompt = max(1, n // 4)
-        out.append(TrainSample(input_ids=rng.integers(3, vocab, n).astype(np.int32), prompt_len=prompt,
-                               loss_mask=np.ones(n - prompt, np.int32),
-                               sampler_logprobs=np.full(n - prompt, -np.log(vocab), np.float32),
-                               advantage=1.0 if i % 2 == 0 else -1.0))
+        out.append(
+            TrainSample(
+                input_ids=rng.integers(3, vocab, n).astype(np.int32),
+                prompt_len=prompt,
+                loss_mask=np.ones(n - prompt, np.int32),
+                sampler_logprobs=np.full(n - prompt, -np.log(vocab), np.float32),
+                advantage=1.0 if i % 2 == 0 else -1.0,
+            )
+        )
     return out
 
 
@@ -127,8 +139,7 @@ def probe_logprobs(rank: Any, samples: list[Any], budget: int) -> np.ndarray:
         return rank._logprobs(mb)[0].float().cpu().numpy()
 
 
-def run_variant(opts: dict[str, Any], model_dir: Path, samples: list[Any], steps: int,
-                budget: int) -> dict[str, Any]:
+def run_variant(opts: dict[str, Any], model_dir: Path, samples: list[Any], steps: int, budget: int) -> dict[str, Any]:
     """One variant's figures; raises when this machine cannot run it."""
     import torch
 
@@ -152,9 +163,13 @@ def run_variant(opts: dict[str, Any], model_dir: Path, samples: list[Any], steps
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             losses.append(stats.loss_sum / stats.tokens)
-        return {"step_s": statistics.median(times[1:] or times), "first_step_s": times[0],
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
-                "loss_moved": losses[-1] != losses[0], "logprobs": lp}
+        return {
+            "step_s": statistics.median(times[1:] or times),
+            "first_step_s": times[0],
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+            "loss_moved": losses[-1] != losses[0],
+            "logprobs": lp,
+        }
     finally:  # also when the variant failed after joining the process group
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -164,47 +179,77 @@ def run_variant(opts: dict[str, Any], model_dir: Path, samples: list[Any], steps
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true",
-                    help="toy shape and CPU-runnable variants (checks the script)")
+    ap.add_argument("--tiny", action="store_true", help="toy shape and CPU-runnable variants (checks the script)")
     ap.add_argument("--steps", type=int, default=4, help="train steps per variant (the first is not timed)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--longest", type=int, default=2048, help="longest sample in tokens")
-    ap.add_argument("--variants", default=None,
-                    help="comma-separated subset, e.g. 'fp32,bf16 fa3,fp8 rowwise fa3,fp8 tensorwise fa3'")
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset, e.g. 'fp32,bf16 fa3,fp8 rowwise fa3,fp8 tensorwise fa3'",
+    )
     args = ap.parse_args()
     import torch
 
     shape, table = ("tiny", CPU_VARIANTS) if args.tiny else ("large", VARIANTS)
     longest = min(args.longest, 128) if args.tiny else args.longest
     names = args.variants.split(",") if args.variants else list(table)
-    print(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                      "torch": torch.__version__}), flush=True)
-    rows = []
+    print(
+        json.dumps(
+            {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+        ),
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         params = build_model(Path(tmp), shape)
         samples = batch(args.samples, longest, SHAPES[shape][5])
         flops = step_flops(samples, shape)
         row_tokens = sum(len(s.input_ids) for s in samples)
-        print(json.dumps({"shape": shape, "parameters": params, "row_tokens_per_step": row_tokens,
-                          "model_tflop_per_step": round(flops / 1e12, 2)}), flush=True)
-        reference = None
-        for name in names:
-            try:
-                got = run_variant({**VARIANTS, **CPU_VARIANTS}[name], Path(tmp), samples, args.steps, 16384)
-            except Exception as exc:  # a missing kernel, package or GPU: say which, go on with the rest
-                rows.append({"variant": name, "skipped": f"{type(exc).__name__}: {exc}"[:300]})
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            lp = got.pop("logprobs")
-            reference = lp if name == "fp32" else reference
-            gpu = torch.cuda.is_available()
-            drift = None if reference is None else round(float(np.abs(lp - reference).mean()), 4)
-            rows.append({"variant": name, "tokens_per_s": round(row_tokens / got["step_s"]),
-                         "mfu": round(flops / got["step_s"] / H200_BF16_FLOPS, 3) if gpu else None,
-                         "drift_vs_fp32": drift,
-                         **{k: round(v, 2) if isinstance(v, float) else v for k, v in got.items()}})
-            print(json.dumps(rows[-1]), flush=True)
+        print(
+            json.dumps(
+                {
+                    "shape": shape,
+                    "parameters": params,
+                    "row_tokens_per_step": row_tokens,
+                    "model_tflop_per_step": round(flops / 1e12, 2),
+                }
+            ),
+            flush=True,
+        )
+        rows = measure(names, Path(tmp), samples, args.steps, flops)
     print_table(rows)
+
+
+def measure(names: list[str], tmp: Path, samples: list[Any], steps: int, flops: float) -> list[dict[str, Any]]:
+    """Each variant's row, printed as it is measured: tokens/s, MFU on a GPU, logprob drift
+    against the fp32 variant (when it runs first)."""
+    import torch
+
+    row_tokens = sum(len(s.input_ids) for s in samples)
+    rows: list[dict[str, Any]] = []
+    reference = None
+    for name in names:
+        try:
+            got = run_variant({**VARIANTS, **CPU_VARIANTS}[name], tmp, samples, steps, 16384)
+        except Exception as exc:  # a missing kernel, package or GPU: say which, go on with the rest
+            rows.append({"variant": name, "skipped": f"{type(exc).__name__}: {exc}"[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        lp = got.pop("logprobs")
+        reference = lp if name == "fp32" else reference
+        gpu = torch.cuda.is_available()
+        drift = None if reference is None else round(float(np.abs(lp - reference).mean()), 4)
+        rows.append(
+            {
+                "variant": name,
+                "tokens_per_s": round(row_tokens / got["step_s"]),
+                "mfu": round(flops / got["step_s"] / H200_BF16_FLOPS, 3) if gpu else None,
+                "drift_vs_fp32": drift,
+                **{k: round(v, 2) if isinstance(v, float) else v for k, v in got.items()},
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

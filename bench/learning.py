@@ -42,8 +42,10 @@ def run(argv: list[str], log: Path) -> None:
     with log.open("w") as f:
         proc = subprocess.run([*CODEWORLD, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        sys.exit(f"bench/learning.py: `codeworld {' '.join(argv[:2])}` failed; see {log}:\n"
-                 + "\n".join(log.read_text().splitlines()[-15:]))
+        sys.exit(
+            f"bench/learning.py: `codeworld {' '.join(argv[:2])}` failed; see {log}:\n"
+            + "\n".join(log.read_text().splitlines()[-15:])
+        )
 
 
 def sft_checkpoint(work: Path, seed: int) -> Path:
@@ -60,8 +62,11 @@ def sft_checkpoint(work: Path, seed: int) -> Path:
         result = json.loads(log.read_text().splitlines()[-1])
         target = yaml.safe_load((REPO / "examples" / "demo_sft.yaml").read_text())["target_acc"]
         if result["stop_acc"] < target:
-            print(f"  warning: seed {seed}'s SFT stopped at {result['stop_acc']:.3f} on its stopping set, "
-                  f"short of its target {target} (wall-clock cap after {result['wall_s']:.0f} s)", flush=True)
+            print(
+                f"  warning: seed {seed}'s SFT stopped at {result['stop_acc']:.3f} on its stopping set, "
+                f"short of its target {target} (wall-clock cap after {result['wall_s']:.0f} s)",
+                flush=True,
+            )
     return out
 
 
@@ -69,20 +74,39 @@ def train(work: Path, name: str, sft: Path, seed: int, overrides: list[str]) -> 
     """One RL run of the demo config; its summary plus figures read from its metrics."""
     run_dir = work / "runs" / name
     started = time.perf_counter()
-    run(["train", "examples/demo.yaml", f"model.path={sft}", f"run.dir={run_dir}", f"run.name=bl-{name}",
-         f"run.seed={seed}", *QUIET, *overrides], work / "logs" / f"{name}.log")
+    run(
+        [
+            "train",
+            "examples/demo.yaml",
+            f"model.path={sft}",
+            f"run.dir={run_dir}",
+            f"run.name=bl-{name}",
+            f"run.seed={seed}",
+            *QUIET,
+            *overrides,
+        ],
+        work / "logs" / f"{name}.log",
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "perf/step_s" in r]
     ages = [(int(k.rsplit("/", 1)[1]), v) for r in steps for k, v in r.items() if k.startswith("train/staleness/")]
     seen = sum(a * n for a, n in ages) / max(sum(n for _, n in ages), 1)
     gain = summary["heldout_acc_after"] - summary["heldout_acc_before"]
-    return {"name": name, "gain": gain, "before": summary["heldout_acc_before"], "after": summary["heldout_acc_after"],
-            "steps": summary["steps"], "s_per_step": statistics.median(r["perf/step_s"] for r in steps),
-            "staleness_seen": seen, "max_staleness_seen": max((a for a, _ in ages), default=0),
-            "learner_idle": statistics.median(r.get("perf/learner_idle", 0.0) for r in steps),
-            "reward_last20": statistics.mean(r["train/reward_mean"] for r in steps[-20:]),
-            "wall_s": time.perf_counter() - started, "rows": rows}
+    return {
+        "name": name,
+        "gain": gain,
+        "before": summary["heldout_acc_before"],
+        "after": summary["heldout_acc_after"],
+        "steps": summary["steps"],
+        "s_per_step": statistics.median(r["perf/step_s"] for r in steps),
+        "staleness_seen": seen,
+        "max_staleness_seen": max((a for a, _ in ages), default=0),
+        "learner_idle": statistics.median(r.get("perf/learner_idle", 0.0) for r in steps),
+        "reward_last20": statistics.mean(r["train/reward_mean"] for r in steps[-20:]),
+        "wall_s": time.perf_counter() - started,
+        "rows": rows,
+    }
 
 
 def demo_gain(work: Path, seeds: int) -> None:
@@ -93,9 +117,11 @@ def demo_gain(work: Path, seeds: int) -> None:
         control = train(work, f"shuffled-seed{seed}", sft, seed, ["algorithm.shuffle_rewards=true"])
         gains.append(real["gain"])
         shuffled.append(control["gain"])
-        print(f"seed {seed}: held-out {real['before']:.3f} -> {real['after']:.3f} (gain {real['gain']:+.3f}); "
-              f"shuffled rewards: {control['before']:.3f} -> {control['after']:.3f} (gain {control['gain']:+.3f})",
-              flush=True)
+        print(
+            f"seed {seed}: held-out {real['before']:.3f} -> {real['after']:.3f} (gain {real['gain']:+.3f}); "
+            f"shuffled rewards: {control['before']:.3f} -> {control['after']:.3f} (gain {control['gain']:+.3f})",
+            flush=True,
+        )
     print(f"median gain {statistics.median(gains):.3f}, shuffled-reward gain {statistics.median(shuffled):.3f}")
 
 
@@ -111,19 +137,26 @@ def staleness_table(work: Path, bounds: list[int], steps: int, seeds: int, seede
         for seed in range(seeds if bound in seeded else 1):
             r = train(work, f"staleness{bound}-seed{seed}", sft, seed, [*common, f"algorithm.max_staleness={bound}"])
             results.setdefault(bound, []).append(r)
-            print(f"  bound {bound}, seed {seed}: gain {r['gain']:+.3f} ({r['before']:.3f} -> {r['after']:.3f}), "
-                  f"{r['s_per_step']:.2f} s/step, learner idle {r['learner_idle']:.0%}, "
-                  f"staleness seen {r['staleness_seen']:.2f} (max {r['max_staleness_seen']}), "
-                  f"train reward last 20 steps {r['reward_last20']:.3f}", flush=True)
-    print(f"\n| max_staleness | runs | s/step | learner idle | staleness seen (mean, max) "
-          f"| train reward, last 20 steps | held-out gain after {steps} steps (median; each run) |")
+            print(
+                f"  bound {bound}, seed {seed}: gain {r['gain']:+.3f} ({r['before']:.3f} -> {r['after']:.3f}), "
+                f"{r['s_per_step']:.2f} s/step, learner idle {r['learner_idle']:.0%}, "
+                f"staleness seen {r['staleness_seen']:.2f} (max {r['max_staleness_seen']}), "
+                f"train reward last 20 steps {r['reward_last20']:.3f}",
+                flush=True,
+            )
+    print(
+        f"\n| max_staleness | runs | s/step | learner idle | staleness seen (mean, max) "
+        f"| train reward, last 20 steps | held-out gain after {steps} steps (median; each run) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for bound, rs in results.items():
         gains = ", ".join(f"{r['gain']:+.3f}" for r in rs)
-        print(f"| {bound} | {len(rs)} | {_median(rs, 's_per_step'):.2f} | {_median(rs, 'learner_idle'):.0%} | "
-              f"{_median(rs, 'staleness_seen'):.2f}, {max(r['max_staleness_seen'] for r in rs)} | "
-              f"{_median(rs, 'reward_last20'):.3f} | "
-              f"{_median(rs, 'gain'):+.3f} ({gains}) |")
+        print(
+            f"| {bound} | {len(rs)} | {_median(rs, 's_per_step'):.2f} | {_median(rs, 'learner_idle'):.0%} | "
+            f"{_median(rs, 'staleness_seen'):.2f}, {max(r['max_staleness_seen'] for r in rs)} | "
+            f"{_median(rs, 'reward_last20'):.3f} | "
+            f"{_median(rs, 'gain'):+.3f} ({gains}) |"
+        )
     if 4 in results and 1 in results:
         g4, g1 = (_median(results[b], "gain") for b in (4, 1))
         print(f"staleness 4 vs 1: gain {g4:.3f} vs {g1:.3f}")
@@ -157,19 +190,27 @@ def dynamic(work: Path) -> None:
     label = "eval/arithmetic/greedy"
     off = train(work, "dynamic-off", sft, 0, [*common, "algorithm.dynamic_sampling=false"])
     batches = [demo["batch_size"], round(informative_groups_per_step(off, demo["group_size"]))]
-    on = {b: train(work, f"dynamic-on-b{b}", sft, 0, [*common, "algorithm.dynamic_sampling=true",
-                                                      f"algorithm.batch_size={b}"]) for b in batches}
+    on = {
+        b: train(
+            work, f"dynamic-on-b{b}", sft, 0, [*common, "algorithm.dynamic_sampling=true", f"algorithm.batch_size={b}"]
+        )
+        for b in batches
+    }
     target = min(r["after"] for r in [off, *on.values()])
     t_off = time_to_accuracy(off["rows"], target, label)
     for name, r in [("without dynamic sampling", off)] + [(f"with, batch_size {b}", r) for b, r in on.items()]:
         t = time_to_accuracy(r["rows"], target, label)
-        print(f"{name + ':':36} {r['before']:.3f} -> {r['after']:.3f}, {r['s_per_step']:.2f} s/step, "
-              f"reached {target:.3f} " + (f"after {t:.0f} s" if t is not None else "never"), flush=True)
+        print(
+            f"{name + ':':36} {r['before']:.3f} -> {r['after']:.3f}, {r['s_per_step']:.2f} s/step, "
+            f"reached {target:.3f} " + (f"after {t:.0f} s" if t is not None else "never"),
+            flush=True,
+        )
     for b, r in on.items():
         t_on = time_to_accuracy(r["rows"], target, label)
         if t_off and t_on:
-            print(f"dynamic sampling (batch_size {b}) reaches {target:.3f} in {t_on / t_off:.2f}x "
-                  "the wall-clock seconds")
+            print(
+                f"dynamic sampling (batch_size {b}) reaches {target:.3f} in {t_on / t_off:.2f}x the wall-clock seconds"
+            )
 
 
 def main() -> None:
@@ -177,8 +218,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench-learning")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--staleness", type=lambda s: [int(x) for x in s.split(",")], default=None)
-    parser.add_argument("--seeded-bounds", type=lambda s: {int(x) for x in s.split(",")}, default={1, 4},
-                        help="bounds run with --seeds seeds (the others with one)")
+    parser.add_argument(
+        "--seeded-bounds",
+        type=lambda s: {int(x) for x in s.split(",")},
+        default={1, 4},
+        help="bounds run with --seeds seeds (the others with one)",
+    )
     parser.add_argument("--steps", type=int, default=80, help="RL steps per run of --staleness")
     parser.add_argument("--dynamic", action="store_true")
     args = parser.parse_args()

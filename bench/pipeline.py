@@ -37,11 +37,21 @@ async def pipeline_tokens_per_s(
     """Run the generation side of the orchestrator until `groups` groups are on the bus."""
     from rl.orchestrator import Orchestrator
 
-    cfg = load_config(None, [
-        "run.name=bench-pipeline", f"run.dir={tempfile.mkdtemp()}", f"model.path={model}",
-        f"rollout.max_tokens={max_tokens}", "rollout.max_model_len=256", f"algorithm.group_size={group_size}",
-        f"algorithm.batch_size={groups}", "algorithm.max_staleness=0", "logging.trackers=[]",
-        "envs=[{name: arithmetic}]"])
+    cfg = load_config(
+        None,
+        [
+            "run.name=bench-pipeline",
+            f"run.dir={tempfile.mkdtemp()}",
+            f"model.path={model}",
+            f"rollout.max_tokens={max_tokens}",
+            "rollout.max_model_len=256",
+            f"algorithm.group_size={group_size}",
+            f"algorithm.batch_size={groups}",
+            "algorithm.max_staleness=0",
+            "logging.trackers=[]",
+            "envs=[{name: arithmetic}]",
+        ],
+    )
     orc = Orchestrator(cfg)
     try:
         await orc.start()
@@ -70,8 +80,9 @@ async def bare_tokens_per_s(model: str, prompts: list[list[int]], group_size: in
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype="float32", max_model_len=256,
-                                                       enforce_eager=True, enable_prefix_caching=True))
+    engine = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(model=model, dtype="float32", max_model_len=256, enforce_eager=True, enable_prefix_caching=True)
+    )
     # One request of n = group_size samples per prompt: how a group is best asked of a bare engine.
     params = SamplingParams(n=group_size, max_tokens=max_tokens, temperature=1.0, logprobs=0)
 
@@ -121,8 +132,12 @@ def push_seconds(model: str, pushes: int = 3) -> dict[str, float]:
         size = push.num_bytes / 1e9
         ray.get(worker.shutdown.remote())
         learner.shutdown()
-        return {"GB": size, "publish_s": statistics.median(publish_s), "engine_paused_s": statistics.median(reload_s),
-                "total_s": statistics.median(total_s)}
+        return {
+            "GB": size,
+            "publish_s": statistics.median(publish_s),
+            "engine_paused_s": statistics.median(reload_s),
+            "total_s": statistics.median(total_s),
+        }
     finally:
         ray.shutdown()
 
@@ -150,8 +165,10 @@ def main() -> None:
         sizes.append((f"large ({n / 1e6:.0f} M)", large))
     for label, path in sizes:
         r = push_seconds(str(path))
-        print(f"weight push {label}: {r['GB']:.3f} GB, publish {r['publish_s']:.2f} s, engine paused "
-              f"{r['engine_paused_s']:.2f} s, total {r['total_s']:.2f} s per update (median of 3)")
+        print(
+            f"weight push {label}: {r['GB']:.3f} GB, publish {r['publish_s']:.2f} s, engine paused "
+            f"{r['engine_paused_s']:.2f} s, total {r['total_s']:.2f} s per update (median of 3)"
+        )
 
 
 if __name__ == "__main__":

@@ -60,9 +60,7 @@ COMMON = [
 DOCKERD_LOG = "/var/log/codeworld-dockerd.log"
 
 
-def launch(
-    model: Path, run_dir: Path, steps: int, extra: list[str], log: Path, *flags: str
-) -> subprocess.Popen:
+def launch(model: Path, run_dir: Path, steps: int, extra: list[str], log: Path, *flags: str) -> subprocess.Popen:
     with log.open("ab") as out:
         return subprocess.Popen(
             [
@@ -155,8 +153,7 @@ FAULTS: dict[str, tuple[list[str], str | None]] = {
             "rollout.max_tokens=24",
             "rollout.max_model_len=1024",
             "algorithm.filter_zero_variance=false",
-            "envs=[{name: test-reply-length}, "
-            "{name: mbpp, params: {sandbox: {backend: docker, size: 1}}}]",
+            "envs=[{name: test-reply-length}, {name: mbpp, params: {sandbox: {backend: docker, size: 1}}}]",
         ],
         None,
     ),

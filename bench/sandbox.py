@@ -41,8 +41,10 @@ class Figures:
         return self.latencies[min(len(self.latencies) - 1, int(q * len(self.latencies)))] * 1e3
 
     def line(self) -> str:
-        return (f"{self.name:<44} {self.per_s:8.1f} exec/s   p50 {self.pct(0.5):7.1f} ms   "
-                f"p99 {self.pct(0.99):7.1f} ms   (n={len(self.latencies)})")
+        return (
+            f"{self.name:<44} {self.per_s:8.1f} exec/s   p50 {self.pct(0.5):7.1f} ms   "
+            f"p99 {self.pct(0.99):7.1f} ms   (n={len(self.latencies)})"
+        )
 
 
 def sequential(name: str, n: int, once: Callable[[], None]) -> Figures:
@@ -79,6 +81,7 @@ def docker_figures(image: str, cold_runs: int, runs: int) -> list[Figures]:
     warm = client.containers.run(image, ["sleep", "infinity"], detach=True, network_mode="none")
     lost = 0
     try:
+
         def exec_once() -> None:
             nonlocal lost
             code, out = warm.exec_run(PROGRAM)
@@ -88,8 +91,10 @@ def docker_figures(image: str, cold_runs: int, runs: int) -> list[Figures]:
             lost += out != b"1\n"
 
         cold()  # image in the page cache, as in steady state
-        figures = [sequential("(a) cold docker run per execution", cold_runs, cold),
-                   sequential("(b) docker exec in a warm container", runs, exec_once)]
+        figures = [
+            sequential("(a) cold docker run per execution", cold_runs, cold),
+            sequential("(b) docker exec in a warm container", runs, exec_once),
+        ]
     finally:
         warm.remove(force=True)
         client.close()
@@ -101,6 +106,7 @@ def docker_figures(image: str, cold_runs: int, runs: int) -> list[Figures]:
 async def load_figures(backend: str, image: str, calls: int) -> tuple[Figures, int]:
     """`calls` run() calls at once on 4 sandboxes; returns latencies and sandbox errors."""
     async with SandboxPool(backend=backend, image=image, size=4) as pool:  # type: ignore[arg-type]
+
         async def once(i: int) -> float:
             t = time.perf_counter()
             result = await pool.run(ExecRequest(command=["python3", "-c", f"print({i})"], timeout_s=60))
@@ -118,14 +124,17 @@ async def pool_figures(backend: str, label: str, image: str, runs: int) -> list[
     request = ExecRequest(command=PROGRAM)
 
     async with SandboxPool(backend=backend, image=image, size=2) as pool:  # type: ignore[arg-type]
+
         async def once() -> None:
             result = await pool.run(request)
             assert result.status is Status.OK and result.stdout == b"1\n", result
 
         for _ in range(10):
             await once()
-        return [await timed_async(f"{label}, one at a time", runs, once, 1),
-                await timed_async(f"{label}, 2 sandboxes, 8 callers", runs, once, 8)]
+        return [
+            await timed_async(f"{label}, one at a time", runs, once, 1),
+            await timed_async(f"{label}, 2 sandboxes, 8 callers", runs, once, 8),
+        ]
 
 
 def main() -> None:
@@ -140,17 +149,23 @@ def main() -> None:
     fast_seq, fast_par = asyncio.run(pool_figures("docker", "(c) pool fast path (docker)", args.image, args.runs))
     local_seq, local_par = asyncio.run(pool_figures("local", "(d) local backend (bwrap)", args.image, args.runs))
     loads = [asyncio.run(load_figures(backend, args.image, 200)) for backend in ("docker", "local")]
-    print(f"trivial program: {' '.join(PROGRAM)}   machine: {os.cpu_count()} cores, "
-          f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(
+        f"trivial program: {' '.join(PROGRAM)}   machine: {os.cpu_count()} cores, "
+        f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
     for figures in (cold, warm_exec, fast_seq, fast_par, local_seq, local_par):
         print(figures.line())
     for figures, errors in loads:
         print(f"{figures.line()}   sandbox errors {errors}")
     ratio = fast_seq.per_s / cold.per_s
-    print(f"throughput (c)/(a): {ratio:.1f}x one at a time, {fast_par.per_s / cold.per_s:.1f}x with "
-          f"concurrent callers (goal >= 10x: {'met' if ratio >= 10 else 'MISSED'})")
-    print(f"(c) p50 {fast_seq.pct(0.5):.1f} ms (goal <= 15 ms: {'met' if fast_seq.pct(0.5) <= 15 else 'MISSED'}); "
-          f"(b)/(a) {warm_exec.per_s / cold.per_s:.1f}x; (d)/(a) {local_seq.per_s / cold.per_s:.1f}x")
+    print(
+        f"throughput (c)/(a): {ratio:.1f}x one at a time, {fast_par.per_s / cold.per_s:.1f}x with "
+        f"concurrent callers (goal >= 10x: {'met' if ratio >= 10 else 'MISSED'})"
+    )
+    print(
+        f"(c) p50 {fast_seq.pct(0.5):.1f} ms (goal <= 15 ms: {'met' if fast_seq.pct(0.5) <= 15 else 'MISSED'}); "
+        f"(b)/(a) {warm_exec.per_s / cold.per_s:.1f}x; (d)/(a) {local_seq.per_s / cold.per_s:.1f}x"
+    )
 
 
 if __name__ == "__main__":

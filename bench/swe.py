@@ -71,9 +71,7 @@ async def container_starts(task: SWETask, n: int) -> tuple[list[float], list[flo
     """(a): new containers of the official profile, and the cold `docker run` baseline."""
     image = task_image(task, PARAMS)
     profile, images = task_pool_options(task, PARAMS)
-    backend = DockerBackend(
-        image, LIMITS, Owner.current(uuid.uuid4().hex[:12]), profile=profile, images=images
-    )
+    backend = DockerBackend(image, LIMITS, Owner.current(uuid.uuid4().hex[:12]), profile=profile, images=images)
     await backend.start()
     starts = []
     try:
@@ -148,11 +146,8 @@ async def concurrent_episodes(task: SWETask, n: int) -> tuple[int, float, float]
 async def main(args: argparse.Namespace) -> None:
     chosen = tasks(args.instance)
     first = chosen[0]
-    gib = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
-    print(
-        f"machine: {os.cpu_count()} cores, {gib:.0f} "
-        f"GiB; instances: {', '.join(t.instance_id for t in chosen)}"
-    )
+    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print(f"machine: {os.cpu_count()} cores, {gib:.0f} GiB; instances: {', '.join(t.instance_id for t in chosen)}")
     starts, cold = await container_starts(first, args.starts)
     print(line(f"(a) container start, official profile ({first.repo})", starts))
     print(line("    baseline: cold docker run --rm IMAGE true", cold))
@@ -175,13 +170,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--starts", type=int, default=20, help="container and episode starts to time")
     parser.add_argument("--grades", type=int, default=3, help="gradings of each instance's gold patch")
     parser.add_argument("--episodes", type=int, default=16, help="episodes to hold at once")
-    parser.add_argument(
-        "--instance", nargs="+", default=INSTANCES, help="instances (their images must exist)"
-    )
+    parser.add_argument("--instance", nargs="+", default=INSTANCES, help="instances (their images must exist)")
     asyncio.run(main(parser.parse_args()))

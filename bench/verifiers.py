@@ -46,16 +46,22 @@ class HostRunner:
                 Path(work, name).write_bytes(data)
             start = time.perf_counter()
             proc = await asyncio.create_subprocess_exec(
-                *request.command, cwd=work, env={**os.environ, **request.env}, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                *request.command,
+                cwd=work,
+                env={**os.environ, **request.env},
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
             try:
                 out, err = await asyncio.wait_for(proc.communicate(request.stdin), request.timeout_s)
             except TimeoutError:
                 proc.kill()
                 return ExecResult(status=Status.TIMEOUT, wall_s=time.perf_counter() - start)
             status = Status.OK if proc.returncode == 0 else Status.RUNTIME_ERROR
-            return ExecResult(status=status, exit_code=proc.returncode, stdout=out, stderr=err,
-                              wall_s=time.perf_counter() - start)
+            return ExecResult(
+                status=status, exit_code=proc.returncode, stdout=out, stderr=err, wall_s=time.perf_counter() - start
+            )
 
 
 async def _gated(jobs, concurrency: int) -> tuple[list, float]:
@@ -83,6 +89,7 @@ async def _episodes(name: str, params: dict, pairs: list[tuple[Task, str]], conc
             start = time.perf_counter()
             result = await env.step(Action(text=reply, token_ids=[]))
             return result, time.perf_counter() - start
+
         return run
 
     timed, wall = await _gated([job(t, r) for t, r in pairs], concurrency)
@@ -92,11 +99,16 @@ async def _episodes(name: str, params: dict, pairs: list[tuple[Task, str]], conc
 def _line(family: str, results, wall: float, busy: float, baseline: str, base_rate: float | None) -> dict:
     rate = len(results) / wall
     sandbox = sum(r.info.get("sandbox_s") or 0.0 for r in results)
-    return {"family": family, "samples": len(results), "samples_per_s": round(rate, 2),
-            "dropped": sum(r.reward is None for r in results),
-            "sandbox_share": round(sandbox / busy, 3) if busy else 0.0,
-            "baseline": baseline, "baseline_samples_per_s": round(base_rate, 2) if base_rate else None,
-            "ratio": round(rate / base_rate, 3) if base_rate else None}
+    return {
+        "family": family,
+        "samples": len(results),
+        "samples_per_s": round(rate, 2),
+        "dropped": sum(r.reward is None for r in results),
+        "sandbox_share": round(sandbox / busy, 3) if busy else 0.0,
+        "baseline": baseline,
+        "baseline_samples_per_s": round(base_rate, 2) if base_rate else None,
+        "ratio": round(rate / base_rate, 3) if base_rate else None,
+    }
 
 
 def _math_baseline(pairs: list[tuple[Task, str]]) -> float:
@@ -107,8 +119,11 @@ def _math_baseline(pairs: list[tuple[Task, str]]) -> float:
     start = time.perf_counter()
     for task, reply in pairs:
         gold = parse(f"$\\boxed{{{task.hidden['answer']}}}$")
-        pred = parse(f"$\\boxed{{{extract_boxed(reply)}}}$", fallback_mode="no_fallback",
-                     extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()])
+        pred = parse(
+            f"$\\boxed{{{extract_boxed(reply)}}}$",
+            fallback_mode="no_fallback",
+            extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+        )
         verify(gold, pred)
     return len(pairs) / (time.perf_counter() - start)
 
@@ -118,8 +133,10 @@ async def bench_math(n: int) -> dict:
     cls = get_env("math")
     from envs.data import data_root
 
-    tasks = [*cls.load_tasks(cls.Params(limit=n // 2), None, "test"),
-             *cls.load_tasks(cls.Params(limit=n - n // 2), data_root() / "gsm8k" / "test.jsonl", "test")]
+    tasks = [
+        *cls.load_tasks(cls.Params(limit=n // 2), None, "test"),
+        *cls.load_tasks(cls.Params(limit=n - n // 2), data_root() / "gsm8k" / "test.jsonl", "test"),
+    ]
     pairs = [(t, f"\\boxed{{{t.hidden['answer'] if i % 2 else 7}}}") for i, t in enumerate(tasks)]
     results, wall, busy = await _episodes("math", {}, pairs, len(pairs))
     return _line("math", results, wall, 0.0, "math-verify in-process, sequential", _math_baseline(pairs))
@@ -153,8 +170,11 @@ async def bench_stdio(n: int) -> dict:
     from envs.code import build_program
 
     cls = get_env("apps")
-    tasks = [t for t in cls.load_tasks(cls.Params.model_validate(DOCKER), None, "test")
-             if t.hidden["tests"]["mode"] == "stdio"][:n]
+    tasks = [
+        t
+        for t in cls.load_tasks(cls.Params.model_validate(DOCKER), None, "test")
+        if t.hidden["tests"]["mode"] == "stdio"
+    ][:n]
     pairs = [(t, f"```python\n{STDIO_PROGRAM}```") for t in tasks]
     results, wall, busy = await _episodes("apps", DOCKER, pairs, CONCURRENCY)
     base = await _code_baseline(pairs, lambda t, r: build_program(t.hidden["prefix"], r))
@@ -178,14 +198,21 @@ async def bench_swe(tasks_file: Path | None) -> dict:
         async def run():
             pool = await shared_pool(params.backend, task_image(task, params), params.pool_size)
             return await grade_swe(task, task.patch, pool)
+
         return run
 
     results, wall = await _gated([job(t) for t in tasks], CONCURRENCY)
     total = sum(r.total_s for r in results)
-    return {"family": "swe", "samples": len(results), "samples_per_s": round(len(results) / wall, 3),
-            "resolved": sum(r.reward == 1.0 for r in results), "dropped": sum(r.reward is None for r in results),
-            "sandbox_share": round(sum(r.sandbox_s for r in results) / total, 3) if total else 0.0,
-            "baseline": None, "ratio": None}
+    return {
+        "family": "swe",
+        "samples": len(results),
+        "samples_per_s": round(len(results) / wall, 3),
+        "resolved": sum(r.reward == 1.0 for r in results),
+        "dropped": sum(r.reward is None for r in results),
+        "sandbox_share": round(sum(r.sandbox_s for r in results) / total, 3) if total else 0.0,
+        "baseline": None,
+        "ratio": None,
+    }
 
 
 async def _warm_up() -> None:
@@ -208,7 +235,11 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200,
-                        help="Samples per family (stdio: at most the APPS subset's 49 stdin/stdout problems).")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=200,
+        help="Samples per family (stdio: at most the APPS subset's 49 stdin/stdout problems).",
+    )
     parser.add_argument("--swe-tasks", type=Path, default=None, help="SWE task file for the SWE line.")
     asyncio.run(main(parser.parse_args()))

@@ -40,8 +40,17 @@ LARGE = TinyModelSpec(hidden_size=1024, num_layers=24, num_heads=16, num_kv_head
 def _config(model: str, bucket_mb: float, transport: str, *overrides: str):
     from rl.config import load_config
 
-    return load_config(None, [f"model.path={model}", "rollout.max_model_len=256", f"weights.bucket_mb={bucket_mb}",
-                              f"weights.transport={transport}", "envs=[{name: arithmetic}]", *overrides])
+    return load_config(
+        None,
+        [
+            f"model.path={model}",
+            "rollout.max_model_len=256",
+            f"weights.bucket_mb={bucket_mb}",
+            f"weights.transport={transport}",
+            "envs=[{name: arithmetic}]",
+            *overrides,
+        ],
+    )
 
 
 def measure(model: str, bucket_mb: float, transport: str, pushes: int, *overrides: str) -> dict[str, float]:
@@ -56,8 +65,9 @@ def measure(model: str, bucket_mb: float, transport: str, pushes: int, *override
     cfg = _config(model, bucket_mb, transport, *overrides)
     placement = reserve(cfg)
     try:
-        engine = RolloutWorker.remote_actor(EngineConfig(model_path=model, max_model_len=256),
-                                            **placement.options(placement.plan.engines[0]))
+        engine = RolloutWorker.remote_actor(
+            EngineConfig(model_path=model, max_model_len=256), **placement.options(placement.plan.engines[0])
+        )
         learner = LearnerGroup(model, cfg.learner, cfg.algorithm, 1.0, 0, placement)
         ray.get(engine.get_version.remote())
         sync = WeightSync(cfg.weights, [1], transport, exchange_dir("bench-weight-sync"), "float32")
@@ -72,8 +82,13 @@ def measure(model: str, bucket_mb: float, transport: str, pushes: int, *override
         learner.shutdown()
         nbytes = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
         median = statistics.median(seconds[1:])  # the first push warms up (imports, allocations)
-        return {"seconds": median, "bytes_per_s": nbytes / median, "bytes": nbytes,
-                "learner": placement.plan.learner[0].node.address, "engine": placement.plan.engines[0].node.address}
+        return {
+            "seconds": median,
+            "bytes_per_s": nbytes / median,
+            "bytes": nbytes,
+            "learner": placement.plan.learner[0].node.address,
+            "engine": placement.plan.engines[0].node.address,
+        }
     finally:
         placement.remove()
 
@@ -94,13 +109,36 @@ def across_nodes(model: Path, bucket_mb: float, pushes: int) -> dict[str, float]
     name = f"cwbench{os.getpid()}"
     env = {**os.environ, "CODEWORLD_CODE": str(REPO), "CODEWORLD_VENV": sys.prefix}
     try:
-        up = subprocess.run(["bash", str(script), "up", "--name", name, "--workers", "1", "--mount", str(model)],
-                            env=env, capture_output=True, text=True, check=True)
+        up = subprocess.run(
+            ["bash", str(script), "up", "--name", name, "--workers", "1", "--mount", str(model)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         address = next(line.split("=", 1)[1] for line in up.stdout.splitlines() if line.startswith("RAY_ADDRESS="))
-        job = subprocess.run([str(Path(sys.prefix) / "bin" / "ray"), "job", "submit", "--address", address,
-                              "--working-dir", str(REPO / "bench"), "--", "python", "weight_sync.py", "--job",
-                              str(model), "--pushes", str(pushes), "--bucket-mb", str(bucket_mb)],
-                             capture_output=True, text=True)
+        job = subprocess.run(
+            [
+                str(Path(sys.prefix) / "bin" / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(REPO / "bench"),
+                "--",
+                "python",
+                "weight_sync.py",
+                "--job",
+                str(model),
+                "--pushes",
+                str(pushes),
+                "--bucket-mb",
+                str(bucket_mb),
+            ],
+            capture_output=True,
+            text=True,
+        )
         lines = [line for line in job.stdout.splitlines() if line.startswith('{"seconds"')]
         if not lines:
             raise RuntimeError(f"the cluster job failed:\n{(job.stdout + job.stderr)[-4000:]}")
@@ -131,10 +169,15 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)  # 1.4 GB
     assert cluster["learner"] != cluster["engine"], cluster
     gb = one_node["file"]["bytes"] / 1e9
-    print(f"weight sync, {params / 1e6:.0f} M params ({gb:.2f} GB fp32), median of {args.pushes} updates, "
-          f"buckets of {args.bucket_mb:g} MiB:")
-    for label, r in (("file, one node", one_node["file"]), ("broadcast, one node", one_node["broadcast"]),
-                     (f"broadcast, {cluster['learner']} -> {cluster['engine']}", cluster)):
+    print(
+        f"weight sync, {params / 1e6:.0f} M params ({gb:.2f} GB fp32), median of {args.pushes} updates, "
+        f"buckets of {args.bucket_mb:g} MiB:"
+    )
+    for label, r in (
+        ("file, one node", one_node["file"]),
+        ("broadcast, one node", one_node["broadcast"]),
+        (f"broadcast, {cluster['learner']} -> {cluster['engine']}", cluster),
+    ):
         print(f"  {label:<40}: {r['seconds']:6.2f} s per update, {r['bytes_per_s'] / 1e9:5.2f} GB/s")
     print(f"across nodes: {cluster['seconds']:.2f} s per update")
 

@@ -53,8 +53,12 @@ def _draw(rng: random.Random, p: ArithmeticParams) -> tuple[str, int]:
 
 
 def _task(expr: str, result: int, index: int, split: str) -> Task:
-    return Task(id=f"arith-{split}-{index}", prompt=[Message(role="user", content=f"{expr}=?")],
-                hidden={"answer": str(result)}, meta={"expr": expr})
+    return Task(
+        id=f"arith-{split}-{index}",
+        prompt=[Message(role="user", content=f"{expr}=?")],
+        hidden={"answer": str(result)},
+        meta={"expr": expr},
+    )
 
 
 @register_env("arithmetic")

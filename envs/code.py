@@ -94,12 +94,12 @@ def build_program(prefix: str, reply: str) -> str:
 
 def problem_to_task(problem: CodeProblem) -> Task:
     """A `CodeProblem` as a `Task`: the statement is the prompt; tests and gold stay hidden."""
-    hidden: dict[str, Any] = {"tests": problem.tests.model_dump(), "prefix": problem.prefix,
-                              "gold": problem.gold}
+    hidden: dict[str, Any] = {"tests": problem.tests.model_dump(), "prefix": problem.prefix, "gold": problem.gold}
     if problem.public is not None:
         hidden["public"] = problem.public.model_dump()
-    return Task(id=problem.id, prompt=[Message(role="user", content=problem.statement)],
-                hidden=hidden, meta=problem.meta)
+    return Task(
+        id=problem.id, prompt=[Message(role="user", content=problem.statement)], hidden=hidden, meta=problem.meta
+    )
 
 
 class CodeEnv(Environment):
@@ -137,8 +137,7 @@ class CodeEnv(Environment):
         """Grade `program` on `tests` in the shared sandbox pool."""
         from reward.code_run import grade
 
-        return await grade(await self.pool(), tests, program, self.params.limits,
-                           self.params.reward_mode)
+        return await grade(await self.pool(), tests, program, self.params.limits, self.params.reward_mode)
 
     async def step(self, action: Action) -> StepResult:
         tests = CodeTests.model_validate(self.task.hidden["tests"])
@@ -155,8 +154,7 @@ async def sandbox_pool(params: SandboxParams):
     """The shared pool `params` asks for, its isolation checked against `allow_unisolated`."""
     from envs.swe.pools import require_isolation, shared_pool
 
-    pool = await shared_pool(params.backend, params.image, params.size, params.local_isolation,
-                             service=params.service)
+    pool = await shared_pool(params.backend, params.image, params.size, params.local_isolation, service=params.service)
     require_isolation(pool, params.allow_unisolated, "params.sandbox.allow_unisolated")
     return pool
 
@@ -164,9 +162,15 @@ async def sandbox_pool(params: SandboxParams):
 def grade_info(result: GradeResult) -> dict[str, Any]:
     """The compact grading summary put in `StepResult.info` (with what isolated the run)."""
     failures = [o for o in result.outcomes if not o.passed]
-    return {"passed": result.passed, "total": result.total, "status": result.status,
-            "error": result.error, "sandbox_s": result.sandbox_s, "isolation": result.isolation,
-            "first_failure": failures[0].model_dump() if failures else None}
+    return {
+        "passed": result.passed,
+        "total": result.total,
+        "status": result.status,
+        "error": result.error,
+        "sandbox_s": result.sandbox_s,
+        "isolation": result.isolation,
+        "first_failure": failures[0].model_dump() if failures else None,
+    }
 
 
 @register_env("humaneval")

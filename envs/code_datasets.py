@@ -77,10 +77,14 @@ def _host_literal(node: ast.expr) -> tuple[bool, Any]:
         return True, ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         pass
-    builders = {"set": set, "frozenset": frozenset, "tuple": tuple, "list": list,
-                "dict": dict, "sorted": sorted}
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in builders
-            and not node.keywords and len(node.args) <= 1):
+    builders = {"set": set, "frozenset": frozenset, "tuple": tuple, "list": list, "dict": dict, "sorted": sorted}
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in builders
+        and not node.keywords
+        and len(node.args) <= 1
+    ):
         if not node.args:
             return True, builders[node.func.id]()
         ok, inner = _host_literal(node.args[0])
@@ -124,8 +128,7 @@ class _Split(BaseModel):
 
 
 def _is_isclose(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Call) and ast.unparse(test.func) in ("math.isclose", "isclose")
-            and len(test.args) == 2)
+    return isinstance(test, ast.Call) and ast.unparse(test.func) in ("math.isclose", "isclose") and len(test.args) == 2
 
 
 def _split_assert(test: ast.expr, where: str) -> _Split | None:
@@ -148,8 +151,10 @@ def _split_assert(test: ast.expr, where: str) -> _Split | None:
             return _Split(probe=right, expected=left_value)
         return _Split(probe=left, literal=False)
     if isinstance(test, (ast.Compare, ast.BoolOp)):
-        raise ValueError(f"{where}: test `assert {ast.unparse(test)}` is not of a supported form "
-                         "(`A == B`, `math.isclose(A, B)`, `A`, `not A`).")
+        raise ValueError(
+            f"{where}: test `assert {ast.unparse(test)}` is not of a supported form "
+            "(`A == B`, `math.isclose(A, B)`, `A`, `not A`)."
+        )
     negated = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
     operand = test.operand if negated else test
     # A bare assert asks for truthiness; bool() runs in the sandbox, on the program's value.
@@ -163,7 +168,8 @@ def asserts_to_tests(source: str, where: str) -> CodeTests:
     inlined into the probes; everything else that is not an assert becomes setup."""
     module = ast.parse(source)
     counts = Counter(
-        s.targets[0].id for s in module.body
+        s.targets[0].id
+        for s in module.body
         if isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
     )
     setup, bindings, probes, expected, all_literal = [], {}, [], [], True
@@ -177,15 +183,20 @@ def asserts_to_tests(source: str, where: str) -> CodeTests:
             expected.append(encode(split.expected) if split.literal else None)
             all_literal &= split.literal
             rel_tol = max(rel_tol, split.rel_tol or 0.0)
-        elif (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-              and isinstance(stmt.targets[0], ast.Name) and counts[stmt.targets[0].id] > 1):
+        elif (
+            isinstance(stmt, ast.Assign)
+            and len(stmt.targets) == 1
+            and isinstance(stmt.targets[0], ast.Name)
+            and counts[stmt.targets[0].id] > 1
+        ):
             bindings[stmt.targets[0].id] = _Inline(bindings).visit(stmt.value)
         else:
             setup.append(ast.unparse(stmt))
     if not probes:
         raise ValueError(f"{where}: no assert with a call to test found.")
-    return CodeTests(mode="call", setup="\n".join(setup), probes=probes,
-                     expected=expected if all_literal else None, rel_tol=rel_tol)
+    return CodeTests(
+        mode="call", setup="\n".join(setup), probes=probes, expected=expected if all_literal else None, rel_tol=rel_tol
+    )
 
 
 def _code_block(code: str) -> str:
@@ -197,15 +208,21 @@ def load_humaneval(path: Path) -> list[CodeProblem]:
     problems = []
     for row in read_records(path):
         gold = row["prompt"] + row["canonical_solution"]
-        record = RecordSpec(program=gold + "\n\n" + row["test"], entry=row["entry_point"],
-                            check="check(__record__)")
-        statement = ("Complete the following Python function. Reply with the complete function "
-                     "in a ```python code block.\n\n" + _code_block(row["prompt"]))
-        problems.append(CodeProblem(
-            id=row["task_id"], statement=statement, prefix=row["prompt"],
-            tests=CodeTests(mode="call", record=record), gold=gold,
-            meta={"entry_point": row["entry_point"], "source": path.name},
-        ))
+        record = RecordSpec(program=gold + "\n\n" + row["test"], entry=row["entry_point"], check="check(__record__)")
+        statement = (
+            "Complete the following Python function. Reply with the complete function "
+            "in a ```python code block.\n\n" + _code_block(row["prompt"])
+        )
+        problems.append(
+            CodeProblem(
+                id=row["task_id"],
+                statement=statement,
+                prefix=row["prompt"],
+                tests=CodeTests(mode="call", record=record),
+                gold=gold,
+                meta={"entry_point": row["entry_point"], "source": path.name},
+            )
+        )
     return problems
 
 
@@ -220,12 +237,19 @@ def load_mbpp(path: Path) -> list[CodeProblem]:
         if tests.expected is None:
             tests.reference = row["code"]
         text = row.get("text") or row.get("prompt")
-        statement = (f"{text}\nYour code should pass this test:\n{row['test_list'][0]}\n"
-                     "Reply with the Python function in a ```python code block.")
-        problems.append(CodeProblem(
-            id=f"mbpp/{row['task_id']}", statement=statement, tests=tests, gold=row["code"],
-            meta={"source": path.name},
-        ))
+        statement = (
+            f"{text}\nYour code should pass this test:\n{row['test_list'][0]}\n"
+            "Reply with the Python function in a ```python code block."
+        )
+        problems.append(
+            CodeProblem(
+                id=f"mbpp/{row['task_id']}",
+                statement=statement,
+                tests=tests,
+                gold=row["code"],
+                meta={"source": path.name},
+            )
+        )
     return problems
 
 
@@ -243,12 +267,18 @@ def load_mbpp_plus(path: Path) -> list[CodeProblem]:
         tests = CodeTests(mode="call", probes=probes, reference=row["canonical_solution"])
         if row.get("atol"):
             tests.abs_tol = float(row["atol"])
-        statement = (row["prompt"].strip().strip('"').strip() +
-                     "\nReply with the Python function in a ```python code block.")
-        problems.append(CodeProblem(
-            id=row["task_id"], statement=statement, tests=tests, gold=row["canonical_solution"],
-            meta={"entry_point": row["entry_point"], "source": path.name},
-        ))
+        statement = (
+            row["prompt"].strip().strip('"').strip() + "\nReply with the Python function in a ```python code block."
+        )
+        problems.append(
+            CodeProblem(
+                id=row["task_id"],
+                statement=statement,
+                tests=tests,
+                gold=row["canonical_solution"],
+                meta={"entry_point": row["entry_point"], "source": path.name},
+            )
+        )
     return problems
 
 
@@ -267,15 +297,23 @@ def load_leetcode(path: Path) -> list[CodeProblem]:
     for row in read_records(path):
         tests = asserts_to_tests(row["test"], f"{path.name} task {row['task_id']}")
         if tests.expected is None:
-            raise ValueError(f"{path.name} task {row['task_id']}: tests without literal "
-                             "expected values need a reference solution, which this format lacks.")
-        statement = ("Complete the class below. Reply with the complete class in a ```python "
-                     "code block.\n\n" + _code_block(row["prompt"]))
-        problems.append(CodeProblem(
-            id=row["task_id"], statement=statement, prefix=_leetcode_prefix(row["prompt"]),
-            tests=tests, meta={"difficulty": row.get("meta", {}).get("difficulty"),
-                               "source": path.name},
-        ))
+            raise ValueError(
+                f"{path.name} task {row['task_id']}: tests without literal "
+                "expected values need a reference solution, which this format lacks."
+            )
+        statement = (
+            "Complete the class below. Reply with the complete class in a ```python "
+            "code block.\n\n" + _code_block(row["prompt"])
+        )
+        problems.append(
+            CodeProblem(
+                id=row["task_id"],
+                statement=statement,
+                prefix=_leetcode_prefix(row["prompt"]),
+                tests=tests,
+                meta={"difficulty": row.get("meta", {}).get("difficulty"), "source": path.name},
+            )
+        )
     return problems
 
 
@@ -311,7 +349,7 @@ def _subset_args(text: str, n_params: int) -> list[Any]:
     lines = text.split("\n")
     extra = len(lines) - n_params
     if extra > 0:
-        lines = ["\n".join(lines[: extra + 1])] + lines[extra + 1:]
+        lines = ["\n".join(lines[: extra + 1])] + lines[extra + 1 :]
     return [_literal_or_text(line) for line in lines]
 
 
@@ -332,17 +370,20 @@ def _apps_tests(pairs: list[tuple[Any, Any]], starter: str, subset: bool) -> Cod
         # APPS's own grader accepts the listed output or, for a one-item list, its item.
         accepted = [output] + ([output[0]] if isinstance(output, list) and output else [])
         expected.append([encode(a) for a in accepted])
-    return CodeTests(mode="call", probes=probes, expected=expected, tuple_as_list=True,
-                     alternatives=True)
+    return CodeTests(mode="call", probes=probes, expected=expected, tuple_as_list=True, alternatives=True)
 
 
 def _apps_statement(question: str, starter: str) -> str:
     if starter.strip():
-        how = ("Write the function below (its arguments are given, its return value is checked). "
-               "Reply with the code in a ```python code block.\n\n" + _code_block(starter))
+        how = (
+            "Write the function below (its arguments are given, its return value is checked). "
+            "Reply with the code in a ```python code block.\n\n" + _code_block(starter)
+        )
     else:
-        how = ("Read the input from standard input and write the answer to standard output. "
-               "Reply with a complete Python program in a ```python code block.")
+        how = (
+            "Read the input from standard input and write the answer to standard output. "
+            "Reply with a complete Python program in a ```python code block."
+        )
     return f"{question.strip()}\n\n{how}"
 
 
@@ -351,8 +392,10 @@ def _apps_subset_problem(row: dict[str, Any]) -> CodeProblem:
     hidden = [(t["input"], t["output"]) for t in row["test_list"]]
     public = [(t["input"], t["output"]) for t in row.get("sample_io") or []]
     return CodeProblem(
-        id=f"apps/{row['id']}", statement=_apps_statement(row["description"], starter),
-        prefix=COMMON_HEADER, tests=_apps_tests(hidden, starter, subset=True),
+        id=f"apps/{row['id']}",
+        statement=_apps_statement(row["description"], starter),
+        prefix=COMMON_HEADER,
+        tests=_apps_tests(hidden, starter, subset=True),
         public=_apps_tests(public, starter, subset=True) if public else None,
         meta={"difficulty": row.get("difficulty"), "source": "apps-mapcoder-subset"},
     )
@@ -367,8 +410,10 @@ def _apps_full_problem(row: dict[str, Any]) -> CodeProblem:
         starter = f"def {io['fn_name']}(*args):\n"
     pairs = list(zip(io["inputs"], io["outputs"]))
     return CodeProblem(
-        id=f"apps/{row['problem_id']}", statement=_apps_statement(row["question"], starter),
-        prefix=COMMON_HEADER, tests=_apps_tests(pairs, starter, subset=False),
+        id=f"apps/{row['problem_id']}",
+        statement=_apps_statement(row["question"], starter),
+        prefix=COMMON_HEADER,
+        tests=_apps_tests(pairs, starter, subset=False),
         gold=COMMON_HEADER + solutions[0] if solutions else None,
         meta={"difficulty": row.get("difficulty"), "source": "apps"},
     )

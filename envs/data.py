@@ -19,8 +19,7 @@ def resolve(data: Path | None, default: str) -> Path:
     """`data` when given, else `default` under the data root; an error names the missing file."""
     path = Path(data) if data is not None else data_root() / default
     if not path.is_file():
-        raise FileNotFoundError(f"Dataset file {str(path)!r} does not exist (set the env's `data` "
-                                "or CODEWORLD_DATA).")
+        raise FileNotFoundError(f"Dataset file {str(path)!r} does not exist (set the env's `data` or CODEWORLD_DATA).")
     return path
 
 

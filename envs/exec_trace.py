@@ -35,8 +35,7 @@ from envs.registry import register_env
 
 TRACER_SOURCE = (Path(__file__).parent / "exec_trace_tracer.py").read_bytes()
 _TRACE_BLOCK = re.compile(r"<trace>(.*?)(?:</trace>|\Z)", re.DOTALL)
-_SOURCES = {"mbpp": (load_mbpp, "mbpp/mbpp.jsonl"),
-            "humaneval": (load_humaneval, "humaneval/HumanEval.jsonl")}
+_SOURCES = {"mbpp": (load_mbpp, "mbpp/mbpp.jsonl"), "humaneval": (load_humaneval, "humaneval/HumanEval.jsonl")}
 
 
 class ExecTraceParams(EnvParams):
@@ -124,7 +123,7 @@ def _prompt(program: str, entry: str, call: str, max_steps: int) -> str:
         "  <line number>: <name>=<value>, <name>=<value>\n"
         f"with the local variables of `{entry}` right before that line runs, in alphabetical "
         f"order, each value as Python's repr (longer than {MAX_REPR} characters: its first "
-        f"{MAX_REPR - 3} and \"...\"); no variables yet: just `<line number>:`. Lines inside "
+        f'{MAX_REPR - 3} and "..."); no variables yet: just `<line number>:`. Lines inside '
         "other functions it calls are not listed. An exception raised in it is a step "
         "`exception: <ExceptionType>`; the last step is `return: <value>`.\n"
         f"Write at most {max_steps} steps, between <trace> and </trace>."
@@ -140,12 +139,14 @@ def trace_tasks(problems: list[CodeProblem], max_steps: int) -> list[Task]:
             continue
         entry, call = found
         program = problem.gold.replace("\r\n", "\n").expandtabs(4)
-        tasks.append(Task(
-            id=f"trace/{problem.id}",
-            prompt=[Message(role="user", content=_prompt(program, entry, call, max_steps))],
-            hidden={"program": program, "entry": entry, "call": call},
-            meta={"source_task": problem.id},
-        ))
+        tasks.append(
+            Task(
+                id=f"trace/{problem.id}",
+                prompt=[Message(role="user", content=_prompt(program, entry, call, max_steps))],
+                hidden={"program": program, "entry": entry, "call": call},
+                meta={"source_task": problem.id},
+            )
+        )
     return tasks
 
 
@@ -153,8 +154,7 @@ class TraceFailed(Exception):
     """The ground-truth trace could not be produced (sandbox failure or a program that breaks)."""
 
 
-_Step = (tuple[Literal["line"], int, list[tuple[str, str]]]
-         | tuple[Literal["exception", "return"], str])
+_Step = tuple[Literal["line"], int, list[tuple[str, str]]] | tuple[Literal["exception", "return"], str]
 
 
 class TracerReport(BaseModel):
@@ -181,8 +181,9 @@ def read_trace(stdout: bytes, max_steps: int) -> list[str]:
         where = ".".join(str(part) for part in first["loc"]) or "report"
         raise TraceFailed(f"the tracer's report is malformed ({where}: {first['msg']})"[:300]) from None
     if len(report.steps) > max_steps:
-        raise TraceFailed(f"the tracer's report is malformed: {len(report.steps)} steps, "
-                          f"over the {max_steps} asked for")
+        raise TraceFailed(
+            f"the tracer's report is malformed: {len(report.steps)} steps, over the {max_steps} asked for"
+        )
     return [render_step(list(step)) for step in report.steps]
 
 
@@ -213,18 +214,31 @@ class ExecTraceEnv(Environment):
         key = json.dumps([hidden, self.params.max_steps], sort_keys=True)
         if key in _truth_cache:
             return _truth_cache[key]
-        spec = {"program": "program.py", "entry": hidden["entry"], "call": hidden["call"],
-                "max_steps": self.params.max_steps}
+        spec = {
+            "program": "program.py",
+            "entry": hidden["entry"],
+            "call": hidden["call"],
+            "max_steps": self.params.max_steps,
+        }
         pool = await sandbox_pool(self.params.sandbox)
-        result = await pool.run(ExecRequest(
-            command=["python3", "tracer.py", "spec.json"], timeout_s=self.params.timeout_s,
-            env={"PYTHONHASHSEED": "0"}, fast_path=False,  # reprs of string sets: one order
-            files={"tracer.py": TRACER_SOURCE, "program.py": hidden["program"].encode(),
-                   "spec.json": json.dumps(spec).encode()},
-        ))
+        result = await pool.run(
+            ExecRequest(
+                command=["python3", "tracer.py", "spec.json"],
+                timeout_s=self.params.timeout_s,
+                env={"PYTHONHASHSEED": "0"},
+                fast_path=False,  # reprs of string sets: one order
+                files={
+                    "tracer.py": TRACER_SOURCE,
+                    "program.py": hidden["program"].encode(),
+                    "spec.json": json.dumps(spec).encode(),
+                },
+            )
+        )
         if result.status != Status.OK:
-            raise TraceFailed(f"tracer ended as {result.status.value}: "
-                              f"{(result.error or result.stderr.decode('utf-8', 'replace'))[-300:]}")
+            raise TraceFailed(
+                f"tracer ended as {result.status.value}: "
+                f"{(result.error or result.stderr.decode('utf-8', 'replace'))[-300:]}"
+            )
         _truth_cache[key] = read_trace(result.stdout, self.params.max_steps)
         return _truth_cache[key]
 

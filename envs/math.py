@@ -29,8 +29,9 @@ class BoxedAnswerEnv(Environment):
         return Observation(messages=task.prompt)
 
     async def step(self, action: Action) -> StepResult:
-        verdict = await shared_verifier().verify(action.text, str(self.task.hidden["answer"]),
-                                                 allow_hashes=self.allow_hashes)
+        verdict = await shared_verifier().verify(
+            action.text, str(self.task.hidden["answer"]), allow_hashes=self.allow_hashes
+        )
         return StepResult(done=True, reward=verdict.reward, info=verdict.model_dump())
 
     async def gold_output(self, task: Task) -> str:
@@ -78,8 +79,12 @@ def _row_to_task(row: dict[str, Any], index: int, fmt: str, instruction: str) ->
         task_id = _task_id(row, index)
     if answer is None:
         return None
-    return Task(id=task_id, prompt=[Message(role="user", content=f"{problem}\n{instruction}")],
-                hidden={"answer": str(answer)}, meta={k: row[k] for k in ("level", "subject") if k in row})
+    return Task(
+        id=task_id,
+        prompt=[Message(role="user", content=f"{problem}\n{instruction}")],
+        hidden={"answer": str(answer)},
+        meta={k: row[k] for k in ("level", "subject") if k in row},
+    )
 
 
 @register_env("math")

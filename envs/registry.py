@@ -23,8 +23,7 @@ def register_env(name: str) -> Callable[[type[Environment]], type[Environment]]:
         existing = _REGISTRY.get(name)
         if existing is not None and existing is not cls:
             raise ValueError(
-                f"Environment name {name!r} is already registered by "
-                f"{existing.__module__}.{existing.__qualname__}."
+                f"Environment name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}."
             )
         cls.name = name
         _REGISTRY[name] = cls

@@ -52,10 +52,14 @@ def feedback(tests: CodeTests, result: GradeResult, turns_left: int) -> str:
             shown_input, expected = tests.inputs[i], tests.expected[i]
         got = outcome.error or outcome.got or ""
         verdict = "passed" if outcome.passed else "FAILED"
-        lines.append(f"Test {i + 1} {verdict}:\n  input: {_clip(shown_input)}\n"
-                     f"  expected: {_clip(str(expected))}\n  got: {_clip(got)}")
-    lines.append(f"Fix the program ({turns_left} turn(s) left) and reply with the complete "
-                 "corrected code in a ```python code block.")
+        lines.append(
+            f"Test {i + 1} {verdict}:\n  input: {_clip(shown_input)}\n"
+            f"  expected: {_clip(str(expected))}\n  got: {_clip(got)}"
+        )
+    lines.append(
+        f"Fix the program ({turns_left} turn(s) left) and reply with the complete "
+        "corrected code in a ```python code block."
+    )
     return "\n".join(lines)
 
 
@@ -78,10 +82,14 @@ class SelfDebugEnv(CodeEnv):
     def load_tasks(cls, params: SelfDebugParams, data: Path | None, split: str) -> Sequence[Task]:
         source = cls.source(params)
         inner = source.Params.model_validate(params.model_dump(include=set(CodeParams.model_fields)))
-        note = ("\nYou will see your program's results on the example tests and may revise it "
-                f"up to {params.turns - 1} time(s).")
-        return [t.model_copy(update={"prompt": [Message(role="user", content=t.prompt[0].content + note)]})
-                for t in source.load_tasks(inner, data, split)]
+        note = (
+            "\nYou will see your program's results on the example tests and may revise it "
+            f"up to {params.turns - 1} time(s)."
+        )
+        return [
+            t.model_copy(update={"prompt": [Message(role="user", content=t.prompt[0].content + note)]})
+            for t in source.load_tasks(inner, data, split)
+        ]
 
     async def reset(self, task: Task) -> Observation:
         self.turn = 0
@@ -112,7 +120,10 @@ class SelfDebugEnv(CodeEnv):
                 return StepResult(done=True, reward=None, info={**grade_info(result), "turns": self.turn})
             if result.passed < result.total:
                 text = feedback(public, result, self.params.turns - self.turn)
-                return StepResult(done=False, observation=Observation(messages=[Message(role="user", content=text)]),
-                                  info={"public_passed": result.passed, "public_total": result.total})
+                return StepResult(
+                    done=False,
+                    observation=Observation(messages=[Message(role="user", content=text)]),
+                    info={"public_passed": result.passed, "public_total": result.total},
+                )
         final = await self.run_tests(CodeTests.model_validate(self.task.hidden["tests"]), program)
         return StepResult(done=True, reward=final.reward, info={**grade_info(final), "turns": self.turn})

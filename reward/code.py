@@ -86,8 +86,9 @@ def first_tests(tests: CodeTests, k: int) -> CodeTests:
     """The first `k` tests of filled-in `tests` (self-debug shows these as examples)."""
     if tests.expected is None:
         raise ValueError("first_tests() needs expected values; compute them from the reference first.")
-    return tests.model_copy(update={"probes": tests.probes[:k], "inputs": tests.inputs[:k],
-                                    "expected": tests.expected[:k]})
+    return tests.model_copy(
+        update={"probes": tests.probes[:k], "inputs": tests.inputs[:k], "expected": tests.expected[:k]}
+    )
 
 
 class ExecLimits(BaseModel):
@@ -214,7 +215,7 @@ def report_lines(stdout: bytes | str, nonce: str) -> list[dict[str, Any]]:
     one."""
     text = stdout.decode("utf-8", "replace") if isinstance(stdout, bytes) else stdout
     prefix = nonce + " "
-    framed = [line[len(prefix):] for line in text.split("\n") if line.startswith(prefix)]
+    framed = [line[len(prefix) :] for line in text.split("\n") if line.startswith(prefix)]
     objects = []
     for n, body in enumerate(framed):
         try:
@@ -284,13 +285,9 @@ def values_match(got: Any, expected: Any, tests: CodeTests) -> bool:
     if type(got) is not type(expected):
         return False
     if isinstance(got, (list, tuple)):
-        return len(got) == len(expected) and all(
-            values_match(g, e, tests) for g, e in zip(got, expected)
-        )
+        return len(got) == len(expected) and all(values_match(g, e, tests) for g, e in zip(got, expected))
     if isinstance(got, dict):
-        return got.keys() == expected.keys() and all(
-            values_match(got[k], expected[k], tests) for k in got
-        )
+        return got.keys() == expected.keys() and all(values_match(got[k], expected[k], tests) for k in got)
     return got == expected
 
 

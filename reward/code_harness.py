@@ -406,8 +406,7 @@ def _run_one_stdio(i: int, program: str, stdin: str, timeout: float, cap: int) -
     os.close(out_r)
     feeder.join()  # no thread may be mid-write when the next test forks
     timed_out |= code == -signal.SIGXCPU
-    record = {"i": i, "stdout": out.decode("utf-8", "replace"), "exit": code,
-              "s": round(time.monotonic() - start, 6)}
+    record = {"i": i, "stdout": out.decode("utf-8", "replace"), "exit": code, "s": round(time.monotonic() - start, 6)}
     if timed_out:
         record["error"] = f"time limit exceeded ({timeout} s CPU)"
     elif truncated:
@@ -419,8 +418,9 @@ def _run_one_stdio(i: int, program: str, stdin: str, timeout: float, cap: int) -
 
 def _run_stdio(spec: dict, report: _Reporter) -> None:
     for i, stdin in enumerate(spec["inputs"]):
-        report.emit(_run_one_stdio(i, spec["program"], stdin, float(spec["timeout_per_test"]),
-                                   int(spec["max_output_bytes"])))
+        report.emit(
+            _run_one_stdio(i, spec["program"], stdin, float(spec["timeout_per_test"]), int(spec["max_output_bytes"]))
+        )
     report.emit({"done": len(spec["inputs"])})
 
 

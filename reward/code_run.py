@@ -50,26 +50,33 @@ def _cache_key(tests: CodeTests) -> str:
     return hashlib.sha256(tests.model_dump_json().encode()).hexdigest()
 
 
-async def run_harness(pool: Runner, spec: dict[str, Any], program: str, limits: ExecLimits,
-                      count: int) -> tuple[Any, str]:
+async def run_harness(
+    pool: Runner, spec: dict[str, Any], program: str, limits: ExecLimits, count: int
+) -> tuple[Any, str]:
     """Run `program` under the harness with `spec` (mode, probes or inputs) in one sandbox
     execution; returns the sandbox result and the nonce framing its reports."""
     from workers.sandbox import ExecRequest, Status
 
     nonce = new_nonce()
-    spec = {**spec, "program": "solution.py", "timeout_per_test": limits.timeout_per_test_s,
-            "max_output_bytes": limits.max_output_bytes}
+    spec = {
+        **spec,
+        "program": "solution.py",
+        "timeout_per_test": limits.timeout_per_test_s,
+        "max_output_bytes": limits.max_output_bytes,
+    }
     timeout = min(limits.timeout_total_s, 5.0 + WALL_FACTOR * limits.timeout_per_test_s * (count + 1))
     request = ExecRequest(
         command=[PYTHON, "harness.py", "spec.json"],
-        files={"harness.py": HARNESS_SOURCE, "solution.py": program.encode(),
-               "spec.json": json.dumps(spec).encode()},
-        stdin=(nonce + "\n").encode(), timeout_s=timeout, memory_mb=limits.memory_mb,
+        files={"harness.py": HARNESS_SOURCE, "solution.py": program.encode(), "spec.json": json.dumps(spec).encode()},
+        stdin=(nonce + "\n").encode(),
+        timeout_s=timeout,
+        memory_mb=limits.memory_mb,
         max_output_bytes=min(limits.max_total_output_bytes, 65536 + count * (limits.max_output_bytes + 1024)),
         # A fixed hash seed makes set and dict orders of strings the same in every run: the
         # reference's outputs and the candidate's must not differ by a random seed. The fast
         # path forks an interpreter whose seed is already drawn, so a fresh one is started.
-        env={"PYTHONHASHSEED": "0"}, fast_path=False,
+        env={"PYTHONHASHSEED": "0"},
+        fast_path=False,
     )
     result = await pool.run(request)
     if result.status == Status.SANDBOX_ERROR:
@@ -126,8 +133,9 @@ async def _record(pool: Runner, tests: CodeTests, limits: ExecLimits) -> CodeTes
     if error or not finished or not calls:
         why = error or f"the recording run ended as {result.status.value} before finishing"
         raise ReferenceFailed(f"the reference solution failed the dataset's tests: {why}")
-    return tests.model_copy(update={"probes": [c.probe for c in calls], "expected": [c.value for c in calls],
-                                    "record": None})
+    return tests.model_copy(
+        update={"probes": [c.probe for c in calls], "expected": [c.value for c in calls], "record": None}
+    )
 
 
 async def _reference(pool: Runner, tests: CodeTests, limits: ExecLimits) -> CodeTests:
@@ -139,8 +147,9 @@ async def _reference(pool: Runner, tests: CodeTests, limits: ExecLimits) -> Code
         unreported = f"not reported: the run ended as {result.status.value}"
         failed = report.records.get(missing[0]) if missing else None
         first = report.malformed or report.load_error or (failed and failed.error) or unreported
-        raise ReferenceFailed(f"the reference solution failed on {len(missing)} of {tests.count} "
-                              f"inputs (first: {first})")
+        raise ReferenceFailed(
+            f"the reference solution failed on {len(missing)} of {tests.count} inputs (first: {first})"
+        )
     values = [report.records[i].value for i in range(tests.count)]
     return tests.model_copy(update={"expected": values, "reference": None})
 
@@ -167,23 +176,34 @@ def _why(result: Any) -> str:
     return f" (exit code {result.exit_code}{': ' + lines[-1][:200] if lines else ''})"
 
 
-async def grade(pool: Runner, tests: CodeTests, program: str, limits: ExecLimits,
-                reward_mode: Literal["all", "fraction"] = "all") -> GradeResult:
+async def grade(
+    pool: Runner, tests: CodeTests, program: str, limits: ExecLimits, reward_mode: Literal["all", "fraction"] = "all"
+) -> GradeResult:
     """Run `program` on every test in the sandbox and compare on the host. Infrastructure
     failures and broken tasks give `reward=None` with the reason in `error`."""
     try:
         tests = await materialize(pool, tests, limits)
         result, nonce = await run_harness(pool, _spec(tests), program, limits, tests.count)
     except (SandboxFailed, ReferenceFailed) as exc:
-        return GradeResult(reward=None, passed=0, total=tests.count, error=str(exc),
-                           status="sandbox_error" if isinstance(exc, SandboxFailed) else "no_reference")
+        return GradeResult(
+            reward=None,
+            passed=0,
+            total=tests.count,
+            error=str(exc),
+            status="sandbox_error" if isinstance(exc, SandboxFailed) else "no_reference",
+        )
     report = parse_report(result.stdout, nonce, tests.count)
     outcomes = judge(tests, report)
     error = report.malformed or report.load_error
     if error is None and not report.done:
         error = f"run ended as {result.status.value} before all tests were reported{_why(result)}"
     return GradeResult(
-        reward=reward_from(outcomes, reward_mode), passed=sum(o.passed for o in outcomes),
-        total=len(outcomes), outcomes=outcomes, status=result.status.value, error=error,
-        sandbox_s=result.wall_s, isolation=result.isolation.value if result.isolation else None,
+        reward=reward_from(outcomes, reward_mode),
+        passed=sum(o.passed for o in outcomes),
+        total=len(outcomes),
+        outcomes=outcomes,
+        status=result.status.value,
+        error=error,
+        sandbox_s=result.wall_s,
+        isolation=result.isolation.value if result.isolation else None,
     )

@@ -82,9 +82,11 @@ def _verify_in_worker(answer: str, gold: str) -> bool:
     # Gold answers are bare LaTeX ("\\frac{\\pi}{2}", "\\$36"): box them so the LaTeX extractor
     # reads the whole answer; only an answer already in math mode is parsed as it is.
     gold_parsed = parse(gold if gold.strip().startswith("$") else f"$\\boxed{{{gold}}}$")
-    pred_parsed = parse(f"$\\boxed{{{answer}}}$",
-                        extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-                        fallback_mode="no_fallback")
+    pred_parsed = parse(
+        f"$\\boxed{{{answer}}}$",
+        extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+        fallback_mode="no_fallback",
+    )
     if not gold_parsed:
         raise ValueError(f"gold answer {gold!r} could not be parsed")
     return bool(pred_parsed) and verify(gold_parsed, pred_parsed)
@@ -98,8 +100,9 @@ class MathVerifier:
 
         self.deadline_s = deadline_s
         # spawn, not fork: the caller may hold Ray, torch or vLLM threads that must not be forked.
-        self._pool = ProcessPool(max_workers=workers, context=multiprocessing.get_context("spawn"),
-                                 initializer=_warm_worker)
+        self._pool = ProcessPool(
+            max_workers=workers, context=multiprocessing.get_context("spawn"), initializer=_warm_worker
+        )
 
     def _schedule(self, prediction: str, gold: str, allow_hashes: bool):
         """The extracted answer and the pool future verifying it, or a verdict decided on the host."""

@@ -87,8 +87,9 @@ class GradeResult(BaseModel):
     """Seconds the whole grading took."""
 
 
-async def grade_swe(task: SWETask, diff: str, pool: SessionPool, *, timeout_s: float = 900.0,
-                    memory_mb: int = 2048) -> GradeResult:
+async def grade_swe(
+    task: SWETask, diff: str, pool: SessionPool, *, timeout_s: float = 900.0, memory_mb: int = 2048
+) -> GradeResult:
     """Grade `diff` (a unified diff against the task's base) on `task` in a fresh sandbox
     session from `pool`."""
     start = time.perf_counter()
@@ -120,8 +121,12 @@ async def _grade(task: SWETask, diff: str, pool: SessionPool, timeout_s: float, 
             verdict = await run(workspace, task, kept, timeout_s)
     except (SandboxFailure, SandboxError, SandboxUnavailable, PatchError) as err:
         # PatchError here: the task's own setup_patch does not apply, a broken task.
-        return GradeResult(reward=None, dropped_paths=dropped, error=f"no verdict: {err}",
-                           sandbox_s=workspace.sandbox_s if workspace else 0.0)
+        return GradeResult(
+            reward=None,
+            dropped_paths=dropped,
+            error=f"no verdict: {err}",
+            sandbox_s=workspace.sandbox_s if workspace else 0.0,
+        )
     verdict.dropped_paths, verdict.sandbox_s = dropped, workspace.sandbox_s
     return verdict
 
@@ -159,8 +164,7 @@ async def _apply_and_test(workspace: Workspace, task: SWETask, kept: str, timeou
     except PatchError as err:
         # The kept diff touches no trusted path nor a folder on the way to one, so only the
         # task can make its own test_patch fail.
-        return GradeResult(reward=None, applied=True,
-                           error=f"task {task.instance_id} is broken: its test_patch: {err}")
+        return GradeResult(reward=None, applied=True, error=f"task {task.instance_id} is broken: its test_patch: {err}")
     try:
         run = await workspace.run_tests(timeout_s)
     except PolicyFault as err:
@@ -170,8 +174,7 @@ async def _apply_and_test(workspace: Workspace, task: SWETask, kept: str, timeou
     return verdict
 
 
-async def _apply_and_run_eval_script(workspace: Workspace, task: SWETask, kept: str,
-                                     timeout_s: float) -> GradeResult:
+async def _apply_and_run_eval_script(workspace: Workspace, task: SWETask, kept: str, timeout_s: float) -> GradeResult:
     """Official layout: apply the model's diff, then run the instance's SWE-bench evaluation
     script (which resets the test files, applies the test patch and runs the tests) and let
     swebench's report decide."""
@@ -181,8 +184,7 @@ async def _apply_and_run_eval_script(workspace: Workspace, task: SWETask, kept: 
         # The kept diff touches no trusted path, so only the task can make its test patch fail.
         await workspace.check_applies(task.test_patch)
     except PatchError as err:
-        return GradeResult(reward=None, applied=True,
-                           error=f"task {task.instance_id} is broken: its test_patch: {err}")
+        return GradeResult(reward=None, applied=True, error=f"task {task.instance_id} is broken: its test_patch: {err}")
     spec = official.test_spec(task, official.default_image(task))
     try:
         run = await workspace.run_script(spec.eval_script, timeout_s)
@@ -209,14 +211,19 @@ def judge_report(spec: TestSpec, run: ExecResult, diff: str) -> GradeResult:
         # No parseable results (swebench's triage hint included): the policy's run, so 0 — a
         # drop here would let a failing diff print an infrastructure signature to escape its 0.
         why = f" ({report['infra_failure_reason']})" if report.get("infra_failure_reason") else ""
-        return GradeResult(reward=0.0, error=f"the test output holds no test results{why}", log_tail=tail,
-                           log=output)
+        return GradeResult(reward=0.0, error=f"the test output holds no test results{why}", log_tail=tail, log=output)
     tests = report["tests_status"]
-    outcome = {k: TestOutcome(passed=tests[k]["success"], failed=tests[k]["failure"])
-               for k in (FAIL_TO_PASS, PASS_TO_PASS)}
-    return GradeResult(reward=1.0 if report["resolved"] else 0.0, resolved=report["resolved"],
-                       fail_to_pass=outcome[FAIL_TO_PASS], pass_to_pass=outcome[PASS_TO_PASS], log_tail=tail,
-                       log=output)
+    outcome = {
+        k: TestOutcome(passed=tests[k]["success"], failed=tests[k]["failure"]) for k in (FAIL_TO_PASS, PASS_TO_PASS)
+    }
+    return GradeResult(
+        reward=1.0 if report["resolved"] else 0.0,
+        resolved=report["resolved"],
+        fail_to_pass=outcome[FAIL_TO_PASS],
+        pass_to_pass=outcome[PASS_TO_PASS],
+        log_tail=tail,
+        log=output,
+    )
 
 
 def judge(task: SWETask, run: ExecResult) -> GradeResult:
@@ -226,9 +233,16 @@ def judge(task: SWETask, run: ExecResult) -> GradeResult:
     if run.status in (Status.TIMEOUT, Status.OOM, Status.OUTPUT_LIMIT):
         return GradeResult(reward=0.0, error=f"tests ended as {run.status.value}", log_tail=tail)
     log = f"{START_TEST_OUTPUT}\n{output}\n{END_TEST_OUTPUT}\n{TEST_EXIT_CODE}: {run.exit_code}\n"
-    spec = TestSpec(instance_id=task.instance_id, image=task.image or "", eval_script_list=[],
-                    repo=task.repo, version=task.version, FAIL_TO_PASS=task.FAIL_TO_PASS,
-                    PASS_TO_PASS=task.PASS_TO_PASS, log_parser=task.resolved_log_parser())
+    spec = TestSpec(
+        instance_id=task.instance_id,
+        image=task.image or "",
+        eval_script_list=[],
+        repo=task.repo,
+        version=task.version,
+        FAIL_TO_PASS=task.FAIL_TO_PASS,
+        PASS_TO_PASS=task.PASS_TO_PASS,
+        log_parser=task.resolved_log_parser(),
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".log") as f:
         f.write(log)
         f.flush()
@@ -237,7 +251,13 @@ def judge(task: SWETask, run: ExecResult) -> GradeResult:
         return GradeResult(reward=0.0, error="the test output holds no test results", log_tail=tail)
     report = get_eval_tests_report(status_map, {FAIL_TO_PASS: task.FAIL_TO_PASS, PASS_TO_PASS: task.PASS_TO_PASS})
     resolved = get_resolution_status(report) == ResolvedStatus.FULL.value
-    outcome = {k: TestOutcome(passed=report[k]["success"], failed=report[k]["failure"])
-               for k in (FAIL_TO_PASS, PASS_TO_PASS)}
-    return GradeResult(reward=1.0 if resolved else 0.0, resolved=resolved, fail_to_pass=outcome[FAIL_TO_PASS],
-                       pass_to_pass=outcome[PASS_TO_PASS], log_tail=tail)
+    outcome = {
+        k: TestOutcome(passed=report[k]["success"], failed=report[k]["failure"]) for k in (FAIL_TO_PASS, PASS_TO_PASS)
+    }
+    return GradeResult(
+        reward=1.0 if resolved else 0.0,
+        resolved=resolved,
+        fail_to_pass=outcome[FAIL_TO_PASS],
+        pass_to_pass=outcome[PASS_TO_PASS],
+        log_tail=tail,
+    )

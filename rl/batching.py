@@ -91,8 +91,9 @@ class MicroBatch(BaseModel):
 
     def to(self, device: Any) -> MicroBatch:
         """The same micro-batch with every tensor on `device`."""
-        layout = PackedLayout(self.layout.cu_seqlens.to(device), self.layout.max_seqlen,
-                              self.layout.pad_index.to(device))
+        layout = PackedLayout(
+            self.layout.cu_seqlens.to(device), self.layout.max_seqlen, self.layout.pad_index.to(device)
+        )
         moved = {k: v.to(device) for k, v in self.__dict__.items() if hasattr(v, "to") and k != "layout"}
         return self.model_copy(update={**moved, "layout": layout})
 
@@ -100,8 +101,13 @@ class MicroBatch(BaseModel):
         """Keyword arguments of the Hugging Face model's forward for this micro-batch. No KV cache:
         the config's `use_cache` would otherwise keep every layer's keys and values of the row,
         and a recomputed (activation-checkpointed) block would append to them a second time."""
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "packed": self.layout,
-                "logits_to_keep": self.positions, "use_cache": False}
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "packed": self.layout,
+            "logits_to_keep": self.positions,
+            "use_cache": False,
+        }
 
 
 def split_micro_batches(samples: Sequence[TrainSample], budget: int) -> list[list[TrainSample]]:
@@ -138,18 +144,25 @@ def pack(samples: Sequence[TrainSample]) -> MicroBatch:
             per_seq[key].append(np.full(len(model), value))
     within = np.concatenate([np.arange(n) for n in lengths])
     pad_index = np.concatenate([i * longest + np.arange(n) for i, n in enumerate(lengths)])
-    layout = PackedLayout(cu_seqlens=torch.from_numpy(starts.astype(np.int32)), max_seqlen=longest,
-                          pad_index=torch.from_numpy(pad_index.astype(np.int64)))
+    layout = PackedLayout(
+        cu_seqlens=torch.from_numpy(starts.astype(np.int32)),
+        max_seqlen=longest,
+        pad_index=torch.from_numpy(pad_index.astype(np.int64)),
+    )
     position_idx = torch.from_numpy(np.concatenate(positions).astype(np.int64))
     return MicroBatch(
         input_ids=torch.from_numpy(np.concatenate([s.input_ids for s in samples]).astype(np.int64))[None],
-        position_ids=torch.from_numpy(within.astype(np.int64))[None], layout=layout, positions=position_idx,
+        position_ids=torch.from_numpy(within.astype(np.int64))[None],
+        layout=layout,
+        positions=position_idx,
         targets=torch.from_numpy(np.concatenate(targets).astype(np.int64)),
-        mask=torch.ones(len(position_idx)), sampler=torch.from_numpy(np.concatenate(sampler)),
+        mask=torch.ones(len(position_idx)),
+        sampler=torch.from_numpy(np.concatenate(sampler)),
         advantages=torch.from_numpy(np.concatenate(per_seq["adv"]).astype(np.float32)),
         weights=torch.from_numpy(np.concatenate(per_seq["weight"]).astype(np.float32)),
         seq=torch.from_numpy(np.concatenate(per_seq["seq"]).astype(np.int64)),
-        ages=torch.from_numpy(np.concatenate(per_seq["age"]).astype(np.int64)))
+        ages=torch.from_numpy(np.concatenate(per_seq["age"]).astype(np.int64)),
+    )
 
 
 def micro_batches(samples: Sequence[TrainSample], budget: int) -> list[MicroBatch]:
@@ -161,6 +174,15 @@ def dummy_micro_batch() -> MicroBatch:
     """A two-token micro-batch whose one target counts for nothing (mask 0): a rank with fewer
     micro-batches than the busiest one runs it so that FSDP's collectives pair up, while it adds
     nothing to the loss, the gradient or the statistics."""
-    mb = pack([TrainSample(input_ids=np.zeros(2, np.int32), prompt_len=1, loss_mask=np.ones(1, np.int32),
-                           sampler_logprobs=np.zeros(1, np.float32), advantage=0.0)])
+    mb = pack(
+        [
+            TrainSample(
+                input_ids=np.zeros(2, np.int32),
+                prompt_len=1,
+                loss_mask=np.ones(1, np.int32),
+                sampler_logprobs=np.zeros(1, np.float32),
+                advantage=0.0,
+            )
+        ]
+    )
     return mb.model_copy(update={"mask": mb.mask * 0})

@@ -76,9 +76,11 @@ class GroupBuffer:
         untrained = self.admitted - self.retired - self.version * a.batch_size
         depth = min(a.max_staleness, a.lookahead) + 1
         stragglers = sum(1 for v in self._admitted_at.values() if v < self.version)
-        return (untrained < (a.max_staleness + 1) * a.batch_size
-                and untrained < depth * a.batch_size + stragglers
-                and self.in_flight * a.group_size < self.max_concurrent_episodes)
+        return (
+            untrained < (a.max_staleness + 1) * a.batch_size
+            and untrained < depth * a.batch_size + stragglers
+            and self.in_flight * a.group_size < self.max_concurrent_episodes
+        )
 
     def admit(self) -> int:
         """Admit one group (call only when `can_admit`); returns its index."""
@@ -135,11 +137,15 @@ class GroupBuffer:
         if reason == "zero_variance":
             self._replaced += 1
             if self._replaced == self._replace_budget:
-                log.warning("dynamic sampling: %d groups without reward signal were replaced at version %d; "
-                            "until the next version such groups are filtered instead of replaced "
-                            "(algorithm.dynamic_sampling_max_batches = %d). The tasks may be too easy or "
-                            "too hard for the policy.", self._replaced, self.version,
-                            self.algo.dynamic_sampling_max_batches)
+                log.warning(
+                    "dynamic sampling: %d groups without reward signal were replaced at version %d; "
+                    "until the next version such groups are filtered instead of replaced "
+                    "(algorithm.dynamic_sampling_max_batches = %d). The tasks may be too easy or "
+                    "too hard for the policy.",
+                    self._replaced,
+                    self.version,
+                    self.algo.dynamic_sampling_max_batches,
+                )
         self._retire(reason, len(trajs))
         self.retirements.append((reason, items))
         self._done_ids += ids
@@ -151,8 +157,7 @@ class GroupBuffer:
             return "future"
         if age > self.algo.effective_max_age:
             return "stale"
-        if (self.algo.dynamic_sampling and len({t.reward for t in trajs}) == 1
-                and self._replaced < self._replace_budget):
+        if self.algo.dynamic_sampling and len({t.reward for t in trajs}) == 1 and self._replaced < self._replace_budget:
             return "zero_variance"
         return None
 
@@ -190,8 +195,20 @@ class GroupBuffer:
 
     def state(self) -> dict[str, object]:
         """Counters and the groups waiting, for a watchdog's state dump."""
-        return {"version": self.version, "admitted": self.admitted, "retired": self.retired,
-                "in_flight": self.in_flight, "ready": len(self._ready), "retired_by": dict(self.retired_by),
-                "partial": [{"group": g, "have": len(items), "missing": self._missing[g],
-                             "size": items[0][1].group_size if items else None}
-                            for g, items in self._partial.items()]}
+        return {
+            "version": self.version,
+            "admitted": self.admitted,
+            "retired": self.retired,
+            "in_flight": self.in_flight,
+            "ready": len(self._ready),
+            "retired_by": dict(self.retired_by),
+            "partial": [
+                {
+                    "group": g,
+                    "have": len(items),
+                    "missing": self._missing[g],
+                    "size": items[0][1].group_size if items else None,
+                }
+                for g, items in self._partial.items()
+            ],
+        }

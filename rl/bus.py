@@ -44,7 +44,8 @@ _T = TypeVar("_T")
 # One publish, atomically: unless this token published already (then its ids are returned again),
 # add every trajectory with its id, group and group size beside the payload (for scans that must
 # not decode), and remember the ids under the token.
-_PUBLISH = """
+_PUBLISH = (
+    """
 if redis.call('EXISTS', KEYS[2]) == 1 then return redis.call('LRANGE', KEYS[2], 0, -1) end
 local ids = {}
 for i = 1, #ARGV, 4 do
@@ -54,7 +55,9 @@ end
 redis.call('RPUSH', KEYS[2], unpack(ids))
 redis.call('EXPIRE', KEYS[2], %d)
 return ids
-""" % _TOKEN_TTL_S
+"""
+    % _TOKEN_TTL_S
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +95,15 @@ class TrajectoryBus:
     Thread-safe; the `a*` methods run the blocking calls on a worker thread for asyncio callers.
     """
 
-    def __init__(self, redis_url: str, run_id: str, consumer: str = "learner-0", *,
-                 claim_idle_ms: int = 60_000, retry_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        run_id: str,
+        consumer: str = "learner-0",
+        *,
+        claim_idle_ms: int = 60_000,
+        retry_s: float = 120.0,
+    ) -> None:
         """Connect and create the stream and its consumer group if missing.
 
         consumer: this reader's name in the group; a restarted learner should reuse its name.
@@ -119,8 +129,9 @@ class TrajectoryBus:
         # altogether is a timeout, retried like a dropped connection, not a silent hang.
         # No retries inside redis-py: a read it repeated by itself after a lost reply would leave
         # the first reply's entries in the pending list unseen; `_call` retries knowingly.
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=60, socket_connect_timeout=5,
-                                           retry=Retry(NoBackoff(), 0))
+        self._redis = redis.Redis.from_url(
+            redis_url, socket_timeout=60, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
         self._publish_script = self._redis.register_script(_PUBLISH)
         self._lock = threading.Lock()  # serialises reads: the phase and pending cursor are shared
         self._phase: Literal["claim", "pending", "live"] = "claim"
@@ -152,8 +163,10 @@ class TrajectoryBus:
                     self._phase, self._pending_cursor = "pending", b"0"
                 if time.monotonic() + delay > deadline:
                     why = " ".join(str(exc).split())[:200]
-                    raise BusUnavailable(f"the trajectory bus {self.key}: Redis did not answer for "
-                                         f"{self.retry_s:.0f} s ({type(exc).__name__}: {why}).") from None
+                    raise BusUnavailable(
+                        f"the trajectory bus {self.key}: Redis did not answer for "
+                        f"{self.retry_s:.0f} s ({type(exc).__name__}: {why})."
+                    ) from None
                 logger.warning("trajectory bus %s: %s; retrying in %.2f s", self.key, type(exc).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -216,17 +229,16 @@ class TrajectoryBus:
         cursor, claimed = b"0-0", 0
         while True:
             cursor, entries, _deleted = self._redis.xautoclaim(
-                self.key, GROUP, self.consumer, self.claim_idle_ms, cursor, count=_CLAIM_PAGE)
+                self.key, GROUP, self.consumer, self.claim_idle_ms, cursor, count=_CLAIM_PAGE
+            )
             claimed += len(entries)
             if cursor in (b"0-0", "0-0"):
                 break
         if claimed:
-            logger.info("trajectory bus %s: %s took over %d idle pending entries",
-                        self.key, self.consumer, claimed)
+            logger.info("trajectory bus %s: %s took over %d idle pending entries", self.key, self.consumer, claimed)
 
     def _xreadgroup(self, start: bytes, count: int, block_ms: int | None) -> list:
-        response = self._redis.xreadgroup(GROUP, self.consumer, {self.key: start},
-                                          count=count, block=block_ms)
+        response = self._redis.xreadgroup(GROUP, self.consumer, {self.key: start}, count=count, block=block_ms)
         return response[0][1] if response else []
 
     def _decode(self, entries: list) -> list[tuple[str, Trajectory]]:
@@ -240,8 +252,13 @@ class TrajectoryBus:
                 bad.append(entry_id)
                 self.undecodable.append(_info(entry_id, fields))
                 reason = " ".join(str(exc).split())[:200]
-                logger.warning("trajectory bus %s: dropped undecodable entry %s (%s: %s)",
-                               self.key, entry_id, type(exc).__name__, reason)
+                logger.warning(
+                    "trajectory bus %s: dropped undecodable entry %s (%s: %s)",
+                    self.key,
+                    entry_id,
+                    type(exc).__name__,
+                    reason,
+                )
         if bad:
             self.decode_errors += len(bad)
             self.ack(bad)
@@ -363,5 +380,9 @@ def _info(entry_id: str, fields: dict) -> EntryInfo:
         return value.decode(errors="replace") if isinstance(value, bytes) else None
 
     size = text(b"n")
-    return EntryInfo(entry_id=entry_id, trajectory_id=text(b"i"), group_id=text(b"g"),
-                     group_size=int(size) if size is not None and size.isdigit() else None)
+    return EntryInfo(
+        entry_id=entry_id,
+        trajectory_id=text(b"i"),
+        group_id=text(b"g"),
+        group_size=int(size) if size is not None and size.isdigit() else None,
+    )

@@ -62,6 +62,7 @@ class RolloutSection(Section):
     @classmethod
     def _core_number(cls, value: object) -> object:
         return str(value) if isinstance(value, int) else value  # `rollout.cpu_cores=1` reads as an int
+
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """Share of its GPUs' memory a GPU engine may take (weights, activations, KV cache)."""
     tensor_parallel_size: int = Field(1, ge=1)
@@ -79,11 +80,14 @@ class RolloutSection(Section):
     def _gpus_fit_tensor_parallel(self) -> RolloutSection:
         tp, gpus = self.tensor_parallel_size, self.num_gpus
         if gpus is not None and 0 < gpus < 1 and tp > 1:
-            raise ValueError(f"rollout.num_gpus {gpus} (a share of one GPU) needs "
-                             f"rollout.tensor_parallel_size 1, not {tp}.")
+            raise ValueError(
+                f"rollout.num_gpus {gpus} (a share of one GPU) needs rollout.tensor_parallel_size 1, not {tp}."
+            )
         if gpus is not None and gpus >= 1 and gpus != tp:
-            raise ValueError(f"rollout.num_gpus {gpus:g} must equal rollout.tensor_parallel_size {tp} "
-                             "(one GPU per tensor-parallel rank).")
+            raise ValueError(
+                f"rollout.num_gpus {gpus:g} must equal rollout.tensor_parallel_size {tp} "
+                "(one GPU per tensor-parallel rank)."
+            )
         return self
 
 
@@ -169,9 +173,11 @@ class AlgorithmSection(Section):
     @model_validator(mode="after")
     def _max_age_covers_the_bound(self) -> AlgorithmSection:
         if self.max_age is not None and self.max_age < self.max_staleness:
-            raise ValueError(f"max_age ({self.max_age}) is below max_staleness ({self.max_staleness}): groups "
-                             "the staleness bound admits would be dropped as too old; raise max_age or lower "
-                             "max_staleness.")
+            raise ValueError(
+                f"max_age ({self.max_age}) is below max_staleness ({self.max_staleness}): groups "
+                "the staleness bound admits would be dropped as too old; raise max_age or lower "
+                "max_staleness."
+            )
         return self
 
     @property
@@ -240,12 +246,15 @@ class LearnerSection(Section):
     @model_validator(mode="after")
     def _kernels_fit_the_dtype(self) -> LearnerSection:
         if self.attention in ("fa3", "fa4") and self.mixed_precision == "off":
-            raise ValueError(f"learner.attention {self.attention} runs in bf16 only; set "
-                             "learner.mixed_precision to bf16 (or auto, bf16 on a GPU), or use attention "
-                             "sdpa for fp32.")
+            raise ValueError(
+                f"learner.attention {self.attention} runs in bf16 only; set "
+                "learner.mixed_precision to bf16 (or auto, bf16 on a GPU), or use attention "
+                "sdpa for fp32."
+            )
         if self.float8 != "off" and not self.float8_emulate and not self.compile:
-            raise ValueError("learner.float8 without learner.compile measured 3x slower than bf16; "
-                             "set learner.compile: true.")
+            raise ValueError(
+                "learner.float8 without learner.compile measured 3x slower than bf16; set learner.compile: true."
+            )
         return self
 
 
@@ -289,8 +298,7 @@ class EvalSetSection(Section):
     @model_validator(mode="after")
     def _measures_something(self) -> EvalSetSection:
         if not self.greedy and not self.pass_k:
-            raise ValueError(f"eval set {self.label!r} has greedy off and pass_k 0: "
-                             "it would measure nothing.")
+            raise ValueError(f"eval set {self.label!r} has greedy off and pass_k 0: it would measure nothing.")
         return self
 
 

@@ -63,8 +63,9 @@ class Evaluator:
         self.top_p = cfg.rollout.top_p
         self.runs = 0
 
-    async def run(self, runner: EpisodeRunner,
-                  workers: Sequence[Any]) -> tuple[dict[str, float], dict[str, list[Trajectory]]]:
+    async def run(
+        self, runner: EpisodeRunner, workers: Sequence[Any]
+    ) -> tuple[dict[str, float], dict[str, list[Trajectory]]]:
         """Metrics of every set, and each set's trajectories (for the sample store)."""
         start, self.runs = time.perf_counter(), self.runs + 1
         results = await asyncio.gather(*(self._one(s, runner, workers) for s in self.sets))
@@ -77,8 +78,9 @@ class Evaluator:
             metrics[metric_name("perf", "eval_s")] = time.perf_counter() - start
         return metrics, samples
 
-    async def _one(self, s: EvalSet, runner: EpisodeRunner,
-                   workers: Sequence[Any]) -> tuple[dict[str, float], list[Trajectory]]:
+    async def _one(
+        self, s: EvalSet, runner: EpisodeRunner, workers: Sequence[Any]
+    ) -> tuple[dict[str, float], list[Trajectory]]:
         k = s.section.pass_k
         greedy = Sampling(max_tokens=self.max_tokens, temperature=0.0)
         sampled = Sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
@@ -94,13 +96,14 @@ class Evaluator:
         self.health.observe(s.cls.name, [o for g in groups for o in g])
         per_task = 2 if s.section.greedy and k else 1
         greedy_groups = groups[0::per_task] if s.section.greedy else []
-        sampled_groups = groups[per_task - 1::per_task] if k else []
+        sampled_groups = groups[per_task - 1 :: per_task] if k else []
         figures = _figures(s.label, greedy_groups, sampled_groups, k)
         return figures, [o.trajectory for g in groups for o in g if o.trajectory is not None]
 
 
-def _figures(label: str, greedy: list[list[EpisodeOutcome]], sampled: list[list[EpisodeOutcome]],
-             k: int) -> dict[str, float]:
+def _figures(
+    label: str, greedy: list[list[EpisodeOutcome]], sampled: list[list[EpisodeOutcome]], k: int
+) -> dict[str, float]:
     def name(key: str) -> str:
         return metric_name("eval", label, key)
 

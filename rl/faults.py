@@ -67,9 +67,15 @@ def engine_death(exc: BaseException) -> str | None:
 class EngineSupervisor:
     """The run's rollout engines: started, guarded, pushed to and restarted here."""
 
-    def __init__(self, configs: list[EngineConfig], faults: FaultsSection, watchdog: Watchdog,
-                 start: Callable[..., Any] = RolloutWorker.remote_actor, options: list[dict[str, Any]] | None = None,
-                 rejoin: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        configs: list[EngineConfig],
+        faults: FaultsSection,
+        watchdog: Watchdog,
+        start: Callable[..., Any] = RolloutWorker.remote_actor,
+        options: list[dict[str, Any]] | None = None,
+        rejoin: Callable[[], None] | None = None,
+    ) -> None:
         """`start(config, **options)` starts one engine actor; `options`: per engine, its Ray options
         (None: none); `rejoin`: None where a restarted engine loads the last pushed file, else what
         brings a restarted engine onto the served weights (see above; it must not block: the
@@ -103,8 +109,10 @@ class EngineSupervisor:
 
     def state(self) -> list[dict[str, Any]]:
         """Per engine: queue depth, groups in flight and restarts (for state dumps and metrics)."""
-        return [{"engine": i, "queue_depth": self.depth[i], "groups": self.groups[i], "restarts": self.epoch[i]}
-                for i in range(len(self.configs))]
+        return [
+            {"engine": i, "queue_depth": self.depth[i], "groups": self.groups[i], "restarts": self.epoch[i]}
+            for i in range(len(self.configs))
+        ]
 
     @contextlib.contextmanager
     def assign(self, avoid: int | None = None) -> Iterator[GuardedEngine]:
@@ -123,8 +131,11 @@ class EngineSupervisor:
         epoch = self.epoch[i]
         self.depth[i] += 1
         try:
-            return await self.watchdog.guard(f"engine {i}: generate", self.faults.engine_call_s,
-                                             self.handles[i].generate.remote(prompt_ids, sampling))
+            return await self.watchdog.guard(
+                f"engine {i}: generate",
+                self.faults.engine_call_s,
+                self.handles[i].generate.remote(prompt_ids, sampling),
+            )
         except Hang as hang:
             await self.restart(i, epoch, f"hung ({hang})")
             raise EngineFailed(i, "hung") from None
@@ -144,9 +155,11 @@ class EngineSupervisor:
         async def one(i: int) -> None:
             epoch = self.epoch[i]
             try:
-                await self.watchdog.guard(f"engine {i}: weight push v{push.version}",
-                                          self.faults.weight_push_s,
-                                          self.handles[i].update_weights.remote(push))
+                await self.watchdog.guard(
+                    f"engine {i}: weight push v{push.version}",
+                    self.faults.weight_push_s,
+                    self.handles[i].update_weights.remote(push),
+                )
             except Hang as hang:
                 await self.restart(i, epoch, f"hung loading weights ({hang})")
             except Exception as exc:
@@ -194,21 +207,27 @@ class EngineSupervisor:
                 return
             self.restarts += 1
             if self.restarts > self.faults.engine_restarts:
-                raise StopResumable(f"engine {i} {why}, and the run has restarted engines "
-                                    f"{self.faults.engine_restarts} times (faults.engine_restarts)")
+                raise StopResumable(
+                    f"engine {i} {why}, and the run has restarted engines "
+                    f"{self.faults.engine_restarts} times (faults.engine_restarts)"
+                )
             log.warning("engine %d %s; restarting it", i, why)
             await self._stop(self.handles[i])
             try:
                 handle = self._start(self.configs[i], **self.options[i])
-                await self.watchdog.guard(f"engine {i}: restart", self.faults.engine_start_s,
-                                          handle.get_version.remote())
+                await self.watchdog.guard(
+                    f"engine {i}: restart", self.faults.engine_start_s, handle.get_version.remote()
+                )
                 if self.last_push is not None:
                     what = f"engine {i}: weight push v{self.last_push.version} after restart"
-                    await self.watchdog.guard(what, self.faults.weight_push_s,
-                                              handle.update_weights.remote(self.last_push))
+                    await self.watchdog.guard(
+                        what, self.faults.weight_push_s, handle.update_weights.remote(self.last_push)
+                    )
             except Exception as exc:
-                raise StopResumable(f"engine {i} {why}, and its restart failed: {type(exc).__name__}: "
-                                    f"{' '.join(str(exc).split())[:300]}") from None
+                raise StopResumable(
+                    f"engine {i} {why}, and its restart failed: {type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())[:300]}"
+                ) from None
             self.handles[i] = handle
             self.epoch[i] += 1
             if self.rejoin is not None:
@@ -216,8 +235,7 @@ class EngineSupervisor:
                 self.rejoin()
                 log.warning("engine %d restarted; it generates again once the next push has loaded it", i)
                 return
-            log.warning("engine %d restarted, serving v%s", i,
-                        self.last_push.version if self.last_push else 0)
+            log.warning("engine %d restarted, serving v%s", i, self.last_push.version if self.last_push else 0)
 
     def joined(self) -> None:
         """Every engine serves the weights just pushed to all of them: restarted ones generate again."""

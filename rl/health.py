@@ -20,8 +20,13 @@ import numpy as np
 from rl.metrics import metric_name
 from workers.episode import EpisodeOutcome
 
-_STATUS_COUNTS = {"timeout": "timeouts", "oom": "ooms", "sandbox_error": "sandbox_errors",
-                  "runtime_error": "runtime_errors", "output_limit": "output_limits"}
+_STATUS_COUNTS = {
+    "timeout": "timeouts",
+    "oom": "ooms",
+    "sandbox_error": "sandbox_errors",
+    "runtime_error": "runtime_errors",
+    "output_limit": "output_limits",
+}
 """Sandbox statuses (workers.sandbox.Status values) counted per environment, and their metric names."""
 
 DEADLINE_PREFIX = "verifier deadline"
@@ -96,8 +101,7 @@ class HealthMonitor:
 
 
 def _window_metrics(w: _Window, dt: float) -> dict[str, float]:
-    out = {"graded_per_s": w.graded / dt, "no_reward": float(w.no_reward),
-           "verifier_deadline": float(w.deadline)}
+    out = {"graded_per_s": w.graded / dt, "no_reward": float(w.no_reward), "verifier_deadline": float(w.deadline)}
     out.update({key: float(w.counts[key]) for key in _STATUS_COUNTS.values()})
     for key, values in (("verify", w.verify_s), ("sandbox", w.sandbox_s)):
         if values:

@@ -74,9 +74,18 @@ def free_port() -> int:
 class LearnerRank:
     """One rank of the learner. Start through `LearnerGroup`."""
 
-    def __init__(self, rank: int, world_size: int, master_port: int, model_path: str,
-                 learner: LearnerSection, algo: AlgorithmSection, temperature: float, seed: int,
-                 master_addr: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_port: int,
+        model_path: str,
+        learner: LearnerSection,
+        algo: AlgorithmSection,
+        temperature: float,
+        seed: int,
+        master_addr: str = "127.0.0.1",
+    ) -> None:
         import torch
         import torch.distributed as dist
 
@@ -97,10 +106,10 @@ class LearnerRank:
         self.reference = build_model(model_path, learner, self.device).eval() if algo.kl_coef else None
         if self.reference is not None:
             self.reference.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=learner.lr, betas=learner.betas,
-                                           weight_decay=learner.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda step: lr_multiplier(step, learner))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=learner.lr, betas=learner.betas, weight_decay=learner.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, learner))
         self.steps = 0
 
     def ready(self) -> int:
@@ -187,8 +196,18 @@ class LearnerRank:
         if self.reference is not None:
             with torch.no_grad():
                 ref = self._logprobs(mb, self.reference)[0]
-        inputs = LossInputs(logp=logp, prox=prox, sampler=mb.sampler, advantages=mb.advantages, mask=mb.mask,
-                            weights=mb.weights, seq=mb.seq, ages=mb.ages, entropy=entropy, ref=ref)
+        inputs = LossInputs(
+            logp=logp,
+            prox=prox,
+            sampler=mb.sampler,
+            advantages=mb.advantages,
+            mask=mb.mask,
+            weights=mb.weights,
+            seq=mb.seq,
+            ages=mb.ages,
+            entropy=entropy,
+            ref=ref,
+        )
         out = policy_loss(inputs, self.algo)
         # FSDP averages gradients over ranks; the weights already hold the batch's normaliser.
         (out.loss_sum * self.world_size).backward()
@@ -219,8 +238,7 @@ class LearnerRank:
         sd = self.full_state_dict()
         return publish(sd, Path(root), version) if sd is not None else None
 
-    def connect_engines(self, engines: list[Any], tp_sizes: list[int], weights: WeightsSection,
-                        dtype: str) -> None:
+    def connect_engines(self, engines: list[Any], tp_sizes: list[int], weights: WeightsSection, dtype: str) -> None:
         """Set up the broadcast weight transport (collective; rank 0 opens it on its node)."""
         import torch
 
@@ -228,8 +246,16 @@ class LearnerRank:
 
         if getattr(self, "sender", None) is not None:  # formed again: a restarted engine, say
             self.sender.shutdown()
-        self.sender = connect(self.model, self.rank, engines, tp_sizes, weights.bucket_mb, weights.timeout_s,
-                              getattr(torch, dtype), free_port() if self.rank == 0 else 0)
+        self.sender = connect(
+            self.model,
+            self.rank,
+            engines,
+            tp_sizes,
+            weights.bucket_mb,
+            weights.timeout_s,
+            getattr(torch, dtype),
+            free_port() if self.rank == 0 else 0,
+        )
 
     def broadcast(self, version: int) -> Any:
         """Stream this version's weights to the engines (collective); rank 0 returns its PushStats."""
@@ -241,8 +267,7 @@ class LearnerRank:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()},
-                 checkpoint_id=path)
+        dcp.save({"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}, checkpoint_id=path)
 
     def load_checkpoint(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -251,8 +276,7 @@ class LearnerRank:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def shutdown(self) -> None:
@@ -332,9 +356,16 @@ class StepStats(BaseModel):
 class LearnerGroup:
     """Driver-side handle on the learner ranks."""
 
-    def __init__(self, model_path: str, learner: LearnerSection, algo: AlgorithmSection,
-                 temperature: float, seed: int, max_tokens: int = 1,
-                 reservation: Reservation | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        learner: LearnerSection,
+        algo: AlgorithmSection,
+        temperature: float,
+        seed: int,
+        max_tokens: int = 1,
+        reservation: Reservation | None = None,
+    ) -> None:
         """`max_tokens`: the rollout's token limit per turn, the constant of `aggregation: token_sum`.
         `reservation`: the run's placement (`rl.placement`); None: this machine's Ray, any GPU."""
         import ray
@@ -350,14 +381,23 @@ class LearnerGroup:
             raise err.cause from None
         address, port = _rendezvous(reservation)
         remote = ray.remote(LearnerRank)
-        self.ranks = [remote.options(**options[r]).remote(r, learner.world_size, port, model_path, learner,
-                                                          algo, temperature, seed, address)
-                      for r in range(learner.world_size)]
+        self.ranks = [
+            remote.options(**options[r]).remote(
+                r, learner.world_size, port, model_path, learner, algo, temperature, seed, address
+            )
+            for r in range(learner.world_size)
+        ]
         ray.get([r.ready.remote() for r in self.ranks])
         self.world_size, self.algo, self.max_tokens = learner.world_size, algo, max_tokens
-        log.info("learner: %d rank(s) ready, rendezvous at %s:%d (%s attention, %s float8, "
-                 "mixed precision %s)", self.world_size, address, port, learner.attention, learner.float8,
-                 learner.mixed_precision)
+        log.info(
+            "learner: %d rank(s) ready, rendezvous at %s:%d (%s attention, %s float8, mixed precision %s)",
+            self.world_size,
+            address,
+            port,
+            learner.attention,
+            learner.float8,
+            learner.mixed_precision,
+        )
 
     def train_step(self, minibatches: Sequence[Sequence[TrainSample]]) -> StepStats:
         """One optimizer step per minibatch; each is split across ranks with balanced tokens (a
@@ -377,13 +417,19 @@ class LearnerGroup:
             log.info("learner: float8 logprob drift %.4f nats/token (%d probe tokens)", drift, probed)
         norms = stats[0].grad_norms
         return StepStats(
-            loss=sum(s.loss_sum for s in stats) / tok, entropy=sum(s.entropy_sum for s in stats) / tok,
+            loss=sum(s.loss_sum for s in stats) / tok,
+            entropy=sum(s.entropy_sum for s in stats) / tok,
             clip_frac=sum(s.clipped for s in stats) / tok,
             mismatch_kl=sum(s.mismatch_k3_sum for s in stats) / tok,
-            mismatch_abs=sum(s.mismatch_abs_sum for s in stats) / tok, grad_norm=sum(norms) / len(norms),
-            grad_norms=norms, float8_drift=drift, kl=sum(s.kl_sum for s in stats) / tok if self.algo.kl_coef else None,
-            importance=merge_importance([s.importance for s in stats]), tokens=int(tok),
-            train_s=time.perf_counter() - start)
+            mismatch_abs=sum(s.mismatch_abs_sum for s in stats) / tok,
+            grad_norm=sum(norms) / len(norms),
+            grad_norms=norms,
+            float8_drift=drift,
+            kl=sum(s.kl_sum for s in stats) / tok if self.algo.kl_coef else None,
+            importance=merge_importance([s.importance for s in stats]),
+            tokens=int(tok),
+            train_s=time.perf_counter() - start,
+        )
 
     def publish(self, root: Path, version: int) -> WeightPush:
         import ray
@@ -391,8 +437,7 @@ class LearnerGroup:
         pushes = ray.get([r.publish.remote(str(root), version) for r in self.ranks])
         return next(p for p in pushes if p is not None)
 
-    def connect_engines(self, engines: list[Any], tp_sizes: list[int], weights: WeightsSection,
-                        dtype: str) -> None:
+    def connect_engines(self, engines: list[Any], tp_sizes: list[int], weights: WeightsSection, dtype: str) -> None:
         """Join the broadcast transport with the engines (they receive in `dtype`)."""
         import ray
 

@@ -76,8 +76,9 @@ class LedgerTotals(BaseModel):
 class Ledger:
     """Appends decisions to ledger.jsonl and keeps the totals and the open groups."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None,
-                 open_groups: Mapping[str, Iterable[int]] | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, resume_step: int | None = None, open_groups: Mapping[str, Iterable[int]] | None = None
+    ) -> None:
         """A fresh ledger (`resume_step` None: an existing file is emptied), or the ledger of a
         run resumed from the checkpoint of `resume_step`, with the groups open at that checkpoint."""
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,13 +156,18 @@ class Ledger:
         """Samples trained by learner step `step` (`entries`: their bus entry ids)."""
         self._decide(ids, "trained", step, None, entries)
 
-    def dropped(self, ids: Iterable[str], step: int, reason: str,
-                entries: Mapping[str, str] | None = None) -> None:
+    def dropped(self, ids: Iterable[str], step: int, reason: str, entries: Mapping[str, str] | None = None) -> None:
         """Samples dropped during step `step`, for `reason`."""
         self._decide(ids, "dropped", step, reason, entries)
 
-    def _decide(self, ids: Iterable[str], fate: Literal["trained", "dropped"], step: int, reason: str | None,
-                entries: Mapping[str, str] | None) -> None:
+    def _decide(
+        self,
+        ids: Iterable[str],
+        fate: Literal["trained", "dropped"],
+        step: int,
+        reason: str | None,
+        entries: Mapping[str, str] | None,
+    ) -> None:
         for sid in ids:
             group, index = split_id(sid)
             members = self._open.get(group)
@@ -173,8 +179,7 @@ class Ledger:
             if not members:
                 del self._open[group]
                 self._env.pop(group, None)
-            line = LedgerLine(id=sid, fate=fate, step=step, reason=reason, entry=(entries or {}).get(sid),
-                              env=env)
+            line = LedgerLine(id=sid, fate=fate, step=step, reason=reason, entry=(entries or {}).get(sid), env=env)
             self._file.write(line.model_dump_json() + "\n")
             self._count(line)
             self._recent.append((step, sid))
@@ -204,8 +209,7 @@ class Ledger:
     def summary(self) -> LedgerTotals:
         """The totals as of now."""
         open_count = sum(len(m) for m in self._open.values())
-        return self.totals.model_copy(update={"open": open_count,
-                                              "by_reason": dict(sorted(self._reasons.items()))})
+        return self.totals.model_copy(update={"open": open_count, "by_reason": dict(sorted(self._reasons.items()))})
 
     def sync(self) -> None:
         """Make every line written so far durable (before a checkpoint's metadata names them)."""
@@ -220,8 +224,7 @@ class Ledger:
 
 def read_ledger(path: Path) -> list[LedgerLine]:
     """Every line of a ledger file (for tests and tools)."""
-    return [LedgerLine.model_validate(json.loads(raw))
-            for raw in path.read_text().splitlines() if raw.strip()]
+    return [LedgerLine.model_validate(json.loads(raw)) for raw in path.read_text().splitlines() if raw.strip()]
 
 
 def decided_in(path: Path, ids: set[str]) -> set[str]:

@@ -59,9 +59,13 @@ def overlong_penalty(t: Trajectory, algo: AlgorithmSection, max_tokens: int) -> 
     return -algo.overlong_penalty * min(1.0, max(0.0, (last - free) / algo.overlong_buffer))
 
 
-def batch_advantages(groups: Sequence[Sequence[Trajectory]], rewards: Sequence[Sequence[float]],
-                     algo: AlgorithmSection, loss_weights: Mapping[str, float],
-                     max_tokens: int) -> tuple[list[tuple[Trajectory, float]], int]:
+def batch_advantages(
+    groups: Sequence[Sequence[Trajectory]],
+    rewards: Sequence[Sequence[float]],
+    algo: AlgorithmSection,
+    loss_weights: Mapping[str, float],
+    max_tokens: int,
+) -> tuple[list[tuple[Trajectory, float]], int]:
     """Each trained sample with its advantage, and how many groups were filtered for carrying no
     signal. In order: the overlong penalty joins the reward; group baselines (and stds); per
     environment, optionally, the advantages divided by their std over the batch (environments with
@@ -250,9 +254,14 @@ def policy_loss(t: LossInputs, algo: AlgorithmSection) -> TokenLoss:
         kl_sum = float((kl.detach() * mask).sum())
     if t.entropy is not None and algo.entropy_coef:
         per_token = per_token - algo.entropy_coef * t.entropy
-    return TokenLoss(loss_sum=(per_token * mask * t.weights).sum(), policy_sum=policy_sum,
-                     clipped=float((active * mask).sum()), tokens=float(mask.sum()), kl_sum=kl_sum,
-                     importance=importance_by_age(t, algo.is_cap))
+    return TokenLoss(
+        loss_sum=(per_token * mask * t.weights).sum(),
+        policy_sum=policy_sum,
+        clipped=float((active * mask).sum()),
+        tokens=float(mask.sum()),
+        kl_sum=kl_sum,
+        importance=importance_by_age(t, algo.is_cap),
+    )
 
 
 def importance_by_age(t: LossInputs, is_cap: float) -> dict[int, ImportanceStats]:
@@ -268,8 +277,13 @@ def importance_by_age(t: LossInputs, is_cap: float) -> dict[int, ImportanceStats
             lw, w = log_w[sel], torch.exp(log_w[sel])
             hist = torch.bincount(bins[sel], minlength=len(IS_EDGES) + 1).double()
             out[int(age)] = ImportanceStats(
-                tokens=float(sel.sum()), log_w_sum=float(lw.sum()), kl_sum=float((w - 1 - lw).sum()),
-                above=float((w > is_cap).sum()), below=float((w < 1 / is_cap).sum()), histogram=hist.tolist())
+                tokens=float(sel.sum()),
+                log_w_sum=float(lw.sum()),
+                kl_sum=float((w - 1 - lw).sum()),
+                above=float((w > is_cap).sum()),
+                below=float((w < 1 / is_cap).sum()),
+                histogram=hist.tolist(),
+            )
         return out
 
 
@@ -279,8 +293,9 @@ tokens holds 10 GB of fp32 logits per copy; the unchunked softmax kept two such 
 backward pass and a third for the entropy."""
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logprob of each target token under logits / temperature, and the entropy per position.
 
     logits: [..., V] predicting targets: [...]. Computed in vocabulary chunks of `VOCAB_CHUNK`
@@ -295,14 +310,13 @@ class _ChunkedLogprob(torch.autograd.Function):
     """logp[t] = z[t] − logsumexp(z) with z = logits / T, one fp32 vocabulary chunk at a time."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor,
-                temperature: float) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
         n = logits.shape[0]
         top = torch.full((n,), -torch.inf, device=logits.device)
         total = torch.zeros(n, device=logits.device)  # Σ exp(z − top)
         weighted = torch.zeros(n, device=logits.device)  # Σ exp(z − top) · z
         for start in range(0, logits.shape[1], VOCAB_CHUNK):
-            z = logits[:, start:start + VOCAB_CHUNK].float() / temperature
+            z = logits[:, start : start + VOCAB_CHUNK].float() / temperature
             new_top = torch.maximum(top, z.max(-1).values)
             rescale = torch.exp(top - new_top)
             e = torch.exp(z - new_top[:, None])
@@ -318,19 +332,18 @@ class _ChunkedLogprob(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad_logp: torch.Tensor | None,
-                 grad_entropy: torch.Tensor | None) -> tuple[Any, None, None]:
+    def backward(ctx: Any, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None) -> tuple[Any, None, None]:
         logits, targets, lse, entropy = ctx.saved_tensors
         grad = torch.empty_like(logits)
         t = ctx.temperature
         scale = grad_logp / t if grad_logp is not None else torch.zeros_like(lse)
         for start in range(0, logits.shape[1], VOCAB_CHUNK):
-            z = logits[:, start:start + VOCAB_CHUNK].float() / t
+            z = logits[:, start : start + VOCAB_CHUNK].float() / t
             log_p = z - lse[:, None]
             g = -torch.exp(log_p) * scale[:, None]  # d logp[t] / d z = onehot(t) − softmax(z); z = logits / T
             inside = (targets >= start) & (targets < start + z.shape[1])  # no host sync, unlike nonzero()
             g.scatter_add_(1, (targets - start).clamp(0, z.shape[1] - 1)[:, None], (scale * inside)[:, None])
             if grad_entropy is not None:  # d H / d z_j = −p_j (log p_j + H)
                 g -= torch.exp(log_p) * (log_p + entropy[:, None]) * (grad_entropy / t)[:, None]
-            grad[:, start:start + VOCAB_CHUNK] = g.to(grad.dtype)
+            grad[:, start : start + VOCAB_CHUNK] = g.to(grad.dtype)
         return grad, None, None

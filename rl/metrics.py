@@ -63,16 +63,24 @@ def batch_metrics(trajs: Sequence[Trajectory], prefix: tuple[str, ...] = ("train
 
 def _figures(trajs: Sequence[Trajectory], prefix: tuple[str, ...]) -> dict[str, float]:
     rewards = np.array([t.reward for t in trajs])
-    return {metric_name(*prefix, "reward_mean"): float(rewards.mean()),
-            metric_name(*prefix, "pass_rate"): float((rewards >= 1.0).mean()),
-            metric_name(*prefix, "response_len"): float(np.mean([t.num_model_tokens for t in trajs])),
-            metric_name(*prefix, "truncation_rate"): float(np.mean([t.truncated for t in trajs])),
-            metric_name(*prefix, "samples"): float(len(trajs))}
+    return {
+        metric_name(*prefix, "reward_mean"): float(rewards.mean()),
+        metric_name(*prefix, "pass_rate"): float((rewards >= 1.0).mean()),
+        metric_name(*prefix, "response_len"): float(np.mean([t.num_model_tokens for t in trajs])),
+        metric_name(*prefix, "truncation_rate"): float(np.mean([t.truncated for t in trajs])),
+        metric_name(*prefix, "samples"): float(len(trajs)),
+    }
 
 
-def step_metrics(trajs: Sequence[Trajectory], learner: Mapping[str, Any], *, version: int,
-                 dropped: Mapping[str, int], timing: Mapping[str, float],
-                 tokens_per_s: float) -> dict[str, float]:
+def step_metrics(
+    trajs: Sequence[Trajectory],
+    learner: Mapping[str, Any],
+    *,
+    version: int,
+    dropped: Mapping[str, int],
+    timing: Mapping[str, float],
+    tokens_per_s: float,
+) -> dict[str, float]:
     """One learner step's train/ and perf/ metrics (plus env/ batch figures). `learner` is the
     step's `StepStats` as a dict (empty when the step trained nothing), `dropped` the drops of
     this step by reason, `timing` seconds: train_s, sync_s, wait_s, step_s, elapsed_s."""
@@ -144,8 +152,10 @@ def _require(module: str, extra: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         package = module.split(".")[0]
-        raise ConfigError(f"logging.trackers lists {extra}, but the {package!r} package is not installed: "
-                          f"pip install 'codeworld[{extra}]'.") from None
+        raise ConfigError(
+            f"logging.trackers lists {extra}, but the {package!r} package is not installed: "
+            f"pip install 'codeworld[{extra}]'."
+        ) from None
 
 
 class TensorBoardTracker:
@@ -187,21 +197,38 @@ class WandbTracker:
     """A W&B run (offline by default: files under <run dir>/wandb for a later `wandb sync`);
     samples as tables: train samples every `table_every` steps, evaluation samples at each evaluation."""
 
-    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection,
-                 config: Mapping[str, Any]) -> None:
+    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection, config: Mapping[str, Any]) -> None:
         wandb = _require("wandb", "wandb")
         self._wandb, self._every = wandb, logging.wandb.table_every
-        self._run = wandb.init(project=logging.wandb.project, entity=logging.wandb.entity, name=run_name,
-                               mode=logging.wandb.mode, dir=str(run_dir), config=dict(config),
-                               settings=wandb.Settings(silent=True, console="off"))
+        self._run = wandb.init(
+            project=logging.wandb.project,
+            entity=logging.wandb.entity,
+            name=run_name,
+            mode=logging.wandb.mode,
+            dir=str(run_dir),
+            config=dict(config),
+            settings=wandb.Settings(silent=True, console="off"),
+        )
         self._train_rows: list[list[Any]] = []
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self._run.log(dict(metrics), step=step)
 
     def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
-        rows = [[r.step, r.kind, r.eval_set, r.env, r.task_id, r.reward, r.staleness, r.prompt,
-                 "\n".join(f"[{t.role}] {t.text}" for t in r.turns)] for r in records]
+        rows = [
+            [
+                r.step,
+                r.kind,
+                r.eval_set,
+                r.env,
+                r.task_id,
+                r.reward,
+                r.staleness,
+                r.prompt,
+                "\n".join(f"[{t.role}] {t.text}" for t in r.turns),
+            ]
+            for r in records
+        ]
         if kind == "eval":
             self._table(step, "samples/eval", rows)
             return
@@ -227,8 +254,7 @@ class WandbTracker:
 class MlflowTracker:
     """An MLflow run, in a file store under <run dir>/mlruns unless a tracking URI is given."""
 
-    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection,
-                 config: Mapping[str, Any]) -> None:
+    def __init__(self, run_dir: Path, run_name: str, logging: LoggingSection, config: Mapping[str, Any]) -> None:
         uri = logging.mlflow.tracking_uri or (run_dir / "mlruns").resolve().as_uri()
         if uri.startswith("file:"):
             # MLflow 3 refuses its file store unless asked: it is in maintenance mode, but it is the
@@ -238,8 +264,11 @@ class MlflowTracker:
         self._entities = _require("mlflow.entities", "mlflow")
         self._client = tracking.MlflowClient(uri)
         experiment = self._client.get_experiment_by_name(logging.mlflow.experiment)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else self._client.create_experiment(logging.mlflow.experiment))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self._client.create_experiment(logging.mlflow.experiment)
+        )
         self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
         self._client.log_dict(self.run_id, dict(config), "config.json")
 
@@ -247,7 +276,7 @@ class MlflowTracker:
         stamp = int(time.time() * 1000)
         items = [self._entities.Metric(name, value, stamp, step) for name, value in metrics.items()]
         for i in range(0, len(items), 1000):  # MLflow's limit per batch
-            self._client.log_batch(self.run_id, metrics=items[i:i + 1000])
+            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_samples(self, step: int, kind: str, records: Sequence[SampleRecord]) -> None:
         pass  # MLflow tables need pandas; the dashboard's sample browser shows them
@@ -260,8 +289,7 @@ class MlflowTracker:
         self._client.set_terminated(self.run_id)
 
 
-def make_trackers(run_dir: Path, run_name: str, logging: LoggingSection,
-                  config: Mapping[str, Any]) -> list[Tracker]:
+def make_trackers(run_dir: Path, run_name: str, logging: LoggingSection, config: Mapping[str, Any]) -> list[Tracker]:
     """The configured trackers; a tracker whose package is missing is a ConfigError naming it."""
     made: list[Tracker] = []
     for name in dict.fromkeys(logging.trackers):
@@ -354,11 +382,10 @@ def plot_reward_curve(metrics_path: Path, out: Path) -> None:
             steps, values = zip(*[(r["step"], r[name]) for r in rows if name in r])
             label = re.match(pattern, name).group(1)
             if style == "train":
-                line, = ax.plot(steps, values, alpha=0.3)
+                (line,) = ax.plot(steps, values, alpha=0.3)
                 ax.plot(steps, _ema(values, 0.9), color=line.get_color(), label=f"{label} train reward (EMA)")
             else:
-                ax.plot(steps, values, marker="o", linestyle="--",
-                        label=f"{label} held-out {name.split('/')[-1]}")
+                ax.plot(steps, values, marker="o", linestyle="--", label=f"{label} held-out {name.split('/')[-1]}")
     ax.set_xlabel("learner step")
     ax.set_ylabel("mean reward")
     ax.set_title(metrics_path.parent.name)

@@ -51,9 +51,20 @@ from rl.loss import batch_advantages
 from rl.metrics import MetricsWriter, make_trackers, metric_name, plot_reward_curve, step_metrics
 from rl.placement import reserve
 from rl.redis_server import connect_or_start
-from rl.resume import (CheckpointMeta, Launch, checkpoint_path, complete_checkpoints, find_checkpoint,
-                       lock_run_dir, plan_adoption, read_meta, require_fresh, rng_state, set_aside_later,
-                       write_meta)
+from rl.resume import (
+    CheckpointMeta,
+    Launch,
+    checkpoint_path,
+    complete_checkpoints,
+    find_checkpoint,
+    lock_run_dir,
+    plan_adoption,
+    read_meta,
+    require_fresh,
+    rng_state,
+    set_aside_later,
+    write_meta,
+)
 from rl.samples import SampleStore
 from rl.trajectory import Trajectory
 from rl.watchdog import Hang, Watchdog
@@ -163,8 +174,9 @@ class Orchestrator:
         self.interrupted = False  # set by Ctrl-C; the loop raises KeyboardInterrupt at its next check
         self.preempted = False  # set by SIGTERM; the loop checkpoints and stops at its next check
         self.resume_from = find_checkpoint(cfg.run.dir, resume) if resume else None
-        self.launch = (Launch.resumed(cfg.run.name, self.resume_from[1]) if self.resume_from
-                       else Launch.fresh(cfg.run.name))
+        self.launch = (
+            Launch.resumed(cfg.run.name, self.resume_from[1]) if self.resume_from else Launch.fresh(cfg.run.name)
+        )
         self.learner_step = 0  # steps the learner's weights include
         self.learner_broken = False  # a learner failure the run could not rebuild from
         self.train_s_before = 0.0  # training seconds of the launches before this one
@@ -188,8 +200,11 @@ class Orchestrator:
             require_fresh(self.run_dir)
         step = resumed[1].step if resumed else None
         # Trackers first: a tracker configured but not installed fails before anything starts.
-        self.metrics = MetricsWriter(self.run_dir, make_trackers(self.run_dir, cfg.run.name, cfg.logging,
-                                                                 cfg.model_dump(mode="json")), resume_step=step)
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            make_trackers(self.run_dir, cfg.run.name, cfg.logging, cfg.model_dump(mode="json")),
+            resume_step=step,
+        )
         self.ledger = Ledger(self.run_dir, step, resumed[1].open_groups if resumed else None)
         self.watchdog = Watchdog(self.run_dir, self.state_dump)
         # The bus before Ray: an unreachable or wrongly protected Redis is one clear error at start.
@@ -201,18 +216,25 @@ class Orchestrator:
         # Every actor's resources are held before the first one starts (an impossible plan fails here).
         self.placement = await asyncio.to_thread(reserve, cfg)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.runner = EpisodeRunner(ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len,
-                                    cfg.algorithm.unfinished_reward)
-        self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode,
-                                   cfg.run.seed)
+        self.runner = EpisodeRunner(
+            ChatRenderer(tokenizer), cfg.run.name, cfg.rollout.max_model_len, cfg.algorithm.unfinished_reward
+        )
+        self.samples = SampleStore(self.run_dir, cfg.logging.samples, self.runner.renderer.decode, cfg.run.seed)
         configs = engine_configs(cfg, model_dir)
-        self.weights = WeightSync(cfg.weights, [cfg.rollout.tensor_parallel_size] * len(configs),
-                                  self.placement.plan.transport(cfg.weights.transport),
-                                  exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}"), cfg.model.dtype)
+        self.weights = WeightSync(
+            cfg.weights,
+            [cfg.rollout.tensor_parallel_size] * len(configs),
+            self.placement.plan.transport(cfg.weights.transport),
+            exchange_dir(f"{cfg.run.name}-{uuid.uuid4().hex[:8]}"),
+            cfg.model.dtype,
+        )
         self.supervisor = EngineSupervisor(
-            configs, cfg.faults, self.watchdog,
+            configs,
+            cfg.faults,
+            self.watchdog,
             options=[self.placement.options(p) for p in self.placement.plan.engines],
-            rejoin=None if self.weights.transport == "file" else lambda: self._service(self._rejoin()))
+            rejoin=None if self.weights.transport == "file" else lambda: self._service(self._rejoin()),
+        )
         await self.supervisor.start()
         self._service(self.supervisor.monitor())
         self.workers = self.supervisor.engines
@@ -232,15 +254,30 @@ class Orchestrator:
         if self._private_redis is not None:
             self._service(supervise_redis(self._private_redis))
         # A resumed launch's predecessor is dead: its pending entries are taken over at once.
-        self.bus = TrajectoryBus(url, self.launch.bus_id, self.launch.consumer, retry_s=cfg.faults.redis_s,
-                                 **({"claim_idle_ms": 0} if resumed else {}))
+        self.bus = TrajectoryBus(
+            url,
+            self.launch.bus_id,
+            self.launch.consumer,
+            retry_s=cfg.faults.redis_s,
+            **({"claim_idle_ms": 0} if resumed else {}),
+        )
 
     async def _new_learner(self) -> LearnerGroup:
         cfg = self.cfg
         return await self.watchdog.guard(
-            "learner: start", cfg.faults.learner_call_s,
-            asyncio.to_thread(LearnerGroup, str(checkpoint_dir(cfg.model.path)), cfg.learner, cfg.algorithm,
-                              cfg.rollout.temperature, cfg.run.seed, cfg.rollout.max_tokens, self.placement))
+            "learner: start",
+            cfg.faults.learner_call_s,
+            asyncio.to_thread(
+                LearnerGroup,
+                str(checkpoint_dir(cfg.model.path)),
+                cfg.learner,
+                cfg.algorithm,
+                cfg.rollout.temperature,
+                cfg.run.seed,
+                cfg.rollout.max_tokens,
+                self.placement,
+            ),
+        )
 
     async def _learner_call(self, fn: Any, *args: Any, what: str = "call") -> Any:
         """A blocking learner call in a thread that `stop` waits for: cancelling the awaiting
@@ -257,8 +294,9 @@ class Orchestrator:
         except Hang as hang:
             raise LearnerFailed(str(hang)) from None
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            raise LearnerFailed(f"learner {what} failed: {type(exc).__name__}: "
-                                f"{' '.join(str(exc).split())[:300]}") from None
+            raise LearnerFailed(
+                f"learner {what} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            ) from None
 
     def _service(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -366,8 +404,9 @@ class Orchestrator:
         """The group's outcomes, or the reason it is lost (its engine failed past the retries, or
         its episodes passed `faults.episode_s`)."""
         cfg = self.cfg
-        sampling = Sampling(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p)
+        sampling = Sampling(
+            max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p
+        )
         lost, failed = None, None
         for attempt in range(cfg.faults.group_retries + 1):
             # The shallowest engine, not round-robin; a retry goes to another engine where there is one.
@@ -375,11 +414,13 @@ class Orchestrator:
                 self.flights[group_id].engine = engine.index
                 # No per-request seeds: vLLM's CPU sampler cannot restore a seeded generator's position
                 # when a weight update preempts the request (the engine dies); the engine seed is enough.
-                episodes = self.runner.run_group([slot.make() for _ in range(cfg.algorithm.group_size)],
-                                                 task, engine, sampling, group_id)
+                episodes = self.runner.run_group(
+                    [slot.make() for _ in range(cfg.algorithm.group_size)], task, engine, sampling, group_id
+                )
                 try:
-                    return await self.watchdog.guard(f"group {group_id} ({slot.section.name}): episodes",
-                                                     cfg.faults.episode_s, episodes), None
+                    return await self.watchdog.guard(
+                        f"group {group_id} ({slot.section.name}): episodes", cfg.faults.episode_s, episodes
+                    ), None
                 except EngineFailed as exc:
                     lost, failed = f"lost:engine_{exc.why.split()[0]}", engine.index
                     log.warning("group %s: %s (attempt %d)", group_id, exc, attempt + 1)
@@ -437,16 +478,16 @@ class Orchestrator:
         """An undecodable entry (the bus acknowledged it): its sample is dropped, its group goes on
         without it."""
         if info.trajectory_id and info.group_id and info.group_size and self.ledger.is_open(info.trajectory_id):
-            self.ledger.dropped([info.trajectory_id], self.version + 1, "undecodable",
-                                {info.trajectory_id: info.entry_id})
+            self.ledger.dropped(
+                [info.trajectory_id], self.version + 1, "undecodable", {info.trajectory_id: info.entry_id}
+            )
             self.buffer.lose_member(info.group_id, info.group_size)
         self.dropped["undecodable"] += 1
 
     def _settle_retired(self) -> None:
         """Groups the buffer retired (stale, future, zero variance): in the ledger and the counters."""
         for reason, items in self.buffer.retirements:
-            self.ledger.dropped([t.id for _, t in items], self.version + 1, reason,
-                                {t.id: e for e, t in items})
+            self.ledger.dropped([t.id for _, t in items], self.version + 1, reason, {t.id: e for e, t in items})
             self.dropped["zero_variance_replaced" if reason == "zero_variance" else reason] += len(items)
             for _, t in items:
                 self.entry_of.pop(t.id, None)
@@ -458,8 +499,9 @@ class Orchestrator:
         waited = time.monotonic() - self.last_progress
         if waited > self.cfg.faults.batch_wait_s:
             self.faults["hangs"] += 1
-            hang = self.watchdog.hung("learner: waiting for a batch (no trajectory arrived, no group finished)",
-                                      self.cfg.faults.batch_wait_s)
+            hang = self.watchdog.hung(
+                "learner: waiting for a batch (no trajectory arrived, no group finished)", self.cfg.faults.batch_wait_s
+            )
             raise StopResumable(str(hang))
 
     def to_samples(self, groups: list[list[Trajectory]]) -> tuple[list[TrainSample], dict[str, str]]:
@@ -476,11 +518,23 @@ class Orchestrator:
         scored, filtered = batch_advantages(groups, rewards, a, loss_weights, self.cfg.rollout.max_tokens)
         self.dropped["zero_variance_groups"] += filtered
         kept = {t.id for t, _ in scored}
-        left_out = {t.id: "overlong" if a.overlong == "filter" and t.truncated else "zero_variance"
-                    for g in groups for t in g if t.id not in kept}
-        return [TrainSample(input_ids=np.concatenate([t.prompt_ids, t.completion_ids]), prompt_len=len(t.prompt_ids),
-                            loss_mask=t.loss_mask, sampler_logprobs=t.sampler_logprobs, advantage=adv,
-                            age=max(0, self.version - t.min_version)) for t, adv in scored], left_out
+        left_out = {
+            t.id: "overlong" if a.overlong == "filter" and t.truncated else "zero_variance"
+            for g in groups
+            for t in g
+            if t.id not in kept
+        }
+        return [
+            TrainSample(
+                input_ids=np.concatenate([t.prompt_ids, t.completion_ids]),
+                prompt_len=len(t.prompt_ids),
+                loss_mask=t.loss_mask,
+                sampler_logprobs=t.sampler_logprobs,
+                advantage=adv,
+                age=max(0, self.version - t.min_version),
+            )
+            for t, adv in scored
+        ], left_out
 
     async def train_step(self, samples: list[TrainSample]) -> StepStats | None:
         if not samples:
@@ -553,11 +607,43 @@ class Orchestrator:
             # with a zero-gradient step, which counts in Adam's bias correction, so the run would
             # train differently from one that never saved (seen as weights off by 0.08 at step 6).
             self.heldout_before = await self.evaluate(0)
-        before = after = self.heldout_before
         self.last_progress = time.monotonic()
         self._spawn(self.produce())
-        last_reward, step, stopped = None, self.version, None
         train_start = time.perf_counter() - self.train_s_before
+        step, after, last_reward, stopped = await self._steps(train_start)
+        train_wall = time.perf_counter() - train_start
+        if stopped is None:
+            await self.end_run(step)
+            state = await self._learner_call(self.learner.full_state_dict, what="gather the weights")
+            save_hf_checkpoint(state, Path(cfg.model.path), self.run_dir / "model")
+            if not (cfg.eval.every and step % cfg.eval.every == 0):
+                after = await self.evaluate(step)
+        greedy = metric_name("eval", cfg.eval.sets[0].label, "greedy") if cfg.eval.sets else ""
+        summary = RunSummary(
+            run=cfg.run.name,
+            steps=self.learner_step,
+            wall_s=time.perf_counter() - t0,
+            train_wall_s=train_wall,
+            heldout_acc_before=self.heldout_before.get(greedy),
+            heldout_acc_after=after.get(greedy),
+            eval_final=after,
+            final_train_reward=last_reward,
+            dropped=dict(self.dropped),
+            ledger=self.ledger.summary(),
+            launch=self.launch,
+            faults=self._fault_counts(),
+            stopped=stopped,
+            bus_published=self.bus_published,
+        )
+        self.finish(summary)
+        return summary
+
+    async def _steps(self, train_start: float) -> tuple[int, dict[str, Any], float | None, str | None]:
+        """Learner steps until `run.steps`, the wall-clock cap or SIGTERM (checkpointed). Returns the
+        last step, the latest held-out evaluation, the last train reward, and why the run stopped
+        early (None: it did not)."""
+        cfg, after = self.cfg, self.heldout_before
+        last_reward, step, stopped = None, self.version, None
         progress = _progress(cfg, step)
         try:
             while step < cfg.run.steps:
@@ -571,8 +657,9 @@ class Orchestrator:
                 step += 1
                 last_reward = record.get("train/reward_mean", last_reward)
                 progress.update(1)
-                progress.set_postfix(reward=f"{last_reward or 0:.3f}", tok_s=f"{record['perf/tokens_per_s']:.0f}",
-                                     v=self.version)
+                progress.set_postfix(
+                    reward=f"{last_reward or 0:.3f}", tok_s=f"{record['perf/tokens_per_s']:.0f}", v=self.version
+                )
                 if cfg.eval.every and step % cfg.eval.every == 0:
                     after = await self.evaluate(step)
                 if self.preempted:
@@ -587,26 +674,16 @@ class Orchestrator:
             raise StopResumable(await self._stop_resumably(err)) from None
         finally:
             progress.close()
-        train_wall = time.perf_counter() - train_start
-        if stopped is None:
-            await self.end_run(step)
-            state = await self._learner_call(self.learner.full_state_dict, what="gather the weights")
-            save_hf_checkpoint(state, Path(cfg.model.path), self.run_dir / "model")
-            if not (cfg.eval.every and step % cfg.eval.every == 0):
-                after = await self.evaluate(step)
-        greedy = metric_name("eval", cfg.eval.sets[0].label, "greedy") if cfg.eval.sets else ""
-        summary = RunSummary(run=cfg.run.name, steps=self.learner_step, wall_s=time.perf_counter() - t0,
-                             train_wall_s=train_wall, heldout_acc_before=before.get(greedy),
-                             heldout_acc_after=after.get(greedy), eval_final=after, final_train_reward=last_reward,
-                             dropped=dict(self.dropped), ledger=self.ledger.summary(), launch=self.launch,
-                             faults=self._fault_counts(), stopped=stopped, bus_published=self.bus_published)
-        self.finish(summary)
-        return summary
+        return step, after, last_reward, stopped
 
     def _fault_counts(self) -> dict[str, int]:
         redis = self._private_redis.restarts if self._private_redis is not None else 0
-        return {**self.faults, "engine_restarts": self.supervisor.restarts, "redis_restarts": redis,
-                "bus_reconnects": self.bus.reconnects}
+        return {
+            **self.faults,
+            "engine_restarts": self.supervisor.restarts,
+            "redis_restarts": redis,
+            "bus_reconnects": self.bus.reconnects,
+        }
 
     async def _stop_resumably(self, err: BaseException) -> str:
         """Checkpoint what the learner holds when it can, and say where the run resumes from."""
@@ -617,8 +694,11 @@ class Orchestrator:
             except Exception as exc:  # the learner may be what failed: the last checkpoint stands
                 log.error("could not checkpoint step %d before stopping: %s", self.learner_step, exc)
         last = self._last_checkpoint()
-        where = (f"it resumes from the checkpoint of step {last}" if last >= 0 else
-                 "no checkpoint was written yet, so it cannot resume")
+        where = (
+            f"it resumes from the checkpoint of step {last}"
+            if last >= 0
+            else "no checkpoint was written yet, so it cannot resume"
+        )
         return f"{err}; the run stopped at step {self.learner_step}, and {where}"
 
     def _last_checkpoint(self) -> int:
@@ -644,8 +724,16 @@ class Orchestrator:
             self.buffer.advance(step)
             self.admission.notify_all()
         wall = time.perf_counter() - step_start
-        record = _step_record(self, flat, stats, wait_s, sync_s, wall, time.perf_counter() - train_start,
-                              (self.tokens_generated - tokens_before) / max(wall, 1e-9))
+        record = _step_record(
+            self,
+            flat,
+            stats,
+            wait_s,
+            sync_s,
+            wall,
+            time.perf_counter() - train_start,
+            (self.tokens_generated - tokens_before) / max(wall, 1e-9),
+        )
         # The row goes out before the checkpoint: a checkpoint of step k must find row k written, or
         # a crash between the two leaves the resumed run's curve without step k (seen in the chaos test).
         self.last_record = self.metrics.log(step, record)
@@ -676,13 +764,19 @@ class Orchestrator:
         path = checkpoint_path(self.run_dir, step)
         if not (path / ".metadata").is_file():
             await self._learner_call(self.learner.save_checkpoint, path, what=f"checkpoint step {step}")
-        meta = CheckpointMeta(step=step, lineage=self.launch.lineage, launch=self.launch.launch,
-                              world_size=self.cfg.learner.world_size, rng_state=rng_state(self.rng),
-                              env_weights=[s.section.weight for s in self.slots],
-                              tokens_generated=self.tokens_generated,
-                              dropped=dict(self.dropped), open_groups=self.ledger.snapshot(step),
-                              train_s=self.last_record.get("perf/elapsed_s", self.train_s_before),
-                              heldout_before=self.heldout_before)
+        meta = CheckpointMeta(
+            step=step,
+            lineage=self.launch.lineage,
+            launch=self.launch.launch,
+            world_size=self.cfg.learner.world_size,
+            rng_state=rng_state(self.rng),
+            env_weights=[s.section.weight for s in self.slots],
+            tokens_generated=self.tokens_generated,
+            dropped=dict(self.dropped),
+            open_groups=self.ledger.snapshot(step),
+            train_s=self.last_record.get("perf/elapsed_s", self.train_s_before),
+            heldout_before=self.heldout_before,
+        )
         write_meta(path, meta)
         log.info("checkpoint of step %d written to %s", step, path)
 
@@ -711,22 +805,34 @@ class Orchestrator:
         self.dropped[lost_reason] += len(plan.lost)
         a = self.cfg.algorithm
         # Groups left on the stream were admitted already: they hold slots until judged.
-        self.buffer = GroupBuffer(a, self.cfg.rollout.max_concurrent_episodes, version=meta.step,
-                                  admitted=meta.step * a.batch_size + plan.groups)
+        self.buffer = GroupBuffer(
+            a,
+            self.cfg.rollout.max_concurrent_episodes,
+            version=meta.step,
+            admitted=meta.step * a.batch_size + plan.groups,
+        )
         self.unacked, self.entry_of = [], {}
         await self.push_weights(meta.step)
-        log.info("resumed at step %d: %d entries taken over (%d adopted), %d samples lost, %d already decided",
-                 meta.step, len(entries), len(plan.adopted), len(plan.lost), len(plan.acknowledge))
+        log.info(
+            "resumed at step %d: %d entries taken over (%d adopted), %d samples lost, %d already decided",
+            meta.step,
+            len(entries),
+            len(plan.adopted),
+            len(plan.lost),
+            len(plan.acknowledge),
+        )
 
     async def rebuild_learner(self, err: LearnerFailed) -> int:
         """A rank died or hung: new ranks, back to the last checkpoint; returns its step."""
         self.faults["learner_rebuilds"] += 1
         checkpoints = complete_checkpoints(self.run_dir)
         if self.faults["learner_rebuilds"] > self.cfg.faults.learner_rebuilds or not checkpoints:
-            why = ("there is no checkpoint to rebuild it from yet (checkpoint.every is 0, or the first is still "
-                   "due)" if not checkpoints
-                   else f"the learner was rebuilt {self.cfg.faults.learner_rebuilds} times already "
-                        "(faults.learner_rebuilds)")
+            why = (
+                "there is no checkpoint to rebuild it from yet (checkpoint.every is 0, or the first is still due)"
+                if not checkpoints
+                else f"the learner was rebuilt {self.cfg.faults.learner_rebuilds} times already "
+                "(faults.learner_rebuilds)"
+            )
             self.learner_broken = True
             raise StopResumable(f"{err}; {why}")
         log.warning("%s; rebuilding the learner from %s", err, checkpoints[-1])
@@ -773,17 +879,32 @@ class Orchestrator:
     def state_dump(self) -> dict[str, Any]:
         """What a watchdog writes when something hangs."""
         now = time.time()
-        flights = [{"group": g, "env": f.env, "task": f.task, "engine": f.engine, "admitted_at_version": f.version,
-                    "age_versions": self.version - f.version, "age_s": round(now - f.started, 3)}
-                   for g, f in self.flights.items()]
+        flights = [
+            {
+                "group": g,
+                "env": f.env,
+                "task": f.task,
+                "engine": f.engine,
+                "admitted_at_version": f.version,
+                "age_versions": self.version - f.version,
+                "age_s": round(now - f.started, 3),
+            }
+            for g, f in self.flights.items()
+        ]
         supervisor = getattr(self, "supervisor", None)
         bus = getattr(self, "bus", None)
-        return {"run": self.cfg.run.name, "launch": self.launch.model_dump(), "version": self.version,
-                "learner_step": self.learner_step, "in_flight_groups": flights, "buffer": self.buffer.state(),
-                "engines": supervisor.state() if supervisor else [],
-                "last_step": {k: v for k, v in self.last_record.items() if k.startswith("perf/")},
-                "bus": {"reconnects": bus.reconnects, "decode_errors": bus.decode_errors} if bus else {},
-                "ledger": self.ledger.summary().model_dump() if hasattr(self, "ledger") else {}}
+        return {
+            "run": self.cfg.run.name,
+            "launch": self.launch.model_dump(),
+            "version": self.version,
+            "learner_step": self.learner_step,
+            "in_flight_groups": flights,
+            "buffer": self.buffer.state(),
+            "engines": supervisor.state() if supervisor else [],
+            "last_step": {k: v for k, v in self.last_record.items() if k.startswith("perf/")},
+            "bus": {"reconnects": bus.reconnects, "decode_errors": bus.decode_errors} if bus else {},
+            "ledger": self.ledger.summary().model_dump() if hasattr(self, "ledger") else {},
+        }
 
     def finish(self, summary: RunSummary) -> None:
         (self.run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
@@ -795,28 +916,59 @@ def engine_configs(cfg: Config, model_dir: Path) -> list[EngineConfig]:
     """One config per rollout engine. Each has its own seed: engines seeded alike would draw the
     same samples for the same prompt."""
     r = cfg.rollout
-    base = EngineConfig(model_path=str(model_dir), dtype=cfg.model.dtype, max_model_len=r.max_model_len,
-                        enforce_eager=r.enforce_eager, kv_cache_gib=r.kv_cache_gib, cpu_cores=r.cpu_cores,
-                        tensor_parallel_size=r.tensor_parallel_size,
-                        gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.run.seed)
+    base = EngineConfig(
+        model_path=str(model_dir),
+        dtype=cfg.model.dtype,
+        max_model_len=r.max_model_len,
+        enforce_eager=r.enforce_eager,
+        kv_cache_gib=r.kv_cache_gib,
+        cpu_cores=r.cpu_cores,
+        tensor_parallel_size=r.tensor_parallel_size,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        seed=cfg.run.seed,
+    )
     return [base.model_copy(update={"seed": cfg.run.seed + i}) for i in range(r.num_workers)]
 
 
-def _step_record(orc: Orchestrator, flat: list[Trajectory], stats: StepStats | None, wait_s: float,
-                 sync_s: float, wall: float, elapsed: float, tok_s: float) -> dict[str, float]:
+def _step_record(
+    orc: Orchestrator,
+    flat: list[Trajectory],
+    stats: StepStats | None,
+    wait_s: float,
+    sync_s: float,
+    wall: float,
+    elapsed: float,
+    tok_s: float,
+) -> dict[str, float]:
     """The step's metrics row: train/, env/, perf/ (rl.metrics names them) and sandbox health."""
     dropped = orc.dropped - orc._dropped_logged
     orc._dropped_logged = collections.Counter(orc.dropped)
-    timing = {"train_s": stats.train_s if stats else 0.0, "sync_s": sync_s, "wait_s": wait_s, "step_s": wall,
-              "elapsed_s": elapsed}
+    timing = {
+        "train_s": stats.train_s if stats else 0.0,
+        "sync_s": sync_s,
+        "wait_s": wait_s,
+        "step_s": wall,
+        "elapsed_s": elapsed,
+    }
     # Groups admitted and not yet trained or dropped, at most, during the step: the in-flight
     # budget, (max_staleness + 1) × batch_size whenever generation keeps up (a leak shrinks it).
-    survival = {metric_name("buffer", "outstanding_max"): float(orc.outstanding_max),
-                **{metric_name("faults", k): float(v) for k, v in orc._fault_counts().items()}}
+    survival = {
+        metric_name("buffer", "outstanding_max"): float(orc.outstanding_max),
+        **{metric_name("faults", k): float(v) for k, v in orc._fault_counts().items()},
+    }
     orc.outstanding_max = orc.ledger.open_group_count
-    return {**step_metrics(flat, stats.model_dump() if stats else {}, version=orc.version,
-                           dropped={k: dropped[k] for k in orc.dropped}, timing=timing, tokens_per_s=tok_s),
-            **orc.health.drain(shared_pool_stats()), **survival}
+    return {
+        **step_metrics(
+            flat,
+            stats.model_dump() if stats else {},
+            version=orc.version,
+            dropped={k: dropped[k] for k in orc.dropped},
+            timing=timing,
+            tokens_per_s=tok_s,
+        ),
+        **orc.health.drain(shared_pool_stats()),
+        **survival,
+    }
 
 
 def _record(path: Path, trajectories: list[Trajectory]) -> None:
@@ -836,8 +988,14 @@ def load_recorded(path: Path) -> list[Trajectory]:
 def _progress(cfg: Config, initial: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=cfg.run.steps, initial=initial, desc=f"RL {cfg.run.name}", unit="step",
-                disable=not cfg.logging.progress, dynamic_ncols=True)
+    return tqdm(
+        total=cfg.run.steps,
+        initial=initial,
+        desc=f"RL {cfg.run.name}",
+        unit="step",
+        disable=not cfg.logging.progress,
+        dynamic_ncols=True,
+    )
 
 
 async def run_training(cfg: Config, resume: str | None = None) -> RunSummary:

@@ -42,9 +42,17 @@ _KERNELS = {  # attention → (module, what it needs, compute capability majors 
 # longest-sample length. Each is one opaque kernel call, so the compiled blocks lose nothing by
 # keeping them out of the graph.
 @torch.compiler.disable
-def _sdpa_packed(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                 scaling: float | None = None, dropout: float = 0.0, packed: Any = None,
-                 **kwargs: Any) -> tuple[Any, None]:
+def _sdpa_packed(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    packed: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """Block-diagonal causal attention over a packed row. query: [1, heads, N, dim]."""
     samples, longest = packed.cu_seqlens.numel() - 1, packed.max_seqlen
 
@@ -53,8 +61,9 @@ def _sdpa_packed(module: Any, query: Any, key: Any, value: Any, attention_mask: 
         out = x.new_zeros(h, samples * longest, d).index_copy(1, packed.pad_index, x[0])
         return out.view(h, samples, longest, d).transpose(0, 1)
 
-    out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True,
-                                         scale=scaling, enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        padded(query), padded(key), padded(value), is_causal=True, scale=scaling, enable_gqa=True
+    )
     h, d = out.shape[1], out.shape[3]
     out = out.transpose(0, 1).reshape(h, samples * longest, d).index_select(1, packed.pad_index)
     return out.transpose(0, 1).unsqueeze(0), None  # [1, N, heads, dim], as transformers expects
@@ -64,21 +73,36 @@ def _flash_packed(varlen: Any) -> Any:
     """An attention function calling a FlashAttention varlen kernel on a packed row."""
 
     @torch.compiler.disable
-    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                  scaling: float | None = None, dropout: float = 0.0, packed: Any = None,
-                  **kwargs: Any) -> tuple[Any, None]:
+    def attention(
+        module: Any,
+        query: Any,
+        key: Any,
+        value: Any,
+        attention_mask: Any,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        packed: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Any, None]:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, heads, dim]
-        out = varlen(q, k, v, cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=packed.cu_seqlens,
-                     max_seqlen_q=packed.max_seqlen, max_seqlen_k=packed.max_seqlen, softmax_scale=scaling,
-                     causal=True)
+        out = varlen(
+            q,
+            k,
+            v,
+            cu_seqlens_q=packed.cu_seqlens,
+            cu_seqlens_k=packed.cu_seqlens,
+            max_seqlen_q=packed.max_seqlen,
+            max_seqlen_k=packed.max_seqlen,
+            softmax_scale=scaling,
+            causal=True,
+        )
         out = out[0] if isinstance(out, tuple) else out  # builds differ: some also return the LSE
         return out.unsqueeze(0), None
 
     return attention
 
 
-def attention_problem(attention: str, capability: tuple[int, int] | None,
-                      kernel_error: str | None) -> str | None:
+def attention_problem(attention: str, capability: tuple[int, int] | None, kernel_error: str | None) -> str | None:
     """Why `learner.attention` cannot run on a machine whose first GPU has `capability` (None: no
     CUDA GPU) and where importing the kernel failed with `kernel_error` (None: it imports)."""
     if attention not in _KERNELS:
@@ -88,11 +112,12 @@ def attention_problem(attention: str, capability: tuple[int, int] | None,
     if capability is None:
         return f"learner.attention: {attention} needs {gpus}; this machine has no CUDA GPU."
     if capability[0] not in majors:
-        return (f"learner.attention: {attention} needs {gpus}; this GPU has compute capability "
-                f"{capability[0]}.{capability[1]}.")
+        return (
+            f"learner.attention: {attention} needs {gpus}; this GPU has compute capability "
+            f"{capability[0]}.{capability[1]}."
+        )
     if kernel_error is not None:
-        return (f"learner.attention: {attention} needs {needs}, which cannot be imported here "
-                f"({kernel_error}).")
+        return f"learner.attention: {attention} needs {needs}, which cannot be imported here ({kernel_error})."
     return None
 
 
@@ -122,8 +147,9 @@ def load_model(model_path: str, attention: str) -> Any:
 
     kernel = _sdpa_packed if attention == "sdpa" else _flash_packed(_varlen_kernel(attention))
     AttentionInterface.register(ATTENTION_IMPLEMENTATIONS[attention], kernel)
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                attn_implementation=ATTENTION_IMPLEMENTATIONS[attention])
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation=ATTENTION_IMPLEMENTATIONS[attention]
+    )
 
 
 def compute_dtype(cfg: LearnerSection, device: Any) -> Any:
@@ -162,11 +188,14 @@ def _convert_float8(model: Any, cfg: LearnerSection, device: Any) -> None:
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     config = Float8LinearConfig.from_recipe_name(cfg.float8)
-    config = dataclasses.replace(config, emulate=cfg.float8_emulate,
-                                 enable_fsdp_float8_all_gather=_fp8_all_gather(cfg, device))
-    convert_to_float8_training(model.model, config=config,
-                               module_filter_fn=lambda mod, fqn: mod.in_features % 16 == 0
-                               and mod.out_features % 16 == 0)
+    config = dataclasses.replace(
+        config, emulate=cfg.float8_emulate, enable_fsdp_float8_all_gather=_fp8_all_gather(cfg, device)
+    )
+    convert_to_float8_training(
+        model.model,
+        config=config,
+        module_filter_fn=lambda mod, fqn: mod.in_features % 16 == 0 and mod.out_features % 16 == 0,
+    )
 
 
 def _fp8_all_gather(cfg: LearnerSection, device: Any) -> bool:
@@ -193,6 +222,7 @@ def float8_bypassed(model: Any) -> Iterator[None]:
         def forward(x: Any) -> Any:
             w = m.weight.to_original_precision() if isinstance(m.weight, Float8TrainingTensor) else m.weight
             return F.linear(x, w.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+
         return forward
 
     layers = [m for m in model.modules() if isinstance(m, Float8Linear)]

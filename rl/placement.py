@@ -133,20 +133,25 @@ def _take(free: dict[str, float], need: dict[str, float]) -> None:
         free[k] = free.get(k, 0.0) - v
 
 
-def _check_totals(cfg: Config, nodes: list[Node], gpu: bool, learner: dict[str, float],
-                  engine: dict[str, float]) -> None:
+def _check_totals(
+    cfg: Config, nodes: list[Node], gpu: bool, learner: dict[str, float], engine: dict[str, float]
+) -> None:
     """The impossible requests, each named by its key, before any placement is tried."""
     w, e, gpus = cfg.learner.world_size, cfg.rollout.num_workers, engine_gpus(cfg, gpu)
     if gpu:
         total = sum(n.gpus for n in nodes)
         need = w + e * gpus
         if need > total:
-            raise ConfigError(f"learner.world_size ({w}) + rollout.num_workers ({e}) x {gpus:g} GPUs per "
-                              f"engine need {need:g} GPUs; the cluster has {total:g}.")
+            raise ConfigError(
+                f"learner.world_size ({w}) + rollout.num_workers ({e}) x {gpus:g} GPUs per "
+                f"engine need {need:g} GPUs; the cluster has {total:g}."
+            )
         most = max(n.gpus for n in nodes)
         if gpus > most:
-            raise ConfigError(f"rollout.tensor_parallel_size {cfg.rollout.tensor_parallel_size} needs "
-                              f"{gpus:g} GPUs on one node; the largest node has {most:g}.")
+            raise ConfigError(
+                f"rollout.tensor_parallel_size {cfg.rollout.tensor_parallel_size} needs "
+                f"{gpus:g} GPUs on one node; the largest node has {most:g}."
+            )
     if not any(_fits(_free(n), learner) for n in nodes):
         key = "learner.threads_per_rank" if not gpu else "learner.world_size"
         raise ConfigError(f"{key}: a learner rank needs {_show(learner)}; no node has that much.")
@@ -160,8 +165,7 @@ def _free(node: Node) -> dict[str, float]:
 
 
 def _show(resources: dict[str, float]) -> str:
-    return ", ".join(f"{v / GIB:.1f} GiB memory" if k == "memory" else f"{v:g} {k}"
-                     for k, v in resources.items())
+    return ", ".join(f"{v / GIB:.1f} GiB memory" if k == "memory" else f"{v:g} {k}" for k, v in resources.items())
 
 
 def assign(cfg: Config, nodes: list[Node]) -> Plan:
@@ -186,23 +190,28 @@ def assign(cfg: Config, nodes: list[Node]) -> Plan:
         node = next((n for n in candidates if _fits(free[n.node_id], engine_need)), None)
         if node is None:
             where = "on nodes without learner ranks" if cfg.placement.engines == "separate" else "anywhere"
-            raise ConfigError(f"rollout.num_workers: engine {i + 1} of {cfg.rollout.num_workers} "
-                              f"({_show(engine_need)}) does not fit {where} once the learner is placed"
-                              + (" (placement.engines: separate)." if where != "anywhere" else "."))
+            raise ConfigError(
+                f"rollout.num_workers: engine {i + 1} of {cfg.rollout.num_workers} "
+                f"({_show(engine_need)}) does not fit {where} once the learner is placed"
+                + (" (placement.engines: separate)." if where != "anywhere" else ".")
+            )
         _take(free[node.node_id], engine_need)
         engines.append(Placed(role="rollout engine", index=i, resources=engine_need, node=node))
     return Plan(gpu=gpu, nodes=nodes, learner=learner, engines=engines)
 
 
-def _place_learner(cfg: Config, order: list[Node], free: dict[str, dict[str, float]],
-                   need: dict[str, float]) -> list[Placed]:
+def _place_learner(
+    cfg: Config, order: list[Node], free: dict[str, dict[str, float]], need: dict[str, float]
+) -> list[Placed]:
     w = cfg.learner.world_size
     placed: list[Placed] = []
     if cfg.placement.learner == "spread":
         hosts = [n for n in order if _fits(free[n.node_id], need)][:w]
         if len(hosts) < w:
-            raise ConfigError(f"placement.learner: spread puts each of learner.world_size ({w}) ranks on a "
-                              f"node of its own; only {len(hosts)} node(s) can hold a rank ({_show(need)}).")
+            raise ConfigError(
+                f"placement.learner: spread puts each of learner.world_size ({w}) ranks on a "
+                f"node of its own; only {len(hosts)} node(s) can hold a rank ({_show(need)})."
+            )
     else:
         hosts = []
         for n in order:  # fill one node before the next
@@ -211,8 +220,9 @@ def _place_learner(cfg: Config, order: list[Node], free: dict[str, dict[str, flo
                 _take(room, need)
                 hosts.append(n)
         if len(hosts) < w:
-            raise ConfigError(f"learner.world_size: {w} ranks of {_show(need)} each do not fit the cluster "
-                              f"(room for {len(hosts)}).")
+            raise ConfigError(
+                f"learner.world_size: {w} ranks of {_show(need)} each do not fit the cluster (room for {len(hosts)})."
+            )
     for rank, node in enumerate(hosts):
         _take(free[node.node_id], need)
         placed.append(Placed(role="learner rank", index=rank, resources=need, node=node))
@@ -227,9 +237,17 @@ def live_nodes(probe_sandboxes: bool = True) -> list[Node]:
     from workers.sandbox.ray_pool import probe_nodes
 
     alive = [n for n in ray.nodes() if n["Alive"]]
-    nodes = [Node(node_id=n["NodeID"], address=n["NodeManagerAddress"], cpus=n["Resources"].get("CPU", 0.0),
-                  gpus=n["Resources"].get("GPU", 0.0), memory=n["Resources"].get("memory", 0.0),
-                  sandboxes="not probed") for n in alive]
+    nodes = [
+        Node(
+            node_id=n["NodeID"],
+            address=n["NodeManagerAddress"],
+            cpus=n["Resources"].get("CPU", 0.0),
+            gpus=n["Resources"].get("GPU", 0.0),
+            memory=n["Resources"].get("memory", 0.0),
+            sandboxes="not probed",
+        )
+        for n in alive
+    ]
     if not probe_sandboxes:
         return nodes
     why_not = probe_nodes([n.node_id for n in nodes])
@@ -244,17 +262,20 @@ class Reservation:
         from ray.util.placement_group import placement_group, remove_placement_group
 
         self.plan = plan
-        self.groups = [placement_group([_pinned(p) for p in placed], strategy="PACK",
-                                       name=f"codeworld-{role}")
-                       for role, placed in (("learner", plan.learner), ("engines", plan.engines))]
+        self.groups = [
+            placement_group([_pinned(p) for p in placed], strategy="PACK", name=f"codeworld-{role}")
+            for role, placed in (("learner", plan.learner), ("engines", plan.engines))
+        ]
         start = time.perf_counter()
         for group, placed in zip(self.groups, (plan.learner, plan.engines)):
             left = max(timeout_s - (time.perf_counter() - start), 0.1)
             if not group.wait(left):
                 for g in self.groups:
                     remove_placement_group(g)
-                raise ConfigError(f"placement.timeout_s: Ray did not reserve the {placed[0].role}s within "
-                                  f"{timeout_s:g} s (other jobs hold the resources?): " + _short(placed))
+                raise ConfigError(
+                    f"placement.timeout_s: Ray did not reserve the {placed[0].role}s within "
+                    f"{timeout_s:g} s (other jobs hold the resources?): " + _short(placed)
+                )
         self.learner_group, self.engine_group = self.groups
 
     def options(self, placed: Placed) -> dict[str, Any]:
@@ -263,9 +284,13 @@ class Reservation:
 
         group = self.learner_group if placed.role == "learner rank" else self.engine_group
         res = placed.resources
-        out: dict[str, Any] = {"num_cpus": res.get("CPU", 0.0), "num_gpus": res.get("GPU", 0.0),
-                               "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                                   placement_group=group, placement_group_bundle_index=placed.index)}
+        out: dict[str, Any] = {
+            "num_cpus": res.get("CPU", 0.0),
+            "num_gpus": res.get("GPU", 0.0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=placed.index
+            ),
+        }
         if "memory" in res:
             out["memory"] = res["memory"]
         return out
@@ -304,16 +329,18 @@ def describe(cfg: Config, plan: Plan | None, gpu: bool = False) -> str:
     n = count_params(Path(cfg.model.path))
     gpu = plan.gpu if plan is not None else gpu
     learner, engine = bundles(cfg, gpu)
-    lines = [f"run {cfg.run.name!r}: model {cfg.model.path} ({n / 1e6:.2f} M params, {cfg.model.dtype}), "
-             f"{cfg.run.steps} steps x {cfg.algorithm.batch_size} groups x {cfg.algorithm.group_size} "
-             "samples, "
-             f"max_staleness {cfg.algorithm.max_staleness}, loss {cfg.algorithm.loss}",
-             "envs: " + ", ".join(f"{e.name} (weight {e.weight})" for e in cfg.envs),
-             f"bus: {_redacted(cfg.bus.redis_url) or 'private redis-server started for the run'}",
-             f"learner: {cfg.learner.world_size} rank(s), {_show(learner)} each, placement.learner "
-             f"{cfg.placement.learner}; ~{_learner_gib(cfg, n):.2f} GiB each",
-             f"engines: {cfg.rollout.num_workers} x ({_show(engine)}), tensor_parallel_size "
-             f"{cfg.rollout.tensor_parallel_size}, placement.engines {cfg.placement.engines}"]
+    lines = [
+        f"run {cfg.run.name!r}: model {cfg.model.path} ({n / 1e6:.2f} M params, {cfg.model.dtype}), "
+        f"{cfg.run.steps} steps x {cfg.algorithm.batch_size} groups x {cfg.algorithm.group_size} "
+        "samples, "
+        f"max_staleness {cfg.algorithm.max_staleness}, loss {cfg.algorithm.loss}",
+        "envs: " + ", ".join(f"{e.name} (weight {e.weight})" for e in cfg.envs),
+        f"bus: {_redacted(cfg.bus.redis_url) or 'private redis-server started for the run'}",
+        f"learner: {cfg.learner.world_size} rank(s), {_show(learner)} each, placement.learner "
+        f"{cfg.placement.learner}; ~{_learner_gib(cfg, n):.2f} GiB each",
+        f"engines: {cfg.rollout.num_workers} x ({_show(engine)}), tensor_parallel_size "
+        f"{cfg.rollout.tensor_parallel_size}, placement.engines {cfg.placement.engines}",
+    ]
     if plan is None:
         lines.append("no Ray cluster (RAY_ADDRESS is unset): set it to see which node gets which actor.")
         return "\n".join(lines)
@@ -329,8 +356,7 @@ def describe_plan(plan: Plan) -> str:
         here = [f"learner rank {p.index}" for p in plan.learner if p.node.node_id == node.node_id]
         here += [f"engine {p.index}" for p in plan.engines if p.node.node_id == node.node_id]
         here.append("sandbox pool" if node.sandboxes is None else f"no sandboxes ({node.sandboxes})")
-        lines.append(f"{node.address:<18}{node.cpus:>6g}{node.gpus:>6g}{node.memory / GIB:>8.1f}  "
-                     + ", ".join(here))
+        lines.append(f"{node.address:<18}{node.cpus:>6g}{node.gpus:>6g}{node.memory / GIB:>8.1f}  " + ", ".join(here))
     return "\n".join(lines)
 
 
@@ -377,8 +403,10 @@ def _check_kernels_on(cfg: Config, placed: Placed) -> None:
     from rl.parallelize import require_runnable
 
     probe = ray.remote(require_runnable).options(
-        num_cpus=0, num_gpus=placed.resources.get("GPU", 0.0),
-        scheduling_strategy=NodeAffinitySchedulingStrategy(placed.node.node_id, soft=False))
+        num_cpus=0,
+        num_gpus=placed.resources.get("GPU", 0.0),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(placed.node.node_id, soft=False),
+    )
     try:
         ray.get(probe.remote(cfg.learner))
     except ray.exceptions.RayTaskError as err:

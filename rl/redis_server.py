@@ -58,8 +58,9 @@ def _on_spawner_thread(fn: Callable[[], _T]) -> _T:
     with _spawner_lock:
         if _spawner_queue is None:
             _spawner_queue = queue.SimpleQueue()
-            threading.Thread(target=_spawner_loop, args=(_spawner_queue,),
-                             name="codeworld-spawner", daemon=True).start()
+            threading.Thread(
+                target=_spawner_loop, args=(_spawner_queue,), name="codeworld-spawner", daemon=True
+            ).start()
         jobs = _spawner_queue
     fut: Future[_T] = Future()
     jobs.put((fn, fut))
@@ -81,6 +82,7 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
             os._exit(127)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
+
     return preexec
 
 
@@ -96,9 +98,16 @@ class PrivateRedis:
     Usable as a context manager; `url` is the address to hand to `TrajectoryBus`.
     """
 
-    def __init__(self, *, appendonly: bool = False, dir: Path | None = None,
-                 binary: str = "redis-server", start_timeout_s: float = 10.0, password: str | None = None,
-                 tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        appendonly: bool = False,
+        dir: Path | None = None,
+        binary: str = "redis-server",
+        start_timeout_s: float = 10.0,
+        password: str | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         """Start the server and wait until it answers PING.
 
         appendonly: write an append-only file so a restarted server on the same `dir` has the data
@@ -114,8 +123,9 @@ class PrivateRedis:
         self.password, self.tls = password, tls
         exe = shutil.which(binary)
         if exe is None:
-            raise RuntimeError(f"redis-server not found: install the redis-server package "
-                               f"(looked for {binary!r} on PATH)")
+            raise RuntimeError(
+                f"redis-server not found: install the redis-server package (looked for {binary!r} on PATH)"
+            )
         self._owns_dir = dir is None
         self.dir = Path(tempfile.mkdtemp(prefix="codeworld-redis-")) if dir is None else Path(dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -146,26 +156,58 @@ class PrivateRedis:
         # Another process may take the free port between our probe and redis' bind: retry then.
         for _ in range(5):
             self.port = port or _free_port()
-            argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "yes" if appendonly else "no", "--daemonize", "no",
-                    "--dir", str(self.dir)]
+            argv = [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if appendonly else "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(self.dir),
+            ]
             if self.password is not None:
                 argv += ["--requirepass", self.password]
             if self.tls is not None:
                 cert, key = self.tls
-                argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
-                         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
-                         "--tls-auth-clients", "no"]
+                argv += [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    str(self.port),
+                    "--tls-cert-file",
+                    str(cert),
+                    "--tls-key-file",
+                    str(key),
+                    "--tls-ca-cert-file",
+                    str(cert),
+                    "--tls-auth-clients",
+                    "no",
+                ]
             with open(self.dir / "redis.log", "ab") as log:
-                self._proc = _on_spawner_thread(lambda: subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent(os.getpid())))
+                self._proc = _on_spawner_thread(
+                    lambda: subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent(os.getpid()),
+                    )
+                )
             if self._wait_ready(timeout_s):
                 return
             if "Address already in use" not in self._log_tail():
                 break
-        raise RuntimeError(f"redis-server did not start (exit code {self._proc.poll()}); "
-                           f"log {self.dir / 'redis.log'}:\n{self._log_tail()}")
+        raise RuntimeError(
+            f"redis-server did not start (exit code {self._proc.poll()}); "
+            f"log {self.dir / 'redis.log'}:\n{self._log_tail()}"
+        )
 
     def _wait_ready(self, timeout_s: float) -> bool:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
@@ -273,23 +315,30 @@ def check_redis(url: str, password_env: str) -> None:
         # authentication error when none was sent (NOAUTH with RESP2).
         auth = isinstance(exc, redis.AuthenticationError) or "NOAUTH" in str(exc)
         if auth and parts.password is None:
-            raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} requires a password; put "
-                                   f"it in the URL (redis://:PASSWORD@host:port/0) or in ${password_env}."
-                                   ) from None
+            raise RedisUnavailable(
+                f"bus.redis_url {shown}: the Redis at {where} requires a password; put "
+                f"it in the URL (redis://:PASSWORD@host:port/0) or in ${password_env}."
+            ) from None
         what = "refused the password" if auth else "answered PING with an error"
-        raise RedisUnavailable(f"bus.redis_url {shown}: the Redis at {where} {what} "
-                               f"({' '.join(str(exc).split())}).") from None
+        raise RedisUnavailable(
+            f"bus.redis_url {shown}: the Redis at {where} {what} ({' '.join(str(exc).split())})."
+        ) from None
     except redis.RedisError as exc:
-        tls = " (TLS: is it a TLS port, and does ssl_ca_certs name the CA that signed its certificate?)" \
-            if parts.scheme == "rediss" else ""
-        raise RedisUnavailable(f"bus.redis_url {shown}: no Redis answers at {where}{tls}: "
-                               f"{' '.join(str(exc).split())}") from None
+        tls = (
+            " (TLS: is it a TLS port, and does ssl_ca_certs name the CA that signed its certificate?)"
+            if parts.scheme == "rediss"
+            else ""
+        )
+        raise RedisUnavailable(
+            f"bus.redis_url {shown}: no Redis answers at {where}{tls}: {' '.join(str(exc).split())}"
+        ) from None
     finally:
         client.close()
 
 
-def connect_or_start(redis_url: str | None, aof_dir: Path | None = None,
-                     password_env: str = "CODEWORLD_REDIS_PASSWORD") -> tuple[str, PrivateRedis | None]:
+def connect_or_start(
+    redis_url: str | None, aof_dir: Path | None = None, password_env: str = "CODEWORLD_REDIS_PASSWORD"
+) -> tuple[str, PrivateRedis | None]:
     """The Redis to use: `redis_url` if given (with the password from `$password_env` when the URL
     has none; checked with PING), else a new `PrivateRedis` (with an append-only file in `aof_dir`
     when given, so that a restart keeps its data).

@@ -148,8 +148,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*")
-                  if re.fullmatch(r"step_\d{6,}", p.name) and (p / META).is_file())
+    return sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d{6,}", p.name) and (p / META).is_file())
 
 
 def set_aside_later(run_dir: Path, step: int, launch: str) -> list[Path]:
@@ -170,8 +169,10 @@ def find_checkpoint(run_dir: Path, resume: str) -> tuple[Path, CheckpointMeta]:
     if resume == "latest":
         found = complete_checkpoints(run_dir)
         if not found:
-            raise ConfigError(f"--resume: run.dir {str(run_dir)!r} holds no complete checkpoint "
-                              f"(checkpoints/step_*/{META}); set checkpoint.every to write them.")
+            raise ConfigError(
+                f"--resume: run.dir {str(run_dir)!r} holds no complete checkpoint "
+                f"(checkpoints/step_*/{META}); set checkpoint.every to write them."
+            )
         path = found[-1]
     else:
         path = Path(resume)
@@ -189,8 +190,9 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise ConfigError(f"run.dir {str(run_dir)!r} is in use by another codeworld process; "
-                          "stop it first or choose another run.dir.") from None
+        raise ConfigError(
+            f"run.dir {str(run_dir)!r} is in use by another codeworld process; stop it first or choose another run.dir."
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -202,8 +204,10 @@ def require_fresh(run_dir: Path) -> None:
     """A fresh run must not start over checkpoints of another lineage (a later `--resume` would
     pick theirs)."""
     if complete_checkpoints(run_dir):
-        raise ConfigError(f"run.dir {str(run_dir)!r} holds checkpoints of an earlier run: continue it with "
-                          "--resume, or choose another run.dir, or delete its checkpoints/ folder.")
+        raise ConfigError(
+            f"run.dir {str(run_dir)!r} holds checkpoints of an earlier run: continue it with "
+            "--resume, or choose another run.dir, or delete its checkpoints/ folder."
+        )
 
 
 @dataclass

@@ -169,9 +169,16 @@ def _cut(text: str, max_chars: int) -> str:
     return text[:max_chars] + f" … [{len(text) - max_chars} characters cut]"
 
 
-def to_record(traj: Trajectory, step: int, decode: Callable[[list[int]], str], max_chars: int, *,
-              kind: Literal["train", "eval"], trained_version: int | None = None,
-              eval_set: str | None = None) -> SampleRecord:
+def to_record(
+    traj: Trajectory,
+    step: int,
+    decode: Callable[[list[int]], str],
+    max_chars: int,
+    *,
+    kind: Literal["train", "eval"],
+    trained_version: int | None = None,
+    eval_set: str | None = None,
+) -> SampleRecord:
     """Decode a trajectory into a record: the completion split into model and environment turns
     where `loss_mask` changes."""
     mask = traj.loss_mask.astype(bool)
@@ -180,26 +187,39 @@ def to_record(traj: Trajectory, step: int, decode: Callable[[list[int]], str], m
     for part in np.split(np.arange(len(mask)), edges):
         if len(part):
             ids = traj.completion_ids[part].tolist()
-            turns.append(Turn(role="model" if mask[part[0]] else "env", text=_cut(decode(ids), max_chars),
-                              tokens=len(ids)))
+            turns.append(
+                Turn(role="model" if mask[part[0]] else "env", text=_cut(decode(ids), max_chars), tokens=len(ids))
+            )
     sampled = traj.policy_versions[mask]
     newest = int(sampled.max()) if len(sampled) else -1
     return SampleRecord(
-        id=traj.id, step=step, kind=kind, eval_set=eval_set, env=traj.env, task_id=traj.task_id,
-        group_id=traj.group_id, reward=traj.reward, reward_info=traj.reward_info,
-        prompt=_cut(decode(traj.prompt_ids.tolist()), max_chars), turns=turns,
-        completion_tokens=traj.num_model_tokens, truncated=traj.truncated, policy_min=traj.min_version,
-        policy_max=newest, timings=traj.timings,
-        staleness=(None if trained_version is None or traj.min_version < 0
-                   else trained_version - traj.min_version))
+        id=traj.id,
+        step=step,
+        kind=kind,
+        eval_set=eval_set,
+        env=traj.env,
+        task_id=traj.task_id,
+        group_id=traj.group_id,
+        reward=traj.reward,
+        reward_info=traj.reward_info,
+        prompt=_cut(decode(traj.prompt_ids.tolist()), max_chars),
+        turns=turns,
+        completion_tokens=traj.num_model_tokens,
+        truncated=traj.truncated,
+        policy_min=traj.min_version,
+        policy_max=newest,
+        timings=traj.timings,
+        staleness=(None if trained_version is None or traj.min_version < 0 else trained_version - traj.min_version),
+    )
 
 
 class SampleStore:
     """The writer: decodes trajectories into records, appends them and deletes the oldest beyond
     `max_samples`."""
 
-    def __init__(self, run_dir: Path, settings: SamplesSection, decode: Callable[[list[int]], str],
-                 seed: int = 0) -> None:
+    def __init__(
+        self, run_dir: Path, settings: SamplesSection, decode: Callable[[list[int]], str], seed: int = 0
+    ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / FILE_NAME
         self.settings, self.decode, self.seed = settings, decode, seed
@@ -208,19 +228,23 @@ class SampleStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
-    def record_train(self, step: int, groups: Sequence[Sequence[Trajectory]],
-                     trained_version: int) -> list[SampleRecord]:
+    def record_train(
+        self, step: int, groups: Sequence[Sequence[Trajectory]], trained_version: int
+    ) -> list[SampleRecord]:
         """Record `train_share` of a step's groups (whole groups); returns what was recorded."""
         chosen = pick_groups(groups, self.settings.train_share, self.seed + step)
-        records = [to_record(t, step, self.decode, self.settings.max_chars, kind="train",
-                             trained_version=trained_version) for t in chosen]
+        records = [
+            to_record(t, step, self.decode, self.settings.max_chars, kind="train", trained_version=trained_version)
+            for t in chosen
+        ]
         self.add(records)
         return records
 
     def record_eval(self, step: int, eval_set: str, trajs: Sequence[Trajectory]) -> list[SampleRecord]:
         """Record every sample of an evaluation set; returns the records."""
-        records = [to_record(t, step, self.decode, self.settings.max_chars, kind="eval", eval_set=eval_set)
-                   for t in trajs]
+        records = [
+            to_record(t, step, self.decode, self.settings.max_chars, kind="eval", eval_set=eval_set) for t in trajs
+        ]
         self.add(records)
         return records
 
@@ -228,14 +252,30 @@ class SampleStore:
         """Append records (a record whose id is stored already replaces it)."""
         if not records:
             return
-        rows = [(r.id, r.step, r.kind, r.eval_set, r.env, r.task_id, r.reward, r.staleness,
-                 _preview(r), r.model_dump_json()) for r in records]
+        rows = [
+            (
+                r.id,
+                r.step,
+                r.kind,
+                r.eval_set,
+                r.env,
+                r.task_id,
+                r.reward,
+                r.staleness,
+                _preview(r),
+                r.model_dump_json(),
+            )
+            for r in records
+        ]
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO samples (id, step, kind, eval_set, env, task_id, reward, staleness, "
-                "preview, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            self._db.execute("DELETE FROM samples WHERE seq <= (SELECT MAX(seq) FROM samples) - ?",
-                             (self.settings.max_samples,))
+                "preview, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self._db.execute(
+                "DELETE FROM samples WHERE seq <= (SELECT MAX(seq) FROM samples) - ?", (self.settings.max_samples,)
+            )
 
     def forget_after(self, step: int) -> None:
         """Delete the train samples of steps after `step` (the run went back to that checkpoint)."""
@@ -277,10 +317,15 @@ class SampleReader:
     def facets(self) -> SampleFacets:
         with self._connect() as db:
             envs = [r[0] for r in db.execute("SELECT DISTINCT env FROM samples ORDER BY env")]
-            sets = [r[0] for r in db.execute(
-                "SELECT DISTINCT eval_set FROM samples WHERE eval_set IS NOT NULL ORDER BY eval_set")]
+            sets = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT eval_set FROM samples WHERE eval_set IS NOT NULL ORDER BY eval_set"
+                )
+            ]
             lo, hi, count, last = db.execute(
-                "SELECT MIN(step), MAX(step), COUNT(*), COALESCE(MAX(seq), 0) FROM samples").fetchone()
+                "SELECT MIN(step), MAX(step), COUNT(*), COALESCE(MAX(seq), 0) FROM samples"
+            ).fetchone()
         return SampleFacets(envs=envs, eval_sets=sets, min_step=lo, max_step=hi, count=count, last_seq=last)
 
     def last_seq(self) -> int:
@@ -295,14 +340,16 @@ class SampleReader:
             rows = db.execute(
                 "SELECT id, step, kind, eval_set, env, task_id, reward, staleness, preview "
                 f"FROM samples{where} ORDER BY step DESC, seq DESC LIMIT ? OFFSET ?",
-                [*args, q.limit, q.offset]).fetchall()
+                [*args, q.limit, q.offset],
+            ).fetchall()
         return SamplePage(total=total, items=[SampleSummary(**dict(r)) for r in rows])
 
     def task(self, task_id: str, limit: int) -> list[SampleRecord]:
         """The newest `limit` samples of one task, oldest step first (the same task across steps)."""
         with self._connect() as db:
-            rows = db.execute("SELECT body FROM samples WHERE task_id = ? "
-                              "ORDER BY step DESC, seq DESC LIMIT ?", (task_id, limit)).fetchall()
+            rows = db.execute(
+                "SELECT body FROM samples WHERE task_id = ? ORDER BY step DESC, seq DESC LIMIT ?", (task_id, limit)
+            ).fetchall()
         return [SampleRecord.model_validate(json.loads(r[0])) for r in reversed(rows)]
 
     def get(self, sample_id: str) -> SampleRecord | None:
@@ -314,10 +361,16 @@ class SampleReader:
 def _where(q: SampleQuery) -> tuple[str, list[Any]]:
     """SQL filter clause for a query; values always travel as parameters, never in the text."""
     conds, args = [], []
-    for column, op, value in (("env", "=", q.env), ("kind", "=", q.kind), ("eval_set", "=", q.eval_set),
-                              ("task_id", "=", q.task_id), ("reward", ">=", q.min_reward),
-                              ("reward", "<=", q.max_reward), ("step", ">=", q.min_step),
-                              ("step", "<=", q.max_step)):
+    for column, op, value in (
+        ("env", "=", q.env),
+        ("kind", "=", q.kind),
+        ("eval_set", "=", q.eval_set),
+        ("task_id", "=", q.task_id),
+        ("reward", ">=", q.min_reward),
+        ("reward", "<=", q.max_reward),
+        ("step", ">=", q.min_step),
+        ("step", "<=", q.max_step),
+    ):
         if value is not None:
             conds.append(f"{column} {op} ?")
             args.append(value)
@@ -332,4 +385,3 @@ def pick_groups(groups: Sequence[Sequence[Trajectory]], share: float, seed: int)
     count = max(1, round(share * len(groups)))
     chosen = np.random.default_rng(seed).choice(len(groups), size=min(count, len(groups)), replace=False)
     return [t for i in sorted(chosen) for t in groups[i]]
-

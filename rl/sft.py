@@ -50,8 +50,7 @@ def _examples(tasks, renderer) -> list[tuple[list[int], list[int]]]:
     """(prompt, completion) token ids per task: the completion is the gold answer closed with the
     chat template's end-of-turn token, as a model turn that ends is sampled."""
     eot = renderer.end_of_turn_ids
-    return [(renderer.prompt(t.prompt), renderer.encode(f"\\boxed{{{t.hidden['answer']}}}") + eot)
-            for t in tasks]
+    return [(renderer.prompt(t.prompt), renderer.encode(f"\\boxed{{{t.hidden['answer']}}}") + eot) for t in tasks]
 
 
 def _batch(examples, device):
@@ -62,8 +61,8 @@ def _batch(examples, device):
     mask = torch.zeros((len(examples), T - 1))
     for i, (p, c) in enumerate(examples):
         seq = p + c
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, len(p) - 1:len(seq) - 1] = 1
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, len(p) - 1 : len(seq) - 1] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -74,7 +73,7 @@ def greedy_exact(model, examples, device) -> float:
     hits = 0
     with torch.no_grad():
         for i in range(0, len(examples), 256):
-            ids, mask = _batch(examples[i:i + 256], device)
+            ids, mask = _batch(examples[i : i + 256], device)
             pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
             wrong = ((pred != ids[:, 1:]).float() * mask).sum(-1)
             hits += int((wrong == 0).sum())
@@ -100,7 +99,7 @@ def run_sft(cfg: SftConfig, model_dir: Path, out: Path, log=print) -> dict[str, 
     held = tasks[: cfg.stop_set]
     seen = {t.prompt[-1].content for t in held}
     stop_examples = _examples(held, renderer)
-    train = _examples([t for t in tasks[cfg.stop_set:] if t.prompt[-1].content not in seen], renderer)
+    train = _examples([t for t in tasks[cfg.stop_set :] if t.prompt[-1].content not in seen], renderer)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     rng, start, acc, step = random.Random(cfg.seed), time.perf_counter(), 0.0, 0
@@ -108,15 +107,18 @@ def run_sft(cfg: SftConfig, model_dir: Path, out: Path, log=print) -> dict[str, 
         ids, mask = _batch(rng.sample(train, cfg.batch_size), "cpu")
         logits = model(input_ids=ids).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
         loss = (nll * mask.reshape(-1)).sum() / mask.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % cfg.eval_every == 0:
             acc = greedy_exact(model, stop_examples, "cpu")
-            log(f"sft step {step}: loss {loss.item():.3f}, greedy acc on stopping set {acc:.3f}, "
-                f"{time.perf_counter() - start:.0f}s")
+            log(
+                f"sft step {step}: loss {loss.item():.3f}, greedy acc on stopping set {acc:.3f}, "
+                f"{time.perf_counter() - start:.0f}s"
+            )
             if acc >= cfg.target_acc or time.perf_counter() - start > cfg.max_wall_s:
                 break
     out.mkdir(parents=True, exist_ok=True)

@@ -47,9 +47,11 @@ class TinyModelSpec(BaseModel):
 def _corpus(seed: int, n: int = 20000) -> Iterator[str]:
     """Text the BPE merges are learned from: chat-formatted arithmetic and plain English."""
     rng = random.Random(seed)
-    words = ("What is the value of compute answer final put your in a box result sum difference "
-             "product number problem solution therefore so we get test input output def return "
-             "print for if else while true false none import class self").split()
+    words = (
+        "What is the value of compute answer final put your in a box result sum difference "
+        "product number problem solution therefore so we get test input output def return "
+        "print for if else while true false none import class self"
+    ).split()
     for _ in range(n):
         a, b = rng.randint(0, 999), rng.randint(0, 999)
         op = rng.choice("+-*")
@@ -63,19 +65,27 @@ def train_tokenizer(vocab_size: int, seed: int):  # -> transformers.PreTrainedTo
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token=None, unk_token=None, chat_template=CHATML_TEMPLATE,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        chat_template=CHATML_TEMPLATE,
     )
 
 
@@ -85,21 +95,30 @@ def init_tiny(out: Path, spec: TinyModelSpec) -> int:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
-        raise ValueError(f"hidden_size {spec.hidden_size} must divide into num_heads {spec.num_heads}, "
-                         f"and num_heads into num_kv_heads {spec.num_kv_heads}.")
+        raise ValueError(
+            f"hidden_size {spec.hidden_size} must divide into num_heads {spec.num_heads}, "
+            f"and num_heads into num_kv_heads {spec.num_kv_heads}."
+        )
     tokenizer = train_tokenizer(spec.vocab_size, spec.seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-        intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
     torch.manual_seed(spec.seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -68,8 +68,7 @@ class Trajectory(BaseModel):
         n = len(self.completion_ids)
         for name in ("loss_mask", "sampler_logprobs", "policy_versions"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"Trajectory.{name} has {len(getattr(self, name))} entries; "
-                                 f"completion_ids has {n}.")
+                raise ValueError(f"Trajectory.{name} has {len(getattr(self, name))} entries; completion_ids has {n}.")
         return self
 
     @property

@@ -65,8 +65,13 @@ class Watchdog:
             state = self.state()
         except Exception as exc:  # a dump that fails half-way must still name the hang
             state = {"state_error": f"{type(exc).__name__}: {exc}"}
-        body = {"what": what, "deadline_s": seconds, "time": now,
-                "waited_s": None if started is None else now - started, **state}
+        body = {
+            "what": what,
+            "deadline_s": seconds,
+            "time": now,
+            "waited_s": None if started is None else now - started,
+            **state,
+        }
         stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{int(now * 1000) % 1000:03d}"
         path = self.run_dir / f"hang-{stamp}.json"
         try:

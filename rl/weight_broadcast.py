@@ -104,8 +104,9 @@ class EngineFleet:
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.engines))]
-        self._all([e.init_weight_transfer.remote(Endpoint(**init_info, rank_offset=o))
-                   for e, o in zip(self.engines, offsets)])
+        self._all(
+            [e.init_weight_transfer.remote(Endpoint(**init_info, rank_offset=o)) for e, o in zip(self.engines, offsets)]
+        )
 
     def start_weight_update(self) -> None:
         self._all([e.start_weight_update.remote() for e in self.engines])
@@ -147,26 +148,34 @@ class BroadcastSender(TrainerWeightTransferEngine[GlooBroadcastInit]):
 
     init_info_cls = GlooBroadcastInit
 
-    def __init__(self, *, client: EngineFleet, source: ShardedSource, init: GlooBroadcastInit,
-                 wire: Wire | None) -> None:
+    def __init__(
+        self, *, client: EngineFleet, source: ShardedSource, init: GlooBroadcastInit, wire: Wire | None
+    ) -> None:
         super().__init__(client=client, source=source, is_sender=init.is_sender)  # type: ignore[arg-type]
         self.fleet, self.params, self.init, self.wire = client, source, init, wire
         self.buffers: list[torch.Tensor] = []
 
     @classmethod
-    def trainer_init(cls, init_info: GlooBroadcastInit, *, client: Any,
-                     source: WeightSource | None = None) -> BroadcastSender:
+    def trainer_init(
+        cls, init_info: GlooBroadcastInit, *, client: Any, source: WeightSource | None = None
+    ) -> BroadcastSender:
         if not isinstance(source, ShardedSource):
             raise TypeError("the broadcast sender replays a ShardedSource every push.")
         if not init_info.is_sender:
             return cls(client=client, source=source, init=init_info, wire=None)
-        endpoint = Endpoint(master_address=init_info.master_address, master_port=init_info.master_port,
-                            rank_offset=1, world_size=init_info.world_size, timeout_s=init_info.timeout_s,
-                            local_address=init_info.master_address)
+        endpoint = Endpoint(
+            master_address=init_info.master_address,
+            master_port=init_info.master_port,
+            rank_offset=1,
+            world_size=init_info.world_size,
+            timeout_s=init_info.timeout_s,
+            local_address=init_info.master_address,
+        )
         # The engines block inside their init until every member has joined, the sender included.
         with ThreadPoolExecutor(1) as pool:
-            joined = pool.submit(client.init_weight_transfer_engine,
-                                 endpoint.model_dump(exclude={"rank_offset", "local_address"}))
+            joined = pool.submit(
+                client.init_weight_transfer_engine, endpoint.model_dump(exclude={"rank_offset", "local_address"})
+            )
             wire = open_wire(WIRE_OF_BACKEND[init_info.backend], endpoint, 0)
             joined.result()
         return cls(client=client, source=source, init=init_info, wire=wire)
@@ -176,9 +185,13 @@ class BroadcastSender(TrainerWeightTransferEngine[GlooBroadcastInit]):
         Raises `WeightTransferRefused` (rank 0) when an engine refused the push; every engine
         then still serves its previous version."""
         start = time.perf_counter()
-        plan = plan_buckets([TensorMeta(name=m.name, dtype=str(m.dtype).removeprefix("torch."),
-                                        shape=list(m.shape)) for m in self.params.metadata()],
-                            self.init.bucket_bytes)
+        plan = plan_buckets(
+            [
+                TensorMeta(name=m.name, dtype=str(m.dtype).removeprefix("torch."), shape=list(m.shape))
+                for m in self.params.metadata()
+            ],
+            self.init.bucket_bytes,
+        )
         params = iter(self.params)
         if not self.is_sender:
             for _ in params:  # the gathers rank 0 needs
@@ -195,8 +208,7 @@ class BroadcastSender(TrainerWeightTransferEngine[GlooBroadcastInit]):
             raise
         return PushStats(seconds=time.perf_counter() - start, bytes=sent, buckets=len(plan))
 
-    def _stream(self, version: int, plan: list[list[TensorMeta]],
-                params: Iterator[tuple[str, torch.Tensor]]) -> int:
+    def _stream(self, version: int, plan: list[list[TensorMeta]], params: Iterator[tuple[str, torch.Tensor]]) -> int:
         """Pack each bucket and hand it to a send thread, which announces it, broadcasts it and
         waits until every engine took it (and verified the one before) before the next one goes:
         the engines stay in step, and one that refused a bucket is sent nothing more. Two buffers
@@ -214,21 +226,27 @@ class BroadcastSender(TrainerWeightTransferEngine[GlooBroadcastInit]):
                 for meta, offset in zip(tensors, offsets):
                     name, tensor = next(params)
                     if name != meta.name:
-                        raise RuntimeError(f"parameter order changed during a push: {name} where {meta.name} "
-                                           "was planned.")
+                        raise RuntimeError(
+                            f"parameter order changed during a push: {name} where {meta.name} was planned."
+                        )
                     flat = tensor.contiguous().view(-1).view(torch.uint8)
-                    buffer[offset:offset + flat.numel()].copy_(flat)
+                    buffer[offset : offset + flat.numel()].copy_(flat)
                 data = buffer[:nbytes]
-                bucket = Bucket(version=version, index=index, count=len(plan), tensors=tensors, nbytes=nbytes,
-                                checksum=checksum(data))
+                bucket = Bucket(
+                    version=version,
+                    index=index,
+                    count=len(plan),
+                    tensors=tensors,
+                    nbytes=nbytes,
+                    checksum=checksum(data),
+                )
                 sends.append(send_thread.submit(self._send, bucket, data, announce, refused))
                 sent += nbytes
             for done in sends:
                 done.result()
         return sent
 
-    def _send(self, bucket: Bucket, data: torch.Tensor, announce: ThreadPoolExecutor,
-              refused: threading.Event) -> None:
+    def _send(self, bucket: Bucket, data: torch.Tensor, announce: ThreadPoolExecutor, refused: threading.Event) -> None:
         """Announce one bucket and broadcast its bytes (the engines receive them inside their
         `update_weights`, so both go at once); return once every engine accepted it. After a
         refusal nothing more goes out: no engine would join the broadcast."""
@@ -266,19 +284,39 @@ for _name in (GLOO_BACKEND, NCCL_BACKEND):
         WeightTransferTrainerFactory.register_engine(_name, BroadcastSender)
 
 
-def connect(model: torch.nn.Module, rank: int, engines: list[Any], tp_sizes: list[int], bucket_mb: float,
-            timeout_s: float, dtype: torch.dtype, port: int) -> BroadcastSender:
+def connect(
+    model: torch.nn.Module,
+    rank: int,
+    engines: list[Any],
+    tp_sizes: list[int],
+    bucket_mb: float,
+    timeout_s: float,
+    dtype: torch.dtype,
+    port: int,
+) -> BroadcastSender:
     """Every learner rank: the broadcast sender over `model`'s parameters. Rank 0 (`port`: free on
     its node) opens the group and has every engine join it."""
     import ray
 
     init_cls = NcclBroadcastInit if torch.cuda.is_available() else GlooBroadcastInit
     address = ray.util.get_node_ip_address()
-    init = init_cls(master_address=address, master_port=port, world_size=1 + sum(tp_sizes),
-                    bucket_bytes=int(bucket_mb * 2**20), timeout_s=timeout_s, rank=rank)
-    sender = WeightTransferTrainerFactory.trainer_init(init, client=EngineFleet(engines, tp_sizes, timeout_s),
-                                                       source=ShardedSource(model, dtype))
+    init = init_cls(
+        master_address=address,
+        master_port=port,
+        world_size=1 + sum(tp_sizes),
+        bucket_bytes=int(bucket_mb * 2**20),
+        timeout_s=timeout_s,
+        rank=rank,
+    )
+    sender = WeightTransferTrainerFactory.trainer_init(
+        init, client=EngineFleet(engines, tp_sizes, timeout_s), source=ShardedSource(model, dtype)
+    )
     if rank == 0:
-        log.info("weights: broadcast over %s from %s:%d to %d engine(s)", WIRE_OF_BACKEND[init.backend],
-                 address, port, len(engines))
+        log.info(
+            "weights: broadcast over %s from %s:%d to %d engine(s)",
+            WIRE_OF_BACKEND[init.backend],
+            address,
+            port,
+            len(engines),
+        )
     return sender  # type: ignore[return-value]

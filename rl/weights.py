@@ -59,8 +59,7 @@ def publish(state_dict: Mapping[str, "torch.Tensor"], root: Path, version: int) 
     for old in root.glob("v*"):
         if old != target and old.name < target.name:
             shutil.rmtree(old, ignore_errors=True)
-    return WeightPush(version=version, path=target, checksum=sha256_file(final),
-                      num_bytes=final.stat().st_size)
+    return WeightPush(version=version, path=target, checksum=sha256_file(final), num_bytes=final.stat().st_size)
 
 
 def _without_aliases(state_dict: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:  # noqa: F821
@@ -88,7 +87,6 @@ def save_hf_checkpoint(state_dict: Mapping[str, "torch.Tensor"], like: Path, out
     save_file(_without_aliases(state_dict), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-
 class WeightSync:
     """The run's weight pushes, over the transport its placement allows (`weights.transport`).
 
@@ -99,8 +97,9 @@ class WeightSync:
     mismatched version) leaves every engine on its previous weights; it is tried again up to
     `weights.push_attempts` times, then the run stops with the engines' reason."""
 
-    def __init__(self, cfg: WeightsSection, tp_sizes: list[int], transport: Literal["file", "broadcast"],
-                 root: Path, dtype: str) -> None:
+    def __init__(
+        self, cfg: WeightsSection, tp_sizes: list[int], transport: Literal["file", "broadcast"], root: Path, dtype: str
+    ) -> None:
         self.cfg, self.tp_sizes, self.transport, self.root, self.dtype = cfg, tp_sizes, transport, root, dtype
         self._formed: tuple[int, ...] | None = None
         """Identity of the learner and engine handles the broadcast group was formed with."""
@@ -123,8 +122,13 @@ class WeightSync:
             except (WeightTransferRefused, ChecksumMismatch) as err:
                 if attempt == self.cfg.push_attempts:
                     raise
-                log.warning("weights: push v%d refused (%s); attempt %d of %d", version, err, attempt + 1,
-                            self.cfg.push_attempts)
+                log.warning(
+                    "weights: push v%d refused (%s); attempt %d of %d",
+                    version,
+                    err,
+                    attempt + 1,
+                    self.cfg.push_attempts,
+                )
 
     def _by_file(self, learner: LearnerGroup, engines: list[Any], version: int) -> None:
         import ray

@@ -44,30 +44,36 @@ class ChatRenderer:
         """Reads the end-of-turn token from the template and checks on probe conversations (with
         and without a system message) that it renders turn by turn; else `ChatTemplateError`."""
         self.tokenizer = tokenizer
-        self._context = [Message(role="user", content=_USER_PROBE),
-                         Message(role="assistant", content=_MODEL_PROBE)]
+        self._context = [Message(role="user", content=_USER_PROBE), Message(role="assistant", content=_MODEL_PROBE)]
         closed = self._render(self._context, add_generation_prompt=False)
         if closed.count(_MODEL_PROBE) != 1:
-            raise ChatTemplateError("The chat template does not render an assistant message's text as given, "
-                                    f"so the end of a model turn cannot be found (it rendered {closed!r}).")
+            raise ChatTemplateError(
+                "The chat template does not render an assistant message's text as given, "
+                f"so the end of a model turn cannot be found (it rendered {closed!r})."
+            )
         self._close = closed.split(_MODEL_PROBE, 1)[1]
         close_ids = self.encode(self._close)
         if not close_ids or close_ids[0] not in set(tokenizer.get_added_vocab().values()):
-            raise ChatTemplateError(f"The chat template closes an assistant turn with {self._close!r}, "
-                                    "which does not begin with a special token, so a model has no token "
-                                    "that ends its turn.")
+            raise ChatTemplateError(
+                f"The chat template closes an assistant turn with {self._close!r}, "
+                "which does not begin with a special token, so a model has no token "
+                "that ends its turn."
+            )
         self.end_of_turn_ids: list[int] = close_ids[:1]
         """Tokens that end a model turn: stop tokens of every turn (the tokenizer's EOS may differ)."""
         probe = [Message(role="user", content=_USER_PROBE)]
         tail = self._tail(self._context, probe)
         system = [Message(role="system", content=_SYSTEM_PROBE), *self._context]
         if self._renders(system) and self._tail(system, probe) != tail:
-            raise ChatTemplateError("The chat template renders later turns differently after a system "
-                                    "message, so a conversation cannot be extended turn by turn.")
+            raise ChatTemplateError(
+                "The chat template renders later turns differently after a system "
+                "message, so a conversation cannot be extended turn by turn."
+            )
 
     def _text(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _render(self, messages: list[Message], add_generation_prompt: bool) -> str:
         """`_text`, a template that cannot render the conversation being a `ChatTemplateError`."""
@@ -75,8 +81,9 @@ class ChatRenderer:
             return self._text(messages, add_generation_prompt)
         except Exception as exc:
             roles = ", ".join(m.role for m in messages)
-            raise ChatTemplateError(f"The chat template cannot render a conversation of roles {roles} "
-                                    f"({type(exc).__name__}: {exc}).") from exc
+            raise ChatTemplateError(
+                f"The chat template cannot render a conversation of roles {roles} ({type(exc).__name__}: {exc})."
+            ) from exc
 
     def _renders(self, messages: list[Message]) -> bool:
         """Whether the template accepts `messages` (some refuse a system message)."""
@@ -93,9 +100,11 @@ class ChatRenderer:
         full = self._render([*context, *messages], add_generation_prompt=True)
         head, _, tail = full.partition(_MODEL_PROBE)
         if not (head.startswith(before) and tail.startswith(self._close)):
-            raise ChatTemplateError("The chat template renders earlier turns differently once more messages "
-                                    f"follow (the prompt {before!r} and the reply's close {self._close!r} "
-                                    f"became {full!r}), so a conversation cannot be extended turn by turn.")
+            raise ChatTemplateError(
+                "The chat template renders earlier turns differently once more messages "
+                f"follow (the prompt {before!r} and the reply's close {self._close!r} "
+                f"became {full!r}), so a conversation cannot be extended turn by turn."
+            )
         return tail
 
     def encode(self, text: str) -> list[int]:
@@ -119,4 +128,4 @@ class ChatRenderer:
         closing text, then `messages` and the next generation header, as the template renders
         them in the whole conversation."""
         ids = self.encode(self._tail(self._context, messages))
-        return ids[len(self.end_of_turn_ids):] if self._closes(turn_ids) else ids
+        return ids[len(self.end_of_turn_ids) :] if self._closes(turn_ids) else ids

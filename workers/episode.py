@@ -109,8 +109,7 @@ class EpisodeRunner:
     """Runs episodes of any environment against a rollout worker (a Ray actor handle or a local
     `RolloutWorker`)."""
 
-    def __init__(self, renderer: ChatRenderer, run_id: str, max_model_len: int,
-                 unfinished_reward: float = 0.0) -> None:
+    def __init__(self, renderer: ChatRenderer, run_id: str, max_model_len: int, unfinished_reward: float = 0.0) -> None:
         """`unfinished_reward`: the reward of an episode the policy let run out of context or turns
         before the environment finished it (a policy failure: scored, never dropped)."""
         self.renderer = renderer
@@ -118,13 +117,13 @@ class EpisodeRunner:
         self.max_model_len = max_model_len
         self.unfinished_reward = unfinished_reward
 
-    async def run(self, env: Environment, task: Task, worker: Any, sampling: Sampling,
-                  group_id: str) -> EpisodeOutcome:
+    async def run(self, env: Environment, task: Task, worker: Any, sampling: Sampling, group_id: str) -> EpisodeOutcome:
         """One episode; `env.close()` always runs."""
         return (await self.run_group([env], task, worker, sampling, group_id))[0]
 
-    async def run_group(self, envs: list[Environment], task: Task, worker: Any, sampling: Sampling,
-                        group_id: str) -> list[EpisodeOutcome]:
+    async def run_group(
+        self, envs: list[Environment], task: Task, worker: Any, sampling: Sampling, group_id: str
+    ) -> list[EpisodeOutcome]:
         """One episode of `task` per environment; every `env.close()` always runs.
 
         When the episodes open with the same prompt (they do unless `reset` is randomised), their
@@ -146,9 +145,12 @@ class EpisodeRunner:
                     runs[i].failure = failure
             if live:
                 firsts, first_s = await self._shared_first_turns([prompts[i] for i in live], worker, sampling)
-                done = await asyncio.gather(*(
-                    self._turns(envs[i], prompts[i], first, first_s, worker, sampling)
-                    for i, first in zip(live, firsts, strict=True)))
+                done = await asyncio.gather(
+                    *(
+                        self._turns(envs[i], prompts[i], first, first_s, worker, sampling)
+                        for i, first in zip(live, firsts, strict=True)
+                    )
+                )
                 for i, run in zip(live, done, strict=True):
                     runs[i] = run
         finally:
@@ -158,11 +160,14 @@ class EpisodeRunner:
                     log.warning("environment close() raised %r; the episode's outcome stands", error)
                 elif isinstance(error, BaseException):
                     raise error
-        return [self._outcome(env, task, group_id, prompt, run, start)
-                for env, prompt, run in zip(envs, prompts, runs, strict=True)]
+        return [
+            self._outcome(env, task, group_id, prompt, run, start)
+            for env, prompt, run in zip(envs, prompts, runs, strict=True)
+        ]
 
-    async def _shared_first_turns(self, prompts: list[list[int]], worker: Any,
-                                  sampling: Sampling) -> tuple[list[Generation | None], float]:
+    async def _shared_first_turns(
+        self, prompts: list[list[int]], worker: Any, sampling: Sampling
+    ) -> tuple[list[Generation | None], float]:
         """The first model turn of every episode as one request when all prompts are equal;
         otherwise no turn (each episode samples its own)."""
         budget = self.max_model_len - len(prompts[0])
@@ -173,8 +178,15 @@ class EpisodeRunner:
         gens = await _generate(worker, prompts[0], turn)
         return list(gens), time.perf_counter() - t0
 
-    async def _turns(self, env: Environment, prompt_ids: list[int], first: Generation | None, first_s: float,
-                     worker: Any, sampling: Sampling) -> _Run:
+    async def _turns(
+        self,
+        env: Environment,
+        prompt_ids: list[int],
+        first: Generation | None,
+        first_s: float,
+        worker: Any,
+        sampling: Sampling,
+    ) -> _Run:
         """The episode's turns after `reset`; `first`, when given, is its already-sampled first turn."""
         run = _Run(_Buffer(), gen_s=first_s, unfinished="turns")
         buf = run.buf
@@ -192,8 +204,7 @@ class EpisodeRunner:
                 run.gen_s += time.perf_counter() - t0
             buf.add_model(gen)
             run.truncated = gen.finish_reason == "length"
-            action = Action(text=self.renderer.decode(gen.token_ids), token_ids=gen.token_ids,
-                            truncated=run.truncated)
+            action = Action(text=self.renderer.decode(gen.token_ids), token_ids=gen.token_ids, truncated=run.truncated)
             run.result, run.failure = await _env_call(env.step(action), "step")
             if run.failure is not None or run.result.done:
                 run.unfinished = None
@@ -205,33 +216,57 @@ class EpisodeRunner:
             buf.add_env(followup)
         return run
 
-    def _outcome(self, env: Environment, task: Task, group_id: str, prompt_ids: list[int],
-                 run: _Run, start: float) -> EpisodeOutcome:
+    def _outcome(
+        self, env: Environment, task: Task, group_id: str, prompt_ids: list[int], run: _Run, start: float
+    ) -> EpisodeOutcome:
         buf, result, gen_s = run.buf, run.result, run.gen_s
         if run.failure is not None:
             kind, message = run.failure
             return EpisodeOutcome(trajectory=None, error=message, kind=kind, generate_s=gen_s)
         if run.unfinished is not None:
             if not any(buf.mask):
-                return EpisodeOutcome(trajectory=None, error="the prompt leaves no room for the model to reply "
-                                      "within max_model_len", kind="prompt_too_long", generate_s=gen_s)
+                return EpisodeOutcome(
+                    trajectory=None,
+                    error="the prompt leaves no room for the model to reply within max_model_len",
+                    kind="prompt_too_long",
+                    generate_s=gen_s,
+                )
             # The policy ran out of context or turns: its failure, scored (never dropped, which
             # would bias the group's baseline up and never punish rambling) and flagged truncated.
-            result = StepResult(done=True, reward=self.unfinished_reward,
-                                info={"unfinished": run.unfinished, **(result.info if result else {})})
+            result = StepResult(
+                done=True,
+                reward=self.unfinished_reward,
+                info={"unfinished": run.unfinished, **(result.info if result else {})},
+            )
             run.truncated = True
         if result.reward is None:
-            return EpisodeOutcome(trajectory=None, error=str(result.info.get("error", "no reward")),
-                                  kind="env_reward_none", info=_jsonable(result.info), generate_s=gen_s)
+            return EpisodeOutcome(
+                trajectory=None,
+                error=str(result.info.get("error", "no reward")),
+                kind="env_reward_none",
+                info=_jsonable(result.info),
+                generate_s=gen_s,
+            )
         reward = env.shape_reward(result.reward, sum(buf.mask))
         if reward != result.reward:
             result = result.model_copy(update={"info": {**result.info, "verified_reward": result.reward}})
         traj = Trajectory(
-            id=uuid.uuid4().hex, run_id=self.run_id, env=env.name, task_id=task.id, group_id=group_id,
-            group_size=0, prompt_ids=np.array(prompt_ids), completion_ids=np.array(buf.ids),
-            loss_mask=np.array(buf.mask), sampler_logprobs=np.array(buf.logprobs),
-            policy_versions=np.array(buf.versions), reward=reward, reward_info=_jsonable(result.info),
-            timings={"generate": gen_s, "episode": time.perf_counter() - start}, truncated=run.truncated)
+            id=uuid.uuid4().hex,
+            run_id=self.run_id,
+            env=env.name,
+            task_id=task.id,
+            group_id=group_id,
+            group_size=0,
+            prompt_ids=np.array(prompt_ids),
+            completion_ids=np.array(buf.ids),
+            loss_mask=np.array(buf.mask),
+            sampler_logprobs=np.array(buf.logprobs),
+            policy_versions=np.array(buf.versions),
+            reward=reward,
+            reward_info=_jsonable(result.info),
+            timings={"generate": gen_s, "episode": time.perf_counter() - start},
+            truncated=run.truncated,
+        )
         return EpisodeOutcome(trajectory=traj, generate_s=gen_s)
 
 
@@ -243,11 +278,12 @@ async def _generate(worker: Any, prompt_ids: list[int], sampling: Sampling) -> l
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     """Keep reward_info msgpack-safe: string keys, primitive leaves (others become strings)."""
+
     def clean(v: Any) -> Any:
         if isinstance(v, dict):
             return {str(k): clean(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
-    return clean(info)
 
+    return clean(info)

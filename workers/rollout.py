@@ -33,8 +33,6 @@ from workers.weight_transfer import (
 )
 
 
-
-
 class EngineConfig(BaseModel):
     """How one vLLM engine is started."""
 
@@ -98,8 +96,11 @@ class Generation(BaseModel):
 
 def _engine_env(config: EngineConfig) -> dict[str, str]:
     """Environment for the engine's processes; set before vLLM spawns them."""
-    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(config.kv_cache_gib))),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(config.kv_cache_gib))),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if config.cpu_cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores
     elif not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
@@ -120,16 +121,22 @@ class RolloutWorker:
         import workers.vllm_extension  # noqa: F401  (registers the broadcast backends)
 
         args = AsyncEngineArgs(
-            model=config.model_path, dtype=config.dtype, max_model_len=config.max_model_len,
-            enforce_eager=config.enforce_eager, seed=config.seed, enable_prefix_caching=True,
-            logprobs_mode="processed_logprobs", gpu_memory_utilization=config.gpu_memory_utilization,
+            model=config.model_path,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            enforce_eager=config.enforce_eager,
+            seed=config.seed,
+            enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
+            gpu_memory_utilization=config.gpu_memory_utilization,
             tensor_parallel_size=config.tensor_parallel_size,
             # Worker processes of this actor, on the GPUs Ray gave it; the "ray" executor would
             # place them itself, outside the run's placement group.
             distributed_executor_backend="mp" if config.tensor_parallel_size > 1 else None,
             worker_extension_cls="workers.vllm_extension.WeightSyncExtension",
             weight_transfer_config=WeightTransferConfig(
-                backend=NCCL_BACKEND if torch.cuda.is_available() else GLOO_BACKEND),
+                backend=NCCL_BACKEND if torch.cuda.is_available() else GLOO_BACKEND
+            ),
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self.version = 0
@@ -153,12 +160,18 @@ class RolloutWorker:
         from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
-            n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            seed=sampling.seed, logprobs=0, stop_token_ids=sampling.stop_token_ids,
+            n=sampling.n,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            logprobs=0,
+            stop_token_ids=sampling.stop_token_ids,
             output_kind=RequestOutputKind.DELTA,
         )
-        samples = [Generation(token_ids=[], logprobs=[], versions=[], finish_reason="length")
-                   for _ in range(sampling.n)]
+        samples = [
+            Generation(token_ids=[], logprobs=[], versions=[], finish_reason="length") for _ in range(sampling.n)
+        ]
         request_id = f"r{next(self._ids)}"
         async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id):
             for delta in out.outputs:
@@ -227,8 +240,7 @@ class RolloutWorker:
         except Exception as err:
             # vLLM has ended its update session and the engine dropped what it had staged.
             await self._end_receiving()
-            raise WeightTransferRefused(f"engine at v{self.version} refused the push: {_reason(err)}"
-                                        ) from None
+            raise WeightTransferRefused(f"engine at v{self.version} refused the push: {_reason(err)}") from None
 
     async def finish_weight_update(self, version: int) -> float:
         """Load the staged push as `version` if it is whole, reset the prefix cache and resume.
@@ -296,17 +308,22 @@ def _token_versions(spans: list[Any] | None, num_tokens: int, request_id: str) -
     if num_tokens == 0:
         return []
     if not spans or spans[0].start != 0 or spans[-1].end != num_tokens:
-        raise RuntimeError(f"vLLM returned weight-version spans {spans} that do not cover the {num_tokens} tokens "
-                           f"of request {request_id}; the rollout worker needs vLLM's per-token weight versions.")
+        raise RuntimeError(
+            f"vLLM returned weight-version spans {spans} that do not cover the {num_tokens} tokens "
+            f"of request {request_id}; the rollout worker needs vLLM's per-token weight versions."
+        )
     # An engine never updated holds vLLM's initial label "default": the checkpoint it started from.
-    return [0 if span.version == "default" else int(span.version)
-            for span in spans for _ in range(span.end - span.start)]
+    return [
+        0 if span.version == "default" else int(span.version) for span in spans for _ in range(span.end - span.start)
+    ]
 
 
 def checkpoint_dir(path: str | Path) -> Path:
     """Validate an engine's model directory early, with a clear message."""
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {str(p)!r} is not a Hugging Face checkpoint directory "
-                                "(no config.json); build one with `codeworld model init-tiny`.")
+        raise FileNotFoundError(
+            f"model.path {str(p)!r} is not a Hugging Face checkpoint directory "
+            "(no config.json); build one with `codeworld model init-tiny`."
+        )
     return p

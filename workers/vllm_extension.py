@@ -101,8 +101,7 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
         if self.wire is not None:
             self.wire.close()
         self.wire = open_wire(self.wire_kind, init_info, rank)
-        log.info("weight transfer: joined the %s group as rank %d of %d", self.wire_kind, rank,
-                 init_info.world_size)
+        log.info("weight transfer: joined the %s group as rank %d of %d", self.wire_kind, rank, init_info.world_size)
 
     def start_weight_update(self) -> None:
         self.discard()
@@ -113,8 +112,7 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
 
     def receive_weights(self, update_info: Bucket) -> None:  # type: ignore[override]
         if self.wire is None:
-            raise RuntimeError("the broadcast weight transfer was never joined "
-                               "(init_weight_transfer_engine).")
+            raise RuntimeError("the broadcast weight transfer was never joined (init_weight_transfer_engine).")
         bucket = update_info
         buffer = self._buffer(bucket.nbytes)
         self.wire.broadcast(buffer)  # join the broadcast first: the sender is already in it
@@ -160,15 +158,19 @@ class BroadcastReceiver(WeightTransferEngine):  # type: ignore[type-arg]
             expected = f"bucket {position + 1}" + (f" of v{first.version}" if position else "")
             raise ChecksumMismatch(f"{where}: out of order (expected {expected}); the push is refused.")
         if layout(bucket.tensors)[1] != bucket.nbytes:
-            raise ChecksumMismatch(f"{where}: header says {bucket.nbytes} bytes but its tensors take "
-                                   f"{layout(bucket.tensors)[1]}; the push is refused.")
+            raise ChecksumMismatch(
+                f"{where}: header says {bucket.nbytes} bytes but its tensors take "
+                f"{layout(bucket.tensors)[1]}; the push is refused."
+            )
 
     def _verify(self, bucket: Bucket, buffer: torch.Tensor) -> None:
         actual = checksum(buffer)
         if actual != bucket.checksum:
-            raise ChecksumMismatch(f"{self._where(bucket)}: received bytes have checksum {actual}, the sender "
-                                   f"announced {bucket.checksum}; the push is refused and the previous "
-                                   "weights stay.")
+            raise ChecksumMismatch(
+                f"{self._where(bucket)}: received bytes have checksum {actual}, the sender "
+                f"announced {bucket.checksum}; the push is refused and the previous "
+                "weights stay."
+            )
 
     def problem(self, version: int) -> str | None:
         try:

@@ -72,8 +72,10 @@ def verify_push(push: WeightPush) -> None:
         raise ChecksumMismatch(f"Weight push v{push.version}: {file} does not exist.")
     actual = sha256_file(file)
     if actual != push.checksum:
-        raise ChecksumMismatch(f"Weight push v{push.version}: checksum {actual[:12]} of {file} does not "
-                               f"match the announced {push.checksum[:12]}.")
+        raise ChecksumMismatch(
+            f"Weight push v{push.version}: checksum {actual[:12]} of {file} does not "
+            f"match the announced {push.checksum[:12]}."
+        )
 
 
 # ----------------------------------------------------------------------------------- broadcast
@@ -169,7 +171,7 @@ def views(buffer: Any, tensors: list[TensorMeta]) -> list[tuple[str, Any]]:
         count = 1
         for dim in meta.shape:
             count *= dim
-        out.append((meta.name, buffer[start:start + count * dtype.itemsize].view(dtype).view(meta.shape)))
+        out.append((meta.name, buffer[start : start + count * dtype.itemsize].view(dtype).view(meta.shape)))
     return out
 
 
@@ -207,14 +209,16 @@ class GlooWire:
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=endpoint.timeout_s)
-        self._store = dist.TCPStore(endpoint.master_address, endpoint.master_port, endpoint.world_size,
-                                    is_master=rank == 0, timeout=timeout)
+        self._store = dist.TCPStore(
+            endpoint.master_address, endpoint.master_port, endpoint.world_size, is_master=rank == 0, timeout=timeout
+        )
         options = dist.ProcessGroupGloo._Options()
         options._timeout = timeout
         # Bind to the node's own address: the host name may resolve to loopback (Debian's /etc/hosts
         # does), and a loopback address is unreachable from other nodes.
-        options._devices = [dist.ProcessGroupGloo.create_device(hostname=endpoint.local_address)
-                            for _ in range(GLOO_STREAMS)]
+        options._devices = [
+            dist.ProcessGroupGloo.create_device(hostname=endpoint.local_address) for _ in range(GLOO_STREAMS)
+        ]
         options._threads = GLOO_STREAMS
         self._group = dist.ProcessGroupGloo(self._store, rank, endpoint.world_size, options)
 
@@ -240,8 +244,9 @@ class NcclWire:
         import torch
         from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
 
-        self._comm = stateless_init_process_group(endpoint.master_address, endpoint.master_port, rank,
-                                                  endpoint.world_size, torch.cuda.current_device())
+        self._comm = stateless_init_process_group(
+            endpoint.master_address, endpoint.master_port, rank, endpoint.world_size, torch.cuda.current_device()
+        )
 
     def broadcast(self, tensor: Any) -> None:
         import torch

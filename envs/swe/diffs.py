@@ -30,14 +30,29 @@ from unidiff.errors import UnidiffParseError
 # configuration files pytest reads (`addopts = -p module` loads a plugin), interpreter start-up
 # hooks, environment files that plugins export, and compiled modules (a .pyc or a native module
 # beside a source file imports in its place). No diff may touch them, at any depth, in any case.
-_HIJACK_NAMES = ("conftest.py", "sitecustomize.py", "usercustomize.py", "*.pth",
-                 "pytest.ini", ".pytest.ini", "pytest.toml", ".pytest.toml", "pyproject.toml", "tox.ini",
-                 "setup.cfg", ".env", "*.pyc", "*.pyo", "*.so", "*.pyd", "*.egg-link")
+_HIJACK_NAMES = (
+    "conftest.py",
+    "sitecustomize.py",
+    "usercustomize.py",
+    "*.pth",
+    "pytest.ini",
+    ".pytest.ini",
+    "pytest.toml",
+    ".pytest.toml",
+    "pyproject.toml",
+    "tox.ini",
+    "setup.cfg",
+    ".env",
+    "*.pyc",
+    "*.pyo",
+    "*.so",
+    "*.pyd",
+    "*.egg-link",
+)
 # Folders whose contents change what gets imported or run: git's own (hooks, config), bytecode
 # caches, and package metadata (an entry point in a *.dist-info on sys.path is a pytest plugin).
 _HIJACK_DIRS = (".git", "__pycache__", "*.dist-info", "*.egg-info")
-_SPECIAL_MODE = re.compile(
-    r"^(?:new file mode|new mode|old mode|deleted file mode|index \S+) (120000|160000)$", re.M)
+_SPECIAL_MODE = re.compile(r"^(?:new file mode|new mode|old mode|deleted file mode|index \S+) (120000|160000)$", re.M)
 _ESCAPES = {"a": 7, "b": 8, "t": 9, "n": 10, "v": 11, "f": 12, "r": 13, '"': 34, "\\": 92}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
@@ -98,8 +113,7 @@ def normalize_path(path: str, strip: bool = False) -> str:
         rest = raw.split("/", 1)[1]
     parts = [p for p in rest.split("/") if p not in ("", ".")]
     if rest.startswith("/") or not parts or ".." in parts or _CONTROL.search(rest):
-        raise PatchError(f"The diff touches {raw[:200]!r}, which is outside the repository or not a plain "
-                         "path.")
+        raise PatchError(f"The diff touches {raw[:200]!r}, which is outside the repository or not a plain path.")
     return "/".join(parts)
 
 
@@ -128,8 +142,9 @@ def _git_paths(diff: str) -> tuple[str, ...]:
     one for a deletion), in order."""
     with tempfile.TemporaryDirectory(prefix="codeworld-numstat-") as tmp:
         env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(tmp).parent)}
-        proc = subprocess.run(["git", "apply", "--numstat", "-z", "-"], cwd=tmp, input=diff.encode(),
-                              capture_output=True, env=env)
+        proc = subprocess.run(
+            ["git", "apply", "--numstat", "-z", "-"], cwd=tmp, input=diff.encode(), capture_output=True, env=env
+        )
     if proc.returncode != 0:
         reason = proc.stderr.decode(errors="replace").strip().splitlines()
         raise PatchError(f"The diff is not a valid patch: {reason[0] if reason else 'git apply failed'}.")
@@ -152,8 +167,9 @@ def _changes(diff: str) -> tuple[FileChange, ...]:
     theirs = [normalize_path(p) for p in _git_paths(diff)]
     ours = [c.target if c.target is not None else c.source for c in changes]
     if theirs != ours:
-        raise PatchError("The diff's file headers are ambiguous: git reads its paths as "
-                         f"{theirs[:5]}, the grader as {ours[:5]}.")
+        raise PatchError(
+            f"The diff's file headers are ambiguous: git reads its paths as {theirs[:5]}, the grader as {ours[:5]}."
+        )
     return tuple(changes)
 
 
@@ -166,8 +182,7 @@ def file_changes(diff: str) -> list[FileChange]:
 def touched_paths(diff: str) -> tuple[list[str], list[str]]:
     """(paths the diff reads from the base, paths it writes), repository-relative, normalised."""
     changes = file_changes(diff)
-    return ([c.source for c in changes if c.source is not None],
-            [c.target for c in changes if c.target is not None])
+    return ([c.source for c in changes if c.source is not None], [c.target for c in changes if c.target is not None])
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -257,8 +272,9 @@ def shadowing_paths(diff: str, importable: set[str], base_inits: set[str]) -> li
     written = {c.target for c in changes if c.target is not None}
     removed = {c.source for c in changes if c.source is not None and c.source not in written}
     inits = (base_inits - removed) | written
-    return [path for path, name, folder in _new_modules(changes)
-            if name in importable and _init_of(folder) not in inits]
+    return [
+        path for path, name, folder in _new_modules(changes) if name in importable and _init_of(folder) not in inits
+    ]
 
 
 def drop_paths(diff: str, paths: set[str]) -> str:
@@ -285,8 +301,9 @@ def file_diff(path: str, old: bytes | None, new: bytes | None) -> str:
         header += "new file mode 100644\n"
     elif new is None:
         header += "deleted file mode 100644\n"
-    body = difflib.unified_diff(old_lines, new_lines, "/dev/null" if old is None else f"a/{path}",
-                                "/dev/null" if new is None else f"b/{path}")
+    body = difflib.unified_diff(
+        old_lines, new_lines, "/dev/null" if old is None else f"a/{path}", "/dev/null" if new is None else f"b/{path}"
+    )
     # A last line without a newline must be marked, or `git apply` reads the next header into it.
     text = "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in body)
     if not text and (old is None) != (new is None):
@@ -296,8 +313,9 @@ def file_diff(path: str, old: bytes | None, new: bytes | None) -> str:
 
 def tree_diff(old: dict[str, bytes], new: dict[str, bytes]) -> str:
     """A git-style diff that turns the files `old` into the files `new` (path → content)."""
-    return "".join(file_diff(p, old.get(p), new.get(p)) for p in sorted(old.keys() | new.keys())
-                   if old.get(p) != new.get(p))
+    return "".join(
+        file_diff(p, old.get(p), new.get(p)) for p in sorted(old.keys() | new.keys()) if old.get(p) != new.get(p)
+    )
 
 
 def apply_diff(files: dict[str, bytes], diff: str, reverse: bool = False) -> dict[str, bytes | None]:
@@ -356,11 +374,11 @@ def reverse_diff(diff: str) -> str:
         elif line.startswith(("old mode ", "rename from ")) and i + 1 < len(lines):
             old_mode = line.startswith("old")
             key_old, key_new = ("old mode ", "new mode ") if old_mode else ("rename from ", "rename to ")
-            out += [key_old + lines[i + 1][len(key_new):], key_new + line[len(key_old):]]
+            out += [key_old + lines[i + 1][len(key_new) :], key_new + line[len(key_old) :]]
             i += 1
         elif line.startswith(tuple(_SWAPPED_HEADERS)):
             head = next(h for h in _SWAPPED_HEADERS if line.startswith(h))
-            out.append(_SWAPPED_HEADERS[head] + line[len(head):])
+            out.append(_SWAPPED_HEADERS[head] + line[len(head) :])
         elif line.startswith("index ") and ".." in line:
             ids, _, mode = line[6:].rstrip("\n").partition(" ")
             before, after = ids.split("..", 1)
@@ -376,10 +394,10 @@ def reverse_diff(diff: str) -> str:
 
 
 def _git_header_paths(line: str) -> tuple[str, str]:
-    rest = line[len("diff --git "):].rstrip("\n")
+    rest = line[len("diff --git ") :].rstrip("\n")
     half = len(rest) // 2  # "a/X b/X": the paths are equal but for their prefixes (no rename here)
-    if rest[half:half + 1] == " " and rest[:half][2:] == rest[half + 1:][2:]:
-        return rest[:half], rest[half + 1:]
+    if rest[half : half + 1] == " " and rest[:half][2:] == rest[half + 1 :][2:]:
+        return rest[:half], rest[half + 1 :]
     old, sep, new = rest.partition(" b/")
     if not sep:
         raise PatchError(f"The diff header {line.strip()[:200]!r} cannot be reversed.")
@@ -388,4 +406,3 @@ def _git_header_paths(line: str) -> tuple[str, str]:
 
 def _side(path: str, prefix: str) -> str:
     return path if path == "/dev/null" else prefix + path[2:]
-

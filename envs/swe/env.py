@@ -28,12 +28,15 @@ from workers.sandbox.choice import SandboxService
 
 MAX_TURNS = 200
 
-SYSTEM_PROMPT = """You are a software engineer fixing a problem in a repository inside a sandbox \
+SYSTEM_PROMPT = (
+    """You are a software engineer fixing a problem in a repository inside a sandbox \
 with no network access. Explore the code, make the fix, check it by running the tests, then \
 submit. When you submit (or run out of turns or tokens) your changes are graded by hidden tests. \
 Changes to test files are discarded before grading.
 
-""" + TOOL_DOC
+"""
+    + TOOL_DOC
+)
 
 
 class SWEParams(EnvParams):
@@ -111,20 +114,27 @@ def task_pool_options(task: SWETask, params: SWEParams) -> tuple[SandboxProfile 
 
 def swe_task_to_task(swe: SWETask, params: SWEParams) -> Task:
     """The `Task` row of a SWE task: the prompt, and the record itself as hidden data."""
-    user = (f"{swe.problem_statement}\n\nThe shell starts in the repository's root folder and file paths "
-            f"are relative to it. You have {params.max_turns} turns and {params.token_budget} tokens.")
-    return Task(id=swe.instance_id, prompt=[Message(role="system", content=SYSTEM_PROMPT),
-                                            Message(role="user", content=user)],
-                hidden={"swe": swe.model_dump(mode="json")}, meta={"repo": swe.repo, "version": swe.version})
+    user = (
+        f"{swe.problem_statement}\n\nThe shell starts in the repository's root folder and file paths "
+        f"are relative to it. You have {params.max_turns} turns and {params.token_budget} tokens."
+    )
+    return Task(
+        id=swe.instance_id,
+        prompt=[Message(role="system", content=SYSTEM_PROMPT), Message(role="user", content=user)],
+        hidden={"swe": swe.model_dump(mode="json")},
+        meta={"repo": swe.repo, "version": swe.version},
+    )
 
 
 def unavailable_message(task: SWETask, image: str, err: Exception) -> str:
     """Why a task's sandbox cannot start, naming what is missing."""
     if task.image_resident():
-        return (f"{task.instance_id} needs the image {image}, which this node does not have and could not "
-                f"get ({err}); pull it with `codeworld swe pull`, build a stand-in with `codeworld swe "
-                "build-image`, "
-                "or stand an sdist in for the repository with `codeworld swe from-sdist`.")
+        return (
+            f"{task.instance_id} needs the image {image}, which this node does not have and could not "
+            f"get ({err}); pull it with `codeworld swe pull`, build a stand-in with `codeworld swe "
+            "build-image`, "
+            "or stand an sdist in for the repository with `codeworld swe from-sdist`."
+        )
     return f"the sandbox for {task.instance_id} cannot start: {err}"
 
 
@@ -165,13 +175,19 @@ class SWEEnv(Environment):
         self.swe = SWETask.model_validate(task.hidden["swe"])
         try:
             profile, images = task_pool_options(self.swe, self.params)
-            self.pool = await shared_pool(self.params.backend, task_image(self.swe, self.params),
-                                          self.params.pool_size, self.params.local_isolation, profile, images,
-                                          lease=True, service=self.params.service)
+            self.pool = await shared_pool(
+                self.params.backend,
+                task_image(self.swe, self.params),
+                self.params.pool_size,
+                self.params.local_isolation,
+                profile,
+                images,
+                lease=True,
+                service=self.params.service,
+            )
             self._stack.callback(release_pool, self.pool)
             self._stack.push_async_exit(self._session)
-            self.isolation = require_isolation(self.pool, self.params.allow_unisolated,
-                                               "params.allow_unisolated")
+            self.isolation = require_isolation(self.pool, self.params.allow_unisolated, "params.allow_unisolated")
             box = await self._session.enter_async_context(self.pool.session())
             self._workspace = Workspace(box, self.swe, self.params.memory_mb)
             await self._workspace.prepare()
@@ -205,16 +221,22 @@ class SWEEnv(Environment):
         if self.turns >= self.params.max_turns or self.tokens >= self.params.token_budget:
             return await self._finish("out of turns" if self.turns >= self.params.max_turns else "out of tokens")
         text = clip(output, self.params.max_observation_chars)
-        footer = (f"[{self.params.max_turns - self.turns} turns and "
-                  f"{self.params.token_budget - self.tokens} tokens left]")
-        return StepResult(observation=Observation(messages=[Message(role="user", content=f"{text}\n{footer}")]),
-                          done=False)
+        footer = (
+            f"[{self.params.max_turns - self.turns} turns and {self.params.token_budget - self.tokens} tokens left]"
+        )
+        return StepResult(
+            observation=Observation(messages=[Message(role="user", content=f"{text}\n{footer}")]), done=False
+        )
 
     async def _finish(self, reason: str) -> StepResult:
         """Take the diff, release the episode's sandbox, grade in a fresh one."""
         assert self._workspace is not None
-        info: dict[str, Any] = {"reason": reason, "turns": self.turns, "tokens": self.tokens,
-                                "isolation": self._isolated_by()}
+        info: dict[str, Any] = {
+            "reason": reason,
+            "turns": self.turns,
+            "tokens": self.tokens,
+            "isolation": self._isolated_by(),
+        }
         try:
             diff, skipped = await self._workspace.diff()
         except (PolicyFault, SandboxFailure, SandboxError) as err:
@@ -225,8 +247,9 @@ class SWEEnv(Environment):
         await self._session.aclose()  # the episode's sandbox goes back; the pool stays leased for grading
         from reward.swe import grade_swe  # swebench takes seconds to import; only grading needs it
 
-        grade = await grade_swe(self.swe, diff, self.pool, timeout_s=self.params.test_timeout_s,
-                                memory_mb=self.params.memory_mb)
+        grade = await grade_swe(
+            self.swe, diff, self.pool, timeout_s=self.params.test_timeout_s, memory_mb=self.params.memory_mb
+        )
         info.update(diff=diff, skipped_files=skipped, grade=grade.model_dump())
         if grade.reward is None:
             info["error"] = grade.error
@@ -262,11 +285,15 @@ class SWEEnv(Environment):
         assert self._workspace is not None
         out = await self._workspace.shell(command, self.params.command_timeout_s)
         if out.timed_out:
-            status = (f"[timed out after {self.params.command_timeout_s:g} s and killed; the shell's directory "
-                      "and exports from this command were not kept]")
+            status = (
+                f"[timed out after {self.params.command_timeout_s:g} s and killed; the shell's directory "
+                "and exports from this command were not kept]"
+            )
         elif out.exit_code is None:
-            status = ("[exit status unknown: the command replaced the shell's EXIT trap; its directory and "
-                      "exports were not kept]")
+            status = (
+                "[exit status unknown: the command replaced the shell's EXIT trap; its directory and "
+                "exports were not kept]"
+            )
         else:
             status = f"[exit code {out.exit_code}]"
         cut = " (output cut at 1 MiB)" if out.total_bytes > len(out.text.encode()) + 1 else ""
@@ -284,8 +311,9 @@ class SWEEnv(Environment):
         if errors:
             return f"Error: could not write {call.arg}: {errors[call.arg]}"
         end_line = start_line + call.text.count("\n")
-        return f"Edited {call.arg}. Lines {max(1, start_line - 2)}-{end_line + 2} now read:\n" + \
-            number_lines(new_text, max(1, start_line - 2), end_line + 2)
+        return f"Edited {call.arg}. Lines {max(1, start_line - 2)}-{end_line + 2} now read:\n" + number_lines(
+            new_text, max(1, start_line - 2), end_line + 2
+        )
 
 
 def number_lines(text: str, start: int, end: int) -> str:

@@ -170,10 +170,7 @@ def test_spec(task: SWETask, image: str) -> TestSpec:
     from swebench.harness.constants import FAIL_ONLY_REPOS, EvalType
     from swebench.harness.utils import make_test_spec
 
-    eval_type = (
-        task.eval_type
-        or (EvalType.FAIL_ONLY if task.repo in FAIL_ONLY_REPOS else EvalType.PASS_AND_FAIL).value
-    )
+    eval_type = task.eval_type or (EvalType.FAIL_ONLY if task.repo in FAIL_ONLY_REPOS else EvalType.PASS_AND_FAIL).value
     instance: dict[str, Any] = {
         "instance_id": task.instance_id,
         "image": image,

@@ -16,8 +16,16 @@ import asyncio
 from typing import Any
 
 from envs.base import EnvConfigError
-from workers.sandbox import (ExecRequest, ImagePolicy, Isolation, PoolStats, SandboxLimits, SandboxProfile,
-                             SandboxUnavailable, Status)
+from workers.sandbox import (
+    ExecRequest,
+    ImagePolicy,
+    Isolation,
+    PoolStats,
+    SandboxLimits,
+    SandboxProfile,
+    SandboxUnavailable,
+    Status,
+)
 from workers.sandbox.choice import SandboxService, open_pool, stats_by_node
 
 SWE_WORK_MB = 2048
@@ -37,9 +45,16 @@ _used: dict[_Key, float] = {}
 _leases: dict[int, int] = {}
 
 
-async def shared_pool(backend: str, image: str, size: int, local_isolation: str | None = None,
-                      profile: SandboxProfile | None = None, images: ImagePolicy | None = None,
-                      lease: bool = False, service: SandboxService | None = None) -> Any:
+async def shared_pool(
+    backend: str,
+    image: str,
+    size: int,
+    local_isolation: str | None = None,
+    profile: SandboxProfile | None = None,
+    images: ImagePolicy | None = None,
+    lease: bool = False,
+    service: SandboxService | None = None,
+) -> Any:
     """This loop's warm pool for `image` on `backend`, started with `size` sandboxes if new
     (`local_isolation`: the local backend's "bwrap" or "rlimit", None = the best available;
     `profile` and `images`: see `SandboxPool`; `service`: where the pool lives, None = `auto`,
@@ -76,8 +91,10 @@ def release_pool(pool: Any) -> None:
 
 async def _close_idle(loop: asyncio.AbstractEventLoop) -> None:
     """Closes the least recently used idle pools of `loop` beyond MAX_IDLE_POOLS."""
-    idle = sorted((k for k, p in _pools.items() if k[0] is loop and id(p) not in _leases and _is_idle(p)),
-                  key=lambda k: _used.get(k, 0.0))
+    idle = sorted(
+        (k for k, p in _pools.items() if k[0] is loop and id(p) not in _leases and _is_idle(p)),
+        key=lambda k: _used.get(k, 0.0),
+    )
     for key in idle[: max(0, len(idle) - MAX_IDLE_POOLS + 1)]:
         pool = _pools.pop(key)
         _isolation.pop(id(pool), None)
@@ -92,18 +109,33 @@ def _is_idle(pool: Any) -> bool:
     return bool(stats) and all(s.ready == s.size and s.waiting == 0 for s in stats)
 
 
-async def _start(backend: str, image: str, size: int, local_isolation: str | None,
-                 profile: SandboxProfile | None, images: ImagePolicy | None, service: SandboxService) -> Any:
-    pool = await open_pool(service, backend, image, size,  # type: ignore[arg-type]
-                           SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
-                           local_isolation, profile, images)  # type: ignore[arg-type]
+async def _start(
+    backend: str,
+    image: str,
+    size: int,
+    local_isolation: str | None,
+    profile: SandboxProfile | None,
+    images: ImagePolicy | None,
+    service: SandboxService,
+) -> Any:
+    pool = await open_pool(
+        service,
+        backend,
+        image,
+        size,  # type: ignore[arg-type]
+        SandboxLimits(work_mb=SWE_WORK_MB, pids=512),
+        local_isolation,
+        profile,
+        images,
+    )  # type: ignore[arg-type]
     # What isolates the programs is reported on every result; a first run reads it before any
     # grading depends on it.
     first = await pool.run(ExecRequest(command=["true"], timeout_s=60))
     if first.status != Status.OK or first.isolation is None:
         await pool.close()
-        raise SandboxUnavailable(f"the new {pool.backend_name} sandbox pool failed its first run "
-                                 f"({first.status.value}: {first.error[:200]})")
+        raise SandboxUnavailable(
+            f"the new {pool.backend_name} sandbox pool failed its first run ({first.status.value}: {first.error[:200]})"
+        )
     _isolation[id(pool)] = first.isolation
     return pool
 
@@ -116,7 +148,8 @@ def require_isolation(pool: Any, allow_unisolated: bool, setting: str) -> Isolat
         raise EnvConfigError(
             f"The {pool.backend_name} sandbox isolates programs by rlimits only (they can read the host's "
             f"files, the answers included, reach the network and signal the trainer's processes); install "
-            f"Docker or bubblewrap, or set `{setting}: true` to accept that.")
+            f"Docker or bubblewrap, or set `{setting}: true` to accept that."
+        )
     return isolation
 
 

@@ -27,8 +27,7 @@ PYTEST = "{python} -c 'import sys; del sys.path[0]; import pytest; raise SystemE
 # `{python}` is the interpreter's absolute path, `{pytest}` the runner above.
 SWEBENCH_TEST_CMDS: dict[str, str] = {
     "django/django": "{python} ./tests/runtests.py --verbosity 2 --settings=test_sqlite --parallel 1",
-    "sympy/sympy": ("PYTHONWARNINGS='ignore::UserWarning,ignore::SyntaxWarning' {python} bin/test "
-                    "-C --verbose"),
+    "sympy/sympy": ("PYTHONWARNINGS='ignore::UserWarning,ignore::SyntaxWarning' {python} bin/test -C --verbose"),
     "sphinx-doc/sphinx": "{python} -m tox --current-env -epy39 -v --",
     "astropy/astropy": "{pytest} -rA -vv -o console_output_style=classic --tb=no",
     "mwaskom/seaborn": "{pytest} --no-header -rA",
@@ -217,10 +216,12 @@ def load_swe_tasks(path: Path, dataset: Dataset = "auto") -> list[SWETask]:
             raise ValueError(f"{path}: {name} is not a {kind} task: {err}.") from None
         if task.source is not None:
             src = task.source
-            task.source = src.model_copy(update={
-                "tarball": str((path.parent / src.tarball).resolve()),
-                "deps": str((path.parent / src.deps).resolve()) if src.deps else None,
-            })
+            task.source = src.model_copy(
+                update={
+                    "tarball": str((path.parent / src.tarball).resolve()),
+                    "deps": str((path.parent / src.deps).resolve()) if src.deps else None,
+                }
+            )
         tasks.append(task)
     return tasks
 

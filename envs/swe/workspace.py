@@ -181,11 +181,24 @@ class Workspace:
         """Set once the policy has changed anything in this sandbox (see `blame`)."""
         self._test_env: RunEnvironment | None = None
 
-    async def _exec(self, command: list[str], stdin: bytes = b"", timeout_s: float = 120.0,
-                    env: dict[str, str] | None = None, files: dict[str, bytes] | None = None) -> ExecResult:
-        request = ExecRequest(command=command, stdin=stdin, timeout_s=timeout_s, memory_mb=self.memory_mb,
-                              max_output_bytes=_IO_OUTPUT_BYTES, env=env or {}, files=files or {},
-                              fast_path=False)
+    async def _exec(
+        self,
+        command: list[str],
+        stdin: bytes = b"",
+        timeout_s: float = 120.0,
+        env: dict[str, str] | None = None,
+        files: dict[str, bytes] | None = None,
+    ) -> ExecResult:
+        request = ExecRequest(
+            command=command,
+            stdin=stdin,
+            timeout_s=timeout_s,
+            memory_mb=self.memory_mb,
+            max_output_bytes=_IO_OUTPUT_BYTES,
+            env=env or {},
+            files=files or {},
+            fast_path=False,
+        )
         start = time.perf_counter()
         try:
             result = await self.box.exec(request)
@@ -214,8 +227,9 @@ class Workspace:
         return result.stdout
 
     async def _helper(self, *args: str, stdin: bytes = b"", timeout_s: float = 120.0) -> bytes:
-        return await self._checked(["python3", "-I", "-c", _HELPER, *args], f"helper {args[0]}",
-                                   stdin=stdin, timeout_s=timeout_s)
+        return await self._checked(
+            ["python3", "-I", "-c", _HELPER, *args], f"helper {args[0]}", stdin=stdin, timeout_s=timeout_s
+        )
 
     async def _report(self, model: type[BaseModel], *args: str, **kw: Any) -> Any:
         """The helper's JSON report, validated: a report that does not parse is a failed call."""
@@ -224,8 +238,9 @@ class Workspace:
             return model.model_validate_json(out)
         except ValidationError as exc:
             ok = ExecResult(status=Status.OK, exit_code=0)
-            raise self._fault(ok, f"helper {args[0]} printed something that is not its report "
-                                  f"({exc.errors()[0]['msg']})") from None
+            raise self._fault(
+                ok, f"helper {args[0]} printed something that is not its report ({exc.errors()[0]['msg']})"
+            ) from None
 
     def _abs(self, rel: str) -> str:
         return rel if rel.startswith("/") else f"{self.root}/{rel}"
@@ -244,13 +259,15 @@ class Workspace:
         init = self.task.shell_init
         if init is None:
             init = SWEBENCH_SHELL_INIT if self.task.image_resident() else ""
-        exports = [f"export PATH={shlex.quote(':'.join(path))}:\"$PATH\""]
+        exports = [f'export PATH={shlex.quote(":".join(path))}:"$PATH"']
         pythonpath = self._pythonpath()
         if pythonpath:
             exports.append(f"export PYTHONPATH={shlex.quote(':'.join(pythonpath))}")
         state = self._abs(STATE_DIR)
-        setup = (f"mkdir -p {state}/bin && ln -sf \"$(command -v python3)\" {state}/bin/python && "
-                 f"echo {shlex.quote(self._abs(self.repo))} > {state}/cwd && : > {state}/env")
+        setup = (
+            f'mkdir -p {state}/bin && ln -sf "$(command -v python3)" {state}/bin/python && '
+            f"echo {shlex.quote(self._abs(self.repo))} > {state}/cwd && : > {state}/env"
+        )
         await self._checked(["bash", "-c", setup], "shell setup")
         await self.shell("\n".join([*exports, init]), timeout_s=120.0)
 
@@ -263,8 +280,12 @@ class Workspace:
         return found + ([self._abs(DEPS_DIR)] if source.deps else [])
 
     async def _unpack(self, tree: dict[str, bytes], dest: str) -> None:
-        await self._checked(["bash", "-c", f"mkdir -p {dest} && tar -xzf - -C {dest}"], f"unpack into {dest}",
-                            stdin=tree_tarball(tree), timeout_s=300.0)
+        await self._checked(
+            ["bash", "-c", f"mkdir -p {dest} && tar -xzf - -C {dest}"],
+            f"unpack into {dest}",
+            stdin=tree_tarball(tree),
+            timeout_s=300.0,
+        )
 
     async def snapshot(self) -> None:
         """Remember the repository as it is now; `diff()` compares against this."""
@@ -328,21 +349,28 @@ class Workspace:
         """Run a bash script (an evaluation script) in a plain shell from the sandbox's root, its
         stderr merged into its stdout as the official harness reads them."""
         name = f"{STATE_DIR}/eval.sh"
-        return await self._exec(["bash", "-c", f"bash {shlex.quote(self._abs(name))} 2>&1"],
-                                files={name: script.encode()}, timeout_s=timeout_s)
+        return await self._exec(
+            ["bash", "-c", f"bash {shlex.quote(self._abs(name))} 2>&1"],
+            files={name: script.encode()},
+            timeout_s=timeout_s,
+        )
 
     async def shell(self, command: str, timeout_s: float, limit_bytes: int = 1 << 20) -> ShellOutput:
         """Run `command` in the persistent shell; its output (stdout and stderr interleaved) is
         cut to `limit_bytes`."""
         state = self._abs(STATE_DIR)
-        result = await self._exec(["bash", "-c", _SHELL, "shell", state, str(limit_bytes)],
-                                  files={f"{STATE_DIR}/cmd.sh": command.encode()}, timeout_s=timeout_s)
+        result = await self._exec(
+            ["bash", "-c", _SHELL, "shell", state, str(limit_bytes)],
+            files={f"{STATE_DIR}/cmd.sh": command.encode()},
+            timeout_s=timeout_s,
+        )
         text = result.stdout.decode(errors="replace")
         mark = _EXIT_LINE.search(text)
         if result.status == Status.TIMEOUT or mark is None:
             partial = await self._exec(["head", "-c", str(limit_bytes), f"{state}/out"])
-            return ShellOutput(partial.stdout.decode(errors="replace"), None,
-                               result.status == Status.TIMEOUT, len(partial.stdout))
+            return ShellOutput(
+                partial.stdout.decode(errors="replace"), None, result.status == Status.TIMEOUT, len(partial.stdout)
+            )
         return ShellOutput(text[: mark.start()], int(mark.group(1)), False, int(mark.group(2)))
 
     async def test_environment(self) -> RunEnvironment:
@@ -357,8 +385,9 @@ class Workspace:
             try:
                 self._test_env = RunEnvironment.model_validate_json(last[0])
             except ValidationError:
-                raise self._fault(ExecResult(status=Status.OK, exit_code=0),
-                                  "the test environment probe printed something else") from None
+                raise self._fault(
+                    ExecResult(status=Status.OK, exit_code=0), "the test environment probe printed something else"
+                ) from None
             if not self._test_env.python.startswith("/"):
                 raise SandboxFailure(f"the test interpreter {self._test_env.python!r} has no absolute path")
         return self._test_env
@@ -369,6 +398,8 @@ class Workspace:
         planted would be a plugin)."""
         python = (await self.test_environment()).python
         state = self._abs(STATE_DIR)
-        script = (f". {state}/env && cd {shlex.quote(self._abs(self.repo))} "
-                  f"&& export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 && {self.task.resolved_test_cmd(python)}")
+        script = (
+            f". {state}/env && cd {shlex.quote(self._abs(self.repo))} "
+            f"&& export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 && {self.task.resolved_test_cmd(python)}"
+        )
         return await self._exec(["bash", "-c", script + " 2>&1"], timeout_s=timeout_s)

@@ -105,8 +105,13 @@ class MetricNames(BaseModel):
 def create_app(runs_dir: Path, token: str | None = None) -> FastAPI:
     """The dashboard app over `runs_dir`; with `token`, every request must carry it."""
     root = RunsRoot(runs_dir)
-    app = FastAPI(title="codeworld dashboard", version="1", docs_url=None, redoc_url=None,
-                  description="Read-only view of the runs in one runs directory.")
+    app = FastAPI(
+        title="codeworld dashboard",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        description="Read-only view of the runs in one runs directory.",
+    )
     _add_run_routes(app, root)
     _add_sample_routes(app, root)
     _add_page_routes(app, root, token)
@@ -142,17 +147,27 @@ def _add_run_routes(app: FastAPI, root: RunsRoot) -> None:
     csv_too = {200: {"content": {"text/csv": {}}, "description": "JSON, or CSV (run,name,step,value)"}}
 
     @app.get("/api/series", response_model=SeriesSet, responses=csv_too)
-    def series(run: Annotated[list[str], Query(min_length=1, max_length=16, description="Run ids.")],
-               name: Annotated[list[str], Query(min_length=1, max_length=256, description="Metric names.")],
-               points: Points = 1000, format: Literal["json", "csv"] = "json") -> Any:
+    def series(
+        run: Annotated[list[str], Query(min_length=1, max_length=16, description="Run ids.")],
+        name: Annotated[list[str], Query(min_length=1, max_length=256, description="Metric names.")],
+        points: Points = 1000,
+        format: Literal["json", "csv"] = "json",
+    ) -> Any:
         out = []
         for run_id in dict.fromkeys(run):
             columns = root.metrics(run_id)
             for metric in dict.fromkeys(name):
                 found = columns.series(metric, points)
                 if found is not None:
-                    out.append(Series(run=run_id, name=metric, steps=found[0], values=found[1],
-                                      total=len(columns.columns[metric][0])))
+                    out.append(
+                        Series(
+                            run=run_id,
+                            name=metric,
+                            steps=found[0],
+                            values=found[1],
+                            total=len(columns.columns[metric][0]),
+                        )
+                    )
         if format == "csv":
             return _csv(out)
         return SeriesSet(series=out)
@@ -164,8 +179,9 @@ def _csv(series: list[Series]) -> Response:
     writer.writerow(["run", "name", "step", "value"])
     for s in series:
         writer.writerows((s.run, s.name, int(step), value) for step, value in zip(s.steps, s.values))
-    return Response(buf.getvalue(), media_type="text/csv",
-                    headers={"Content-Disposition": 'attachment; filename="series.csv"'})
+    return Response(
+        buf.getvalue(), media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="series.csv"'}
+    )
 
 
 def _reader(root: RunsRoot, run: str) -> SampleReader:
@@ -185,14 +201,15 @@ def _add_sample_routes(app: FastAPI, root: RunsRoot) -> None:
         return _reader(root, run).facets()
 
     @app.get("/api/task", response_model=TaskSamples)
-    def task(run: RunId, task_id: Annotated[str, Query(max_length=512, description="A task id.")],
-             limit: Annotated[int, Query(ge=1, le=200, description="Most samples returned.")] = 64
-             ) -> TaskSamples:
+    def task(
+        run: RunId,
+        task_id: Annotated[str, Query(max_length=512, description="A task id.")],
+        limit: Annotated[int, Query(ge=1, le=200, description="Most samples returned.")] = 64,
+    ) -> TaskSamples:
         return TaskSamples(items=_reader(root, run).task(task_id, limit))
 
     @app.get("/api/sample", response_model=SampleRecord)
-    def sample(run: RunId,
-               id: Annotated[str, Query(max_length=128, description="A sample id.")]) -> SampleRecord:
+    def sample(run: RunId, id: Annotated[str, Query(max_length=128, description="A sample id.")]) -> SampleRecord:
         found = _reader(root, run).get(id)
         if found is None:
             raise HTTPException(404, f"Run {run!r} has no sample {id!r}.")
@@ -218,12 +235,16 @@ def _add_page_routes(app: FastAPI, root: RunsRoot, token: str | None) -> None:
             # The starting point is taken before the response starts: whatever a client fetches
             # after the stream has opened cannot miss a row.
             await asyncio.to_thread(_news, root, run_id, offsets, seqs)
-        return StreamingResponse(_stream(request, root, runs, offsets, seqs), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(request, root, runs, offsets, seqs),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
 
 
-async def _stream(request: Request, root: RunsRoot, runs: list[str], offsets: dict[str, Cursor | None],
-                  seqs: dict[str, int | None]) -> AsyncIterator[str]:
+async def _stream(
+    request: Request, root: RunsRoot, runs: list[str], offsets: dict[str, Cursor | None], seqs: dict[str, int | None]
+) -> AsyncIterator[str]:
     """`metrics` events carry rows appended since the stream opened (a client opens the stream
     before fetching the curves, and drops steps it already has), or, `rewound`, the whole file
     when a new or resumed run rewrote it (the client fetches its curves again); `samples` events
@@ -243,8 +264,7 @@ async def _stream(request: Request, root: RunsRoot, runs: list[str], offsets: di
         await asyncio.sleep(EVENT_PERIOD_S)
 
 
-def _news(root: RunsRoot, run_id: str, offsets: dict[str, Cursor | None],
-          seqs: dict[str, int | None]) -> list[str]:
+def _news(root: RunsRoot, run_id: str, offsets: dict[str, Cursor | None], seqs: dict[str, int | None]) -> list[str]:
     events = []
     try:
         offsets[run_id], rows, rewound = root.tail(run_id, offsets[run_id])
@@ -261,8 +281,7 @@ def _news(root: RunsRoot, run_id: str, offsets: dict[str, Cursor | None],
     return events
 
 
-Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-                Awaitable[None]]
+Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
 class Guard:
@@ -286,8 +305,9 @@ class Guard:
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(k.lower().encode(), v.encode())
-                                                                 for k, v in _SECURITY.items()]
+                message["headers"] = list(message["headers"]) + [
+                    (k.lower().encode(), v.encode()) for k, v in _SECURITY.items()
+                ]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -298,8 +318,7 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.token is None:
             if _hostname(headers.get("host", "")) not in LOOPBACK_HOSTS:
-                return 403, ("This dashboard serves only requests to localhost; start it with a token "
-                             "to serve others.")
+                return 403, ("This dashboard serves only requests to localhost; start it with a token to serve others.")
             return None
         offered = [headers.get("authorization", "").removeprefix("Bearer ").strip()]
         offered += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [])
@@ -312,8 +331,10 @@ class Guard:
             offered.append(cookie[COOKIE].value)
         if any(o and secrets.compare_digest(o.encode(), self.token.encode()) for o in offered):
             return None
-        return 401, ("A token is required: open the URL that `codeworld dashboard` printed, or send "
-                     "'Authorization: Bearer <token>'.")
+        return 401, (
+            "A token is required: open the URL that `codeworld dashboard` printed, or send "
+            "'Authorization: Bearer <token>'."
+        )
 
 
 def _hostname(host_header: str) -> str:
@@ -326,7 +347,7 @@ def _hostname(host_header: str) -> str:
 
 _SECURITY = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-                               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",

@@ -109,8 +109,14 @@ def parse_rows(text: str) -> Iterator[tuple[int, dict[str, float]]]:
         except (ValueError, TypeError, KeyError, AttributeError):
             continue
         row.pop("time", None)
-        yield step, {k: float(v) for k, v in row.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        yield (
+            step,
+            {
+                k: float(v)
+                for k, v in row.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            },
+        )
 
 
 class Cursor(NamedTuple):
@@ -188,8 +194,11 @@ class RunsRoot:
                 entries = list(os.scandir(directory))
             except OSError:
                 continue
-            frontier += [(Path(e.path), depth + 1) for e in entries
-                         if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+            frontier += [
+                (Path(e.path), depth + 1)
+                for e in entries
+                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+            ]
         return found
 
     def runs(self) -> dict[str, Path]:
@@ -233,9 +242,14 @@ class RunsRoot:
             except (OSError, ValueError):
                 summary = None  # being written, or not ours: the run is shown without it
         summary = summary if isinstance(summary, dict) else None
-        return RunInfo(id=run_id, steps=columns.last_step, updated=updated,
-                       live=summary is None and time.time() - updated < LIVE_WINDOW_S,
-                       has_samples=_regular(directory / SAMPLES_FILE), summary=summary)
+        return RunInfo(
+            id=run_id,
+            steps=columns.last_step,
+            updated=updated,
+            live=summary is None and time.time() - updated < LIVE_WINDOW_S,
+            has_samples=_regular(directory / SAMPLES_FILE),
+            summary=summary,
+        )
 
     def tail(self, run_id: str, cursor: Cursor | None) -> tuple[Cursor, list[dict[str, Any]], bool]:
         """Complete rows appended since `cursor` (None: none, start from the end now), the new

@@ -72,8 +72,9 @@ class DashboardServer:
         self.host, self.token = host, resolve_token(host, token)
         self.socket = bind(host, port)
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(create_app(runs_dir, self.token), log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            create_app(runs_dir, self.token), log_level="warning", access_log=False, timeout_graceful_shutdown=1
+        )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

@@ -10,8 +10,12 @@ from rl.api.server import DEFAULT_PORT
 def dashboard(
     runs_dir: Path = typer.Argument(Path("runs"), help="Directory holding run directories (or one run)."),
     port: int = typer.Option(DEFAULT_PORT, "--port", help="Port to listen on (a free one when taken)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; other than loopback "
-                             "requires a token ($CODEWORLD_DASHBOARD_TOKEN, else a random one is printed)."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="Address to listen on; other than loopback "
+        "requires a token ($CODEWORLD_DASHBOARD_TOKEN, else a random one is printed).",
+    ),
 ) -> None:
     """Watch runs in a browser: curves, evaluation, sandbox health and a sample browser."""
     from rl.api.server import DashboardServer

@@ -59,8 +59,12 @@ def _field_docs(model: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for field, doc in zip(body, body[1:]):
-            if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
-                    and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+            ):
                 docs[field.target.id] = " ".join(str(doc.value.value).split())
     return docs
 
@@ -119,8 +123,12 @@ async def _episode(cls, params, task, output: str | None) -> dict[str, Any]:
             result = await env.step(Action(text=output, token_ids=[]))
             if result.done:
                 break
-        return {"task_id": task.id, "reward": result.reward, "info": result.info,
-                "error": None if result.reward is not None else "no reward (verifier failure)"}
+        return {
+            "task_id": task.id,
+            "reward": result.reward,
+            "info": result.info,
+            "error": None if result.reward is not None else "no reward (verifier failure)",
+        }
     except Exception as exc:  # one broken sample must not end the whole run: counted as an error
         return {"task_id": task.id, "reward": None, "error": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -145,10 +153,13 @@ async def _run_all(cls, params, jobs: list[tuple[Any, str | None]], concurrency:
 
 
 def _summarise(name: str, rows: list[dict], out: Path | None) -> None:
-    counts = {"env": name, "n": len(rows),
-              "passed": sum(r["reward"] == 1.0 for r in rows),
-              "failed": sum(r["reward"] is not None and r["reward"] < 1.0 for r in rows),
-              "errors": sum(r["reward"] is None for r in rows)}
+    counts = {
+        "env": name,
+        "n": len(rows),
+        "passed": sum(r["reward"] == 1.0 for r in rows),
+        "failed": sum(r["reward"] is not None and r["reward"] < 1.0 for r in rows),
+        "errors": sum(r["reward"] is None for r in rows),
+    }
     if out is not None:
         with out.open("w") as f:
             for row in rows:
@@ -164,10 +175,14 @@ CONCURRENCY = typer.Option(4, "--concurrency", min=1, help="Episodes graded at o
 
 
 @app.command("validate")
-def validate_cmd(name: str = typer.Argument(..., help="Registered environment name."),
-                 data: Optional[Path] = DATA, params: Optional[str] = PARAMS,
-                 out: Optional[Path] = OUT, limit: Optional[int] = LIMIT,
-                 concurrency: int = CONCURRENCY) -> None:
+def validate_cmd(
+    name: str = typer.Argument(..., help="Registered environment name."),
+    data: Optional[Path] = DATA,
+    params: Optional[str] = PARAMS,
+    out: Optional[Path] = OUT,
+    limit: Optional[int] = LIMIT,
+    concurrency: int = CONCURRENCY,
+) -> None:
     """Grade the dataset's own gold answers/solutions with the environment's verifier."""
     import asyncio
 
@@ -190,17 +205,20 @@ def _read_predictions(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict) or "task_id" not in row or not isinstance(row.get("output"), str):
-            _fail(f"Predictions file {path} line {n} is not a JSON object with a task_id and a "
-                  "string output.")
+            _fail(f"Predictions file {path} line {n} is not a JSON object with a task_id and a string output.")
         rows.append(row)
     return rows
 
 
 @app.command("grade")
-def grade_cmd(name: str = typer.Argument(..., help="Registered environment name."),
-              predictions: Path = typer.Option(..., "--predictions", help="JSONL of task_id, output."),
-              data: Optional[Path] = DATA, params: Optional[str] = PARAMS,
-              out: Optional[Path] = OUT, concurrency: int = CONCURRENCY) -> None:
+def grade_cmd(
+    name: str = typer.Argument(..., help="Registered environment name."),
+    predictions: Path = typer.Option(..., "--predictions", help="JSONL of task_id, output."),
+    data: Optional[Path] = DATA,
+    params: Optional[str] = PARAMS,
+    out: Optional[Path] = OUT,
+    concurrency: int = CONCURRENCY,
+) -> None:
     """Grade model outputs (JSONL of `task_id`, `output`) with the environment's verifier."""
     import asyncio
 
@@ -210,6 +228,9 @@ def grade_cmd(name: str = typer.Argument(..., help="Registered environment name.
     tasks = {t.id: t for t in _load(cls, env_params, data)}
     known = [(tasks[p["task_id"]], p["output"]) for p in preds if p["task_id"] in tasks]
     rows = asyncio.run(_run_all(cls, env_params, known, concurrency))
-    rows += [{"task_id": p["task_id"], "reward": None, "error": "unknown task_id"}
-             for p in preds if p["task_id"] not in tasks]
+    rows += [
+        {"task_id": p["task_id"], "reward": None, "error": "unknown task_id"}
+        for p in preds
+        if p["task_id"] not in tasks
+    ]
     _summarise(name, rows, out)

@@ -21,8 +21,14 @@ def init_tiny(
     """Build a randomly initialised Qwen2 model and a locally trained BPE tokenizer."""
     from rl.tiny_model import TinyModelSpec, init_tiny as build
 
-    spec = TinyModelSpec(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-                         vocab_size=vocab_size, seed=seed)
+    spec = TinyModelSpec(
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        vocab_size=vocab_size,
+        seed=seed,
+    )
     n = build(out, spec)
     typer.echo(f"codeworld: wrote a {n / 1e6:.2f} M-parameter Qwen2 model and tokenizer to {out}")

@@ -28,8 +28,11 @@ def train(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
     overrides: list[str] = typer.Argument(None, help="dotted.key=value overrides."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resource plan only."),
-    resume: bool = typer.Option(False, "--resume", help="Resume from the latest checkpoint of run.dir, or from "
-                                "the checkpoint directory given as `--resume PATH`."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Resume from the latest checkpoint of run.dir, or from the checkpoint directory given as `--resume PATH`.",
+    ),
 ) -> None:
     """Run asynchronous RL as configured."""
     from rl.config import ConfigError, load_config
@@ -56,8 +59,10 @@ def train(
         raise typer.Exit(RESUMABLE_EXIT)
     typer.echo(json.dumps(summary.model_dump(mode="json"), indent=2))
     if summary.stopped is not None:
-        typer.echo(f"codeworld: {summary.stopped}; checkpointed. Resume it with: "
-                   f"{_resume_command(config, overrides)}", err=True)
+        typer.echo(
+            f"codeworld: {summary.stopped}; checkpointed. Resume it with: {_resume_command(config, overrides)}",
+            err=True,
+        )
         return
     from rl.api.server import watch_command
 

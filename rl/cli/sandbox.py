@@ -58,8 +58,11 @@ def run(
     result = asyncio.run(go())
     sys.stdout.buffer.write(result.stdout)
     sys.stderr.buffer.write(result.stderr)
-    typer.echo(f"[{result.status.value} exit={result.exit_code} wall={result.wall_s:.3f}s "
-               f"isolation={result.isolation.value if result.isolation else None}] {result.error}", err=True)
+    typer.echo(
+        f"[{result.status.value} exit={result.exit_code} wall={result.wall_s:.3f}s "
+        f"isolation={result.isolation.value if result.isolation else None}] {result.error}",
+        err=True,
+    )
     raise typer.Exit(0 if result.status.value == "ok" else 1)
 
 
@@ -70,8 +73,9 @@ def serve(
     backend: str = typer.Option("docker", help="docker, local or auto."),
     image: str = typer.Option(DEFAULT_IMAGE, help="Sandbox image (docker backend)."),
     size: int = typer.Option(4, help="Warm sandboxes in the pool."),
-    token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token "
-                                              "(default: $CODEWORLD_SANDBOX_TOKEN)."),
+    token_file: Optional[Path] = typer.Option(
+        None, help="File holding the bearer token (default: $CODEWORLD_SANDBOX_TOKEN)."
+    ),
 ) -> None:
     """Serve a sandbox pool over HTTP (bearer token required) for callers outside Ray."""
     import uvicorn
@@ -80,8 +84,9 @@ def serve(
 
     token = token_file.read_text().strip() if token_file else os.environ.get("CODEWORLD_SANDBOX_TOKEN", "")
     if not token:
-        typer.echo("codeworld: set CODEWORLD_SANDBOX_TOKEN or pass --token-file; the service never runs open.",
-                   err=True)
+        typer.echo(
+            "codeworld: set CODEWORLD_SANDBOX_TOKEN or pass --token-file; the service never runs open.", err=True
+        )
         raise typer.Exit(2)
     config = ServerConfig(backend=backend, image=image, size=size, token=token)
     uvicorn.run(create_app(config), host=host, port=port, log_level="info")

@@ -49,9 +49,17 @@ def build_tasks_cmd(
     except ValueError as err:
         _fail(str(err))
     out = out or Path("swe-tasks") / f"{name}-{version}.jsonl"
-    cfg = BuildConfig(package=package, n=n, out=out.resolve(), cache=cache.resolve(), deps=dep, seed=seed,
-                      max_failing=max_failing, max_attempts=max_attempts,
-                      image=None if image == DEFAULT_IMAGE else image)
+    cfg = BuildConfig(
+        package=package,
+        n=n,
+        out=out.resolve(),
+        cache=cache.resolve(),
+        deps=dep,
+        seed=seed,
+        max_failing=max_failing,
+        max_attempts=max_attempts,
+        image=None if image == DEFAULT_IMAGE else image,
+    )
 
     async def run() -> list[Any]:
         from workers.sandbox import SandboxPool
@@ -63,8 +71,17 @@ def build_tasks_cmd(
         tasks = asyncio.run(run())
     except (ValueError, RuntimeError) as err:
         _fail(str(err))
-    typer.echo(json.dumps({"package": package, "requested": n, "built": len(tasks), "out": str(out),
-                           "instance_ids": [t.instance_id for t in tasks]}))
+    typer.echo(
+        json.dumps(
+            {
+                "package": package,
+                "requested": n,
+                "built": len(tasks),
+                "out": str(out),
+                "instance_ids": [t.instance_id for t in tasks],
+            }
+        )
+    )
     if not tasks:
         _fail(f"no mutant of {package} made its tests fail within {max_attempts} attempts.")
 
@@ -113,12 +130,15 @@ def _one_task(data: Path, instance: str, dataset: str) -> Any:
 def build_image_cmd(
     data: Path = typer.Option(..., help="Task file with the instance (SWE-bench JSON array or JSONL)."),
     instance: str = typer.Option(..., help="The instance_id to build an image for."),
-    package: Optional[str] = typer.Option(None, help="The sdist standing in for the repository, "
-                                          "NAME==VERSION; default: the repository's name at its version."),
+    package: Optional[str] = typer.Option(
+        None,
+        help="The sdist standing in for the repository, NAME==VERSION; default: the repository's name at its version.",
+    ),
     dep: list[str] = typer.Option([], help="A requirement of the tests, from PyPI wheels (repeatable)."),
     tag: Optional[str] = typer.Option(None, help="Image name; default: the official one (--image-template)."),
-    image_template: Optional[str] = typer.Option(None, help="Image names as a template, e.g. "
-                                                 "'registry:5000/{name}' (see docs/swe.md)."),
+    image_template: Optional[str] = typer.Option(
+        None, help="Image names as a template, e.g. 'registry:5000/{name}' (see docs/swe.md)."
+    ),
     dataset: str = typer.Option("auto", help="swe-bench, swe-gym, swe-smith or auto."),
     cache: Path = typer.Option(_default_cache(), help="Download cache (sdists, wheels, Debian packages)."),
 ) -> None:
@@ -131,8 +151,14 @@ def build_image_cmd(
         _fail(f"{instance} brings its repository as a tarball; it needs no image of its own.")
     try:
         name = tag or image_for(task, image_template, "--image-template")
-        built = build_instance_image(task, package or f"{task.repo.rsplit('/', 1)[-1]}=={task.version}", dep,
-                                     cache.resolve(), name, echo=lambda line: typer.echo(line, err=True))
+        built = build_instance_image(
+            task,
+            package or f"{task.repo.rsplit('/', 1)[-1]}=={task.version}",
+            dep,
+            cache.resolve(),
+            name,
+            echo=lambda line: typer.echo(line, err=True),
+        )
     except (ValueError, RuntimeError) as err:
         _fail(str(err))
     typer.echo(json.dumps({"instance_id": instance, **built.model_dump()}))
@@ -157,8 +183,9 @@ def pull_cmd(
     try:
         rows = load_swe_tasks(data, dataset)  # type: ignore[arg-type]
         tasks = [t for t in rows if not instance or t.instance_id in instance]
-        images = list(dict.fromkeys(image_for(t, image_template, "--image-template") for t in tasks
-                                    if t.image_resident()))
+        images = list(
+            dict.fromkeys(image_for(t, image_template, "--image-template") for t in tasks if t.image_resident())
+        )
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     policy = ImagePolicy(pull=True, manage=True, budget_gb=budget_gb)
@@ -197,8 +224,13 @@ def grade_cmd(
     if gold == (predictions is not None):
         _fail("give exactly one of --predictions FILE and --gold.")
     try:
-        params = SWEParams(backend=backend, image=image, pool_size=workers,  # type: ignore[arg-type]
-                           image_template=image_template, dataset=dataset)  # type: ignore[arg-type]
+        params = SWEParams(
+            backend=backend,
+            image=image,
+            pool_size=workers,  # type: ignore[arg-type]
+            image_template=image_template,
+            dataset=dataset,
+        )  # type: ignore[arg-type]
         tasks = [t for t in load_swe_tasks(data, params.dataset) if not instance or t.instance_id in instance]
         diffs = {t.instance_id: t.patch for t in tasks} if gold else _read_predictions(predictions)
     except (ValueError, FileNotFoundError) as err:
@@ -209,8 +241,16 @@ def grade_cmd(
     if out is not None:
         out.write_text("".join(json.dumps(r) + "\n" for r in results))
     rewards = [r["reward"] for r in results]
-    typer.echo(json.dumps({"n": len(results), "passed": rewards.count(1.0), "failed": rewards.count(0.0),
-                           "errors": rewards.count(None)}))
+    typer.echo(
+        json.dumps(
+            {
+                "n": len(results),
+                "passed": rewards.count(1.0),
+                "failed": rewards.count(0.0),
+                "errors": rewards.count(None),
+            }
+        )
+    )
     for r in results:
         if r["reward"] is None:
             typer.echo(f"{r['instance_id']}: no verdict: {r['error']}", err=True)
@@ -237,8 +277,7 @@ def _first_error(err: Exception) -> str:
     return str(err)
 
 
-async def _grade_all(tasks: list[Any], diffs: dict[str, str], params: Any,
-                     workers: int) -> list[dict[str, Any]]:
+async def _grade_all(tasks: list[Any], diffs: dict[str, str], params: Any, workers: int) -> list[dict[str, Any]]:
     from envs.swe.env import task_image, task_pool_options, unavailable_message
     from envs.swe.pools import close_shared_pools, release_pool, shared_pool
     from reward.swe import GradeResult, grade_swe
@@ -256,8 +295,13 @@ async def _grade_all(tasks: list[Any], diffs: dict[str, str], params: Any,
                 result = GradeResult(reward=None, error=unavailable_message(task, image_name, err))
             else:
                 try:
-                    result = await grade_swe(task, diffs.get(task.instance_id, ""), pool,
-                                             timeout_s=params.test_timeout_s, memory_mb=params.memory_mb)
+                    result = await grade_swe(
+                        task,
+                        diffs.get(task.instance_id, ""),
+                        pool,
+                        timeout_s=params.test_timeout_s,
+                        memory_mb=params.memory_mb,
+                    )
                 finally:
                     release_pool(pool)
         return {"instance_id": task.instance_id, **result.model_dump()}

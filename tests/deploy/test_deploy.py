@@ -24,10 +24,30 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
 SCRIPTS = sorted([*DEPLOY.rglob("*.sh"), *DEPLOY.rglob("*.sbatch")])
 DOCKERFILES = {  # each with the build context its header documents
-    DEPLOY / "docker" / "Dockerfile.cpu": REPO, DEPLOY / "docker" / "Dockerfile.cuda": REPO,
-    DEPLOY / "local" / "Dockerfile": DEPLOY / "local", DEPLOY / "sandbox" / "Dockerfile": DEPLOY / "sandbox"}
-INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
-                "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+    DEPLOY / "docker" / "Dockerfile.cpu": REPO,
+    DEPLOY / "docker" / "Dockerfile.cuda": REPO,
+    DEPLOY / "local" / "Dockerfile": DEPLOY / "local",
+    DEPLOY / "sandbox" / "Dockerfile": DEPLOY / "sandbox",
+}
+INSTRUCTIONS = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 
 
 def test_every_deploy_file_is_checked_here() -> None:
@@ -47,15 +67,22 @@ def test_the_ray_cluster_config_passes_rays_own_validation() -> None:
     config = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
     _ray_up_config(config)
     assert config["docker"]["image"].endswith("codeworld-cuda:latest")
-    for key, value in (("docker", {**config["docker"], "imag": "x"}), ("max_worker", 2),
-                       ("head_start_ray_command", ["ray start --head"])):
+    for key, value in (
+        ("docker", {**config["docker"], "imag": "x"}),
+        ("max_worker", 2),
+        ("head_start_ray_command", ["ray start --head"]),
+    ):
         with pytest.raises(jsonschema.ValidationError, match="was unexpected"):  # a mistyped key
             _ray_up_config({**config, key: value})
 
 
 def _manifests() -> list[tuple[str, dict]]:
-    return [(f"{p.name}#{i}", doc) for p in sorted(DEPLOY.glob("k8s/*.yaml"))
-            for i, doc in enumerate(yaml.safe_load_all(p.read_text())) if doc is not None]
+    return [
+        (f"{p.name}#{i}", doc)
+        for p in sorted(DEPLOY.glob("k8s/*.yaml"))
+        for i, doc in enumerate(yaml.safe_load_all(p.read_text()))
+        if doc is not None
+    ]
 
 
 @pytest.mark.parametrize("where, doc", _manifests(), ids=[w for w, _ in _manifests()])
@@ -79,11 +106,13 @@ def load_config_text(text: str) -> None:
 def test_mistyped_kuberay_fields_fail() -> None:
     cluster = next(doc for _, doc in _manifests() if doc["kind"] == "RayCluster")
     schema = SCHEMAS[("ray.io/v1", "RayCluster")]
-    for path, value in ((["spec", "workerGroupSpec"], []), (["spec", "headGroupSpec", "rayStartParams", "num-cpus"], 8),
-                        (["spec", "workerGroupSpecs", 0, "replica"], 2),
-                        (["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resource"], {}),
-                        (["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources", "limits",
-                          "memory"], "lots")):
+    for path, value in (
+        (["spec", "workerGroupSpec"], []),
+        (["spec", "headGroupSpec", "rayStartParams", "num-cpus"], 8),
+        (["spec", "workerGroupSpecs", 0, "replica"], 2),
+        (["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resource"], {}),
+        (["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources", "limits", "memory"], "lots"),
+    ):
         bad = copy.deepcopy(cluster)
         node = bad
         for part in path[:-1]:
@@ -117,7 +146,7 @@ def test_dockerfiles_are_well_formed(dockerfile: Path) -> None:
     words = [w for w, _ in steps]
     assert set(words) <= INSTRUCTIONS, f"unknown or lower-case instructions: {set(words) - INSTRUCTIONS}"
     assert words[0] in ("FROM", "ARG") and "FROM" in words
-    before_from = {a.split("=")[0] for w, a in steps[:words.index("FROM")] if w == "ARG"}
+    before_from = {a.split("=")[0] for w, a in steps[: words.index("FROM")] if w == "ARG"}
     for word, args in steps:
         if word == "FROM":
             assert set(re.findall(r"\$\{(\w+)\}", args)) <= before_from, args

@@ -20,12 +20,25 @@ from typing import Any
 
 from websockets.sync.client import connect
 
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--disable-default-apps", "--disable-domain-reliability",
-         "--disable-client-side-phishing-detection", "--metrics-recording-only", "--mute-audio",
-         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--remote-debugging-port=0",
-         "--remote-allow-origins=*"]
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-default-apps",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--metrics-recording-only",
+    "--mute-audio",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+    "--remote-debugging-port=0",
+    "--remote-allow-origins=*",
+]
 
 
 def chromium_path() -> str | None:
@@ -38,8 +51,7 @@ class Chromium:
     def __init__(self, profile: Path, width: int = 1440, height: int = 1000) -> None:
         exe = chromium_path()
         if exe is None:
-            raise RuntimeError("Chromium is not installed: `make test` installs it "
-                               "(apt-get install chromium).")
+            raise RuntimeError("Chromium is not installed: `make test` installs it (apt-get install chromium).")
         args = [exe, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = profile / "DevToolsActivePort"
@@ -52,13 +64,11 @@ class Chromium:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as res:
             page = next(t for t in json.load(res) if t["type"] == "page")
         self._stack = contextlib.ExitStack()
-        self.ws = self._stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20,
-                                                    open_timeout=20))
+        self.ws = self._stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=64 * 2**20, open_timeout=20))
         self._ids = itertools.count(1)
         self.call("Runtime.enable")
         self.call("Page.enable")
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                  mobile=False)
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
         self.console: list[str] = []
 
     def call(self, method: str, timeout: float = 60, **params: Any) -> dict[str, Any]:
@@ -80,8 +90,9 @@ class Chromium:
 
     def js(self, expression: str, timeout: float = 60) -> Any:
         """The value of a JavaScript expression in the page (promises are awaited)."""
-        got = self.call("Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True,
-                        returnByValue=True)
+        got = self.call(
+            "Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True, returnByValue=True
+        )
         if "exceptionDetails" in got:
             raise RuntimeError(f"page error: {got['exceptionDetails']}")
         return got["result"].get("value")
@@ -98,8 +109,9 @@ class Chromium:
             if value:
                 return value
             time.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what or expression} (last error: {error}); "
-                             f"console: {self.console[-5:]}")
+        raise AssertionError(
+            f"timed out waiting for {what or expression} (last error: {error}); console: {self.console[-5:]}"
+        )
 
     def screenshot(self, path: Path) -> None:
         got = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)

@@ -87,9 +87,7 @@ async def step_reached(run_dir: Path, step: int, within_s: float = 900) -> None:
     raise TimeoutError(f"the run never reached step {step}")
 
 
-def run_with_fault(
-    cfg: Config, fault: Callable[[], Awaitable[None]], resume: str | None = None
-) -> RunSummary:
+def run_with_fault(cfg: Config, fault: Callable[[], Awaitable[None]], resume: str | None = None) -> RunSummary:
     async def both() -> RunSummary:
         killer = asyncio.ensure_future(fault())
         try:
@@ -105,13 +103,8 @@ def run_with_fault(
 
 def print_recovery(fault: str, run_dir: Path, killed_at: float) -> None:
     """Seconds from the kill to the next learner step (bench/recovery.py measures the same)."""
-    row = next(
-        r for r in read_rows(run_dir / "metrics.jsonl") if "train/version" in r and r["time"] > killed_at
-    )
-    print(
-        f"recovery [{fault}]: {row['time'] - killed_at:.1f} s from the kill "
-        f"to the next learner step ({row['step']})"
-    )
+    row = next(r for r in read_rows(run_dir / "metrics.jsonl") if "train/version" in r and r["time"] > killed_at)
+    print(f"recovery [{fault}]: {row['time'] - killed_at:.1f} s from the kill to the next learner step ({row['step']})")
 
 
 def check_accounts(run_dir: Path, summary: RunSummary, steps: int) -> dict[str, int]:
@@ -120,9 +113,7 @@ def check_accounts(run_dir: Path, summary: RunSummary, steps: int) -> dict[str, 
     assert summary.steps == steps and summary.stopped is None, summary
     lines = read_ledger(run_dir / "ledger.jsonl")
     ids = collections.Counter(line.id for line in lines)
-    assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1][
-        :5
-    ]  # one fate per id, so none trained twice
+    assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1][:5]  # one fate per id, so none trained twice
     entries = [line.entry for line in lines if line.entry is not None]
     assert len(entries) == len(set(entries)) == summary.bus_published, (len(entries), summary.bus_published)
     t = summary.ledger
@@ -152,15 +143,15 @@ def test_engine_process_killed_mid_run_is_restarted(
     assert killed and summary.faults["engine_restarts"] >= 1, summary.faults
 
 
-
 def test_engine_killed_under_the_broadcast_transport_is_restarted_and_rejoins_the_transfer_group(
     tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
 ) -> None:
     # There is no weights file to load a new engine from: it must join the transfer group afresh
     # and be pushed the served weights before it generates, without the learner waiting
     # `weights.timeout_s` for the dead one (it once did).
-    cfg = chaos_config(tmp_path, tiny_model, "chaos-engine-broadcast", 6, f"bus.redis_url={redis_url}",
-                       "weights.transport=broadcast")
+    cfg = chaos_config(
+        tmp_path, tiny_model, "chaos-engine-broadcast", 6, f"bus.redis_url={redis_url}", "weights.transport=broadcast"
+    )
     began, killed = time.time(), []
     summary = run_with_fault(cfg, lambda: kill_the_engine(cfg.run.dir, began, killed))
     check_accounts(cfg.run.dir, summary, 6)
@@ -206,9 +197,7 @@ def test_engine_that_stops_answering_is_named_dumped_and_restarted(
     dumps = sorted(cfg.run.dir.glob("hang-*.json"))
     assert dumps, "no state dump was written"
     dump = json.loads(dumps[0].read_text())
-    assert dump["what"] == "engine 0: generate" or dump["what"].startswith("engine 0: weight push v"), dump[
-        "what"
-    ]
+    assert dump["what"] == "engine 0: generate" or dump["what"].startswith("engine 0: weight push v"), dump["what"]
     assert dump["deadline_s"] == deadline
     waited = dump["time"] - stopped_at[0]
     assert waited <= deadline + 10, f"the hang was named {waited:.1f} s after the engine stopped"
@@ -221,8 +210,16 @@ def test_engine_that_stops_answering_is_named_dumped_and_restarted(
 
 # ----------------------------------------------------------------------------------------- learner
 def two_rank_run(tmp_path: Path, tiny_model: str, redis_url: str, name: str, *extra: str) -> Config:
-    return chaos_config(tmp_path, tiny_model, name, 6, f"bus.redis_url={redis_url}", "learner.world_size=2",
-                        "faults.learner_call_s=120", *extra)
+    return chaos_config(
+        tmp_path,
+        tiny_model,
+        name,
+        6,
+        f"bus.redis_url={redis_url}",
+        "learner.world_size=2",
+        "faults.learner_call_s=120",
+        *extra,
+    )
 
 
 async def kill_a_rank(run_dir: Path, after_step: int, killed: list[float]) -> None:
@@ -255,6 +252,7 @@ def test_learner_rank_killed_before_any_checkpoint_stops_resumably_with_its_reas
     with pytest.raises(StopResumable, match="no checkpoint to rebuild it from yet"):
         run_with_fault(cfg, lambda: kill_a_rank(cfg.run.dir, 1, []))
 
+
 # ----------------------------------------------------------------------------------------- redis
 def test_private_redis_server_killed_mid_run_comes_back_on_its_append_only_file(
     tmp_path: Path, tiny_model: str, ray_session: None
@@ -267,9 +265,7 @@ def test_private_redis_server_killed_mid_run_comes_back_on_its_append_only_file(
         await step_reached(cfg.run.dir, 2)
         # redis-server rewrites its command line; its working directory is its `--dir`.
         [server] = [
-            p
-            for p in our_processes("redis-server", began)
-            if p.cwd() == os.path.realpath(cfg.run.dir / "redis")
+            p for p in our_processes("redis-server", began) if p.cwd() == os.path.realpath(cfg.run.dir / "redis")
         ]
         server.send_signal(signal.SIGKILL)
         killed.append(time.time())
@@ -277,9 +273,7 @@ def test_private_redis_server_killed_mid_run_comes_back_on_its_append_only_file(
     summary = run_with_fault(cfg, kill_redis)
     check_accounts(cfg.run.dir, summary, 6)
     print_recovery("redis-server", cfg.run.dir, killed[0])
-    assert killed and summary.faults["redis_restarts"] == 1 and summary.faults["bus_reconnects"] >= 1, (
-        summary.faults
-    )
+    assert killed and summary.faults["redis_restarts"] == 1 and summary.faults["bus_reconnects"] >= 1, summary.faults
 
 
 # ----------------------------------------------------------------------------------------- docker
@@ -371,9 +365,7 @@ def test_slow_groups_keep_the_in_flight_budget_for_fifty_steps(
     summary = asyncio.run(run_training(cfg))
     reasons = check_accounts(cfg.run.dir, summary, 50)
     assert reasons.get("stale", 0) >= 2 * 5, reasons  # slow groups did go stale, again and again
-    budget = [
-        r["buffer/outstanding_max"] for r in read_rows(cfg.run.dir / "metrics.jsonl") if "train/version" in r
-    ]
+    budget = [r["buffer/outstanding_max"] for r in read_rows(cfg.run.dir / "metrics.jsonl") if "train/version" in r]
     assert budget == [(staleness + 1) * batch] * 50, budget
 
 

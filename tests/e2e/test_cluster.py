@@ -54,15 +54,21 @@ def cluster(tiny_model: str) -> Iterator[dict[str, str]]:
     name = f"cwtest{os.getpid()}"
     env = {**os.environ, "CODEWORLD_CODE": str(REPO), "CODEWORLD_VENV": sys.prefix}
     try:
-        up = subprocess.run(["bash", str(SCRIPT), "up", "--name", name, "--workers", "2", "--sandboxes",
-                             "--mount", tiny_model], env=env, capture_output=True, text=True, timeout=1200)
+        up = subprocess.run(
+            ["bash", str(SCRIPT), "up", "--name", name, "--workers", "2", "--sandboxes", "--mount", tiny_model],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert up.returncode == 0, up.stderr[-3000:]
         info = dict(line.split("=", 1) for line in up.stdout.splitlines() if "=" in line)
         yield info | {"name": name}
     finally:
         subprocess.run(["bash", str(SCRIPT), "down", "--name", name], env=env, capture_output=True, timeout=300)
-        left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=codeworld.cluster={name}"],
-                              capture_output=True, text=True).stdout.split()
+        left = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=codeworld.cluster={name}"], capture_output=True, text=True
+        ).stdout.split()
         assert not left, f"containers of the test cluster are left: {left}"
 
 
@@ -77,8 +83,22 @@ def job_dir(tmp_path_factory: pytest.TempPathFactory, cluster: dict[str, str], t
 
 def submit(cluster: dict[str, str], job_dir: Path, *entrypoint: str) -> tuple[bool, str]:
     """`ray job submit` from this machine; whether the job succeeded, and its output."""
-    out = subprocess.run([str(RAY), "job", "submit", "--address", cluster["RAY_ADDRESS"], "--working-dir",
-                          str(job_dir), "--", *entrypoint], capture_output=True, text=True, timeout=1500)
+    out = subprocess.run(
+        [
+            str(RAY),
+            "job",
+            "submit",
+            "--address",
+            cluster["RAY_ADDRESS"],
+            "--working-dir",
+            str(job_dir),
+            "--",
+            *entrypoint,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     text = out.stdout + out.stderr
     return "succeeded" in text and out.returncode == 0, text
 
@@ -104,21 +124,25 @@ def test_dry_run_plans_on_the_live_nodes_and_refuses_impossible_plans(cluster, j
     assert not any("learner rank" in a and "engine" in a for a in actors_of), actors_of
     assert "weights: broadcast (weights.transport auto)" in out
     before = actors(cluster)
-    for override, key in (("learner.world_size=4", "placement.learner: spread puts each of learner.world_size (4)"),
-                          ("rollout.kv_cache_gib=200", "rollout.kv_cache_gib: an engine needs")):
+    for override, key in (
+        ("learner.world_size=4", "placement.learner: spread puts each of learner.world_size (4)"),
+        ("rollout.kv_cache_gib=200", "rollout.kv_cache_gib: an engine needs"),
+    ):
         ok, out = submit(cluster, job_dir, "codeworld", "train", "train.yaml", bus, override, "--dry-run")
         assert not ok and f"codeworld: {key}" in out, out[-3000:]
     assert actors(cluster) == before, "an impossible plan must fail before any actor starts"
 
 
-def test_training_across_nodes_matches_a_plain_synchronous_loop(cluster, job_dir, tiny_model: str,
-                                                                tmp_path: Path) -> None:
+def test_training_across_nodes_matches_a_plain_synchronous_loop(
+    cluster, job_dir, tiny_model: str, tmp_path: Path
+) -> None:
     from test_train_loop import reference_loop  # the staleness-0 test's reference, same tolerances
 
-    ok, out = submit(cluster, job_dir, "codeworld", "train", "train.yaml",
-                     f"bus.redis_url={cluster['CODEWORLD_REDIS_URL']}")
+    ok, out = submit(
+        cluster, job_dir, "codeworld", "train", "train.yaml", f"bus.redis_url={cluster['CODEWORLD_REDIS_URL']}"
+    )
     assert ok, out[-6000:]
-    summary = json.loads(out[out.index("{\n"):out.index("\n}") + 2])
+    summary = json.loads(out[out.index("{\n") : out.index("\n}") + 2])
     assert summary["steps"] == 3 and summary["dropped"]["no_reward"] == 0
     run = tmp_path / "run"
     subprocess.run(["docker", "cp", f"{cluster['name']}-head:/tmp/cw-run", str(run)], check=True)
@@ -139,8 +163,9 @@ def test_training_across_nodes_matches_a_plain_synchronous_loop(cluster, job_dir
     norms = [r["train/grad_norm"] for r in rows]
     assert norms[0] == pytest.approx(ref_norms[0], rel=1e-5) and norms[1:] == pytest.approx(ref_norms[1:], rel=1e-3)
     # Sandboxes ran on every node (the driver's node first, the overflow elsewhere), counted per node.
-    nodes = {k.split("/")[1] for r in rows for k, v in r.items()
-             if k.startswith("sandbox/") and k.endswith("/runs") and v}
+    nodes = {
+        k.split("/")[1] for r in rows for k, v in r.items() if k.startswith("sandbox/") and k.endswith("/runs") and v
+    }
     assert len(nodes) == 3, nodes
     assert max(r["train/mismatch_abs"] for r in rows) <= 1e-5  # learner vs sampler after cross-node pushes
 

@@ -66,27 +66,49 @@ def _watch_live(browser: Chromium, port: int, run_dir: Path, seen: dict[str, Any
         before = _reward_points(browser)
         events = browser.js("cwDash.liveEvents()")
         browser.wait_for(f"cwDash.liveEvents() > {events}", deadline_s, "a live update")
-        browser.wait_for(f"(cwDash.charts().find(c => c.key === 'reward') || {{points: {{}}}})"
-                         f".points.arithmetic > {before}", 60, "the reward chart to grow")
-        seen.update(before=before, after=_reward_points(browser),
-                    reloaded=not browser.js("window.loadedOnce === true"),
-                    still_training=not (run_dir / "summary.json").exists())
+        browser.wait_for(
+            f"(cwDash.charts().find(c => c.key === 'reward') || {{points: {{}}}}).points.arithmetic > {before}",
+            60,
+            "the reward chart to grow",
+        )
+        seen.update(
+            before=before,
+            after=_reward_points(browser),
+            reloaded=not browser.js("window.loadedOnce === true"),
+            still_training=not (run_dir / "summary.json").exists(),
+        )
     except BaseException as err:  # noqa: BLE001 - reported by the main thread
         seen["error"] = err
 
 
-def test_dashboard_follows_a_real_run(tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None,
-                                      capfd: pytest.CaptureFixture[str]) -> None:
+def test_dashboard_follows_a_real_run(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None, capfd: pytest.CaptureFixture[str]
+) -> None:
     assert chromium_path() is not None, NO_CHROMIUM
     port, run_dir = _free_port(), tmp_path / "runs" / "dash"
-    cfg = load_config(None, [
-        "run.name=dash", f"run.dir={run_dir}", f"run.steps={STEPS}", f"model.path={tiny_model}",
-        "rollout.max_tokens=8", "rollout.max_model_len=128", "algorithm.group_size=4",
-        "algorithm.batch_size=4", "algorithm.filter_zero_variance=false", "learner.world_size=1",
-        "envs=[{name: arithmetic}]",
-        f"eval.every={EVAL_EVERY}", "eval.sets=[{env: arithmetic, n: 8, pass_k: 2}]",
-        "logging.samples.train_share=0.5", "logging.progress=false", "logging.trackers=[]",
-        f"logging.dashboard.port={port}", f"bus.redis_url={redis_url}"])
+    cfg = load_config(
+        None,
+        [
+            "run.name=dash",
+            f"run.dir={run_dir}",
+            f"run.steps={STEPS}",
+            f"model.path={tiny_model}",
+            "rollout.max_tokens=8",
+            "rollout.max_model_len=128",
+            "algorithm.group_size=4",
+            "algorithm.batch_size=4",
+            "algorithm.filter_zero_variance=false",
+            "learner.world_size=1",
+            "envs=[{name: arithmetic}]",
+            f"eval.every={EVAL_EVERY}",
+            "eval.sets=[{env: arithmetic, n: 8, pass_k: 2}]",
+            "logging.samples.train_share=0.5",
+            "logging.progress=false",
+            "logging.trackers=[]",
+            f"logging.dashboard.port={port}",
+            f"bus.redis_url={redis_url}",
+        ],
+    )
     browser = Chromium(tmp_path / "chromium")
     try:
         seen: dict[str, Any] = {}
@@ -119,18 +141,20 @@ def _check_finished_run(browser: Chromium, runs: Path, run_dir: Path) -> None:
 
         # The held-out curves beside the train reward, one point per evaluation, the rest in their tab.
         evaluated = len({0, *range(EVAL_EVERY, STEPS + 1, EVAL_EVERY), STEPS})
-        assert _chart(browser, "heldout")["points"] == {"arithmetic greedy": evaluated,
-                                                        "arithmetic pass_at_2": evaluated}
+        assert _chart(browser, "heldout")["points"] == {
+            "arithmetic greedy": evaluated,
+            "arithmetic pass_at_2": evaluated,
+        }
         browser.js("cwDash.showTab('evaluation')")
         browser.wait_for("cwDash.charts().some(c => c.key === 'eval-sampled_mean')", 30, "the evaluation tab")
         assert _chart(browser, "eval-sampled_mean")["points"] == {"arithmetic": evaluated}
 
         browser.js("document.querySelector('nav button[data-tab=samples]').click()")
-        browser.wait_for("document.querySelectorAll('#sample-table tbody tr').length > 0", 30,
-                         "the sample list")
+        browser.wait_for("document.querySelectorAll('#sample-table tbody tr').length > 0", 30, "the sample list")
         browser.js("document.querySelector('#sample-table tbody tr').click()")
-        shown_id = browser.wait_for("document.querySelector('#sample-detail dd') && "
-                                    "document.querySelector('#sample-detail dd').textContent", 30)
+        shown_id = browser.wait_for(
+            "document.querySelector('#sample-detail dd') && document.querySelector('#sample-detail dd').textContent", 30
+        )
         shown = browser.js("document.querySelector('#sample-detail pre.completion').textContent")
         with sqlite3.connect(run_dir / "samples.db") as db:
             body = json.loads(db.execute("SELECT body FROM samples WHERE id = ?", (shown_id,)).fetchone()[0])
@@ -144,16 +168,28 @@ def _check_finished_run(browser: Chromium, runs: Path, run_dir: Path) -> None:
 def _long_run(run_dir: Path, steps: int) -> None:
     """A run of `steps` steps with the metric rows a real step writes (one row made by the real
     code, its values varied per step) and a full sample store."""
-    trajs = [Trajectory(id=f"x{i}", run_id="long", env=("arithmetic", "math")[i % 2], task_id=f"t{i}",
-                        group_id="g", group_size=8, prompt_ids=np.arange(40), completion_ids=np.arange(60),
-                        loss_mask=np.ones(60), sampler_logprobs=np.zeros(60), policy_versions=np.zeros(60),
-                        reward=float(i % 3 == 0))
-             for i in range(8)]
-    learner = {"loss": 0.1, "entropy": 1.0, "clip_frac": 0.01, "mismatch_kl": 1e-4, "grad_norm": 0.5,
-               "tokens": 1000}
+    trajs = [
+        Trajectory(
+            id=f"x{i}",
+            run_id="long",
+            env=("arithmetic", "math")[i % 2],
+            task_id=f"t{i}",
+            group_id="g",
+            group_size=8,
+            prompt_ids=np.arange(40),
+            completion_ids=np.arange(60),
+            loss_mask=np.ones(60),
+            sampler_logprobs=np.zeros(60),
+            policy_versions=np.zeros(60),
+            reward=float(i % 3 == 0),
+        )
+        for i in range(8)
+    ]
+    learner = {"loss": 0.1, "entropy": 1.0, "clip_frac": 0.01, "mismatch_kl": 1e-4, "grad_norm": 0.5, "tokens": 1000}
     timing = {"train_s": 0.5, "sync_s": 0.1, "wait_s": 0.2, "step_s": 0.8, "elapsed_s": 1.0}
-    template = step_metrics(trajs, learner, version=1, dropped={"stale": 0, "no_reward": 0},
-                            tokens_per_s=1000.0, timing=timing)
+    template = step_metrics(
+        trajs, learner, version=1, dropped={"stale": 0, "no_reward": 0}, tokens_per_s=1000.0, timing=timing
+    )
     writer = MetricsWriter(run_dir, [])
     samples = SamplesSection(train_share=1.0, max_samples=20000)
     store = SampleStore(run_dir, samples, lambda ids: "7" * len(ids))
@@ -185,11 +221,12 @@ def test_a_ten_thousand_step_run_loads_quickly(tmp_path: Path) -> None:
         labels = ("arithmetic", "math", "all")
         assert reward == {f"{label}{raw}": 1000 for label in labels for raw in ("", " (raw)")}
         browser.js("document.querySelector('nav button[data-tab=samples]').click()")
-        browser.wait_for("document.querySelectorAll('#sample-table tbody tr').length === 50", 30,
-                         "a page of samples")
+        browser.wait_for("document.querySelectorAll('#sample-table tbody tr').length === 50", 30, "a page of samples")
         samples_s = time.perf_counter() - start - loaded_s
-        print(f"10 000-step run: training tab drawn in {loaded_s:.2f} s, first page of 20 000 samples "
-              f"in {samples_s:.2f} s")
+        print(
+            f"10 000-step run: training tab drawn in {loaded_s:.2f} s, first page of 20 000 samples "
+            f"in {samples_s:.2f} s"
+        )
         assert loaded_s < 10 and samples_s < 5
     finally:
         browser.close()

@@ -11,15 +11,30 @@ from rl.orchestrator import load_recorded, run_training
 FAMILIES = ["math", "arithmetic", "humaneval", "mbpp", "self_debug", "exec_trace"]
 
 
-def test_math_code_selfdebug_and_trace_envs_train_in_the_loop(tmp_path: Path, tiny_model: str, redis_url: str,
-                                                             ray_session: None) -> None:
+def test_math_code_selfdebug_and_trace_envs_train_in_the_loop(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
     envs = ", ".join(f"{{name: {name}}}" for name in FAMILIES)
-    cfg = load_config(None, [
-        "run.name=families", f"run.dir={tmp_path / 'run'}", "run.steps=2", "run.record_batches=true",
-        f"model.path={tiny_model}", "rollout.max_tokens=24", "rollout.max_model_len=2048",
-        "algorithm.group_size=2", "algorithm.batch_size=24", "algorithm.filter_zero_variance=false",
-        "algorithm.max_staleness=0",  # the learner waits for every admitted group, slow families too
-        "logging.trackers=[]", "logging.progress=false", f"bus.redis_url={redis_url}", f"envs=[{envs}]"])
+    cfg = load_config(
+        None,
+        [
+            "run.name=families",
+            f"run.dir={tmp_path / 'run'}",
+            "run.steps=2",
+            "run.record_batches=true",
+            f"model.path={tiny_model}",
+            "rollout.max_tokens=24",
+            "rollout.max_model_len=2048",
+            "algorithm.group_size=2",
+            "algorithm.batch_size=24",
+            "algorithm.filter_zero_variance=false",
+            "algorithm.max_staleness=0",  # the learner waits for every admitted group, slow families too
+            "logging.trackers=[]",
+            "logging.progress=false",
+            f"bus.redis_url={redis_url}",
+            f"envs=[{envs}]",
+        ],
+    )
     summary = asyncio.run(run_training(cfg))
     assert summary.steps == 2
     seen = collections.Counter()
@@ -30,6 +45,10 @@ def test_math_code_selfdebug_and_trace_envs_train_in_the_loop(tmp_path: Path, ti
     assert set(seen) == set(FAMILIES), (seen, summary.dropped)
     # self_debug is multi-turn: environment tokens (test feedback) sit between model turns
     # whenever the first attempt failed, which a random model's code always does.
-    multi = [t for s in (1, 2) for t in load_recorded(cfg.run.dir / "batches" / f"step_{s:06d}.msgpack")
-             if t.env == "self_debug"]
+    multi = [
+        t
+        for s in (1, 2)
+        for t in load_recorded(cfg.run.dir / "batches" / f"step_{s:06d}.msgpack")
+        if t.env == "self_debug"
+    ]
     assert any((t.loss_mask == 0).any() for t in multi)

@@ -23,12 +23,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def sync_config(tmp_path: Path, model: str, redis_url: str, steps: int):
-    return load_config(None, [
-        "run.name=sync0", f"run.dir={tmp_path / 'run'}", f"run.steps={steps}", "run.record_batches=true",
-        f"model.path={model}", "rollout.max_tokens=8", "rollout.max_model_len=128",
-        "algorithm.group_size=4", "algorithm.batch_size=4", "algorithm.max_staleness=0",
-        "learner.world_size=2", "learner.lr=0.01", "logging.trackers=[]", "logging.progress=false",
-        "envs=[{name: test-reply-length}]", f"bus.redis_url={redis_url}"])
+    return load_config(
+        None,
+        [
+            "run.name=sync0",
+            f"run.dir={tmp_path / 'run'}",
+            f"run.steps={steps}",
+            "run.record_batches=true",
+            f"model.path={model}",
+            "rollout.max_tokens=8",
+            "rollout.max_model_len=128",
+            "algorithm.group_size=4",
+            "algorithm.batch_size=4",
+            "algorithm.max_staleness=0",
+            "learner.world_size=2",
+            "learner.lr=0.01",
+            "logging.trackers=[]",
+            "logging.progress=false",
+            "envs=[{name: test-reply-length}]",
+            f"bus.redis_url={redis_url}",
+        ],
+    )
 
 
 def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -45,11 +60,18 @@ def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, 
         groups = collections.defaultdict(list)
         for t in trajs:
             groups[t.group_id].append(t)
-        samples = [TrainSample(input_ids=np.concatenate([t.prompt_ids, t.completion_ids]),
-                               prompt_len=len(t.prompt_ids), loss_mask=t.loss_mask,
-                               sampler_logprobs=t.sampler_logprobs, advantage=a)
-                   for g in groups.values() if len({t.reward for t in g}) > 1
-                   for t, a in zip(g, group_advantages([t.reward for t in g], True))]
+        samples = [
+            TrainSample(
+                input_ids=np.concatenate([t.prompt_ids, t.completion_ids]),
+                prompt_len=len(t.prompt_ids),
+                loss_mask=t.loss_mask,
+                sampler_logprobs=t.sampler_logprobs,
+                advantage=a,
+            )
+            for g in groups.values()
+            if len({t.reward for t in g}) > 1
+            for t, a in zip(g, group_advantages([t.reward for t in g], True))
+        ]
         total = sum(int(s.loss_mask.sum()) for s in samples)
         if not samples:  # the learner skips a step whose groups all had equal rewards
             norms.append(None)
@@ -57,8 +79,16 @@ def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, 
         opt.zero_grad()
         for mb in micro_batches(samples, cfg.learner.micro_batch_tokens):
             logp, _ = token_logprobs(model(**mb.model_inputs()).logits[0], mb.targets, 1.0)
-            inputs = LossInputs(logp=logp, prox=logp.detach(), sampler=mb.sampler, advantages=mb.advantages,
-                                mask=mb.mask, weights=torch.full_like(mb.mask, 1 / total), seq=mb.seq, ages=mb.ages)
+            inputs = LossInputs(
+                logp=logp,
+                prox=logp.detach(),
+                sampler=mb.sampler,
+                advantages=mb.advantages,
+                mask=mb.mask,
+                weights=torch.full_like(mb.mask, 1 / total),
+                seq=mb.seq,
+                ages=mb.ages,
+            )
             policy_loss(inputs, cfg.algorithm).loss_sum.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.learner.grad_clip)))
         opt.step()
@@ -66,8 +96,9 @@ def reference_loop(model_dir: str, batches: list[list], cfg) -> tuple[dict[str, 
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_staleness_zero_matches_a_plain_synchronous_loop(tmp_path: Path, tiny_model: str, redis_url: str,
-                                                         ray_session: None, world_size: int) -> None:
+def test_staleness_zero_matches_a_plain_synchronous_loop(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None, world_size: int
+) -> None:
     steps = 3
     cfg = sync_config(tmp_path, tiny_model, redis_url, steps)
     cfg.learner.world_size = world_size
@@ -88,8 +119,10 @@ def test_staleness_zero_matches_a_plain_synchronous_loop(tmp_path: Path, tiny_mo
     far = sum(int(((got[k] - ref[k]).abs() > 0.1 * cfg.learner.lr).sum()) for k in initial)
     numel = sum(v.numel() for v in initial.values())
     mean = sum(float((got[k] - ref[k]).abs().sum()) for k in initial) / numel
-    print(f"world_size {world_size}: max |weight diff| vs plain loop = {diff:.2e}, {off} of {numel} elements "
-          f"over 1e-6, {far} over 0.1*lr, mean {mean:.1e} (weights moved up to {moved:.2e})")
+    print(
+        f"world_size {world_size}: max |weight diff| vs plain loop = {diff:.2e}, {off} of {numel} elements "
+        f"over 1e-6, {far} over 0.1*lr, mean {mean:.1e} (weights moved up to {moved:.2e})"
+    )
     rows = (cfg.run.dir / "metrics.jsonl").read_text().splitlines()
     # AdamW is blind to a gradient's scale: the pre-clip gradient norm catches scaling errors.
     # Step 1 starts from identical weights; later steps start from weights that two ranks already
@@ -125,10 +158,25 @@ def test_ctrl_c_stops_everything_it_started(tmp_path: Path, tiny_model: str) -> 
     before = _service_pids()
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"), f"model.path={tiny_model}",
-         f"run.dir={run_dir}", "run.name=ctrlc", "run.steps=1000", "eval.sets=[]", "algorithm.batch_size=4",
-         "logging.progress=false"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=False)
+        [
+            sys.executable,
+            "-m",
+            "rl.cli",
+            "train",
+            str(REPO / "examples/demo.yaml"),
+            f"model.path={tiny_model}",
+            f"run.dir={run_dir}",
+            "run.name=ctrlc",
+            "run.steps=1000",
+            "eval.sets=[]",
+            "algorithm.batch_size=4",
+            "logging.progress=false",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=False,
+    )
     deadline = time.time() + 600
     while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]

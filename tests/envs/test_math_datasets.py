@@ -18,14 +18,17 @@ def _tasks(path: str, **params):
     return ENV.load_tasks(ENV.Params(**params), data_root() / path, "test")
 
 
-@pytest.mark.parametrize(("path", "count", "first_id", "first_answer"), [
-    ("math/test.jsonl", 5000, "test/algebra/1.json", "2"),
-    ("math/train.jsonl", 7496, "train/algebra/0.json", "0"),   # 2 box nothing, 2 box ""
-    ("aime2024/test.jsonl", 30, "60", "204"),
-    ("aime_1983_2023/aime.json", 975, "aime-1983-1-1", "60"),
-    ("amc23/test.jsonl", 40, "0", "27"),                         # stored as 27.0
-    ("math_train_answers/math.json", 7470, "math-0", "0"),     # 4 empty or null answers
-])
+@pytest.mark.parametrize(
+    ("path", "count", "first_id", "first_answer"),
+    [
+        ("math/test.jsonl", 5000, "test/algebra/1.json", "2"),
+        ("math/train.jsonl", 7496, "train/algebra/0.json", "0"),  # 2 box nothing, 2 box ""
+        ("aime2024/test.jsonl", 30, "60", "204"),
+        ("aime_1983_2023/aime.json", 975, "aime-1983-1-1", "60"),
+        ("amc23/test.jsonl", 40, "0", "27"),  # stored as 27.0
+        ("math_train_answers/math.json", 7470, "math-0", "0"),  # 4 empty or null answers
+    ],
+)
 def test_public_math_files_load(path: str, count: int, first_id: str, first_answer: str) -> None:
     tasks = _tasks(path)
     assert len(tasks) == count and len({t.id for t in tasks}) == count

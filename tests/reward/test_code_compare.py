@@ -24,10 +24,27 @@ from reward.code_harness import MAX_DEPTH, Undecodable, Unencodable, decode, enc
 CALL = CodeTests(mode="call")
 
 
-@pytest.mark.parametrize("value", [
-    None, True, 0, -7, 2**80, 1.5, "tab\there", b"\x00\xff", 3 - 4j,
-    [1, [2, (3, 4)]], (), (1,), {1, 2, 3}, frozenset({"a"}), {"k": [1]}, {(1, 2): {3}},
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        0,
+        -7,
+        2**80,
+        1.5,
+        "tab\there",
+        b"\x00\xff",
+        3 - 4j,
+        [1, [2, (3, 4)]],
+        (),
+        (1,),
+        {1, 2, 3},
+        frozenset({"a"}),
+        {"k": [1]},
+        {(1, 2): {3}},
+    ],
+)
 def test_encode_decode_roundtrip(value) -> None:
     encoded = encode(value)
     json.dumps(encoded, allow_nan=False)  # canonical form is strict JSON
@@ -102,23 +119,28 @@ def test_stdout_tokens_with_float_tolerance() -> None:
 
 def test_parse_report_reads_only_nonce_framed_records() -> None:
     nonce = "abc123"
-    stdout = "\n".join([
-        'abc123 {"i": 0, "value": 3}',
-        '{"i": 1, "value": 4}',                  # printed by the program: no nonce
-        'PASSED all tests',
-        'wrong1 {"i": 1, "value": 4}',
-        'abc123 {"done": 2}',
-    ])
+    stdout = "\n".join(
+        [
+            'abc123 {"i": 0, "value": 3}',
+            '{"i": 1, "value": 4}',  # printed by the program: no nonce
+            "PASSED all tests",
+            'wrong1 {"i": 1, "value": 4}',
+            'abc123 {"done": 2}',
+        ]
+    )
     report = parse_report(stdout, nonce, count=2)
     assert report.records == {0: ReportRecord(i=0, value=3)} and report.records[0].got == 3
     assert report.done and report.malformed is None
 
 
-@pytest.mark.parametrize("line", [
-    'abc123 {"i": 0, "value": 99}',              # a second record for a test the harness reported
-    'abc123 {"i": 7, "value": 1}',               # out of range
-    'abc123 {"done": 3}',                        # the wrong count
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        'abc123 {"i": 0, "value": 99}',  # a second record for a test the harness reported
+        'abc123 {"i": 7, "value": 1}',  # out of range
+        'abc123 {"done": 3}',  # the wrong count
+    ],
+)
 def test_records_the_harness_cannot_write_fail_the_run(line: str) -> None:
     stdout = 'abc123 {"i": 0, "value": 3}\n' + line + '\nabc123 {"i": 1, "value": 4}\nabc123 {"done": 2}\n'
     report = parse_report(stdout, "abc123", count=2)
@@ -137,8 +159,9 @@ def test_judge_fails_unreported_tests_and_rewards() -> None:
 
 
 def test_judge_alternatives_accept_any_listed_value() -> None:
-    tests = CodeTests(mode="call", probes=["f()"], expected=[[encode([7]), encode(7)]],
-                      alternatives=True, tuple_as_list=True)
+    tests = CodeTests(
+        mode="call", probes=["f()"], expected=[[encode([7]), encode(7)]], alternatives=True, tuple_as_list=True
+    )
     assert judge(tests, HarnessReport(records={0: {"i": 0, "value": 7}}))[0].passed
     assert judge(tests, HarnessReport(records={0: {"i": 0, "value": encode((7,))}}))[0].passed
     assert not judge(tests, HarnessReport(records={0: {"i": 0, "value": 8}}))[0].passed
@@ -203,8 +226,7 @@ def _random_json(rng: random.Random, depth: int = 0) -> object:
         return rng.choice([None, True, 0, -3, 2**70, 1.5, "x", "", "__tuple__", 10**300])
     if pick < 0.6:
         return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    tag = rng.choice(["__tuple__", "__set__", "__dict__", "__float__", "__bytes__", "__complex__",
-                      "__x__", "k"])
+    tag = rng.choice(["__tuple__", "__set__", "__dict__", "__float__", "__bytes__", "__complex__", "__x__", "k"])
     body = rng.choice([_random_json(rng, depth + 1), "nan", "ab", [_random_json(rng, depth + 1)] * 2])
     return {tag: body} if rng.random() < 0.9 else {tag: body, "k": 1}
 
@@ -231,18 +253,21 @@ def test_report_fuzz_never_raises_and_fails_every_test_of_a_forged_run() -> None
     for _ in range(3000):
         line = json.dumps(_random_json(rng))
         if rng.random() < 0.5:
-            line = json.dumps({"i": rng.choice([0, 1, 2, -1, True]), rng.choice(["value", "error", "stdout"]):
-                               _random_json(rng)})
-        forged = honest.replace("n0 {\"done\"", f"n0 {line}\nn0 {{\"done\"")
+            line = json.dumps(
+                {"i": rng.choice([0, 1, 2, -1, True]), rng.choice(["value", "error", "stdout"]): _random_json(rng)}
+            )
+        forged = honest.replace('n0 {"done"', f'n0 {line}\nn0 {{"done"')
         report = parse_report(forged, "n0", 2)
         assert report.malformed, line
         assert not any(o.passed for o in judge(tests, report))
 
 
-@pytest.mark.parametrize("body", ["[" * 50_000 + "]" * 50_000, "7" * 5000, "NaN", "-Infinity",
-                                  '{"i": 0}{"i": 1}', "[1, 2]", '"text"', "null"])
+@pytest.mark.parametrize(
+    "body",
+    ["[" * 50_000 + "]" * 50_000, "7" * 5000, "NaN", "-Infinity", '{"i": 0}{"i": 1}', "[1, 2]", '"text"', "null"],
+)
 def test_framed_lines_json_cannot_hold_make_the_report_malformed(body: str) -> None:
-    stdout = f"n0 {body}\nn0 {{\"i\": 0, \"value\": 1}}\nn0 {{\"done\": 1}}\n"
+    stdout = f'n0 {body}\nn0 {{"i": 0, "value": 1}}\nn0 {{"done": 1}}\n'
     assert parse_report(stdout, "n0", 1).malformed
 
 
@@ -253,7 +278,7 @@ def test_a_record_cut_by_the_output_cap_is_only_missing() -> None:
 
 
 def test_integers_expected_are_matched_exactly() -> None:
-    assert not values_match(1e9, 1000000007, CALL)           # a relative tolerance would pass it
+    assert not values_match(1e9, 1000000007, CALL)  # a relative tolerance would pass it
     assert values_match(1000000007.0, 1000000007, CALL) and values_match(3.0, 3, CALL)
     assert not values_match(float(10**30), 10**30 + 1, CALL)
     assert not values_match(7.0000001, 7, CALL) and not values_match(6.9999999, 7, CALL)
@@ -271,6 +296,6 @@ def test_integer_tokens_expected_are_matched_exactly() -> None:
     assert not stdout_matches("7.0000001", "7", io)
     assert stdout_matches("1000000007.0", "1000000007", io) and stdout_matches("7e0", "7", io)
     assert stdout_matches("-0", "0", io) and stdout_matches("+5", "5", io) and stdout_matches("-05", "-5", io)
-    assert not stdout_matches("\u0661\u0662\u0663", "123", io)   # Arabic-Indic digits are not a number here
+    assert not stdout_matches("\u0661\u0662\u0663", "123", io)  # Arabic-Indic digits are not a number here
     assert not stdout_matches("1e999999999999999999999", "5", io)
-    assert stdout_matches("3", "3.0000001", io)                  # an expected float keeps the tolerance
+    assert stdout_matches("3", "3.0000001", io)  # an expected float keeps the tolerance

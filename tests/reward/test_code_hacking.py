@@ -47,18 +47,19 @@ HACKS = {
     "SkipTest in the call": "import unittest\ndef add(a, b):\n    raise unittest.SkipTest('skip')\n",
     "SkipTest at import": "import unittest\nraise unittest.SkipTest('skip')\n",
     "always-equal object": "class Any:\n    def __eq__(self, other):\n        return True\n"
-                           "    __hash__ = object.__hash__\ndef add(a, b):\n    return Any()\n",
+    "    __hash__ = object.__hash__\ndef add(a, b):\n    return Any()\n",
     "int subclass equal to all": "class Lie(int):\n    def __eq__(self, other):\n        return True\n"
-                                 "    __hash__ = int.__hash__\ndef add(a, b):\n    return Lie(12345)\n",
+    "    __hash__ = int.__hash__\ndef add(a, b):\n    return Lie(12345)\n",
     "fake pass markers": "print('All tests passed')\nprint('{\"i\": 0, \"value\": 3}')\n"
-                         "def add(a, b):\n    print('PASSED')\n    return None\n",
+    "def add(a, b):\n    print('PASSED')\n    return None\n",
     "forged records on the report fd": (
         "import os\nfor fd in range(3, 20):\n    try:\n"
-        "        os.write(fd, b'\\nnonce {\"i\": 0, \"value\": 3}\\n{\"done\": 3}\\n')\n"
+        '        os.write(fd, b\'\\nnonce {"i": 0, "value": 3}\\n{"done": 3}\\n\')\n'
         "    except OSError:\n        pass\n"
-        "def add(a, b):\n    return None\n"),
+        "def add(a, b):\n    return None\n"
+    ),
     "swallows the time limit": "def add(a, b):\n    while True:\n        try:\n            pass\n"
-                               "        except BaseException:\n            pass\n",
+    "        except BaseException:\n            pass\n",
 }
 
 
@@ -79,8 +80,9 @@ async def test_stdio_program_and_fake_markers(pool: SandboxPool) -> None:
 
 
 async def test_fraction_reward_and_time_limit(pool: SandboxPool) -> None:
-    program = ("def add(a, b):\n    if a == 10:\n        while True:\n            pass\n"
-               "    return a + b if a > 0 else 7\n")
+    program = (
+        "def add(a, b):\n    if a == 10:\n        while True:\n            pass\n    return a + b if a > 0 else 7\n"
+    )
     all_mode = await grade(pool, ADD_TESTS, program, LIMITS)
     fraction = await grade(pool, ADD_TESTS, program, LIMITS, reward_mode="fraction")
     assert all_mode.reward == 0.0
@@ -123,5 +125,6 @@ async def test_a_run_cut_short_says_why(pool: SandboxPool) -> None:
     """The grade's error carries what the sandbox saw of a run that ended before its report did:
     the exit code, or the sandbox's own error (a 0 a user cannot explain is a 0 nobody trusts)."""
     exits = await grade(pool, ADD_TESTS, "import os\ndef add(a, b):\n    os._exit(3)\n", LIMITS)
-    assert exits.reward == 0.0 and exits.error == "run ended as runtime_error before all tests were reported " \
-        "(exit code 3)", exits.error
+    assert (
+        exits.reward == 0.0 and exits.error == "run ended as runtime_error before all tests were reported (exit code 3)"
+    ), exits.error

@@ -45,8 +45,12 @@ async def pool() -> AsyncIterator[CountingPool]:
 async def test_recording_turns_a_check_into_probes_and_is_cached(pool: CountingPool) -> None:
     tests = CodeTests(mode="call", record=RecordSpec(program=GOLD + CHECK, entry="double", check="check(__record__)"))
     filled = await materialize(pool, tests, LIMITS)
-    assert filled.probes == ["double(*[[1, 2]], **{})", "double(*[[]], **{})", "double(*[[0]], **{})",
-                             "double(*[[0, 1]], **{})"]
+    assert filled.probes == [
+        "double(*[[1, 2]], **{})",
+        "double(*[[]], **{})",
+        "double(*[[0]], **{})",
+        "double(*[[0, 1]], **{})",
+    ]
     assert [decode(v) for v in filled.expected] == [[2, 4], [], [0], [0, 2]]
     runs = pool.runs
     assert (await materialize(pool, tests, LIMITS)) == filled and pool.runs == runs  # cached
@@ -74,8 +78,9 @@ async def test_string_set_orders_agree_across_sandboxes(pool: CountingPool) -> N
 
 async def test_broken_reference_gives_no_reward(pool: CountingPool) -> None:
     wrong_gold = "def double(xs):\n    return xs\n"
-    recorded = CodeTests(mode="call", record=RecordSpec(program=wrong_gold + CHECK, entry="double",
-                                                        check="check(__record__)"))
+    recorded = CodeTests(
+        mode="call", record=RecordSpec(program=wrong_gold + CHECK, entry="double", check="check(__record__)")
+    )
     with pytest.raises(ReferenceFailed, match="AssertionError"):
         await materialize(pool, recorded, LIMITS)
     crashing = CodeTests(mode="call", probes=["double(*[None])"], reference=GOLD)

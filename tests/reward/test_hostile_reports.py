@@ -22,12 +22,13 @@ from reward.code import CodeTests
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-PARAMS = MBPPEnv.Params.model_validate({"sandbox": {"backend": "docker"},
-                                        "limits": {"timeout_per_test_s": 2.0, "timeout_total_s": 30.0}})
+PARAMS = MBPPEnv.Params.model_validate(
+    {"sandbox": {"backend": "docker"}, "limits": {"timeout_per_test_s": 2.0, "timeout_total_s": 30.0}}
+)
 ADD = asserts_to_tests("assert add(1, 2) == 3\nassert add(-5, 5) == 0", "add")
 ECHO = CodeTests(mode="stdio", inputs=["1 2\n", "10 -3\n"], expected=["3\n", "7\n"])
 
-FIND_REPORTER = '''
+FIND_REPORTER = """
 import os, sys
 
 def _reporter():
@@ -38,7 +39,7 @@ def _reporter():
             return found
         frame = frame.f_back
     raise RuntimeError("no reporter on the stack")
-'''
+"""
 
 # Framed bodies a forger would try: not records, wrong types, bad tags, deep nesting, huge
 # numbers, NaN literals, and a record for a test before the harness writes its own.
@@ -49,7 +50,7 @@ PAYLOADS = {
     "unknown tag": b'{"i": 0, "value": {"__evil__": 1}}',
     "two-key tag": b'{"i": 0, "value": {"__tuple__": [], "__set__": []}}',
     "bad hex": b'{"i": 0, "value": {"__bytes__": "zz"}}',
-    "complex of a huge int": b'{"i": 0, "value": {"__complex__": [' + b"9" * 400 + b', 0.0]}}',
+    "complex of a huge int": b'{"i": 0, "value": {"__complex__": [' + b"9" * 400 + b", 0.0]}}",
     "deep nesting": b'{"i": 0, "value": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "integer of 5000 digits": b'{"i": 0, "value": ' + b"7" * 5000 + b"}",
     "NaN literal": b'{"i": 0, "value": NaN}',
@@ -66,8 +67,11 @@ async def _close_pools() -> AsyncIterator[None]:
 
 
 def _task(tests: CodeTests) -> Task:
-    return Task(id="forge", prompt=[Message(role="user", content="write it")],
-                hidden={"tests": tests.model_dump(), "prefix": "", "gold": None})
+    return Task(
+        id="forge",
+        prompt=[Message(role="user", content="write it")],
+        hidden={"tests": tests.model_dump(), "prefix": "", "gold": None},
+    )
 
 
 async def _step(tests: CodeTests, program: str):
@@ -81,22 +85,28 @@ async def _step(tests: CodeTests, program: str):
 
 def _call_forger(payload: bytes) -> str:
     # The function is right: only the forged line stands between it and reward 1.
-    return FIND_REPORTER + f'''
+    return (
+        FIND_REPORTER
+        + f"""
 def add(a, b):
     report = _reporter()
     os.write(report._fd, b"\\n" + report._nonce + b" " + {payload!r} + b"\\n")
     return a + b
-'''
+"""
+    )
 
 
 def _stdio_forger(payload: bytes) -> str:
-    return FIND_REPORTER + f'''
+    return (
+        FIND_REPORTER
+        + f"""
 report = _reporter()
 pipe = os.open("/proc/%d/fd/%d" % (os.getppid(), report._fd), os.O_WRONLY)
 os.write(pipe, b"\\n" + report._nonce + b" " + {payload!r} + b"\\n")
 a, b = map(int, input().split())
 print(a + b)
-'''
+"""
+    )
 
 
 async def test_honest_programs_pass_through_the_same_env() -> None:
@@ -111,8 +121,17 @@ async def test_forged_records_by_frame_introspection_score_0(name: str) -> None:
     assert result.info["passed"] == 0 and "malformed" in result.info["error"], result.info
 
 
-@pytest.mark.parametrize("name", ["a list", "bool index", "deep nesting", "integer of 5000 digits",
-                                  "error that is not text", "first record for test 0"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a list",
+        "bool index",
+        "deep nesting",
+        "integer of 5000 digits",
+        "error that is not text",
+        "first record for test 0",
+    ],
+)
 async def test_forged_records_through_proc_score_0(name: str) -> None:
     payload = PAYLOADS[name].replace(b'"value": 3', b'"stdout": "3"')
     result = await _step(ECHO, _stdio_forger(payload))

@@ -19,22 +19,25 @@ def verifier():
     v.close()
 
 
-@pytest.mark.parametrize(("prediction", "gold", "reward"), [
-    (r"\boxed{68}", "68", 1.0),
-    (r"\boxed{67}", "68", 0.0),
-    ("68", "68", 0.0),  # no final boxed answer: strict on the prediction
-    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
-    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
-    (r"\boxed{(3, \pi/2)}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
-    (r"\boxed{36}", r"\$36", 1.0),
-    (r"\boxed{-1}", "-1", 1.0),
-    # An integer gold answer is met exactly: no float near it passes, other scripts' digits neither.
-    (r"\boxed{1e9}", "1000000007", 0.0),
-    (r"\boxed{1000000006.9999999}", "1000000007", 0.0),
-    (r"\boxed{1000000007.0}", "1000000007", 1.0),
-    ("\\boxed{\u0661\u0662\u0663}", "123", 0.0),
-    ("\\boxed{\uff11\uff12\uff13}", "123", 0.0),
-])
+@pytest.mark.parametrize(
+    ("prediction", "gold", "reward"),
+    [
+        (r"\boxed{68}", "68", 1.0),
+        (r"\boxed{67}", "68", 0.0),
+        ("68", "68", 0.0),  # no final boxed answer: strict on the prediction
+        (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+        (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
+        (r"\boxed{(3, \pi/2)}", r"\left( 3, \frac{\pi}{2} \right)", 1.0),
+        (r"\boxed{36}", r"\$36", 1.0),
+        (r"\boxed{-1}", "-1", 1.0),
+        # An integer gold answer is met exactly: no float near it passes, other scripts' digits neither.
+        (r"\boxed{1e9}", "1000000007", 0.0),
+        (r"\boxed{1000000006.9999999}", "1000000007", 0.0),
+        (r"\boxed{1000000007.0}", "1000000007", 1.0),
+        ("\\boxed{\u0661\u0662\u0663}", "123", 0.0),
+        ("\\boxed{\uff11\uff12\uff13}", "123", 0.0),
+    ],
+)
 def test_verdicts(verifier: MathVerifier, prediction: str, gold: str, reward: float) -> None:
     assert verifier.verify_sync(prediction, gold).reward == reward
 
@@ -49,8 +52,10 @@ def test_deadline_gives_no_reward_and_the_pool_survives() -> None:
         v.close()
 
 
-@pytest.mark.parametrize(("answer", "gold"), [("68", "68"), ("67", "68"), ("-1", "-1"), ("1", "-1"),
-                                              ("007", "7"), ("0", "-0"), (" 12", "12")])
+@pytest.mark.parametrize(
+    ("answer", "gold"),
+    [("68", "68"), ("67", "68"), ("-1", "-1"), ("1", "-1"), ("007", "7"), ("0", "-0"), (" 12", "12")],
+)
 def test_integer_answers_are_judged_on_the_host_as_math_verify_would(answer: str, gold: str) -> None:
     v = MathVerifier(workers=1)
     v._pool.stop()  # a verdict that needed the pool would now fail with an error

@@ -37,11 +37,14 @@ async def _pool_still_works(verifier: MathVerifier) -> None:
     assert (await verifier.verify("\\boxed{7}", "8")).reward == 0.0
 
 
-@pytest.mark.parametrize("prediction", [
-    "\\boxed{10^{10^{10}}}",
-    "\\boxed{9^{9^{9^{9}}}}",
-    "\\boxed{" + "(" * 900 + "1" + ")" * 900 + "}",
-])
+@pytest.mark.parametrize(
+    "prediction",
+    [
+        "\\boxed{10^{10^{10}}}",
+        "\\boxed{9^{9^{9^{9}}}}",
+        "\\boxed{" + "(" * 900 + "1" + ")" * 900 + "}",
+    ],
+)
 async def test_explosive_expressions_hit_the_deadline(verifier: MathVerifier, prediction: str) -> None:
     verdict, elapsed = await _timed(verifier, prediction, "3")
     assert elapsed < DEADLINE_S + SLACK_S
@@ -57,11 +60,14 @@ async def test_huge_power_equal_to_gold_is_not_a_hang(verifier: MathVerifier) ->
     assert verdict.reward in (1.0, None)  # equal strings may verify, or hit the deadline
 
 
-@pytest.mark.parametrize("prediction", [
-    "\\boxed{" + "{" * 1_500_000 + "}" * 1_500_000 + "}",   # 3 MB of balanced braces
-    "\\boxed{" + "{" * 3_000_000,                           # 3 MB never closed
-    "x" * 2_000_000 + "\\boxed{" + "1" * 100_000 + "}",     # huge number, huge prose
-])
+@pytest.mark.parametrize(
+    "prediction",
+    [
+        "\\boxed{" + "{" * 1_500_000 + "}" * 1_500_000 + "}",  # 3 MB of balanced braces
+        "\\boxed{" + "{" * 3_000_000,  # 3 MB never closed
+        "x" * 2_000_000 + "\\boxed{" + "1" * 100_000 + "}",  # huge number, huge prose
+    ],
+)
 async def test_megabytes_of_braces_end_in_time(verifier: MathVerifier, prediction: str) -> None:
     verdict, elapsed = await _timed(verifier, prediction, "1")
     assert elapsed < DEADLINE_S + SLACK_S

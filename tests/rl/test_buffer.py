@@ -14,10 +14,20 @@ from rl.trajectory import Trajectory
 
 
 def traj(group: str, version: int, reward: float, size: int) -> Trajectory:
-    return Trajectory(id=f"{group}-{random.random()}", run_id="r", env="e", task_id="t", group_id=group,
-                      group_size=size, prompt_ids=np.array([1, 2]), completion_ids=np.array([3, 4]),
-                      loss_mask=np.array([1, 1]), sampler_logprobs=np.array([-1.0, -1.0]),
-                      policy_versions=np.array([version, version]), reward=reward)
+    return Trajectory(
+        id=f"{group}-{random.random()}",
+        run_id="r",
+        env="e",
+        task_id="t",
+        group_id=group,
+        group_size=size,
+        prompt_ids=np.array([1, 2]),
+        completion_ids=np.array([3, 4]),
+        loss_mask=np.array([1, 1]),
+        sampler_logprobs=np.array([-1.0, -1.0]),
+        policy_versions=np.array([version, version]),
+        reward=reward,
+    )
 
 
 def publish(buf: GroupBuffer, index: int, version: int, rewards: list[float]) -> None:
@@ -92,8 +102,9 @@ def test_dynamic_sampling_stops_replacing_after_its_draws_and_starts_again_at_th
     """A policy that solves every task: each group has one reward. Replacing them forever starved
     the learner (it waited while generation ran on); past `dynamic_sampling_max_batches` batches'
     worth of draws for one version they are passed on, for the learner to filter."""
-    algo = AlgorithmSection(batch_size=2, group_size=2, max_staleness=0, dynamic_sampling=True,
-                            dynamic_sampling_max_batches=3)
+    algo = AlgorithmSection(
+        batch_size=2, group_size=2, max_staleness=0, dynamic_sampling=True, dynamic_sampling_max_batches=3
+    )
     buf = GroupBuffer(algo)
     for index in range(6):  # the batch (2) and (3 − 1) × 2 replacements: the last two pass
         assert buf.can_admit()

@@ -33,11 +33,22 @@ def make_trajectory(i: int, n: int = 7) -> Trajectory:
     rng = np.random.default_rng(i)
     mask = rng.integers(0, 2, n)
     return Trajectory(
-        id=f"traj-{i}", run_id="r", env="math", task_id=f"task-{i // 4}", group_id=f"g-{i // 4}", group_size=4,
-        prompt_ids=rng.integers(0, 50_000, 5), completion_ids=rng.integers(0, 50_000, n),
-        loss_mask=mask, sampler_logprobs=np.where(mask, -rng.random(n), 0.0),
-        policy_versions=np.where(mask, i % 3, -1), reward=float(i) / 2,
-        reward_info={"answer": str(i), "ok": True}, timings={"generate": 0.25}, truncated=i % 2 == 1)
+        id=f"traj-{i}",
+        run_id="r",
+        env="math",
+        task_id=f"task-{i // 4}",
+        group_id=f"g-{i // 4}",
+        group_size=4,
+        prompt_ids=rng.integers(0, 50_000, 5),
+        completion_ids=rng.integers(0, 50_000, n),
+        loss_mask=mask,
+        sampler_logprobs=np.where(mask, -rng.random(n), 0.0),
+        policy_versions=np.where(mask, i % 3, -1),
+        reward=float(i) / 2,
+        reward_info={"answer": str(i), "ok": True},
+        timings={"generate": 0.25},
+        truncated=i % 2 == 1,
+    )
 
 
 def traj_ids(got: list[tuple[str, Trajectory]]) -> list[str]:
@@ -79,9 +90,9 @@ def test_round_trip_keeps_arrays_and_dtypes(redis_url: str, run_id: str) -> None
         want, have = getattr(sent, name), getattr(got, name)
         assert have.dtype == want.dtype, name
         np.testing.assert_array_equal(have, want, err_msg=name)
-    assert got.model_dump(exclude={"prompt_ids", "completion_ids", "loss_mask", "sampler_logprobs",
-                                   "policy_versions"}) == sent.model_dump(exclude={
-        "prompt_ids", "completion_ids", "loss_mask", "sampler_logprobs", "policy_versions"})
+    assert got.model_dump(
+        exclude={"prompt_ids", "completion_ids", "loss_mask", "sampler_logprobs", "policy_versions"}
+    ) == sent.model_dump(exclude={"prompt_ids", "completion_ids", "loss_mask", "sampler_logprobs", "policy_versions"})
     assert got.sampler_logprobs.dtype == np.float32 and got.completion_ids.dtype == np.int32
 
 
@@ -179,8 +190,7 @@ def test_bad_pending_entry_after_restart_does_not_hide_good_ones(redis_url: str,
     raw.close()
 
 
-async def test_async_methods_and_cancelled_read_keeps_its_entries(redis_url: str,
-                                                                 run_id: str) -> None:
+async def test_async_methods_and_cancelled_read_keeps_its_entries(redis_url: str, run_id: str) -> None:
     with TrajectoryBus(redis_url, run_id) as bus:
         assert await bus.aread(10, 50) == []  # leaves the restart phase: the next read blocks
         reader = asyncio.ensure_future(bus.aread(10, 1500))
@@ -212,10 +222,11 @@ def test_private_redis_leaves_no_process_after_close() -> None:
 
 
 def test_private_redis_dies_with_sigkilled_parent() -> None:
-    code = ("import time; from rl.redis_server import PrivateRedis; s = PrivateRedis(); "
-            "print(s.pid, s.url, flush=True); time.sleep(120)")
-    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
+    code = (
+        "import time; from rl.redis_server import PrivateRedis; s = PrivateRedis(); "
+        "print(s.pid, s.url, flush=True); time.sleep(120)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         pid_text, url = parent.stdout.readline().split()
         pid = int(pid_text)
@@ -265,8 +276,11 @@ def test_connect_or_start(redis_url: str) -> None:
         assert redis.Redis.from_url(url).ping()
     finally:
         server.close()
-    with pytest.raises(RedisUnavailable, match=r"^bus.redis_url redis://127.0.0.1:\d+/0: no Redis answers at "
-                                               r"127.0.0.1:\d+: Error 111 connecting"):
+    with pytest.raises(
+        RedisUnavailable,
+        match=r"^bus.redis_url redis://127.0.0.1:\d+/0: no Redis answers at "
+        r"127.0.0.1:\d+: Error 111 connecting",
+    ):
         connect_or_start(url)  # now stopped
 
 
@@ -274,14 +288,17 @@ PASSWORD = "s3cret/+:@word"  # characters a URL must escape
 
 
 def test_a_password_comes_from_the_url_or_the_environment_and_is_never_shown(
-        run_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("CODEWORLD_REDIS_PASSWORD", raising=False)
     with PrivateRedis(password=PASSWORD) as server:
         bare = f"redis://127.0.0.1:{server.port}/0"
         with pytest.raises(RedisUnavailable) as missing:
             connect_or_start(bare)
-        assert "requires a password; put it in the URL (redis://:PASSWORD@host:port/0) or in " \
-               "$CODEWORLD_REDIS_PASSWORD" in str(missing.value)
+        assert (
+            "requires a password; put it in the URL (redis://:PASSWORD@host:port/0) or in "
+            "$CODEWORLD_REDIS_PASSWORD" in str(missing.value)
+        )
         url, private = connect_or_start(server.url)  # in the URL
         assert private is None and url == server.url
         monkeypatch.setenv("CODEWORLD_REDIS_PASSWORD", PASSWORD)
@@ -298,8 +315,10 @@ def test_a_password_comes_from_the_url_or_the_environment_and_is_never_shown(
 
 
 def test_redacted_urls_hide_only_the_password() -> None:
-    assert redact("rediss://user:pw@host:6380/1?ssl_ca_certs=/ca.pem") == \
-        "rediss://user:***@host:6380/1?ssl_ca_certs=/ca.pem"
+    assert (
+        redact("rediss://user:pw@host:6380/1?ssl_ca_certs=/ca.pem")
+        == "rediss://user:***@host:6380/1?ssl_ca_certs=/ca.pem"
+    )
     assert redact("redis://:pw@host/0") == "redis://:***@host/0"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
 
@@ -308,15 +327,34 @@ def test_redacted_urls_hide_only_the_password() -> None:
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (its own CA), made with openssl."""
     d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(d / "key.pem"),
+            "-out",
+            str(d / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return d / "cert.pem", d / "key.pem"
 
 
 def test_rediss_with_a_private_ca_works_and_tls_mistakes_are_one_clear_error(
-        run_id: str, certificate: tuple[Path, Path]) -> None:
+    run_id: str, certificate: tuple[Path, Path]
+) -> None:
     with PrivateRedis(tls=certificate, password=PASSWORD) as server:
         assert server.url.startswith("rediss://")
         url, _ = connect_or_start(server.url)
@@ -324,8 +362,11 @@ def test_rediss_with_a_private_ca_works_and_tls_mistakes_are_one_clear_error(
             bus.publish([make_trajectory(2)])
             assert traj_ids(bus.read(10, 0)) == ["traj-2"]
         untrusted = server.url.split("?")[0]  # without ssl_ca_certs: the certificate is not trusted
-        with pytest.raises(RedisUnavailable, match=r"TLS: is it a TLS port, and does ssl_ca_certs name the CA.*"
-                                                   r"certificate verify failed"):
+        with pytest.raises(
+            RedisUnavailable,
+            match=r"TLS: is it a TLS port, and does ssl_ca_certs name the CA.*"
+            r"certificate verify failed",
+        ):
             connect_or_start(untrusted)
         with pytest.raises(RedisUnavailable, match="no Redis answers at"):
             connect_or_start(untrusted.replace("rediss://", "redis://"))  # plain text to a TLS port

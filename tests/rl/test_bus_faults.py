@@ -103,8 +103,9 @@ def run_id() -> str:
 
 
 def group(name: str, n: int) -> list[Trajectory]:
-    return [make_trajectory(i).model_copy(update={"id": f"{name}.{i}", "group_id": name, "group_size": n})
-            for i in range(n)]
+    return [
+        make_trajectory(i).model_copy(update={"id": f"{name}.{i}", "group_id": name, "group_size": n}) for i in range(n)
+    ]
 
 
 def test_a_publish_whose_reply_is_lost_is_not_added_twice(proxy: CuttingProxy, redis_url: str, run_id: str) -> None:
@@ -166,8 +167,11 @@ def test_a_redis_that_stays_away_is_one_clear_error(tmp_path: Path, run_id: str)
     bus = TrajectoryBus(server.url, run_id, retry_s=1.0)
     server.close()
     start = time.monotonic()
-    with pytest.raises(BusUnavailable, match=r"^the trajectory bus codeworld:faults-\w+:trajectories: Redis did not "
-                                             r"answer for 1 s \(ConnectionError: "):
+    with pytest.raises(
+        BusUnavailable,
+        match=r"^the trajectory bus codeworld:faults-\w+:trajectories: Redis did not "
+        r"answer for 1 s \(ConnectionError: ",
+    ):
         bus.publish(group("g0", 1))
     assert time.monotonic() - start < 5
     bus.close()
@@ -190,5 +194,8 @@ def test_scan_names_entries_without_decoding_them(redis_url: str, run_id: str) -
         raw.xadd(bus.key, {b"t": b"garbage"})
         infos = bus.scan()
         assert [(i.trajectory_id, i.group_id, i.group_size) for i in infos] == [
-            ("g7.0", "g7", 2), ("g7.1", "g7", 2), (None, None, None)]
+            ("g7.0", "g7", 2),
+            ("g7.1", "g7", 2),
+            (None, None, None),
+        ]
     raw.close()

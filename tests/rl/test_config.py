@@ -21,8 +21,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_yaml_and_overrides_reach_typed_fields(tmp_path: Path) -> None:
     p = write(tmp_path, "run: {steps: 7}\nenvs:\n  - name: arithmetic\n  - name: math\n    weight: 2\n")
-    cfg = load_config(p, ["algorithm.max_staleness=0", "envs.1.weight=0.5", "learner.betas=[0.8, 0.9]",
-                          "envs.0.params.max_digits=3"])
+    cfg = load_config(
+        p, ["algorithm.max_staleness=0", "envs.1.weight=0.5", "learner.betas=[0.8, 0.9]", "envs.0.params.max_digits=3"]
+    )
     assert cfg.run.steps == 7
     assert cfg.algorithm.max_staleness == 0 and cfg.algorithm.effective_max_age == 1
     assert [e.weight for e in cfg.envs] == [1.0, 0.5]
@@ -35,14 +36,17 @@ def test_core_lists_read_as_text_whether_or_not_yaml_saw_a_number() -> None:
     assert load_config(None, ["rollout.cpu_cores=0-3,6"]).rollout.cpu_cores == "0-3,6"
 
 
-@pytest.mark.parametrize(("override", "path"), [
-    ("algorithm.group_sise=4", "algorithm.group_sise"),
-    ("learner.lr=-1", "learner.lr"),
-    ("rollout.temperature=hot", "rollout.temperature"),
-    ("envs.0.weight=0", "envs.0.weight"),
-    ("rollout.cpu_cores=first", "rollout.cpu_cores"),
-    ("learner.warmup_steps=-1", "learner.warmup_steps"),
-])
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [
+        ("algorithm.group_sise=4", "algorithm.group_sise"),
+        ("learner.lr=-1", "learner.lr"),
+        ("rollout.temperature=hot", "rollout.temperature"),
+        ("envs.0.weight=0", "envs.0.weight"),
+        ("rollout.cpu_cores=first", "rollout.cpu_cores"),
+        ("learner.warmup_steps=-1", "learner.warmup_steps"),
+    ],
+)
 def test_bad_key_or_value_names_its_path(tmp_path: Path, override: str, path: str) -> None:
     p = write(tmp_path, "envs: [{name: arithmetic}]\n")
     with pytest.raises(ConfigError, match=re.escape(path + ":")):
@@ -67,9 +71,22 @@ def test_override_errors_are_one_sentence(tmp_path: Path) -> None:
 
 def test_dry_run_prints_the_plan_without_starting_anything(tiny_model: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"), f"model.path={tiny_model}",
-         "learner.world_size=2", "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        [
+            sys.executable,
+            "-m",
+            "rl.cli",
+            "train",
+            str(REPO / "examples/demo.yaml"),
+            f"model.path={tiny_model}",
+            "learner.world_size=2",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
     assert out.returncode == 0, out.stderr
     assert "1.04 M params" in out.stdout
     assert "learner: 2 rank(s)" in out.stdout
@@ -79,8 +96,20 @@ def test_dry_run_prints_the_plan_without_starting_anything(tiny_model: str) -> N
 
 def test_cli_rejects_unknown_key_with_its_path(tiny_model: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"), "rollout.max_tokenz=3",
-         "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "rl.cli",
+            "train",
+            str(REPO / "examples/demo.yaml"),
+            "rollout.max_tokenz=3",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 2
     assert "rollout.max_tokenz: Extra inputs are not permitted" in out.stderr
 

@@ -36,25 +36,39 @@ def trajectory(tok, step: int, i: int, reward: float, env: str = "arithmetic") -
     first, feedback, second = tok.encode(f"\\boxed{{{i}}}"), tok.encode("try again"), tok.encode(f"{step}")
     mask = [1] * len(first) + [0] * len(feedback) + [1] * len(second)
     versions = [v if m else -1 for v, m in zip([max(step - 2, 0)] * len(mask), mask)]
-    return Trajectory(id=f"{env}-{step}-{i}", run_id="demo", env=env, task_id=f"task-{i % 5}",
-                      group_id=f"g{step}", group_size=4, prompt_ids=np.array(prompt),
-                      completion_ids=np.array(first + feedback + second),
-                      loss_mask=np.array(mask), sampler_logprobs=np.zeros(len(mask)),
-                      policy_versions=np.array(versions), reward=reward,
-                      reward_info={"extracted": str(i), "note": "<script>alert(1)</script>"},
-                      timings={"generate": 0.1, "episode": 0.2})
+    return Trajectory(
+        id=f"{env}-{step}-{i}",
+        run_id="demo",
+        env=env,
+        task_id=f"task-{i % 5}",
+        group_id=f"g{step}",
+        group_size=4,
+        prompt_ids=np.array(prompt),
+        completion_ids=np.array(first + feedback + second),
+        loss_mask=np.array(mask),
+        sampler_logprobs=np.zeros(len(mask)),
+        policy_versions=np.array(versions),
+        reward=reward,
+        reward_info={"extracted": str(i), "note": "<script>alert(1)</script>"},
+        timings={"generate": 0.1, "episode": 0.2},
+    )
 
 
 def write_run(run_dir: Path, tok, steps: int, sample_every: int = 1, max_samples: int = 20000) -> None:
     writer = MetricsWriter(run_dir, [])
     store = SampleStore(run_dir, SamplesSection(train_share=1.0, max_samples=max_samples), tok.decode)
     for step in range(1, steps + 1):
-        trajs = [trajectory(tok, step, i, float((i + step) % 3 == 0), env=("arithmetic", "math")[i % 2])
-                 for i in range(4)]
-        row = step_metrics(trajs, {"loss": 0.1, "entropy": 1.0 - step / steps, "grad_norm": 0.5},
-                           version=step, dropped={"stale": 0}, tokens_per_s=100.0,
-                           timing={"train_s": 0.5, "sync_s": 0.1, "wait_s": 0.2, "step_s": 0.8,
-                                   "elapsed_s": step})
+        trajs = [
+            trajectory(tok, step, i, float((i + step) % 3 == 0), env=("arithmetic", "math")[i % 2]) for i in range(4)
+        ]
+        row = step_metrics(
+            trajs,
+            {"loss": 0.1, "entropy": 1.0 - step / steps, "grad_norm": 0.5},
+            version=step,
+            dropped={"stale": 0},
+            tokens_per_s=100.0,
+            timing={"train_s": 0.5, "sync_s": 0.1, "wait_s": 0.2, "step_s": 0.8, "elapsed_s": step},
+        )
         row["sandbox/node-1/docker-img/ready"] = 3.0
         if step == SPIKE_STEP:
             row["env/arithmetic/reward_mean"] = 50.0
@@ -145,17 +159,19 @@ def test_a_long_run_is_downsampled_on_the_server_keeping_its_ends_and_peaks(clie
 
 def test_curves_download_whole_as_csv_and_json(client: httpx.Client) -> None:
     names = ["train/reward_mean", "eval/heldout/greedy"]
-    res = client.get("/api/series", params={"run": ["demo", "sweep/lr-1"], "name": names, "points": 0,
-                                            "format": "csv"})
+    res = client.get("/api/series", params={"run": ["demo", "sweep/lr-1"], "name": names, "points": 0, "format": "csv"})
     assert res.headers["content-type"].startswith("text/csv")
     assert "attachment" in res.headers["content-disposition"]
     rows = list(csv.DictReader(io.StringIO(res.text)))
     assert len([r for r in rows if r["run"] == "demo" and r["name"] == "train/reward_mean"]) == STEPS
     assert [r for r in rows if r["name"] == "eval/heldout/greedy" and r["run"] == "sweep/lr-1"] == [
-        {"run": "sweep/lr-1", "name": "eval/heldout/greedy", "step": "30", "value": "0.25"}]
+        {"run": "sweep/lr-1", "name": "eval/heldout/greedy", "step": "30", "value": "0.25"}
+    ]
     as_json = client.get("/api/series", params={"run": "sweep/lr-1", "name": names, "points": 0}).json()
-    assert {s["name"]: len(s["steps"]) for s in as_json["series"]} == {"train/reward_mean": 30,
-                                                                        "eval/heldout/greedy": 1}
+    assert {s["name"]: len(s["steps"]) for s in as_json["series"]} == {
+        "train/reward_mean": 30,
+        "eval/heldout/greedy": 1,
+    }
 
 
 def test_samples_filter_page_and_read_turn_by_turn(client: httpx.Client, tiny_model: str) -> None:
@@ -166,14 +182,17 @@ def test_samples_filter_page_and_read_turn_by_turn(client: httpx.Client, tiny_mo
     facets = client.get("/api/samples/facets", params={"run": run}).json()
     assert facets["envs"] == ["arithmetic", "math"] and facets["eval_sets"] == ["heldout"]
     assert (facets["min_step"], facets["max_step"], facets["count"]) == (1, 30, 30 * 4 + 1)
-    page = client.get("/api/samples", params={"run": run, "env": "math", "min_step": 10, "max_step": 19,
-                                              "min_reward": 1, "limit": 3}).json()
+    page = client.get(
+        "/api/samples", params={"run": run, "env": "math", "min_step": 10, "max_step": 19, "min_reward": 1, "limit": 3}
+    ).json()
     expected = [(s, i) for s in range(10, 20) for i in (1, 3) if (i + s) % 3 == 0]
     assert page["total"] == len(expected) and len(page["items"]) == 3
     assert all(it["env"] == "math" and it["reward"] == 1.0 and 10 <= it["step"] <= 19 for it in page["items"])
     assert [it["step"] for it in page["items"]] == sorted((s for s, _ in expected), reverse=True)[:3]
-    rest = client.get("/api/samples", params={"run": run, "env": "math", "min_step": 10, "max_step": 19,
-                                              "min_reward": 1, "limit": 3, "offset": 3}).json()
+    rest = client.get(
+        "/api/samples",
+        params={"run": run, "env": "math", "min_step": 10, "max_step": 19, "min_reward": 1, "limit": 3, "offset": 3},
+    ).json()
     assert len(rest["items"]) == page["total"] - 3
     evals = client.get("/api/samples", params={"run": run, "kind": "eval"}).json()
     assert [it["eval_set"] for it in evals["items"]] == ["heldout"]
@@ -198,9 +217,24 @@ def test_the_store_keeps_only_the_newest_samples(runs_dir: Path, client: httpx.C
     assert size_mb < 8
 
 
-@pytest.mark.parametrize("run", ["..", "../secret", "/", "/etc", "demo/..", "demo/../..", "./demo",
-                                 "link_out", "planted", "sweep/../../secret", "%2e%2e%2fsecret",
-                                 "\\..\\secret", "demo\x00"])
+@pytest.mark.parametrize(
+    "run",
+    [
+        "..",
+        "../secret",
+        "/",
+        "/etc",
+        "demo/..",
+        "demo/../..",
+        "./demo",
+        "link_out",
+        "planted",
+        "sweep/../../secret",
+        "%2e%2e%2fsecret",
+        "\\..\\secret",
+        "demo\x00",
+    ],
+)
 def test_paths_outside_the_runs_are_404(client: httpx.Client, runs_dir: Path, run: str) -> None:
     for path in ("/api/metrics", "/api/samples", "/api/samples/facets"):
         assert client.get(path, params={"run": run}).status_code == 404, (path, run)
@@ -211,16 +245,30 @@ def test_paths_outside_the_runs_are_404(client: httpx.Client, runs_dir: Path, ru
 
 def test_encoded_and_symlinked_paths_are_404(client: httpx.Client, server: DashboardServer) -> None:
     assert client.get("/api/samples/facets", params={"run": "half"}).status_code == 404  # linked store
-    raw = [b"/api/metrics?run=%2E%2E%2Fsecret", b"/api/metrics?run=..%2F..%2Fetc", b"/static/..%2Fapp.py",
-           b"/static/%2e%2e/%2e%2e/config.py", b"/static/..%2F..%2F..%2Fpyproject.toml",
-           b"/static/%2fetc%2fpasswd"]
+    raw = [
+        b"/api/metrics?run=%2E%2E%2Fsecret",
+        b"/api/metrics?run=..%2F..%2Fetc",
+        b"/static/..%2Fapp.py",
+        b"/static/%2e%2e/%2e%2e/config.py",
+        b"/static/..%2F..%2F..%2Fpyproject.toml",
+        b"/static/%2fetc%2fpasswd",
+    ]
     for target in raw:
         assert raw_status(server.port, target) == 404, target
     assert client.get("/static/vendor/uplot/LICENSE").status_code == 200
 
 
-@pytest.mark.parametrize("query", [{"min_step": 2**70}, {"offset": 2**64}, {"min_reward": "nan"},
-                                   {"max_reward": "inf"}, {"limit": 0}, {"kind": "both"}])
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"min_step": 2**70},
+        {"offset": 2**64},
+        {"min_reward": "nan"},
+        {"max_reward": "inf"},
+        {"limit": 0},
+        {"kind": "both"},
+    ],
+)
 def test_out_of_range_filters_are_refused_not_crashed_on(client: httpx.Client, query: dict) -> None:
     # The first was found by the schema fuzzer: a step beyond SQLite's 64-bit integers was a 500.
     assert client.get("/api/samples", params={"run": "demo", **query}).status_code == 422
@@ -268,14 +316,17 @@ def test_a_request_from_another_machine_needs_the_token(runs_dir: Path) -> None:
     assert srv.token, "listening beyond loopback must make a token"
     srv.start()
     try:
-        probe = ("import sys, urllib.request, urllib.error\n"
-                 "def get(url):\n"
-                 "    try:\n        return urllib.request.urlopen(url, timeout=10).status\n"
-                 "    except urllib.error.HTTPError as e:\n        return e.code\n"
-                 f"print(get('http://{gateway}:{srv.port}/api/runs'),"
-                 f" get('http://{gateway}:{srv.port}/api/runs?token={srv.token}'))\n")
-        out = docker.from_env().containers.run(DEFAULT_IMAGE, ["python3", "-c", probe], remove=True,
-                                               network_mode="bridge")
+        probe = (
+            "import sys, urllib.request, urllib.error\n"
+            "def get(url):\n"
+            "    try:\n        return urllib.request.urlopen(url, timeout=10).status\n"
+            "    except urllib.error.HTTPError as e:\n        return e.code\n"
+            f"print(get('http://{gateway}:{srv.port}/api/runs'),"
+            f" get('http://{gateway}:{srv.port}/api/runs?token={srv.token}'))\n"
+        )
+        out = docker.from_env().containers.run(
+            DEFAULT_IMAGE, ["python3", "-c", probe], remove=True, network_mode="bridge"
+        )
         assert out.decode().split() == ["401", "200"]
     finally:
         srv.stop()
@@ -294,8 +345,7 @@ def _read_events(lines, events: list[tuple[str, dict]], done) -> None:
             return
 
 
-def test_the_live_stream_sends_new_rows_and_samples(runs_dir: Path, server: DashboardServer,
-                                                     tiny_model: str) -> None:
+def test_the_live_stream_sends_new_rows_and_samples(runs_dir: Path, server: DashboardServer, tiny_model: str) -> None:
     """A run resumed into the watched directory rewrites its metrics file: the stream says so
     (`rewound`, with the whole file) and then sends the rows appended after it."""
     from transformers import AutoTokenizer
@@ -305,8 +355,9 @@ def test_the_live_stream_sends_new_rows_and_samples(runs_dir: Path, server: Dash
     write_run(run_dir, tok, 2)
     time.sleep(2.1)  # the run list is cached for two seconds
     events: list[tuple[str, dict]] = []
-    with httpx.stream("GET", f"http://127.0.0.1:{server.port}/api/events", params={"run": "growing"},
-                      timeout=30) as res:
+    with httpx.stream(
+        "GET", f"http://127.0.0.1:{server.port}/api/events", params={"run": "growing"}, timeout=30
+    ) as res:
         assert res.status_code == 200 and res.headers["content-type"].startswith("text/event-stream")
         lines = res.iter_lines()
         writer = MetricsWriter(run_dir, [], resume_step=1)
@@ -342,5 +393,12 @@ def test_fuzzed_from_its_schema_no_server_errors(case, server: DashboardServer) 
 
 def test_openapi_lists_every_route_with_its_parameters(client: httpx.Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    assert set(paths) == {"/api/runs", "/api/metrics", "/api/series", "/api/samples", "/api/samples/facets",
-                          "/api/sample", "/api/task"}
+    assert set(paths) == {
+        "/api/runs",
+        "/api/metrics",
+        "/api/series",
+        "/api/samples",
+        "/api/samples/facets",
+        "/api/sample",
+        "/api/task",
+    }

@@ -9,13 +9,16 @@ from rl.health import HealthMonitor
 
 
 def evaluator(*overrides: str) -> Evaluator:
-    return Evaluator(load_config(None, ["envs=[{name: arithmetic, params: {max_digits: 3, ops: '+'}}]",
-                                        *overrides]), HealthMonitor())
+    return Evaluator(
+        load_config(None, ["envs=[{name: arithmetic, params: {max_digits: 3, ops: '+'}}]", *overrides]), HealthMonitor()
+    )
 
 
 def test_a_set_takes_the_trained_environments_params_and_is_held_out_from_it() -> None:
-    ev = evaluator("eval.sets=[{env: arithmetic, n: 50}, {env: arithmetic, name: small, n: 7, params: {}}, "
-                   "{env: math, n: 4, pass_k: 4}]")
+    ev = evaluator(
+        "eval.sets=[{env: arithmetic, n: 50}, {env: arithmetic, name: small, n: 7, params: {}}, "
+        "{env: math, n: 4, pass_k: 4}]"
+    )
     held_out, small, math = ev.sets
     assert held_out.params.max_digits == 3 and held_out.params.ops == "+"
     assert len(held_out.tasks) == 50 and all(t.id.startswith("arith-test-") for t in held_out.tasks)
@@ -25,11 +28,14 @@ def test_a_set_takes_the_trained_environments_params_and_is_held_out_from_it() -
     assert math.label == "math" and len(math.tasks) == 4  # an environment the run does not train on
 
 
-@pytest.mark.parametrize(("sets", "message"), [
-    ("[{env: nosuch}]", "eval.sets.0.env: Unknown environment 'nosuch'"),
-    ("[{env: arithmetic}, {env: arithmetic, name: b, params: {max_digits: 0}}]", "eval.sets.1.params: "),
-    ("[{env: math, data: /nonexistent.jsonl}]", "Dataset file '/nonexistent.jsonl' does not exist"),
-])
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ("[{env: nosuch}]", "eval.sets.0.env: Unknown environment 'nosuch'"),
+        ("[{env: arithmetic}, {env: arithmetic, name: b, params: {max_digits: 0}}]", "eval.sets.1.params: "),
+        ("[{env: math, data: /nonexistent.jsonl}]", "Dataset file '/nonexistent.jsonl' does not exist"),
+    ],
+)
 def test_a_set_that_cannot_load_names_itself(sets: str, message: str) -> None:
     with pytest.raises((ConfigError, FileNotFoundError), match=message):
         evaluator(f"eval.sets={sets}")
@@ -45,9 +51,20 @@ def test_an_unscored_episode_is_reported_beside_the_accuracy() -> None:
     from workers.episode import EpisodeOutcome
 
     def scored(reward: float) -> EpisodeOutcome:
-        t = Trajectory(id="t", run_id="r", env="e", task_id="x", group_id="g", group_size=1,
-                       prompt_ids=np.array([1]), completion_ids=np.array([2]), loss_mask=np.array([1]),
-                       sampler_logprobs=np.array([0.0]), policy_versions=np.array([0]), reward=reward)
+        t = Trajectory(
+            id="t",
+            run_id="r",
+            env="e",
+            task_id="x",
+            group_id="g",
+            group_size=1,
+            prompt_ids=np.array([1]),
+            completion_ids=np.array([2]),
+            loss_mask=np.array([1]),
+            sampler_logprobs=np.array([0.0]),
+            policy_versions=np.array([0]),
+            reward=reward,
+        )
         return EpisodeOutcome(trajectory=t)
 
     unscored = EpisodeOutcome(trajectory=None, error="sandbox error", kind="env_reward_none")

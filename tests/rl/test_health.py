@@ -20,10 +20,12 @@ TESTS = asserts_to_tests("assert add(1, 2) == 3\nassert add(2, 2) == 4", "add")
 # The whole run's deadline is below one test's, so a loop ends the run (a per-test timeout would be
 # a failed test inside a run that ends "ok").
 LIMITS = ExecLimits(timeout_per_test_s=3.0, timeout_total_s=1.5, memory_mb=128)
-PROGRAMS = {"ok": "def add(a, b):\n    return a + b\n",
-            "timeout": "def add(a, b):\n    while True:\n        pass\n",
-            "runtime_error": "import os\nos._exit(3)\n",
-            "oom": "hog = bytearray(512 * 2**20)\ndef add(a, b):\n    return a + b\n"}
+PROGRAMS = {
+    "ok": "def add(a, b):\n    return a + b\n",
+    "timeout": "def add(a, b):\n    while True:\n        pass\n",
+    "runtime_error": "import os\nos._exit(3)\n",
+    "oom": "hog = bytearray(512 * 2**20)\ndef add(a, b):\n    return a + b\n",
+}
 
 
 def outcome(result, i: int) -> EpisodeOutcome:
@@ -31,10 +33,22 @@ def outcome(result, i: int) -> EpisodeOutcome:
     info = grade_info(result)
     if result.reward is None:
         return EpisodeOutcome(trajectory=None, error=str(info["error"]), info=info)
-    traj = Trajectory(id=f"t{i}", run_id="health", env="mbpp", task_id="add", group_id="g", group_size=3,
-                      prompt_ids=np.arange(3), completion_ids=np.arange(4), loss_mask=np.ones(4),
-                      sampler_logprobs=np.zeros(4), policy_versions=np.zeros(4), reward=result.reward,
-                      reward_info=info, timings={"generate": 0.01, "episode": 0.01 + result.sandbox_s + 0.05})
+    traj = Trajectory(
+        id=f"t{i}",
+        run_id="health",
+        env="mbpp",
+        task_id="add",
+        group_id="g",
+        group_size=3,
+        prompt_ids=np.arange(3),
+        completion_ids=np.arange(4),
+        loss_mask=np.ones(4),
+        sampler_logprobs=np.zeros(4),
+        policy_versions=np.zeros(4),
+        reward=result.reward,
+        reward_info=info,
+        timings={"generate": 0.01, "episode": 0.01 + result.sandbox_s + 0.05},
+    )
     return EpisodeOutcome(trajectory=traj)
 
 

@@ -24,9 +24,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _samples() -> list[TrainSample]:
     rng = np.random.default_rng(0)
-    return [TrainSample(input_ids=rng.integers(3, 100, 12).astype(np.int32), prompt_len=6,
-                        loss_mask=np.ones(6, np.int32), sampler_logprobs=np.full(6, -3.0, np.float32),
-                        advantage=1.0 if i % 2 else -1.0) for i in range(4)]
+    return [
+        TrainSample(
+            input_ids=rng.integers(3, 100, 12).astype(np.int32),
+            prompt_len=6,
+            loss_mask=np.ones(6, np.int32),
+            sampler_logprobs=np.full(6, -3.0, np.float32),
+            advantage=1.0 if i % 2 else -1.0,
+        )
+        for i in range(4)
+    ]
 
 
 @pytest.fixture()
@@ -57,8 +64,9 @@ def test_lr_warms_up_holds_then_decays_linearly_to_its_floor() -> None:
     assert decayed == pytest.approx([1.0, 0.5, 0.0])
 
 
-def test_checkpoint_restores_weights_optimizer_and_warmup_position(rank: LearnerRank, tiny_model: str,
-                                                                     tmp_path: Path) -> None:
+def test_checkpoint_restores_weights_optimizer_and_warmup_position(
+    rank: LearnerRank, tiny_model: str, tmp_path: Path
+) -> None:
     samples = _samples()
     rank.train_step([weigh(samples, AlgorithmSection(), 1)])
     rank.save_checkpoint(str(tmp_path / "ckpt"))
@@ -71,21 +79,25 @@ def test_checkpoint_restores_weights_optimizer_and_warmup_position(rank: Learner
 
 
 def _sample(rng: np.random.Generator, prompt: int, completion: int, advantage: float) -> TrainSample:
-    return TrainSample(input_ids=rng.integers(3, 400, prompt + completion).astype(np.int32),
-                       prompt_len=prompt, loss_mask=np.ones(completion, np.int32),
-                       sampler_logprobs=rng.uniform(-7, -4, completion).astype(np.float32),
-                       advantage=advantage)
+    return TrainSample(
+        input_ids=rng.integers(3, 400, prompt + completion).astype(np.int32),
+        prompt_len=prompt,
+        loss_mask=np.ones(completion, np.int32),
+        sampler_logprobs=rng.uniform(-7, -4, completion).astype(np.float32),
+        advantage=advantage,
+    )
 
 
-def test_two_ranks_with_minibatches_and_uneven_shards_match_one_rank(ray_session: None,
-                                                                     tiny_model: str) -> None:
+def test_two_ranks_with_minibatches_and_uneven_shards_match_one_rank(ray_session: None, tiny_model: str) -> None:
     """Issue #9, defect 1: in the proximal pass a rank with fewer micro-batches padded with a
     forward + backward while the others ran no-grad forwards, and the collectives paired wrongly
     (gloo hung). Here minibatch 0 splits 1 : 2 micro-batches over the ranks and minibatch 1, one
     sample, leaves rank 1 nothing at all."""
     rng = np.random.default_rng(1)
-    minibatches = [[_sample(rng, 20, 20, 1.0)] + [_sample(rng, 4, 6, a) for a in (1.0, -1.0, 0.5, -0.5)],
-                   [_sample(rng, 5, 5, -1.0)]]
+    minibatches = [
+        [_sample(rng, 20, 20, 1.0)] + [_sample(rng, 4, 6, a) for a in (1.0, -1.0, 0.5, -0.5)],
+        [_sample(rng, 5, 5, -1.0)],
+    ]
     totals = [sum(int(s.loss_mask.sum()) for s in mb) for mb in minibatches]
     cfg, algo = LearnerSection(lr=1e-3, micro_batch_tokens=24, world_size=2), AlgorithmSection(minibatches=2)
     one = LearnerRank(0, 1, free_port(), tiny_model, cfg.model_copy(update={"world_size": 1}), algo, 1.0, 0)
@@ -118,11 +130,14 @@ def test_two_ranks_with_minibatches_and_uneven_shards_match_one_rank(ray_session
     assert initial.keys() == weights.keys()
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["learner.attention=fa3", "learner.mixed_precision=off"], "learner.attention fa3 runs in bf16 only"),
-    (["learner.attention=fa4", "learner.mixed_precision=off"], "learner.attention fa4 runs in bf16 only"),
-    (["learner.float8=rowwise"], "learner.float8 without learner.compile"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["learner.attention=fa3", "learner.mixed_precision=off"], "learner.attention fa3 runs in bf16 only"),
+        (["learner.attention=fa4", "learner.mixed_precision=off"], "learner.attention fa4 runs in bf16 only"),
+        (["learner.float8=rowwise"], "learner.float8 without learner.compile"),
+    ],
+)
 def test_kernel_choices_that_cannot_pay_or_run_are_config_errors(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, ["envs=[{name: arithmetic}]", *overrides])
@@ -139,28 +154,42 @@ def test_flash_attention_without_a_hopper_gpu_or_its_kernel_is_one_error_naming_
         require_runnable(LearnerSection(float8="tensorwise", compile=True))
     require_runnable(LearnerSection())  # sdpa runs anywhere
     # The checks a GPU machine reaches, on the facts such a machine reports:
-    assert attention_problem("fa3", (8, 0), None) == ("learner.attention: fa3 needs a Hopper GPU; this GPU "
-                                                      "has compute capability 8.0.")
-    assert "cannot be imported here (ModuleNotFoundError: No module named 'flash_attn_interface')" in \
-        attention_problem("fa3", (9, 0), "ModuleNotFoundError: No module named 'flash_attn_interface'")
+    assert attention_problem("fa3", (8, 0), None) == (
+        "learner.attention: fa3 needs a Hopper GPU; this GPU has compute capability 8.0."
+    )
+    assert "cannot be imported here (ModuleNotFoundError: No module named 'flash_attn_interface')" in attention_problem(
+        "fa3", (9, 0), "ModuleNotFoundError: No module named 'flash_attn_interface'"
+    )
     assert attention_problem("fa4", (10, 0), None) is None and attention_problem("fa3", (9, 0), None) is None
 
 
 def test_dry_run_and_start_refuse_a_kernel_this_machine_lacks(ray_session: None, tiny_model: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "rl.cli", "train", str(REPO / "examples/demo.yaml"),
-         f"model.path={tiny_model}", "learner.attention=fa3", "--dry-run"],
-        capture_output=True, text=True, timeout=120, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "rl.cli",
+            "train",
+            str(REPO / "examples/demo.yaml"),
+            f"model.path={tiny_model}",
+            "learner.attention=fa3",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert out.returncode == 2
-    assert out.stderr.strip() == ("codeworld: learner.attention: fa3 needs a Hopper GPU; this machine has "
-                                  "no CUDA GPU.")
+    assert out.stderr.strip() == ("codeworld: learner.attention: fa3 needs a Hopper GPU; this machine has no CUDA GPU.")
     with pytest.raises(ConfigError, match="fa3 needs a Hopper GPU"):  # before any rank starts
         LearnerGroup(tiny_model, LearnerSection(attention="fa3"), AlgorithmSection(), 1.0, 0)
 
 
 @pytest.mark.parametrize(("recipe", "granularity"), [("rowwise", "AXISWISE"), ("tensorwise", "TENSORWISE")])
-def test_emulated_float8_keeps_its_recipe_and_reports_its_logprob_drift(tiny_model: str, recipe: str,
-                                                                         granularity: str) -> None:
+def test_emulated_float8_keeps_its_recipe_and_reports_its_logprob_drift(
+    tiny_model: str, recipe: str, granularity: str
+) -> None:
     from torchao.float8.float8_linear import Float8Linear
 
     from rl.batching import micro_batches
@@ -198,8 +227,10 @@ def test_kl_to_the_frozen_reference_starts_at_zero_and_grows(tiny_model: str) ->
     try:
         first = rank.train_step([weigh(_samples(), algo, 1)])
         second = rank.train_step([weigh(_samples(), algo, 1)])
-        moved = any(not torch.equal(p, r) for p, r in zip(rank.model.state_dict().values(),
-                                                         rank.reference.state_dict().values()))
+        moved = any(
+            not torch.equal(p, r)
+            for p, r in zip(rank.model.state_dict().values(), rank.reference.state_dict().values())
+        )
     finally:
         dist.destroy_process_group()
     assert first.kl_sum == pytest.approx(0.0, abs=1e-6)

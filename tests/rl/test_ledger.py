@@ -145,10 +145,15 @@ def entry(i: int, group: str, index: int) -> EntryInfo:
 
 
 def test_adoption_trains_nothing_twice_and_loses_nothing_silently() -> None:
-    stream = [entry(1, "r-a-g0", 0), entry(2, "r-a-g0", 1),  # decided before the checkpoint, not acked
-              entry(3, "r-a-g1", 0), entry(4, "r-a-g1", 1),  # open at the checkpoint
-              entry(5, "r-a-g2", 0), entry(6, "r-a-g2", 1),  # published after it
-              EntryInfo(entry_id="7-0", trajectory_id=None, group_id=None, group_size=None)]  # not ours
+    stream = [
+        entry(1, "r-a-g0", 0),
+        entry(2, "r-a-g0", 1),  # decided before the checkpoint, not acked
+        entry(3, "r-a-g1", 0),
+        entry(4, "r-a-g1", 1),  # open at the checkpoint
+        entry(5, "r-a-g2", 0),
+        entry(6, "r-a-g2", 1),  # published after it
+        EntryInfo(entry_id="7-0", trajectory_id=None, group_id=None, group_size=None),
+    ]  # not ours
     open_groups = {"r-a-g1": [0, 1], "r-a-g3": [0, 1]}  # g3's episodes died with the crash
     plan = plan_adoption(stream, open_groups, decided={"r-a-g0.0", "r-a-g0.1"})
     assert plan.acknowledge == ["1-0", "2-0", "7-0"]
@@ -162,9 +167,17 @@ def test_a_fresh_launch_and_a_resumed_one_share_only_what_they_should() -> None:
     the run name alone, so a re-run under the same name trained the old run's entries."""
     one, two = Launch.fresh("run"), Launch.fresh("run")
     assert one.bus_id != two.bus_id and one.group_id(0) != two.group_id(0)
-    meta = CheckpointMeta(step=3, lineage=one.lineage, launch=one.launch, world_size=1,
-                          rng_state=rng_state(random.Random(0)), env_weights=[1.0], tokens_generated=0, dropped={},
-                          open_groups={})
+    meta = CheckpointMeta(
+        step=3,
+        lineage=one.lineage,
+        launch=one.launch,
+        world_size=1,
+        rng_state=rng_state(random.Random(0)),
+        env_weights=[1.0],
+        tokens_generated=0,
+        dropped={},
+        open_groups={},
+    )
     resumed = Launch.resumed("run", meta)
     assert resumed.bus_id == one.bus_id and resumed.consumer != one.consumer
     assert resumed.group_id(0) != one.group_id(0) and resumed.resumed_from == 3
@@ -173,8 +186,17 @@ def test_a_fresh_launch_and_a_resumed_one_share_only_what_they_should() -> None:
 def test_checkpoint_rng_state_round_trips_through_json() -> None:
     rng = random.Random(5)
     rng.random()
-    meta = CheckpointMeta(step=1, lineage="l", launch="l", world_size=1, rng_state=rng_state(rng),
-                          env_weights=[1.0], tokens_generated=0, dropped={}, open_groups={})
+    meta = CheckpointMeta(
+        step=1,
+        lineage="l",
+        launch="l",
+        world_size=1,
+        rng_state=rng_state(rng),
+        env_weights=[1.0],
+        tokens_generated=0,
+        dropped={},
+        open_groups={},
+    )
     again = CheckpointMeta.model_validate(json.loads(meta.model_dump_json())).rng()
     assert [again.random() for _ in range(5)] == [rng.random() for _ in range(5)]
 
@@ -184,8 +206,17 @@ def test_only_complete_checkpoints_are_resumed_from(tmp_path: Path, missing: str
     from rl.config import ConfigError
     from rl.resume import checkpoint_path, find_checkpoint, write_meta
 
-    meta = CheckpointMeta(step=2, lineage="l", launch="l", world_size=1, rng_state=rng_state(random.Random(0)),
-                          env_weights=[1.0], tokens_generated=0, dropped={}, open_groups={})
+    meta = CheckpointMeta(
+        step=2,
+        lineage="l",
+        launch="l",
+        world_size=1,
+        rng_state=rng_state(random.Random(0)),
+        env_weights=[1.0],
+        tokens_generated=0,
+        dropped={},
+        open_groups={},
+    )
     done = checkpoint_path(tmp_path, 2)
     done.mkdir(parents=True)
     write_meta(done, meta)

@@ -26,13 +26,28 @@ def _t(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-def _inputs(logp: torch.Tensor, prox: torch.Tensor, sampler: torch.Tensor, adv: torch.Tensor,
-            mask: torch.Tensor, seq: list[int] | None = None, ages: list[int] | None = None,
-            **extra: torch.Tensor) -> LossInputs:
+def _inputs(
+    logp: torch.Tensor,
+    prox: torch.Tensor,
+    sampler: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    seq: list[int] | None = None,
+    ages: list[int] | None = None,
+    **extra: torch.Tensor,
+) -> LossInputs:
     n = len(logp)
-    return LossInputs(logp=logp, prox=prox, sampler=sampler, advantages=adv, mask=mask,
-                      weights=torch.ones(n, dtype=torch.float64), seq=torch.tensor(seq or [0] * n),
-                      ages=torch.tensor(ages or [0] * n), **extra)
+    return LossInputs(
+        logp=logp,
+        prox=prox,
+        sampler=sampler,
+        advantages=adv,
+        mask=mask,
+        weights=torch.ones(n, dtype=torch.float64),
+        seq=torch.tensor(seq or [0] * n),
+        ages=torch.tensor(ages or [0] * n),
+        **extra,
+    )
 
 
 def test_decoupled_ppo_loss_and_gradient_by_hand() -> None:
@@ -67,8 +82,7 @@ def test_sequence_level_importance_weights_are_geometric_means() -> None:
     algo = AlgorithmSection(is_cap=10.0, is_level="sequence")
     logp = _t(0.0, 0.0, 0.0).requires_grad_()  # log-probabilities only enter through the weights here
     sampler = _t(-math.log(2.0), -math.log(8.0), 0.0)  # token weights 2, 8 | 1
-    out = policy_loss(_inputs(logp, logp.detach(), sampler, _t(1.0, 1.0, 1.0), _t(1.0, 1.0, 1.0),
-                              seq=[0, 0, 1]), algo)
+    out = policy_loss(_inputs(logp, logp.detach(), sampler, _t(1.0, 1.0, 1.0), _t(1.0, 1.0, 1.0), seq=[0, 0, 1]), algo)
     # sequence 0: geometric mean of 2 and 8 = 4 on both tokens; sequence 1: weight 1
     out.loss_sum.backward()
     assert logp.grad.tolist() == pytest.approx([-4.0, -4.0, -1.0])
@@ -80,8 +94,7 @@ def test_gspo_clips_the_sequence_ratio() -> None:
     # sequence 0: token log-ratios 0.2 and -0.1 -> mean 0.05, ratio e^0.05 = 1.051 (inside the clip);
     # sequence 1: log-ratios 0.5, 0.3 -> e^0.4 = 1.49 > 1.1 with A > 0: clipped, no gradient
     logp = _t(0.2, -0.1, 0.5, 0.3).requires_grad_()
-    out = policy_loss(_inputs(logp, prox, prox, _t(1.0, 1.0, 2.0, 2.0), _t(1.0, 1.0, 1.0, 1.0),
-                              seq=[0, 0, 1, 1]), algo)
+    out = policy_loss(_inputs(logp, prox, prox, _t(1.0, 1.0, 2.0, 2.0), _t(1.0, 1.0, 1.0, 1.0), seq=[0, 0, 1, 1]), algo)
     r0 = math.exp(0.05)
     assert float(out.loss_sum.detach()) == pytest.approx(-2 * r0 - 2 * (1.1 * 2.0))
     out.loss_sum.backward()
@@ -114,10 +127,13 @@ def test_truncated_is_loss_and_gradient_by_hand() -> None:
     assert out.clipped == 1  # the second token's weight was truncated
 
 
-@pytest.mark.parametrize(("estimator", "value", "grad"), [
-    ("k1", math.log(0.5) - math.log(0.25), 1.0),             # logp − ref; d/dlogp = 1
-    ("k3", 0.5 - math.log(0.5) - 1, 1 - 0.5),                # e^d − d − 1, d = ref − logp; d/dlogp = 1 − e^d
-])
+@pytest.mark.parametrize(
+    ("estimator", "value", "grad"),
+    [
+        ("k1", math.log(0.5) - math.log(0.25), 1.0),  # logp − ref; d/dlogp = 1
+        ("k3", 0.5 - math.log(0.5) - 1, 1 - 0.5),  # e^d − d − 1, d = ref − logp; d/dlogp = 1 − e^d
+    ],
+)
 def test_kl_to_the_reference_by_hand(estimator: str, value: float, grad: float) -> None:
     algo = AlgorithmSection(kl_coef=0.5, kl_estimator=estimator)
     logp = _t(math.log(0.5)).requires_grad_()
@@ -141,11 +157,14 @@ def test_entropy_bonus_gradient_matches_autograd_of_the_plain_entropy() -> None:
     assert torch.allclose(logits.grad, plain.grad, atol=1e-5)
 
 
-@pytest.mark.parametrize(("aggregation", "expected"), [
-    ("token_mean", [1 / 10, 1 / 10]),              # 4 + 6 tokens
-    ("sequence_mean", [1 / (2 * 4), 1 / (2 * 6)]),  # each sequence's mean, averaged over 2
-    ("token_sum", [1 / (2 * 16), 1 / (2 * 16)]),   # Dr. GRPO: a constant, 2 sequences × max_tokens 16
-])
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    [
+        ("token_mean", [1 / 10, 1 / 10]),  # 4 + 6 tokens
+        ("sequence_mean", [1 / (2 * 4), 1 / (2 * 6)]),  # each sequence's mean, averaged over 2
+        ("token_sum", [1 / (2 * 16), 1 / (2 * 16)]),  # Dr. GRPO: a constant, 2 sequences × max_tokens 16
+    ],
+)
 def test_aggregation_weights(aggregation: str, expected: list[float]) -> None:
     algo = AlgorithmSection(aggregation=aggregation)
     assert aggregation_weights([4, 6], algo, max_tokens=16) == pytest.approx(expected)
@@ -154,8 +173,10 @@ def test_aggregation_weights(aggregation: str, expected: list[float]) -> None:
 def test_importance_statistics_by_staleness() -> None:
     logp = _t(0.0, 0.0, 0.0, 0.0)
     sampler = _t(-math.log(3.0), 0.0, math.log(3.0), 0.0)  # w = 3, 1, 1/3 | 1 (masked out)
-    out = policy_loss(_inputs(logp, logp, sampler, _t(1.0, 1.0, 1.0, 1.0), _t(1.0, 1.0, 1.0, 0.0),
-                              ages=[2, 0, 2, 1]), AlgorithmSection(is_cap=2.0))
+    out = policy_loss(
+        _inputs(logp, logp, sampler, _t(1.0, 1.0, 1.0, 1.0), _t(1.0, 1.0, 1.0, 0.0), ages=[2, 0, 2, 1]),
+        AlgorithmSection(is_cap=2.0),
+    )
     assert sorted(out.importance) == [0, 2]
     old = out.importance[2]
     assert (old.tokens, old.above, old.below) == (2, 1, 1)
@@ -181,10 +202,21 @@ def _traj(env: str, completion: int, truncated: bool = False, mask: list[int] | 
     from rl.trajectory import Trajectory
 
     m = np.array(mask if mask is not None else [1] * completion)
-    return Trajectory(id="t", run_id="r", env=env, task_id="x", group_id="g", group_size=2,
-                      prompt_ids=np.array([1, 2]), completion_ids=np.arange(len(m)), loss_mask=m,
-                      sampler_logprobs=np.zeros(len(m)), policy_versions=np.zeros(len(m)), reward=0.0,
-                      truncated=truncated)
+    return Trajectory(
+        id="t",
+        run_id="r",
+        env=env,
+        task_id="x",
+        group_id="g",
+        group_size=2,
+        prompt_ids=np.array([1, 2]),
+        completion_ids=np.arange(len(m)),
+        loss_mask=m,
+        sampler_logprobs=np.zeros(len(m)),
+        policy_versions=np.zeros(len(m)),
+        reward=0.0,
+        truncated=truncated,
+    )
 
 
 def test_overlong_penalty_falls_linearly_over_the_buffer() -> None:
@@ -201,14 +233,23 @@ def test_overlong_penalty_falls_linearly_over_the_buffer() -> None:
 def test_batch_advantages_filter_normalise_per_env_and_weight() -> None:
     from rl.loss import batch_advantages
 
-    a1, a2, b1, b2, c1, c2 = (_traj("a", 3), _traj("a", 3, truncated=True), _traj("b", 3), _traj("b", 3),
-                              _traj("a", 3), _traj("a", 3))
+    a1, a2, b1, b2, c1, c2 = (
+        _traj("a", 3),
+        _traj("a", 3, truncated=True),
+        _traj("b", 3),
+        _traj("b", 3),
+        _traj("a", 3),
+        _traj("a", 3),
+    )
     groups, rewards = [[a1, a2], [b1, b2], [c1, c2]], [[1.0, 0.0], [10.0, 0.0], [1.0, 1.0]]
     algo = AlgorithmSection(normalize_std=False, env_advantage_norm=True, overlong="filter")
     scored, filtered = batch_advantages(groups, rewards, algo, {"b": 2.0}, max_tokens=16)
     assert filtered == 1  # the group without signal
     # group baselines: a ±0.5, b ±5; per env divided by the std over the batch (0.5 and 5): ±1;
     # b's loss weight 2: ±2; a2 hit the token limit and is left out (its baseline still counted it)
-    assert [(t is a1, t is b1, t is b2) for t, _ in scored] == [(True, False, False), (False, True, False),
-                                                               (False, False, True)]
+    assert [(t is a1, t is b1, t is b2) for t, _ in scored] == [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+    ]
     assert [adv for _, adv in scored] == pytest.approx([1.0, 2.0, -2.0], abs=1e-5)

@@ -41,15 +41,21 @@ def mixed_samples(n: int, seed: int) -> list[TrainSample]:
         mask = np.ones(completion, np.int32)
         if i % 3 == 0 and completion > 6:
             mask[2:5] = 0
-        out.append(TrainSample(input_ids=rng.integers(3, 400, prompt + completion).astype(np.int32),
-                               prompt_len=prompt, loss_mask=mask,
-                               sampler_logprobs=rng.uniform(-7, -4, completion).astype(np.float32),
-                               advantage=float(rng.normal())))
+        out.append(
+            TrainSample(
+                input_ids=rng.integers(3, 400, prompt + completion).astype(np.int32),
+                prompt_len=prompt,
+                loss_mask=mask,
+                sampler_logprobs=rng.uniform(-7, -4, completion).astype(np.float32),
+                advantage=float(rng.normal()),
+            )
+        )
     return out
 
 
-def padded_step(model_dir: str, samples: list[TrainSample], budget: int, cfg: LearnerSection,
-                algo: AlgorithmSection) -> Reference:
+def padded_step(
+    model_dir: str, samples: list[TrainSample], budget: int, cfg: LearnerSection, algo: AlgorithmSection
+) -> Reference:
     """The reference: one optimizer step on right-padded micro-batches of a plain transformers
     model (no FSDP, no packing), logprobs from a full fp32 log-softmax."""
     from transformers import AutoModelForCausalLM
@@ -65,14 +71,25 @@ def padded_step(model_dir: str, samples: list[TrainSample], budget: int, cfg: Le
         for i, s in enumerate(group):
             n, p = len(s.input_ids), s.prompt_len
             ids[i, :n] = torch.from_numpy(s.input_ids.astype(np.int64))
-            mask[i, p - 1:n - 1] = torch.from_numpy(s.loss_mask.astype(np.float32))
-            sampler[i, p - 1:n - 1] = torch.from_numpy(s.sampler_logprobs)
-            adv[i, p - 1:n - 1] = s.advantage
+            mask[i, p - 1 : n - 1] = torch.from_numpy(s.loss_mask.astype(np.float32))
+            sampler[i, p - 1 : n - 1] = torch.from_numpy(s.sampler_logprobs)
+            adv[i, p - 1 : n - 1] = s.advantage
         logp_all = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
         logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
         zeros = torch.zeros_like(mask, dtype=torch.long)
-        out = policy_loss(LossInputs(logp=logp, prox=logp.detach(), sampler=sampler, advantages=adv, mask=mask,
-                                     weights=torch.full_like(mask, 1 / total), seq=zeros, ages=zeros), algo)
+        out = policy_loss(
+            LossInputs(
+                logp=logp,
+                prox=logp.detach(),
+                sampler=sampler,
+                advantages=adv,
+                mask=mask,
+                weights=torch.full_like(mask, 1 / total),
+                seq=zeros,
+                ages=zeros,
+            ),
+            algo,
+        )
         out.loss_sum.backward()
         loss += out.policy_sum / total
         entropy += float((-(logp_all.exp() * logp_all).sum(-1) * mask).sum().detach())
@@ -87,14 +104,16 @@ def padded_step(model_dir: str, samples: list[TrainSample], budget: int, cfg: Le
 
 @pytest.fixture()
 def one_rank(tiny_model: str) -> Iterator[LearnerRank]:
-    rank = LearnerRank(0, 1, free_port(), tiny_model, LearnerSection(lr=LR, micro_batch_tokens=64),
-                       AlgorithmSection(), 1.0, 0)
+    rank = LearnerRank(
+        0, 1, free_port(), tiny_model, LearnerSection(lr=LR, micro_batch_tokens=64), AlgorithmSection(), 1.0, 0
+    )
     yield rank
     dist.destroy_process_group()
 
 
-def _assert_same_step(loss: float, norm: float, weights: dict[str, torch.Tensor], ref: Reference,
-                      initial: dict[str, torch.Tensor]) -> None:
+def _assert_same_step(
+    loss: float, norm: float, weights: dict[str, torch.Tensor], ref: Reference, initial: dict[str, torch.Tensor]
+) -> None:
     assert loss == pytest.approx(ref.loss, abs=1e-5)
     assert norm == pytest.approx(ref.grad_norm, abs=1e-5)
     moved = max(float((ref.weights[k] - initial[k]).abs().max()) for k in initial)
@@ -108,10 +127,12 @@ def _assert_same_step(loss: float, norm: float, weights: dict[str, torch.Tensor]
     far = sum(int(((weights[k] - ref.weights[k]).abs() > 0.1 * LR).sum()) for k in initial)
     numel = sum(v.numel() for v in initial.values())
     excluded = numel - sum(int(m.sum()) for m in sure.values())
-    print(f"packed vs padded: |loss diff| {abs(loss - ref.loss):.1e}, "
-          f"|grad norm diff| {abs(norm - ref.grad_norm):.1e}, "
-          f"max |weight diff| {diff:.1e} where |g| >= 1e-6 (weights moved up to {moved:.1e}); "
-          f"{excluded} of {numel} weights with |g| < 1e-6, {far} off by > 0.1 lr")
+    print(
+        f"packed vs padded: |loss diff| {abs(loss - ref.loss):.1e}, "
+        f"|grad norm diff| {abs(norm - ref.grad_norm):.1e}, "
+        f"max |weight diff| {diff:.1e} where |g| >= 1e-6 (weights moved up to {moved:.1e}); "
+        f"{excluded} of {numel} weights with |g| < 1e-6, {far} off by > 0.1 lr"
+    )
     assert diff <= 1e-5
     assert far <= 1e-3 * numel
 
@@ -129,8 +150,9 @@ def test_packing_drops_every_padding_token_and_predicts_only_model_tokens() -> N
         assert torch.equal(sample_of, torch.bucketize(mb.positions + 1, ends, right=True))
 
 
-def test_packed_step_equals_padded_step_for_mixed_lengths_and_multi_turn_masks(one_rank: LearnerRank,
-                                                                                 tiny_model: str) -> None:
+def test_packed_step_equals_padded_step_for_mixed_lengths_and_multi_turn_masks(
+    one_rank: LearnerRank, tiny_model: str
+) -> None:
     samples = mixed_samples(10, seed=0)
     total = sum(int(s.loss_mask.sum()) for s in samples)
     initial = {k: v.detach().clone() for k, v in one_rank.full_state_dict().items()}

@@ -31,8 +31,13 @@ def test_one_cpu_node_takes_everything_and_the_file_transport(tiny_model: str) -
 
 
 def test_spread_puts_one_rank_per_node_and_separate_keeps_engines_off_them(tiny_model: str) -> None:
-    cfg = config(tiny_model, "learner.world_size=2", "placement.learner=spread", "placement.engines=separate",
-                 "rollout.num_workers=2")
+    cfg = config(
+        tiny_model,
+        "learner.world_size=2",
+        "placement.learner=spread",
+        "placement.engines=separate",
+        "rollout.num_workers=2",
+    )
     plan = assign(cfg, nodes(3))
     learner, engines = where(plan)
     assert len(set(learner)) == 2 and not set(engines) & set(learner)
@@ -43,8 +48,13 @@ def test_spread_puts_one_rank_per_node_and_separate_keeps_engines_off_them(tiny_
 
 
 def test_gpu_ranks_get_one_gpu_and_engines_their_tensor_parallel_gpus_on_one_node(tiny_model: str) -> None:
-    cfg = config(tiny_model, "learner.world_size=8", "rollout.num_workers=4", "rollout.tensor_parallel_size=2",
-                 "placement.engines=separate")
+    cfg = config(
+        tiny_model,
+        "learner.world_size=8",
+        "rollout.num_workers=4",
+        "rollout.tensor_parallel_size=2",
+        "placement.engines=separate",
+    )
     plan = assign(cfg, nodes(2, **GPU_NODE))
     learner, engines = where(plan)
     assert plan.gpu and len(set(learner)) == 1 and set(engines) == {"10.0.0.2"}
@@ -63,19 +73,30 @@ def test_gpu_plan_uses_gpu_nodes_only_and_sandboxes_go_where_docker_is(tiny_mode
     assert "10.0.1.1" in text and "sandbox pool" in text and "no sandboxes (no Docker daemon" in text
 
 
-@pytest.mark.parametrize("overrides, cluster, key", [
-    (["learner.world_size=8", "rollout.num_workers=2"], nodes(1, **GPU_NODE),
-     "learner.world_size (8) + rollout.num_workers (2)"),
-    (["rollout.tensor_parallel_size=8"], nodes(3, cpus=32, gpus=4, memory=GIB * 100), "rollout.tensor_parallel_size 8"),
-    (["learner.world_size=3", "placement.learner=spread"], nodes(2), "placement.learner: spread"),
-    (["placement.engines=separate"], nodes(1), "placement.engines: separate"),
-    (["learner.threads_per_rank=4"], nodes(3), "learner.threads_per_rank"),
-    (["rollout.kv_cache_gib=64"], nodes(3), "rollout.kv_cache_gib"),
-    (["learner.world_size=4"], nodes(1), "learner.world_size: 4 ranks"),
-    (["rollout.num_workers=3"], nodes(1, memory=4 * GIB), "rollout.num_workers: engine 3 of 3"),
-])
-def test_an_impossible_plan_is_one_error_naming_the_key(tiny_model: str, overrides: list[str], cluster: list[Node],
-                                                        key: str) -> None:
+@pytest.mark.parametrize(
+    "overrides, cluster, key",
+    [
+        (
+            ["learner.world_size=8", "rollout.num_workers=2"],
+            nodes(1, **GPU_NODE),
+            "learner.world_size (8) + rollout.num_workers (2)",
+        ),
+        (
+            ["rollout.tensor_parallel_size=8"],
+            nodes(3, cpus=32, gpus=4, memory=GIB * 100),
+            "rollout.tensor_parallel_size 8",
+        ),
+        (["learner.world_size=3", "placement.learner=spread"], nodes(2), "placement.learner: spread"),
+        (["placement.engines=separate"], nodes(1), "placement.engines: separate"),
+        (["learner.threads_per_rank=4"], nodes(3), "learner.threads_per_rank"),
+        (["rollout.kv_cache_gib=64"], nodes(3), "rollout.kv_cache_gib"),
+        (["learner.world_size=4"], nodes(1), "learner.world_size: 4 ranks"),
+        (["rollout.num_workers=3"], nodes(1, memory=4 * GIB), "rollout.num_workers: engine 3 of 3"),
+    ],
+)
+def test_an_impossible_plan_is_one_error_naming_the_key(
+    tiny_model: str, overrides: list[str], cluster: list[Node], key: str
+) -> None:
     with pytest.raises(ConfigError) as err:
         assign(config(tiny_model, *overrides), cluster)
     assert key in str(err.value) and "\n" not in str(err.value)
@@ -114,5 +135,6 @@ def test_the_plan_is_held_by_ray_in_pinned_placement_groups(ray_session: None, t
     too_big.learner[0] = too_big.learner[0].model_copy(update={"resources": {"CPU": 64.0}})
     with pytest.raises(ConfigError, match="placement.timeout_s: Ray did not reserve the learner ranks within 2 s"):
         Reservation(too_big, timeout_s=2)
-    assert all(t["state"] == "REMOVED" for t in ray.util.placement_group_table().values()
-               if t["name"].startswith("codeworld-"))
+    assert all(
+        t["state"] == "REMOVED" for t in ray.util.placement_group_table().values() if t["name"].startswith("codeworld-")
+    )

@@ -9,10 +9,20 @@ from rl.trajectory import Trajectory
 
 def traj(gid: str, mask: list[int]) -> Trajectory:
     n = len(mask)
-    return Trajectory(id=f"{gid}-{n}", run_id="r", env="e", task_id="t", group_id=gid, group_size=2,
-                      prompt_ids=np.arange(3), completion_ids=np.arange(100, 100 + n), loss_mask=np.array(mask),
-                      sampler_logprobs=np.zeros(n), policy_versions=np.where(np.array(mask) == 1, 4, -1),
-                      reward=1.0)
+    return Trajectory(
+        id=f"{gid}-{n}",
+        run_id="r",
+        env="e",
+        task_id="t",
+        group_id=gid,
+        group_size=2,
+        prompt_ids=np.arange(3),
+        completion_ids=np.arange(100, 100 + n),
+        loss_mask=np.array(mask),
+        sampler_logprobs=np.zeros(n),
+        policy_versions=np.where(np.array(mask) == 1, 4, -1),
+        reward=1.0,
+    )
 
 
 def test_whole_groups_are_picked_by_share_and_seed() -> None:
@@ -27,7 +37,12 @@ def test_whole_groups_are_picked_by_share_and_seed() -> None:
 def test_turns_split_where_the_mask_changes_and_text_is_cut() -> None:
     t = traj("g", [1, 1, 0, 0, 0, 1, 0, 1, 1])
     record = to_record(t, 9, lambda ids: "x" * (10 * len(ids)), max_chars=25, kind="train", trained_version=6)
-    assert [(turn.role, turn.tokens) for turn in record.turns] == [("model", 2), ("env", 3), ("model", 1),
-                                                                   ("env", 1), ("model", 2)]
+    assert [(turn.role, turn.tokens) for turn in record.turns] == [
+        ("model", 2),
+        ("env", 3),
+        ("model", 1),
+        ("env", 1),
+        ("model", 2),
+    ]
     assert record.turns[1].text == "x" * 25 + " … [5 characters cut]" and record.turns[0].text == "x" * 20
     assert (record.policy_min, record.policy_max, record.staleness, record.completion_tokens) == (4, 4, 2, 5)

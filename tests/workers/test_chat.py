@@ -30,11 +30,28 @@ from workers.rollout import Generation, Sampling
 
 TEMPLATES = Path(__file__).parents[1] / "data" / "chat_templates"
 CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-LLAMA3 = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-          "<|eom_id|>", "<|python_tag|>")
+LLAMA3 = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+)
 GEMMA = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
-MISTRAL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
-           "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
+MISTRAL = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)
 
 
 @dataclass(frozen=True)
@@ -53,12 +70,15 @@ class Spec:
 SPECS = {
     "qwen2.5-instruct": Spec("qwen2.5-instruct", CHATML, eos="<|im_end|>", end_of_turn="<|im_end|>"),
     "qwen2.5-base": Spec("qwen2.5-base", CHATML, eos="<|endoftext|>", end_of_turn="<|im_end|>"),
-    "llama3.1-instruct": Spec("llama3.1-instruct", LLAMA3, eos="<|eot_id|>", end_of_turn="<|eot_id|>",
-                              bos="<|begin_of_text|>"),
-    "llama3.1-eos-end_of_text": Spec("llama3.1-instruct", LLAMA3, eos="<|end_of_text|>",
-                                     end_of_turn="<|eot_id|>", bos="<|begin_of_text|>"),
-    "gemma3-it": Spec("gemma3-it", GEMMA, eos="<eos>", end_of_turn="<end_of_turn>", bos="<bos>",
-                      env_roles=("user", "user")),
+    "llama3.1-instruct": Spec(
+        "llama3.1-instruct", LLAMA3, eos="<|eot_id|>", end_of_turn="<|eot_id|>", bos="<|begin_of_text|>"
+    ),
+    "llama3.1-eos-end_of_text": Spec(
+        "llama3.1-instruct", LLAMA3, eos="<|end_of_text|>", end_of_turn="<|eot_id|>", bos="<|begin_of_text|>"
+    ),
+    "gemma3-it": Spec(
+        "gemma3-it", GEMMA, eos="<eos>", end_of_turn="<end_of_turn>", bos="<bos>", env_roles=("user", "user")
+    ),
     # Qwen3 renders a last reply with an empty reasoning block and earlier ones without: it re-renders
     # only the model's own text, which the runner keeps as sampled, so it must be accepted.
     "qwen3": Spec("qwen3", CHATML, eos="<|im_end|>", end_of_turn="<|im_end|>"),
@@ -83,11 +103,21 @@ def tokenizer(chat_template: str, specials: tuple[str, ...], eos: str, bos: str 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(specials),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 20, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, pad_token=specials[0],
-                                   unk_token=None, chat_template=chat_template)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eos,
+        bos_token=bos,
+        pad_token=specials[0],
+        unk_token=None,
+        chat_template=chat_template,
+    )
 
 
 def spec_tokenizer(name: str) -> Any:
@@ -97,11 +127,15 @@ def spec_tokenizer(name: str) -> Any:
 
 SYSTEM = Message(role="system", content="You are a careful assistant. Answer briefly.")
 FIRST = Message(role="user", content="What is 12 + 30? Show your work.")
-REPLIES = [("12 + 30 = 42, so the answer is 42.", True),  # (text, the model closed its turn)
-           ("Let me check the sum again: 12 plus", False),  # stopped at the token limit
-           ("The final answer is \\boxed{42}.", True)]
-FEEDBACK = ["Your answer was not boxed: put the final result in \\boxed{} and reply again.",
-            '{"tests": "1 of 2 passed"}']
+REPLIES = [
+    ("12 + 30 = 42, so the answer is 42.", True),  # (text, the model closed its turn)
+    ("Let me check the sum again: 12 plus", False),  # stopped at the token limit
+    ("The final answer is \\boxed{42}.", True),
+]
+FEEDBACK = [
+    "Your answer was not boxed: put the final result in \\boxed{} and reply again.",
+    '{"tests": "1 of 2 passed"}',
+]
 
 
 class ScriptedEnv(Environment):
@@ -141,8 +175,14 @@ class ReplayWorker:
         i = len(self.requests)
         self.requests.append((list(prompt_ids), sampling))
         ids = self.turns[i]
-        return [Generation(token_ids=ids, logprobs=[-0.5] * len(ids), versions=[0] * len(ids),
-                           finish_reason="stop" if self.closed[i] else "length")]
+        return [
+            Generation(
+                token_ids=ids,
+                logprobs=[-0.5] * len(ids),
+                versions=[0] * len(ids),
+                finish_reason="stop" if self.closed[i] else "length",
+            )
+        ]
 
 
 @dataclass
@@ -163,8 +203,7 @@ def run_episode(name: str, with_system: bool = True) -> Episode:
     """Run the scripted conversation of template `name` through `EpisodeRunner`."""
     spec, tok = SPECS[name], spec_tokenizer(name)
     eot = tok.convert_tokens_to_ids(spec.end_of_turn)
-    turns = [tok.encode(text, add_special_tokens=False) + ([eot] if closed else [])
-             for text, closed in REPLIES]
+    turns = [tok.encode(text, add_special_tokens=False) + ([eot] if closed else []) for text, closed in REPLIES]
     first = [SYSTEM, FIRST] if with_system else [FIRST]
     feedback = [Message(role=role, content=text) for role, text in zip(spec.env_roles, FEEDBACK, strict=True)]
     worker, env = ReplayWorker(turns, [closed for _, closed in REPLIES]), ScriptedEnv(first, feedback)
@@ -175,14 +214,14 @@ def run_episode(name: str, with_system: bool = True) -> Episode:
     messages = [*first]
     for (text, _), said in zip(REPLIES, [*feedback, None], strict=True):
         messages += [Message(role="assistant", content=text)] + ([said] if said else [])
-    return Episode(tok, worker, env, t.prompt_ids.tolist(), t.completion_ids.tolist(), t.loss_mask.tolist(),
-                   messages)
+    return Episode(tok, worker, env, t.prompt_ids.tolist(), t.completion_ids.tolist(), t.loss_mask.tolist(), messages)
 
 
 def render(tok: Any, messages: list[Message], add_generation_prompt: bool) -> list[int]:
     """The template's rendering of `messages`, tokenized."""
-    text = tok.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
+    text = tok.apply_chat_template(
+        [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     return tok.encode(text, add_special_tokens=False)
 
 
@@ -203,16 +242,19 @@ def test_each_environment_turn_is_its_slice_of_the_full_rendering(name: str, wit
     ep = run_episode(name, with_system)
     full = render(ep.tok, ep.messages, add_generation_prompt=False)
     # Where each model turn starts: the rendering of the conversation before it, generation prompt included.
-    starts = [render(ep.tok, ep.messages[:i], add_generation_prompt=True)
-              for i, m in enumerate(ep.messages) if m.role == "assistant"]
-    assert ep.prompt_ids == starts[0] == full[:len(starts[0])]
+    starts = [
+        render(ep.tok, ep.messages[:i], add_generation_prompt=True)
+        for i, m in enumerate(ep.messages)
+        if m.role == "assistant"
+    ]
+    assert ep.prompt_ids == starts[0] == full[: len(starts[0])]
     assert [prompt for prompt, _ in ep.worker.requests] == starts  # what the engine was asked each turn
     turns, runs = ep.worker.turns, env_turns(ep)
     assert len(runs) == 2
     for k, run in enumerate(runs):
         sampled_end = len(starts[k]) + len(turns[k])
-        assert full[len(starts[k]):sampled_end] == turns[k], "the replies must be what the template renders"
-        assert run == full[sampled_end:len(starts[k + 1])], f"environment turn {k + 1}"
+        assert full[len(starts[k]) : sampled_end] == turns[k], "the replies must be what the template renders"
+        assert run == full[sampled_end : len(starts[k + 1])], f"environment turn {k + 1}"
     assert ep.prompt_ids + ep.completion_ids == starts[2] + turns[2]
 
 
@@ -225,22 +267,31 @@ def test_every_model_turn_stops_at_the_templates_end_of_turn_token(name: str) ->
     assert [a.truncated for a in ep.env.actions] == [not closed for _, closed in REPLIES]
 
 
-@pytest.mark.parametrize(("name", "after_closed", "after_truncated"), [
-    ("qwen2.5-base",
-     "\n<|im_start|>user\n{0}<|im_end|>\n<|im_start|>assistant\n",
-     "<|im_end|>\n<|im_start|>user\n<tool_response>\n{1}\n</tool_response><|im_end|>\n"
-     "<|im_start|>assistant\n"),
-    ("gemma3-it",
-     "\n<start_of_turn>user\n{0}<end_of_turn>\n<start_of_turn>model\n",
-     "<end_of_turn>\n<start_of_turn>user\n{1}<end_of_turn>\n<start_of_turn>model\n"),
-    ("llama3.1-eos-end_of_text",
-     "<|start_header_id|>user<|end_header_id|>\n\n{0}<|eot_id|>"
-     "<|start_header_id|>assistant<|end_header_id|>\n\n",
-     "<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"
-     '"{{\\"tests\\": \\"1 of 2 passed\\"}}"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'),
-])
+@pytest.mark.parametrize(
+    ("name", "after_closed", "after_truncated"),
+    [
+        (
+            "qwen2.5-base",
+            "\n<|im_start|>user\n{0}<|im_end|>\n<|im_start|>assistant\n",
+            "<|im_end|>\n<|im_start|>user\n<tool_response>\n{1}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+        ),
+        (
+            "gemma3-it",
+            "\n<start_of_turn>user\n{0}<end_of_turn>\n<start_of_turn>model\n",
+            "<end_of_turn>\n<start_of_turn>user\n{1}<end_of_turn>\n<start_of_turn>model\n",
+        ),
+        (
+            "llama3.1-eos-end_of_text",
+            "<|start_header_id|>user<|end_header_id|>\n\n{0}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            "<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"
+            '"{{\\"tests\\": \\"1 of 2 passed\\"}}"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
+        ),
+    ],
+)
 def test_when_eos_is_not_the_end_of_turn_an_environment_turn_closes_the_turn_it_follows(
-        name: str, after_closed: str, after_truncated: str) -> None:
+    name: str, after_closed: str, after_truncated: str
+) -> None:
     """Issue #9: with an EOS that is not the template's end-of-turn token, every environment
     turn used to carry the probe text of the renderer's start-up rendering, and a turn the model
     closed was closed again with EOS."""
@@ -249,14 +300,18 @@ def test_when_eos_is_not_the_end_of_turn_an_environment_turn_closes_the_turn_it_
     assert texts == [after_closed.format(*FEEDBACK), after_truncated.format(*FEEDBACK)]
 
 
-@pytest.mark.parametrize(("name", "preamble"), [
-    ("qwen2.5-instruct", ["<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
-                          "assistant."]),
-    ("qwen2.5-base", ["<|im_start|>system\nYou are a helpful assistant."]),
-    ("llama3.1-instruct", ["<|begin_of_text|>",
-                           "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024"]),
-    ("gemma3-it", ["<bos>"]),
-])
+@pytest.mark.parametrize(
+    ("name", "preamble"),
+    [
+        (
+            "qwen2.5-instruct",
+            ["<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."],
+        ),
+        ("qwen2.5-base", ["<|im_start|>system\nYou are a helpful assistant."]),
+        ("llama3.1-instruct", ["<|begin_of_text|>", "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024"]),
+        ("gemma3-it", ["<bos>"]),
+    ],
+)
 def test_the_templates_preamble_is_rendered_once(name: str, preamble: list[str]) -> None:
     """Issue #9: rendering only the new messages put the default system prompt (Qwen2.5), the BOS
     and the date block (Llama 3.1) in front of every environment turn again."""
@@ -275,8 +330,10 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_at_start_up() -> None
 
 
 def test_a_template_whose_turns_end_without_a_special_token_is_refused_at_start_up() -> None:
-    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
-            "{% if add_generation_prompt %}assistant: {% endif %}"
+    plain = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     tok = tokenizer(plain, CHATML, "<|endoftext|>", None)
     with pytest.raises(ChatTemplateError, match="does not begin with a special token"):
         ChatRenderer(tok)

@@ -142,8 +142,9 @@ class NeverDoneEnv(ArithmeticEnv):
 
 
 @pytest.mark.parametrize(("max_model_len", "why"), [(512, "turns"), (40, "context")])
-def test_an_episode_out_of_turns_or_context_is_scored_not_dropped(worker, tiny_model: str, max_model_len: int,
-                                                                  why: str) -> None:
+def test_an_episode_out_of_turns_or_context_is_scored_not_dropped(
+    worker, tiny_model: str, max_model_len: int, why: str
+) -> None:
     """Issue #9, defect 2: running out of turns or context is the policy's failure. It used to give
     no trajectory (counted as no reward), so rambling was never punished and the group's baseline
     was biased up; now it is a trajectory with the configured reward, flagged truncated."""
@@ -160,8 +161,9 @@ def test_an_episode_out_of_turns_or_context_is_scored_not_dropped(worker, tiny_m
 
 def test_a_prompt_that_leaves_no_room_is_dropped_as_such(worker, tiny_model: str) -> None:
     runner = EpisodeRunner(ChatRenderer(AutoTokenizer.from_pretrained(tiny_model)), "episode-test", 8)
-    outcome = asyncio.run(runner.run(ArithmeticEnv(ArithmeticParams(n_train=5)), task(), worker,
-                                     Sampling(max_tokens=10), "g5"))
+    outcome = asyncio.run(
+        runner.run(ArithmeticEnv(ArithmeticParams(n_train=5)), task(), worker, Sampling(max_tokens=10), "g5")
+    )
     assert outcome.trajectory is None and outcome.kind == "prompt_too_long"
 
 
@@ -192,8 +194,9 @@ def test_a_multi_turn_episode_renders_environment_turns_in_context(worker, tiny_
     tok = AutoTokenizer.from_pretrained(tiny_model)
     runner = EpisodeRunner(ChatRenderer(tok), "episode-test", 512)
     counting, params = CountingWorker(worker), ArithmeticParams(n_train=5)
-    outcomes = asyncio.run(runner.run_group([CheckAgainEnv(params) for _ in range(2)], task(), counting,
-                                            Sampling(max_tokens=8), "g6"))
+    outcomes = asyncio.run(
+        runner.run_group([CheckAgainEnv(params) for _ in range(2)], task(), counting, Sampling(max_tokens=8), "g6")
+    )
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert counting.calls == [2, 1, 1, 1, 1]
     assert all(im_end in stops for stops in counting.stops)
@@ -201,8 +204,9 @@ def test_a_multi_turn_episode_renders_environment_turns_in_context(worker, tiny_
     for outcome in outcomes:
         t = outcome.trajectory
         assert t is not None and t.reward is not None, outcome.error
-        assert t.prompt_ids.tolist() == encode(f"<|im_start|>user\n{task().prompt[0].content}<|im_end|>\n"
-                                               "<|im_start|>assistant\n")
+        assert t.prompt_ids.tolist() == encode(
+            f"<|im_start|>user\n{task().prompt[0].content}<|im_end|>\n<|im_start|>assistant\n"
+        )
         pairs = zip(t.completion_ids.tolist(), t.loss_mask.tolist(), strict=True)
         runs = [list(run) for _, run in itertools.groupby(pairs, key=lambda pair: pair[1])]
         assert [run[0][1] for run in runs] == [1, 0, 1, 0, 1]

@@ -50,9 +50,16 @@ def reference_logprobs(state_dict: dict, model_dir: str, prompt: list[int], toke
 
 
 def train_once(learner: LearnerGroup, rng: np.random.Generator) -> None:
-    samples = [TrainSample(input_ids=np.array(PROMPT + list(rng.integers(3, 400, 8))), prompt_len=len(PROMPT),
-                           loss_mask=np.ones(8), sampler_logprobs=np.full(8, -6.0), advantage=a)
-               for a in (1.0, -1.0, 0.5, -0.5)]
+    samples = [
+        TrainSample(
+            input_ids=np.array(PROMPT + list(rng.integers(3, 400, 8))),
+            prompt_len=len(PROMPT),
+            loss_mask=np.ones(8),
+            sampler_logprobs=np.full(8, -6.0),
+            advantage=a,
+        )
+        for a in (1.0, -1.0, 0.5, -0.5)
+    ]
     learner.train_step([samples])
 
 
@@ -98,8 +105,11 @@ def test_corrupt_push_is_rejected_and_version_kept(worker, learner, tmp_path: Pa
     (bad_dir / WEIGHTS_FILE).write_bytes(bytes(data))
     version = ray.get(worker.get_version.remote())
     with pytest.raises(ChecksumMismatch):
-        ray.get(worker.update_weights.remote(WeightPush(version=8, path=bad_dir, checksum=push.checksum,
-                                                        num_bytes=push.num_bytes)))
+        ray.get(
+            worker.update_weights.remote(
+                WeightPush(version=8, path=bad_dir, checksum=push.checksum, num_bytes=push.num_bytes)
+            )
+        )
     assert ray.get(worker.get_version.remote()) == version
     shutil.rmtree(bad_dir)
 
@@ -254,16 +264,20 @@ class HFSender:
         data = torch.zeros(nbytes, dtype=torch.uint8)
         for meta, offset in zip(tensors, offsets):
             flat = params[meta.name].detach().reshape(-1).view(torch.uint8)
-            data[offset:offset + flat.numel()] = flat
-        return Bucket(version=version, index=index, count=count, tensors=tensors, nbytes=nbytes,
-                      checksum=checksum(data)), data
+            data[offset : offset + flat.numel()] = flat
+        return Bucket(
+            version=version, index=index, count=count, tensors=tensors, nbytes=nbytes, checksum=checksum(data)
+        ), data
 
 
 def _serving(worker) -> tuple[int, list[list[int]], np.ndarray]:
     """The engine's version and what it samples for a fixed seed (tokens, their logprobs)."""
     gens = ray.get(worker.generate.remote(PROMPT, Sampling(n=2, max_tokens=12, seed=5)))
-    return (ray.get(worker.get_version.remote()), [g.token_ids for g in gens],
-            np.array([lp for g in gens for lp in g.logprobs]))
+    return (
+        ray.get(worker.get_version.remote()),
+        [g.token_ids for g in gens],
+        np.array([lp for g in gens for lp in g.logprobs]),
+    )
 
 
 def assert_still_serving(worker, before: tuple[int, list[list[int]], np.ndarray]) -> None:
@@ -273,18 +287,24 @@ def assert_still_serving(worker, before: tuple[int, list[list[int]], np.ndarray]
 
 
 @pytest.mark.parametrize("which", ["a middle", "the last"])
-def test_a_bucket_flipped_in_flight_is_refused_and_the_previous_version_serves(worker, tiny_model: str,
-                                                                              which: str) -> None:
+def test_a_bucket_flipped_in_flight_is_refused_and_the_previous_version_serves(
+    worker, tiny_model: str, which: str
+) -> None:
     """The engine hashes a bucket while the next arrives; the last one's verdict is read only when
     the push is checked, so a flip there must be caught as surely as one in the middle."""
     before = _serving(worker)
     sender = HFSender(worker, tiny_model, seed=1)
-    count = len(plan_buckets([TensorMeta(name=n, dtype="float32", shape=list(p.shape))
-                              for n, p in sender.model.named_parameters()], 2**18))
+    count = len(
+        plan_buckets(
+            [TensorMeta(name=n, dtype="float32", shape=list(p.shape)) for n, p in sender.model.named_parameters()],
+            2**18,
+        )
+    )
     index, version = (3, 40) if which == "a middle" else (count - 1, 42)
     sender.flip_bucket(index)
-    with pytest.raises(WeightTransferRefused,
-                       match=rf"v{version}, bucket {index + 1} of {count}: received bytes have checksum"):
+    with pytest.raises(
+        WeightTransferRefused, match=rf"v{version}, bucket {index + 1} of {count}: received bytes have checksum"
+    ):
         sender.sender.send_weights(version)
     assert_still_serving(worker, before)
     # The group is still usable: the next, clean push loads.
@@ -300,8 +320,12 @@ def test_a_bucket_flipped_in_flight_is_refused_and_the_previous_version_serves(w
 def test_a_torn_push_is_refused_whole(worker, tiny_model: str) -> None:
     before = _serving(worker)
     sender = HFSender(worker, tiny_model, seed=2)
-    count = len(plan_buckets([TensorMeta(name=n, dtype="float32", shape=list(p.shape))
-                              for n, p in sender.model.named_parameters()], 2**18))
+    count = len(
+        plan_buckets(
+            [TensorMeta(name=n, dtype="float32", shape=list(p.shape)) for n, p in sender.model.named_parameters()],
+            2**18,
+        )
+    )
     with pytest.raises(WeightTransferRefused, match=rf"2 of {count} buckets arrived \(torn push\)"):
         sender.send_raw([sender.bucket(50, 0, count), sender.bucket(50, 1, count)])
     assert_still_serving(worker, before)

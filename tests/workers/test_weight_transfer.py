@@ -7,8 +7,14 @@ from pydantic import ValidationError
 
 from workers.weight_transfer import ALIGN, Bucket, TensorMeta, checksum, layout, plan_buckets, views
 
-SHAPES = [("a", "float32", [3, 5]), ("b", "bfloat16", [7]), ("c", "float32", []), ("d", "float16", [2, 2, 3]),
-          ("e", "float32", [1000]), ("f", "int64", [9])]
+SHAPES = [
+    ("a", "float32", [3, 5]),
+    ("b", "bfloat16", [7]),
+    ("c", "float32", []),
+    ("d", "float16", [2, 2, 3]),
+    ("e", "float32", [1000]),
+    ("f", "int64", [9]),
+]
 
 
 def _metas() -> list[TensorMeta]:
@@ -38,7 +44,7 @@ def test_views_give_back_exactly_what_was_packed() -> None:
     buffer = torch.zeros(total, dtype=torch.uint8)
     for meta, offset in zip(metas, offsets):
         flat = tensors[meta.name].reshape(-1).view(torch.uint8)
-        buffer[offset:offset + flat.numel()] = flat
+        buffer[offset : offset + flat.numel()] = flat
     got = dict(views(buffer, metas))
     assert list(got) == [m.name for m in metas]
     for name, t in tensors.items():

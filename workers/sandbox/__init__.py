@@ -14,6 +14,18 @@ from workers.sandbox.config import ImagePolicy, SandboxLimits, SandboxProfile
 from workers.sandbox.models import ExecRequest, ExecResult, Isolation, PoolStats, Status
 from workers.sandbox.pool import DEFAULT_IMAGE, SandboxError, SandboxPool, SandboxUnavailable, Session
 
-__all__ = ["DEFAULT_IMAGE", "ExecRequest", "ExecResult", "ImagePolicy", "Isolation", "PoolStats",
-           "SandboxError", "SandboxLimits", "SandboxPool", "SandboxProfile", "SandboxUnavailable", "Session",
-           "Status"]
+__all__ = [
+    "DEFAULT_IMAGE",
+    "ExecRequest",
+    "ExecResult",
+    "ImagePolicy",
+    "Isolation",
+    "PoolStats",
+    "SandboxError",
+    "SandboxLimits",
+    "SandboxPool",
+    "SandboxProfile",
+    "SandboxUnavailable",
+    "Session",
+    "Status",
+]

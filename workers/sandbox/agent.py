@@ -61,7 +61,7 @@ def read_exact(fd, n):
 def write_all(fd, data):
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def send_frame(fd, header, blobs=()):
@@ -241,14 +241,20 @@ def ipc_objects(uid):
                 rows = [line.split() for line in f.readlines()[1:]]
         except OSError:
             continue
-        found += [(table, int(row[1])) for row in rows
-                  if len(row) > cuid_col and uid in (int(row[uid_col]), int(row[cuid_col]))]
+        found += [
+            (table, int(row[1]))
+            for row in rows
+            if len(row) > cuid_col and uid in (int(row[uid_col]), int(row[cuid_col]))
+        ]
     return found
 
 
 def remove_ipc(objects):
-    removers = {"shm": lambda i: LIBC.shmctl(i, 0, None), "msg": lambda i: LIBC.msgctl(i, 0, None),
-                "sem": lambda i: LIBC.semctl(i, 0, 0, 0)}  # 0 = IPC_RMID
+    removers = {
+        "shm": lambda i: LIBC.shmctl(i, 0, None),
+        "msg": lambda i: LIBC.msgctl(i, 0, None),
+        "sem": lambda i: LIBC.semctl(i, 0, 0, 0),
+    }  # 0 = IPC_RMID
     for table, ident in objects:
         removers[table](ident)
 
@@ -412,6 +418,7 @@ def zygote_main(sock_fd):
     zygote = Zygote(sock_fd)
     import runpy, traceback, types, atexit, resource  # noqa: F401,E401 - preloaded for the forks
     import gc
+
     # Objects made so far never need collecting: moving them out of the collector's reach keeps
     # a fork's collections from touching (and copying) every inherited page.
     gc.collect()
@@ -430,6 +437,7 @@ def child_main(fds):
             os.dup2(fd, target)
         os.closerange(3, 1 << 16)
         import resource
+
         for name, value in params["rlimits"].items():
             resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, value))
         if params["uid"] is not None:
@@ -456,20 +464,25 @@ def child_main(fds):
 def run_python(spec, env):
     """The fast path: run a Python program in this pre-loaded interpreter, as `python3` would."""
     import atexit, builtins, traceback, types  # noqa: E401
+
     os.environ.clear()
     os.environ.update(env)
     sys.dont_write_bytecode = spec["no_bytecode"] or sys.dont_write_bytecode
     write_through = spec["unbuffered"]
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
-                                                  encoding="utf-8")
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
-                                                    encoding="utf-8", write_through=write_through)
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
-                                                    encoding="utf-8", errors="backslashreplace",
-                                                    line_buffering=True)
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8", write_through=write_through
+    )
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
     try:
         if spec["kind"] == "module":
             import runpy
+
             sys.argv = ["-m"] + spec["args"]
             sys.path[0] = os.getcwd()
             runpy.run_module(spec["target"], run_name="__main__", alter_sys=True)
@@ -550,8 +563,7 @@ class Agent:
                 raise OSError(errno.EPERM, "could not take the programs' file-system uid")
         # Roots the host listed that this sandbox lacks (no /dev/mqueue, say) are skipped. The
         # effective ids carry the file-system uid (a plain access() checks as the real uid).
-        self.wipe_roots = [r for r in config["wipe"]
-                           if os.path.isdir(r) and os.access(r, os.W_OK, effective_ids=True)]
+        self.wipe_roots = [r for r in config["wipe"] if os.path.isdir(r) and os.access(r, os.W_OK, effective_ids=True)]
         # (image content, writable path) pairs: each path is filled again after every wipe.
         self.restore = [tuple(pair) for pair in config.get("restore", [])]
         self.restore_all()
@@ -569,8 +581,14 @@ class Agent:
         """A fresh exec, never a fork of the agent: the zygote must hold no task's bytes. Started
         once: a zygote that dies makes the sandbox dirty, and the host replaces the sandbox."""
         zsock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-I", "-c", sys.orig_argv[sys.orig_argv.index("-c") + 1],
-                "zygote", str(child_sock.fileno())]
+        argv = [
+            sys.executable,
+            "-I",
+            "-c",
+            sys.orig_argv[sys.orig_argv.index("-c") + 1],
+            "zygote",
+            str(child_sock.fileno()),
+        ]
         os.set_inheritable(child_sock.fileno(), True)
         self.zygote = os.posix_spawn(sys.executable, argv, dict(os.environ))
         child_sock.close()
@@ -616,9 +634,11 @@ class Agent:
             found = [(pid, state) for pid, uid, _, state in table if uid == self.program_uid]
         else:
             mine = os.getuid()
-            found = [(pid, state) for pid, uid, sid, state in table
-                     if uid == mine and (self.sessions is None or sid in self.sessions)
-                     and not self.spared(pid, sid)]
+            found = [
+                (pid, state)
+                for pid, uid, sid, state in table
+                if uid == mine and (self.sessions is None or sid in self.sessions) and not self.spared(pid, sid)
+            ]
         return [pid for pid, state in found if not live_only or has_live_thread(pid, state)]
 
     def kill_programs(self, reap_within_s=2.0):
@@ -645,8 +665,9 @@ class Agent:
                 return
 
     def serve(self):
-        send_frame(1, {"ok": True, "ready": True, "pid": os.getpid(), "uid": os.getuid(),
-                       "python": sys.version.split()[0]})
+        send_frame(
+            1, {"ok": True, "ready": True, "pid": os.getpid(), "uid": os.getuid(), "python": sys.version.split()[0]}
+        )
         while True:
             try:
                 raw = read_exact(0, struct.unpack(">I", read_exact(0, 4))[0])
@@ -655,8 +676,9 @@ class Agent:
             header = json.loads(raw)
             if self.dirty or self.zygote_gone():  # refuse, so that the host replaces this sandbox
                 discard(sum(header["blobs"]))
-                send_frame(1, {"ok": False, "dirty": True,
-                               "error": "the sandbox could not be cleaned or its launcher failed"})
+                send_frame(
+                    1, {"ok": False, "dirty": True, "error": "the sandbox could not be cleaned or its launcher failed"}
+                )
                 continue
             after = None
             try:
@@ -674,7 +696,7 @@ class Agent:
 
     def read_blobs(self, header, streamed=0):
         sizes = header["blobs"]
-        return [read_exact(0, n) for n in sizes[:len(sizes) - streamed]]
+        return [read_exact(0, n) for n in sizes[: len(sizes) - streamed]]
 
     def op_ping(self, header):
         return {"ok": True, "pid": os.getpid()}, (), None
@@ -758,7 +780,7 @@ class Agent:
         return True
 
     def op_exec(self, header):
-        files, = self.read_blobs(header, streamed=1)
+        (files,) = self.read_blobs(header, streamed=1)
         stdin_len = header["blobs"][-1]
         try:
             unpack(files, self.work)
@@ -856,8 +878,16 @@ class Run:
         env = dict(self.agent.config["env"], **self.header["env"])
         argv = self.header["argv"]
         fast = self.agent.fast_spec(argv, env) if self.header["fast"] else None
-        params = json.dumps({"argv": argv, "env": env, "cwd": self.cwd, "fast": fast,
-                             "rlimits": self.header["rlimits"], "uid": self.agent.program_uid}).encode()
+        params = json.dumps(
+            {
+                "argv": argv,
+                "env": env,
+                "cwd": self.cwd,
+                "fast": fast,
+                "rlimits": self.header["rlimits"],
+                "uid": self.agent.program_uid,
+            }
+        ).encode()
         socket.send_fds(self.agent.zsock, [b"F"], [in_r, out_w, err_w, par_r])
         for fd in (in_r, out_w, err_w, par_r):
             os.close(fd)
@@ -890,9 +920,16 @@ class Run:
             self.outcome = "oom"  # the kernel's OOM killer may have taken the launcher too
         elif self.outcome is None:
             self.outcome = "exited"
-        reply = {"ok": True, "outcome": self.outcome, "exit_code": exit_code, "wall_s": wall,
-                 "cpu_s": self.cpu, "stdout_truncated": self.out_truncated,
-                 "stderr_truncated": self.err_truncated, "oom_kills": ooms_after}
+        reply = {
+            "ok": True,
+            "outcome": self.outcome,
+            "exit_code": exit_code,
+            "wall_s": wall,
+            "cpu_s": self.cpu,
+            "stdout_truncated": self.out_truncated,
+            "stderr_truncated": self.err_truncated,
+            "oom_kills": ooms_after,
+        }
         return reply, (bytes(self.out), bytes(self.err))
 
     def aborted(self, why):
@@ -905,9 +942,16 @@ class Run:
             self.clean = False
         outcome = "launcher_killed" if self.agent.program_uid is None else "launcher_died"
         start = getattr(self, "start", time.monotonic())
-        reply = {"ok": True, "outcome": outcome, "exit_code": None, "wall_s": time.monotonic() - start,
-                 "cpu_s": 0.0, "stdout_truncated": self.out_truncated, "stderr_truncated": self.err_truncated,
-                 "detail": why}
+        reply = {
+            "ok": True,
+            "outcome": outcome,
+            "exit_code": None,
+            "wall_s": time.monotonic() - start,
+            "cpu_s": 0.0,
+            "stdout_truncated": self.out_truncated,
+            "stderr_truncated": self.err_truncated,
+            "detail": why,
+        }
         return reply, (bytes(self.out), bytes(self.err))
 
     def pump(self, deadline):
@@ -1045,6 +1089,7 @@ def main():
         zygote_main(int(sys.argv[2]))
     import shutil  # noqa: F401 - the agent's only imports beyond the zygote's, made before any task arrives
     import tarfile
+
     # Non-dumpable: a program running under the same uid cannot ptrace the agent or read its memory.
     LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     os.chdir("/")

@@ -15,8 +15,13 @@ HOST_GRACE_S = 2.0
 """The agent enforces the deadline; the host gives up this much later (agent hung or stopped)."""
 TRANSFER_BYTES_PER_S = 20e6
 """Slowest transfer rate assumed when stretching the host deadline for big stdin or files."""
-_OUTCOMES = {"timeout": Status.TIMEOUT, "output_limit": Status.OUTPUT_LIMIT, "oom": Status.OOM,
-             "launcher_killed": Status.RUNTIME_ERROR, "launcher_died": Status.SANDBOX_ERROR}
+_OUTCOMES = {
+    "timeout": Status.TIMEOUT,
+    "output_limit": Status.OUTPUT_LIMIT,
+    "oom": Status.OOM,
+    "launcher_killed": Status.RUNTIME_ERROR,
+    "launcher_died": Status.SANDBOX_ERROR,
+}
 _OUTCOME_ERRORS = {
     "launcher_killed": "the program killed or stopped the sandbox's process launcher; the sandbox is replaced",
     "launcher_died": "the sandbox's process launcher died during the run; the sandbox is replaced",
@@ -89,24 +94,34 @@ class Box(abc.ABC):
 
     def rlimits(self, request: ExecRequest) -> dict[str, int]:
         """Per-process limits the agent sets before the program starts."""
-        return {"NOFILE": self.limits.nofile, "CORE": 0,
-                "FSIZE": max(self.limits.work_mb, self.limits.tmp_mb) << 20}
+        return {"NOFILE": self.limits.nofile, "CORE": 0, "FSIZE": max(self.limits.work_mb, self.limits.tmp_mb) << 20}
 
     async def exec(self, request: ExecRequest, wipe: bool) -> ExecResult:
         """Runs one program; `wipe` also empties the work dirs afterwards (end of a task)."""
         await self.set_memory(request.memory_mb)
-        header = {"op": "exec", "argv": request.command, "env": request.env, "cwd": request.workdir,
-                  "timeout_s": request.timeout_s, "max_output": request.max_output_bytes,
-                  "fast": request.fast_path, "wipe": wipe, "rlimits": self.rlimits(request)}
+        header = {
+            "op": "exec",
+            "argv": request.command,
+            "env": request.env,
+            "cwd": request.workdir,
+            "timeout_s": request.timeout_s,
+            "max_output": request.max_output_bytes,
+            "fast": request.fast_path,
+            "wipe": wipe,
+            "rlimits": self.rlimits(request),
+        }
         files = pack_files(request.files)
         limit = request.timeout_s + HOST_GRACE_S + (len(files) + len(request.stdin)) / TRANSFER_BYTES_PER_S
         started = time.monotonic()
         try:
             reply, blobs = await self._request(header, [files, request.stdin], 2 * request.max_output_bytes, limit)
         except SandboxHung:
-            return ExecResult(status=Status.TIMEOUT, wall_s=time.monotonic() - started,
-                              isolation=self.isolation,
-                              error=f"the sandbox did not report within {limit:.1f} s; it was destroyed")
+            return ExecResult(
+                status=Status.TIMEOUT,
+                wall_s=time.monotonic() - started,
+                isolation=self.isolation,
+                error=f"the sandbox did not report within {limit:.1f} s; it was destroyed",
+            )
         if not reply.get("ok"):
             return ExecResult(status=Status.RUNTIME_ERROR, isolation=self.isolation, error=reply.get("error", ""))
         self.dirty = self.dirty or not reply.get("clean", False)
@@ -128,10 +143,19 @@ class Box(abc.ABC):
             error = "the program tampered with the sandbox's process launcher; the sandbox is replaced"
         if reply.get("detail"):
             error += f" ({reply['detail']})"
-        return ExecResult(status=status, exit_code=reply["exit_code"], stdout=stdout, stderr=stderr,
-                          stdout_truncated=reply["stdout_truncated"], stderr_truncated=reply["stderr_truncated"],
-                          wall_s=reply["wall_s"], cpu_s=reply["cpu_s"], isolation=self.isolation, error=error,
-                          broke_sandbox=reply.get("tampered", False))
+        return ExecResult(
+            status=status,
+            exit_code=reply["exit_code"],
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=reply["stdout_truncated"],
+            stderr_truncated=reply["stderr_truncated"],
+            wall_s=reply["wall_s"],
+            cpu_s=reply["cpu_s"],
+            isolation=self.isolation,
+            error=error,
+            broke_sandbox=reply.get("tampered", False),
+        )
 
     async def put_files(self, files: dict[str, bytes]) -> None:
         blob = pack_files({validate_relative_path(p): d for p, d in files.items()})
@@ -143,8 +167,12 @@ class Box(abc.ABC):
         names = [validate_relative_path(p) for p in paths]
         # Tar adds at most a 512-byte header and 511 bytes of padding per file.
         cap = self.limits.max_file_bytes + 1024 * (len(names) + 2)
-        reply, blobs = await self._request({"op": "get", "paths": names, "max_bytes": self.limits.max_file_bytes},
-                                           [], cap, self._transfer_deadline(cap))
+        reply, blobs = await self._request(
+            {"op": "get", "paths": names, "max_bytes": self.limits.max_file_bytes},
+            [],
+            cap,
+            self._transfer_deadline(cap),
+        )
         if not reply.get("ok"):
             raise ValueError(f"could not read files from the sandbox: {reply.get('error')}")
         return unpack_files(blobs[0])
@@ -160,8 +188,9 @@ class Box(abc.ABC):
     def _transfer_deadline(self, size: int) -> float:
         return self.limits.call_deadline_s + size / TRANSFER_BYTES_PER_S
 
-    async def _request(self, header: dict, blobs: list[bytes], max_reply_bytes: int,
-                       deadline_s: float) -> tuple[dict, list[bytes]]:
+    async def _request(
+        self, header: dict, blobs: list[bytes], max_reply_bytes: int, deadline_s: float
+    ) -> tuple[dict, list[bytes]]:
         """One request to the agent, given up after `deadline_s` (the sandbox is then dirty and its
         channel closed, so nothing can follow a half-read reply)."""
         try:
@@ -170,7 +199,8 @@ class Box(abc.ABC):
             self.dirty = True
             self.channel.close()
             raise SandboxHung(
-                f"the sandbox's agent did not answer a {header['op']} within {deadline_s:.0f} s") from None
+                f"the sandbox's agent did not answer a {header['op']} within {deadline_s:.0f} s"
+            ) from None
         except ChannelClosed as exc:
             self.dirty = True
             raise SandboxBroken(str(exc), started=exc.sent) from exc

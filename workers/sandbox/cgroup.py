@@ -36,8 +36,9 @@ class SlotCgroup:
         try:
             own = _own_paths()
             if all(c in own for c in ("memory", "pids", "cpu")) and (_ROOT / "memory").is_dir():
-                memory_dir, pids_dir, cpu_dir = (_ROOT / c / own[c].lstrip("/") / name
-                                                 for c in ("memory", "pids", "cpu"))
+                memory_dir, pids_dir, cpu_dir = (
+                    _ROOT / c / own[c].lstrip("/") / name for c in ("memory", "pids", "cpu")
+                )
                 dirs, v2 = [memory_dir, pids_dir, cpu_dir], False
             elif "" in own and (_ROOT / "cgroup.controllers").exists():
                 memory_dir = pids_dir = cpu_dir = _ROOT / own[""].lstrip("/") / name

@@ -47,13 +47,13 @@ class TailBuffer:
         self._limit = limit
 
     def add(self, data: bytes) -> None:
-        self._chunks.append(data[-self._limit:])
+        self._chunks.append(data[-self._limit :])
         self._size += len(self._chunks[-1])
         while self._size > self._limit and len(self._chunks) > 1:
             self._size -= len(self._chunks.popleft())
 
     def text(self) -> str:
-        return b"".join(self._chunks)[-self._limit:].decode(errors="replace").strip()
+        return b"".join(self._chunks)[-self._limit :].decode(errors="replace").strip()
 
 
 class AgentChannel:
@@ -72,8 +72,9 @@ class AgentChannel:
         header, _ = await self._read_frame(0)
         return header
 
-    async def request(self, header: dict[str, Any], blobs: list[bytes] = (),
-                      max_reply_bytes: int = 0) -> tuple[dict[str, Any], list[bytes]]:
+    async def request(
+        self, header: dict[str, Any], blobs: list[bytes] = (), max_reply_bytes: int = 0
+    ) -> tuple[dict[str, Any], list[bytes]]:
         """Sends one request and reads its reply, whose blobs may total at most max_reply_bytes."""
         async with self._lock:
             if self.closed:

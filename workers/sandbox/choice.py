@@ -50,10 +50,16 @@ def resolved_kind(service: SandboxService) -> Literal["process", "ray", "http"]:
     return "process"
 
 
-async def open_pool(service: SandboxService, backend: Literal["docker", "local", "auto"], image: str,
-                    size: int, limits: SandboxLimits,
-                    local_isolation: Literal["bwrap", "rlimit"] | None, profile: SandboxProfile | None = None,
-                    images: ImagePolicy | None = None) -> Any:
+async def open_pool(
+    service: SandboxService,
+    backend: Literal["docker", "local", "auto"],
+    image: str,
+    size: int,
+    limits: SandboxLimits,
+    local_isolation: Literal["bwrap", "rlimit"] | None,
+    profile: SandboxProfile | None = None,
+    images: ImagePolicy | None = None,
+) -> Any:
     """The started pool `service` names (backend, image, size, profile and image policy apply to
     process and ray pools; an HTTP service runs its own)."""
     kind = resolved_kind(service)
@@ -62,17 +68,30 @@ async def open_pool(service: SandboxService, backend: Literal["docker", "local",
 
         token = os.environ.get(service.token_env)
         if not token:
-            raise SandboxUnavailable(f"the sandbox service at {service.url} needs its token in "
-                                     f"${service.token_env}.")
+            raise SandboxUnavailable(f"the sandbox service at {service.url} needs its token in ${service.token_env}.")
         return SandboxClient(service.url or "", token)
     if kind == "ray":
         from workers.sandbox.ray_pool import RaySandboxPool
 
-        pool: Any = RaySandboxPool(backend=backend, image=image, size=size, limits=limits,
-                                   local_isolation=local_isolation, profile=profile, images=images)
+        pool: Any = RaySandboxPool(
+            backend=backend,
+            image=image,
+            size=size,
+            limits=limits,
+            local_isolation=local_isolation,
+            profile=profile,
+            images=images,
+        )
     else:
-        pool = SandboxPool(backend=backend, image=image, size=size, limits=limits,
-                           local_isolation=local_isolation, profile=profile, images=images)
+        pool = SandboxPool(
+            backend=backend,
+            image=image,
+            size=size,
+            limits=limits,
+            local_isolation=local_isolation,
+            profile=profile,
+            images=images,
+        )
     await pool.start()
     return pool
 

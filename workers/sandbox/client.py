@@ -29,8 +29,9 @@ class SandboxClient:
     def __init__(self, url: str, token: str, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.backend_name = f"service at {url}"
         """How messages name this pool (SandboxPool's backend name)."""
-        self._http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
-                                       timeout=httpx.Timeout(60.0), transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=httpx.Timeout(60.0), transport=transport
+        )
 
     async def __aenter__(self) -> "SandboxClient":
         return self
@@ -43,8 +44,9 @@ class SandboxClient:
         await self._http.aclose()
 
     async def _post(self, path: str, body: str, timeout_s: float = 60.0) -> bytes:
-        response = await self._http.post(path, content=body, headers={"Content-Type": "application/json"},
-                                         timeout=timeout_s)
+        response = await self._http.post(
+            path, content=body, headers={"Content-Type": "application/json"}, timeout=timeout_s
+        )
         if response.status_code == 401:
             raise PermissionError("the sandbox service refused the bearer token.")
         if response.status_code in (400, 413):

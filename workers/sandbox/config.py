@@ -64,12 +64,13 @@ class SandboxProfile(BaseModel):
     def _check_paths(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
         for path in paths:
             if not _PATH_CHARS.match(path) or any(p in (".", "..") for p in path.split("/")):
-                raise ValueError(f"writable path {path!r} must be an absolute, normalised path of letters, "
-                                 "digits, '.', '_', '-' and '/'.")
+                raise ValueError(
+                    f"writable path {path!r} must be an absolute, normalised path of letters, "
+                    "digits, '.', '_', '-' and '/'."
+                )
             for root in _RESERVED_ROOTS:
                 if path == root or path.startswith(root + "/") or root.startswith(path + "/"):
-                    raise ValueError(f"writable path {path!r} overlaps {root}, which the sandbox manages "
-                                     "itself.")
+                    raise ValueError(f"writable path {path!r} overlaps {root}, which the sandbox manages itself.")
         for a in paths:
             for b in paths:
                 if a != b and b.startswith(a + "/"):

@@ -83,10 +83,10 @@ class _ExecStream(asyncio.Protocol):
         self._buf += data
         pos = 0
         while len(self._buf) - pos >= 8:
-            size = int.from_bytes(self._buf[pos + 4:pos + 8], "big")
+            size = int.from_bytes(self._buf[pos + 4 : pos + 8], "big")
             if len(self._buf) - pos - 8 < size:
                 break
-            payload = bytes(self._buf[pos + 8:pos + 8 + size])
+            payload = bytes(self._buf[pos + 8 : pos + 8 + size])
             (self.reader.feed_data if self._buf[pos] == 1 else self.stderr.add)(payload)
             pos += 8 + size
         del self._buf[:pos]
@@ -124,8 +124,14 @@ class DockerBox(Box):
 
     isolation = Isolation.DOCKER
 
-    def __init__(self, channel: AgentChannel, limits: SandboxLimits, client: docker.DockerClient,
-                 container_id: str, memory_mb: int) -> None:
+    def __init__(
+        self,
+        channel: AgentChannel,
+        limits: SandboxLimits,
+        client: docker.DockerClient,
+        container_id: str,
+        memory_mb: int,
+    ) -> None:
         super().__init__(channel, limits)
         self.client, self.container_id = client, container_id
         self.memory_mb = memory_mb
@@ -134,8 +140,12 @@ class DockerBox(Box):
         if memory_mb == self.memory_mb:
             return
         try:
-            await asyncio.to_thread(self.client.api.update_container, self.container_id,
-                                    mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m")
+            await asyncio.to_thread(
+                self.client.api.update_container,
+                self.container_id,
+                mem_limit=f"{memory_mb}m",
+                memswap_limit=f"{memory_mb}m",
+            )
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise SandboxBroken(f"could not set the container's memory limit: {exc}", started=False) from exc
         self.memory_mb = memory_mb
@@ -158,8 +168,11 @@ class DockerBox(Box):
             if stopped is not None:
                 return stopped
             try:
-                exec_id = (await asyncio.to_thread(self.client.api.exec_create, self.container_id,
-                                                   ["cat", *_OOM_FILES], user="0:0"))["Id"]
+                exec_id = (
+                    await asyncio.to_thread(
+                        self.client.api.exec_create, self.container_id, ["cat", *_OOM_FILES], user="0:0"
+                    )
+                )["Id"]
                 count = oom_kill_count((await asyncio.to_thread(self.client.api.exec_start, exec_id)).decode())
             except (docker.errors.DockerException, requests.exceptions.RequestException, UnicodeDecodeError):
                 count = None
@@ -189,8 +202,15 @@ class DockerBox(Box):
 class DockerBackend:
     """Creates hardened containers of one image for one pool."""
 
-    def __init__(self, image: str, limits: SandboxLimits, owner: Owner, base_url: str | None = None,
-                 profile: SandboxProfile | None = None, images: ImagePolicy | None = None) -> None:
+    def __init__(
+        self,
+        image: str,
+        limits: SandboxLimits,
+        owner: Owner,
+        base_url: str | None = None,
+        profile: SandboxProfile | None = None,
+        images: ImagePolicy | None = None,
+    ) -> None:
         self.image, self.limits, self.owner = image, limits, owner
         self.base_url = base_url
         self.profile = profile or SandboxProfile()
@@ -207,8 +227,9 @@ class DockerBackend:
             self.client = await asyncio.to_thread(_client, self.base_url)
             await asyncio.to_thread(self.client.ping)
         except Exception as exc:
-            raise SandboxUnavailable(f"the Docker daemon is not reachable ({exc}); start dockerd or use "
-                                     "backend='local'.") from exc
+            raise SandboxUnavailable(
+                f"the Docker daemon is not reachable ({exc}); start dockerd or use backend='local'."
+            ) from exc
         store = ImageStore(self.client, self.images)
         try:
             image_id = await asyncio.to_thread(store.ensure, self.image)
@@ -216,8 +237,9 @@ class DockerBackend:
             hint = "" if self.images.pull else "; build it with `codeworld sandbox build-image`"
             raise SandboxUnavailable(f"sandbox image {self.image!r} does not exist{hint} ({exc})") from exc
         if self.profile.writable_paths:
-            self.pristine = await asyncio.to_thread(ensure_pristine, self.client, self.image, image_id,
-                                                    self.profile.writable_paths, store.folder / "locks")
+            self.pristine = await asyncio.to_thread(
+                ensure_pristine, self.client, self.image, image_id, self.profile.writable_paths, store.folder / "locks"
+            )
         await asyncio.to_thread(reap_containers, self.client, None)
 
     async def close(self) -> None:
@@ -226,27 +248,46 @@ class DockerBackend:
         try:
             await asyncio.to_thread(reap_containers, self.client, self.owner.pool)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            log.warning("sandbox pool %s could not remove its containers (%s); the next pool start "
-                        "on this host removes them", self.owner.pool, exc)
+            log.warning(
+                "sandbox pool %s could not remove its containers (%s); the next pool start on this host removes them",
+                self.owner.pool,
+                exc,
+            )
         self.client.close()
 
     def _container_kwargs(self) -> dict:
         lim, uid = self.limits, self.limits.workload_uid
         # Each writable path: a tmpfs of its own, filled by the agent from a read-only volume.
-        writable = {path: f"size={self.profile.writable_mb}m,uid={uid},gid={uid},mode=0755,exec"
-                    for path in self.profile.writable_paths}
-        sources = {name: {"bind": f"{PRISTINE_ROOT}/{i}", "mode": "ro"}
-                   for i, name in enumerate(self.pristine)}
+        writable = {
+            path: f"size={self.profile.writable_mb}m,uid={uid},gid={uid},mode=0755,exec"
+            for path in self.profile.writable_paths
+        }
+        sources = {name: {"bind": f"{PRISTINE_ROOT}/{i}", "mode": "ro"} for i, name in enumerate(self.pristine)}
         return dict(
-            image=self.image, command=["python3", "-I", "-c", KEEPALIVE], detach=True,
-            user="0:0", network_mode="none", read_only=True,
-            cap_drop=["ALL"], cap_add=_LAUNCHER_CAPS, security_opt=["no-new-privileges"], ipc_mode="private",
-            pids_limit=lim.pids, mem_limit=f"{self.memory_mb}m", memswap_limit=f"{self.memory_mb}m",
-            nano_cpus=int(lim.cpus * 1e9), shm_size=f"{lim.shm_mb}m", hostname="sandbox",
-            tmpfs={"/work": f"size={lim.work_mb}m,uid={uid},gid={uid},mode=0700,exec",
-                   "/tmp": f"size={lim.tmp_mb}m,mode=1777,exec", **writable},
+            image=self.image,
+            command=["python3", "-I", "-c", KEEPALIVE],
+            detach=True,
+            user="0:0",
+            network_mode="none",
+            read_only=True,
+            cap_drop=["ALL"],
+            cap_add=_LAUNCHER_CAPS,
+            security_opt=["no-new-privileges"],
+            ipc_mode="private",
+            pids_limit=lim.pids,
+            mem_limit=f"{self.memory_mb}m",
+            memswap_limit=f"{self.memory_mb}m",
+            nano_cpus=int(lim.cpus * 1e9),
+            shm_size=f"{lim.shm_mb}m",
+            hostname="sandbox",
+            tmpfs={
+                "/work": f"size={lim.work_mb}m,uid={uid},gid={uid},mode=0700,exec",
+                "/tmp": f"size={lim.tmp_mb}m,mode=1777,exec",
+                **writable,
+            },
             volumes=sources,
-            labels={LABEL: "1", **owner_labels(self.owner)})
+            labels={LABEL: "1", **owner_labels(self.owner)},
+        )
 
     async def create(self) -> DockerBox:
         assert self.client is not None, "DockerBackend.start() must run first"
@@ -263,13 +304,28 @@ class DockerBackend:
 
     async def _attach_agent(self, container_id: str) -> AgentChannel:
         writable = list(self.profile.writable_paths)
-        config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm", "/dev/mqueue", *writable],
-                  "env": _ENV, "oom_files": _OOM_FILES, "program_uid": self.limits.workload_uid,
-                  "restore": [[f"{PRISTINE_ROOT}/{i}", path] for i, path in enumerate(writable)]}
+        config = {
+            "work": "/work",
+            "wipe": ["/work", "/tmp", "/dev/shm", "/dev/mqueue", *writable],
+            "env": _ENV,
+            "oom_files": _OOM_FILES,
+            "program_uid": self.limits.workload_uid,
+            "restore": [[f"{PRISTINE_ROOT}/{i}", path] for i, path in enumerate(writable)],
+        }
         api = self.client.api
-        exec_id = (await asyncio.to_thread(
-            api.exec_create, container_id, ["python3", *AGENT_ARGS, json.dumps(config)],
-            stdin=True, stdout=True, stderr=True, user="0:0", workdir="/", environment=_AGENT_ENV))["Id"]
+        exec_id = (
+            await asyncio.to_thread(
+                api.exec_create,
+                container_id,
+                ["python3", *AGENT_ARGS, json.dumps(config)],
+                stdin=True,
+                stdout=True,
+                stderr=True,
+                user="0:0",
+                workdir="/",
+                environment=_AGENT_ENV,
+            )
+        )["Id"]
         sock = await asyncio.to_thread(api.exec_start, exec_id, socket=True)
         raw = sock._sock  # the upgraded connection; docker-py hands it over wrapped in a SocketIO
         raw.setblocking(False)

@@ -59,8 +59,9 @@ def _finish_rootfs(rootfs: Path, uid: int) -> None:
                 entry.unlink()
 
 
-def build_image(tag: str, suite: str = "bookworm", mirror: str | None = None,
-                echo: Callable[[str], None] = print) -> None:
+def build_image(
+    tag: str, suite: str = "bookworm", mirror: str | None = None, echo: Callable[[str], None] = print
+) -> None:
     """Builds `tag` from scratch (about a minute): debootstrap, then `docker import`."""
     _check_tools()
     client = docker.from_env()
@@ -76,17 +77,28 @@ def build_image(tag: str, suite: str = "bookworm", mirror: str | None = None,
         echo(f"codeworld: importing it into Docker as {tag} ...")
         repository, _, version = tag.partition(":")
         client.api.import_image_from_file(
-            str(archive), repository=repository, tag=version or "latest",
-            changes=["ENV LANG=C.UTF-8", "ENV PATH=/usr/local/bin:/usr/bin:/bin", "WORKDIR /work",
-                     f"LABEL {IMAGE_LABEL}=1", 'CMD ["python3"]'])
+            str(archive),
+            repository=repository,
+            tag=version or "latest",
+            changes=[
+                "ENV LANG=C.UTF-8",
+                "ENV PATH=/usr/local/bin:/usr/bin:/bin",
+                "WORKDIR /work",
+                f"LABEL {IMAGE_LABEL}=1",
+                'CMD ["python3"]',
+            ],
+        )
     check_image(tag, echo)
 
 
 def check_image(tag: str, echo: Callable[[str], None] = print) -> None:
     """Proves the image runs Python 3.11 and pytest, with the network off."""
     out = docker.from_env().containers.run(
-        tag, ["python3", "-c", "import sys, pytest; print(sys.version.split()[0], pytest.__version__)"],
-        remove=True, network_mode="none")
+        tag,
+        ["python3", "-c", "import sys, pytest; print(sys.version.split()[0], pytest.__version__)"],
+        remove=True,
+        network_mode="none",
+    )
     python, pytest = out.decode().split()
     if not python.startswith("3.11"):
         raise RuntimeError(f"sandbox image {tag} has Python {python}, not 3.11.")

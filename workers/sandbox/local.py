@@ -43,8 +43,15 @@ class _PipeSink:
 class LocalBox(Box):
     """One local sandbox: a long-lived agent process tree."""
 
-    def __init__(self, channel: AgentChannel, limits: SandboxLimits, process: asyncio.subprocess.Process,
-                 cgroup: SlotCgroup | None, isolation: Isolation, scratch: Path | None) -> None:
+    def __init__(
+        self,
+        channel: AgentChannel,
+        limits: SandboxLimits,
+        process: asyncio.subprocess.Process,
+        cgroup: SlotCgroup | None,
+        isolation: Isolation,
+        scratch: Path | None,
+    ) -> None:
         super().__init__(channel, limits)
         self.process = process
         self.cgroup = cgroup
@@ -107,8 +114,9 @@ class LocalBox(Box):
 class LocalBackend:
     """Starts local sandboxes for one pool."""
 
-    def __init__(self, limits: SandboxLimits, owner: Owner, isolation: str | None = None,
-                 python: str | None = None) -> None:
+    def __init__(
+        self, limits: SandboxLimits, owner: Owner, isolation: str | None = None, python: str | None = None
+    ) -> None:
         self.limits = limits
         self.owner = owner
         self.use_bwrap = shutil.which("bwrap") is not None and isolation != "rlimit"
@@ -160,8 +168,9 @@ class LocalBackend:
 
     def _command(self, uid: int, cgroup: SlotCgroup | None, scratch: Path | None) -> tuple[list[str], dict, Isolation]:
         if self.use_bwrap:
-            layout = BwrapLayout(self.python, self.limits, uid, _SANDBOX_VENV,
-                                 oom_file=cgroup.oom_file if cgroup else None)
+            layout = BwrapLayout(
+                self.python, self.limits, uid, _SANDBOX_VENV, oom_file=cgroup.oom_file if cgroup else None
+            )
             isolation = Isolation.BWRAP_CGROUP if cgroup else Isolation.BWRAP_RLIMIT
             return layout.argv() + AGENT_ARGS, layout.agent_config(), isolation
         assert scratch is not None
@@ -170,10 +179,18 @@ class LocalBackend:
             path.mkdir()
             os.chown(path, uid, uid)
         os.chown(scratch, uid, uid)
-        env = {"PATH": f"{Path(self.python).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": str(work),
-               "TMPDIR": str(tmp), "LANG": "C.UTF-8"}
-        config = {"work": str(work), "wipe": [str(work), str(tmp)], "env": env,
-                  "oom_files": [str(cgroup.oom_file)] if cgroup else []}
+        env = {
+            "PATH": f"{Path(self.python).parent}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(work),
+            "TMPDIR": str(tmp),
+            "LANG": "C.UTF-8",
+        }
+        config = {
+            "work": str(work),
+            "wipe": [str(work), str(tmp)],
+            "env": env,
+            "oom_files": [str(cgroup.oom_file)] if cgroup else [],
+        }
         if os.geteuid() == 0:  # the agent keeps only the launcher's capabilities; programs get `uid`
             config["program_uid"] = uid
             return launcher_privileges() + [self.python, *AGENT_ARGS], config, Isolation.RLIMIT
@@ -189,9 +206,15 @@ class LocalBackend:
 
         try:
             return await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
-                preexec_fn=join_cgroup if join_fds else None, start_new_session=True, limit=1 << 20)
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+                preexec_fn=join_cgroup if join_fds else None,
+                start_new_session=True,
+                limit=1 << 20,
+            )
         finally:
             for fd in join_fds:
                 os.close(fd)

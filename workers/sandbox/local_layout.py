@@ -36,8 +36,13 @@ def launcher_privileges() -> list[str]:
 @functools.lru_cache(maxsize=8)
 def python_prefixes(python: str) -> tuple[str, str]:
     """(prefix, base_prefix) of an interpreter: a venv needs both mounted."""
-    out = subprocess.run([python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
-                         capture_output=True, text=True, check=True, timeout=30).stdout.split("\n")
+    out = subprocess.run(
+        [python, "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split("\n")
     return os.path.realpath(out[0]), os.path.realpath(out[1])
 
 
@@ -84,16 +89,46 @@ class BwrapLayout:
 
     def _scratch_mounts(self) -> list[str]:
         mb = 1 << 20
-        return ["--dev", "/dev",
-                "--perms", "01777", "--size", str(self.limits.shm_mb * mb), "--tmpfs", "/dev/shm",
-                "--perms", "01777", "--size", str(self.limits.tmp_mb * mb), "--tmpfs", "/tmp",
-                "--perms", "0777", "--size", str(self.limits.work_mb * mb), "--tmpfs", "/work"]
+        return [
+            "--dev",
+            "/dev",
+            "--perms",
+            "01777",
+            "--size",
+            str(self.limits.shm_mb * mb),
+            "--tmpfs",
+            "/dev/shm",
+            "--perms",
+            "01777",
+            "--size",
+            str(self.limits.tmp_mb * mb),
+            "--tmpfs",
+            "/tmp",
+            "--perms",
+            "0777",
+            "--size",
+            str(self.limits.work_mb * mb),
+            "--tmpfs",
+            "/work",
+        ]
 
     def argv(self) -> list[str]:
         """The command that starts the agent's interpreter (its own arguments follow)."""
-        common = ["bwrap", "--die-with-parent", "--new-session", "--unshare-net", "--unshare-ipc",
-                  "--unshare-uts", "--unshare-pid", *self._system_mounts(), *self._scratch_mounts(),
-                  "--proc", "/proc", "--chdir", "/"]
+        common = [
+            "bwrap",
+            "--die-with-parent",
+            "--new-session",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-pid",
+            *self._system_mounts(),
+            *self._scratch_mounts(),
+            "--proc",
+            "/proc",
+            "--chdir",
+            "/",
+        ]
         if os.geteuid() == 0:
             # bwrap's own init is PID 1: the agent's change of file-system uid clears its
             # parent-death signal, but the init keeps it, and the whole namespace dies with it.
@@ -103,8 +138,12 @@ class BwrapLayout:
         return [*common, "--unshare-user", "--disable-userns", "--as-pid-1", "--", self.python]
 
     def agent_config(self) -> dict:
-        env = {"PATH": f"{self.bindir}:/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp",
-               "LANG": "C.UTF-8"}
+        env = {
+            "PATH": f"{self.bindir}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": "/work",
+            "TMPDIR": "/tmp",
+            "LANG": "C.UTF-8",
+        }
         oom = [f"/run/codeworld/cgroup/{self.oom_file.name}"] if self.oom_file is not None else []
         config = {"work": "/work", "wipe": ["/work", "/tmp", "/dev/shm"], "env": env, "oom_files": oom}
         if os.geteuid() == 0:

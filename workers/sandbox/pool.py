@@ -19,8 +19,11 @@ _CREATE_AT_ONCE = 4
 
 
 _KILLED_AGENT = ExecResult(
-    status=Status.RUNTIME_ERROR, exit_code=-9, broke_sandbox=True,
-    error="the program killed the sandbox agent or ran it out of memory; the sandbox was replaced")
+    status=Status.RUNTIME_ERROR,
+    exit_code=-9,
+    broke_sandbox=True,
+    error="the program killed the sandbox agent or ran it out of memory; the sandbox was replaced",
+)
 _BROKEN_BY_PROGRAM = "a program of this session broke its sandbox (killed or stopped its agent or launcher)"
 
 
@@ -70,11 +73,20 @@ class Backend(Protocol):
 class SandboxPool:
     """`async with SandboxPool(backend="docker", image=..., size=4) as pool: await pool.run(req)`."""
 
-    def __init__(self, backend: Literal["docker", "local", "auto"] = "docker", image: str = DEFAULT_IMAGE,
-                 size: int = 4, *, limits: SandboxLimits | None = None, max_waiting: int = 10_000,
-                 acquire_timeout_s: float = 300.0, local_isolation: Literal["bwrap", "rlimit"] | None = None,
-                 docker_url: str | None = None, profile: SandboxProfile | None = None,
-                 images: ImagePolicy | None = None) -> None:
+    def __init__(
+        self,
+        backend: Literal["docker", "local", "auto"] = "docker",
+        image: str = DEFAULT_IMAGE,
+        size: int = 4,
+        *,
+        limits: SandboxLimits | None = None,
+        max_waiting: int = 10_000,
+        acquire_timeout_s: float = 300.0,
+        local_isolation: Literal["bwrap", "rlimit"] | None = None,
+        docker_url: str | None = None,
+        profile: SandboxProfile | None = None,
+        images: ImagePolicy | None = None,
+    ) -> None:
         if backend not in ("docker", "local", "auto"):
             raise ValueError(f"sandbox backend {backend!r} is unknown; use 'docker', 'local' or 'auto'.")
         if size < 1:
@@ -131,12 +143,12 @@ class SandboxPool:
         if self.backend_name == "docker":
             from workers.sandbox.docker_backend import DockerBackend
 
-            return DockerBackend(self.image, self.limits, self.owner, self._docker_url, self.profile,
-                                 self.images)
+            return DockerBackend(self.image, self.limits, self.owner, self._docker_url, self.profile, self.images)
         if self.profile.writable_paths:
             paths = ", ".join(self.profile.writable_paths)
-            raise SandboxUnavailable(f"writable paths ({paths}) need the docker backend; the local backend "
-                                     "has no image to fill them from.")
+            raise SandboxUnavailable(
+                f"writable paths ({paths}) need the docker backend; the local backend has no image to fill them from."
+            )
         from workers.sandbox.local import LocalBackend
 
         return LocalBackend(self.limits, self.owner, self._local_isolation)
@@ -246,8 +258,10 @@ class SandboxPool:
                 try:
                     box = await self._next_idle(deadline)
                 except TimeoutError:
-                    raise SandboxUnavailable(f"no sandbox became free within {self.acquire_timeout_s:.0f} s"
-                                             + (f"; last failure: {self._last_error}" if self._last_error else "."))
+                    raise SandboxUnavailable(
+                        f"no sandbox became free within {self.acquire_timeout_s:.0f} s"
+                        + (f"; last failure: {self._last_error}" if self._last_error else ".")
+                    )
                 if not box.channel.closed:
                     return box
                 self._discard(box)
@@ -303,8 +317,7 @@ class SandboxPool:
             self._need.clear()
             while len(self._live) < self.size:
                 batch = min(self.size - len(self._live), _CREATE_AT_ONCE)
-                results = await asyncio.gather(*(self._backend.create() for _ in range(batch)),
-                                               return_exceptions=True)
+                results = await asyncio.gather(*(self._backend.create() for _ in range(batch)), return_exceptions=True)
                 failed = False
                 for result in results:
                     if isinstance(result, BaseException):
@@ -332,8 +345,12 @@ class Session:
 
     async def exec(self, request: ExecRequest) -> ExecResult:
         if self._box.broken_by_program:
-            return ExecResult(status=Status.RUNTIME_ERROR, isolation=self._box.isolation, broke_sandbox=True,
-                              error=f"{_BROKEN_BY_PROGRAM}; nothing more can run in this session")
+            return ExecResult(
+                status=Status.RUNTIME_ERROR,
+                isolation=self._box.isolation,
+                broke_sandbox=True,
+                error=f"{_BROKEN_BY_PROGRAM}; nothing more can run in this session",
+            )
         self._check()
         try:
             return await self._box.exec(request, wipe=False)

@@ -49,16 +49,24 @@ def why_no_sandboxes(backend: Backend = "docker", image: str = DEFAULT_IMAGE, pu
     return None
 
 
-def probe_nodes(node_ids: list[str], backend: Backend = "docker", image: str = DEFAULT_IMAGE,
-                timeout_s: float = 60.0, pull: bool = False) -> dict[str, str | None]:
+def probe_nodes(
+    node_ids: list[str],
+    backend: Backend = "docker",
+    image: str = DEFAULT_IMAGE,
+    timeout_s: float = 60.0,
+    pull: bool = False,
+) -> dict[str, str | None]:
     """`why_no_sandboxes` on each node (a task pinned there, claiming nothing)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(why_no_sandboxes)
-    calls = {node: probe.options(num_cpus=0,
-                                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-             .remote(backend, image, pull) for node in node_ids}
+    calls = {
+        node: probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            backend, image, pull
+        )
+        for node in node_ids
+    }
     out: dict[str, str | None] = {}
     for node, call in calls.items():
         try:
@@ -71,11 +79,25 @@ def probe_nodes(node_ids: list[str], backend: Backend = "docker", image: str = D
 class SandboxPoolActor:
     """Holds one node's pool. Async actor: calls overlap, so a slow run never blocks others."""
 
-    def __init__(self, backend: Backend, image: str, size: int, limits: dict[str, Any],
-                 local_isolation: Literal["bwrap", "rlimit"] | None, profile: SandboxProfile | None = None,
-                 images: ImagePolicy | None = None) -> None:
-        self.pool = SandboxPool(backend=backend, image=image, size=size, limits=SandboxLimits(**limits),
-                                local_isolation=local_isolation, profile=profile, images=images)
+    def __init__(
+        self,
+        backend: Backend,
+        image: str,
+        size: int,
+        limits: dict[str, Any],
+        local_isolation: Literal["bwrap", "rlimit"] | None,
+        profile: SandboxProfile | None = None,
+        images: ImagePolicy | None = None,
+    ) -> None:
+        self.pool = SandboxPool(
+            backend=backend,
+            image=image,
+            size=size,
+            limits=SandboxLimits(**limits),
+            local_isolation=local_isolation,
+            profile=profile,
+            images=images,
+        )
         self.sessions = SessionRegistry(self.pool)
 
     async def start(self) -> tuple[str, str]:
@@ -127,11 +149,17 @@ class RaySandboxPool:
     """`async with RaySandboxPool(backend="docker", size=4) as pool: await pool.run(req)` inside a
     Ray job: one SandboxPoolActor per alive node that can run the backend's sandboxes."""
 
-    def __init__(self, backend: Backend = "docker", image: str = DEFAULT_IMAGE, size: int = 4,
-                 limits: SandboxLimits | None = None,
-                 local_isolation: Literal["bwrap", "rlimit"] | None = None,
-                 node_ids: list[str] | None = None, profile: SandboxProfile | None = None,
-                 images: ImagePolicy | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend = "docker",
+        image: str = DEFAULT_IMAGE,
+        size: int = 4,
+        limits: SandboxLimits | None = None,
+        local_isolation: Literal["bwrap", "rlimit"] | None = None,
+        node_ids: list[str] | None = None,
+        profile: SandboxProfile | None = None,
+        images: ImagePolicy | None = None,
+    ) -> None:
         """`profile` and `images`: as `SandboxPool`'s, for every node's pool."""
         self.backend_name: str = backend
         self.image, self.size = image, size
@@ -154,18 +182,33 @@ class RaySandboxPool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         ids = self.node_ids or [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        why = await asyncio.to_thread(probe_nodes, ids, self.backend_name,  # type: ignore[arg-type]
-                                      self.image, pull=bool(self.images and self.images.pull))
+        why = await asyncio.to_thread(
+            probe_nodes,
+            ids,
+            self.backend_name,  # type: ignore[arg-type]
+            self.image,
+            pull=bool(self.images and self.images.pull),
+        )
         usable = [node for node in ids if why[node] is None]
         if not usable:
-            raise SandboxUnavailable(f"no node of the Ray cluster can run {self.backend_name} sandboxes: "
-                                     + "; ".join(sorted(set(filter(None, why.values())))))
+            raise SandboxUnavailable(
+                f"no node of the Ray cluster can run {self.backend_name} sandboxes: "
+                + "; ".join(sorted(set(filter(None, why.values()))))
+            )
         actor_cls = ray.remote(num_cpus=0)(SandboxPoolActor)
-        args = (self.backend_name, self.image, self.size, self.limits.model_dump(), self.local_isolation,
-                self.profile, self.images)
-        actors = {node: actor_cls.options(
-                      scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
-                  for node in usable}
+        args = (
+            self.backend_name,
+            self.image,
+            self.size,
+            self.limits.model_dump(),
+            self.local_isolation,
+            self.profile,
+            self.images,
+        )
+        actors = {
+            node: actor_cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
+            for node in usable
+        }
         for node, actor in actors.items():
             try:
                 backend, address = await actor.start.remote()
@@ -176,10 +219,13 @@ class RaySandboxPool:
             self.backend_name = backend
             self.nodes[node] = _NodePool(actor, address, self.size)
         if not self.nodes:
-            raise SandboxUnavailable(f"no {self.backend_name} sandbox pool started on any node of the Ray "
-                                     "cluster.")
-        log.info("sandbox pools (%s, %s) on %s", self.backend_name, self.image,
-                 ", ".join(n.address for n in self.nodes.values()))
+            raise SandboxUnavailable(f"no {self.backend_name} sandbox pool started on any node of the Ray cluster.")
+        log.info(
+            "sandbox pools (%s, %s) on %s",
+            self.backend_name,
+            self.image,
+            ", ".join(n.address for n in self.nodes.values()),
+        )
 
     def _pick(self) -> _NodePool:
         """This node's pool while it has a sandbox to spare, else the least loaded one."""

@@ -25,7 +25,7 @@ def owner_labels(owner: Owner) -> dict[str, str]:
 
 def owner_from_labels(labels: dict[str, str]) -> Owner | None:
     try:
-        return Owner(**{key[len(_PREFIX):]: value for key, value in labels.items() if key.startswith(_PREFIX)})
+        return Owner(**{key[len(_PREFIX) :]: value for key, value in labels.items() if key.startswith(_PREFIX)})
     except ValueError:
         return None
 

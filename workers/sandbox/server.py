@@ -59,9 +59,18 @@ class ServerConfig(BaseModel):
 async def _reply(send: Any, code: int, detail: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": code,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), (b"connection", b"close"), *extra]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *extra,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -125,12 +134,17 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        pool = SandboxPool(backend=config.backend, image=config.image,  # type: ignore[arg-type]
-                           size=config.size, limits=config.limits)
+        pool = SandboxPool(
+            backend=config.backend,
+            image=config.image,  # type: ignore[arg-type]
+            size=config.size,
+            limits=config.limits,
+        )
         await pool.start()
         state["pool"] = pool
-        state["sessions"] = SessionRegistry(pool, config.session_idle_s, config.max_sessions,
-                                            config.max_sessions_per_client)
+        state["sessions"] = SessionRegistry(
+            pool, config.session_idle_s, config.max_sessions, config.max_sessions_per_client
+        )
         expiry = asyncio.create_task(state["sessions"].expire_forever())
         try:
             yield
@@ -145,9 +159,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     def capped(request: ExecRequest) -> ExecRequest:
         if request.max_output_bytes > config.max_output_bytes:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                f"max_output_bytes {request.max_output_bytes} is over the service's cap of "
-                                f"{config.max_output_bytes}.")
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST,
+                f"max_output_bytes {request.max_output_bytes} is over the service's cap of {config.max_output_bytes}.",
+            )
         return request
 
     @app.post("/v1/run", response_model=ExecResult)
@@ -169,8 +184,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def bad_input(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(part) for part in first.get("loc", ()))
-        return JSONResponse({"detail": f"{where}: {first.get('msg', '')}"[:500]},
-                            status_code=status.HTTP_400_BAD_REQUEST)
+        return JSONResponse(
+            {"detail": f"{where}: {first.get('msg', '')}"[:500]}, status_code=status.HTTP_400_BAD_REQUEST
+        )
 
     @app.exception_handler(SessionLimit)
     async def too_many(_: Request, exc: SessionLimit) -> JSONResponse:
@@ -180,14 +196,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SandboxUnavailable)
     async def no_sandbox(request: Request, exc: RuntimeError) -> JSONResponse:
         log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return JSONResponse({"detail": "no sandbox could serve the call; try again later."},
-                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        return JSONResponse(
+            {"detail": "no sandbox could serve the call; try again later."},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"detail": "internal error."},
-                            status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
+        return JSONResponse({"detail": "internal error."}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 
 def _add_session_routes(app: FastAPI, state: dict, config: ServerConfig, capped: Any) -> None:
@@ -221,9 +238,11 @@ def _add_session_routes(app: FastAPI, state: dict, config: ServerConfig, capped:
         files = await session(session_id).get_files(request.paths)
         total = sum(len(data) for data in files.values())
         if total > config.max_output_bytes:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST,
-                                f"the files asked for hold {total} bytes, over the service's cap of "
-                                f"{config.max_output_bytes}; ask for fewer.")
+            raise HTTPException(
+                status.HTTP_400_BAD_REQUEST,
+                f"the files asked for hold {total} bytes, over the service's cap of "
+                f"{config.max_output_bytes}; ask for fewer.",
+            )
         return FilesPayload(files=files)
 
     @app.delete("/v1/sessions/{session_id}")

@@ -62,8 +62,13 @@ class SessionRegistry:
     """Open sessions of one pool, closed after `idle_s` without a call; at most `max_sessions`
     in all and `max_per_owner` per owner (None: no cap), counting those still being opened."""
 
-    def __init__(self, pool: SandboxPool, idle_s: float = 600.0, max_sessions: int | None = None,
-                 max_per_owner: int | None = None) -> None:
+    def __init__(
+        self,
+        pool: SandboxPool,
+        idle_s: float = 600.0,
+        max_sessions: int | None = None,
+        max_per_owner: int | None = None,
+    ) -> None:
         self.pool, self.idle_s = pool, idle_s
         self.max_sessions, self.max_per_owner = max_sessions, max_per_owner
         self._open: dict[str, tuple[contextlib.AsyncExitStack, Session, list[float]]] = {}
@@ -73,11 +78,14 @@ class SessionRegistry:
     async def open(self, owner: str = "") -> str:
         """Open a session for `owner`; SessionLimit when a cap would be passed."""
         if self.max_sessions is not None and self._owners.total() >= self.max_sessions:
-            raise SessionLimit(f"the service already holds its maximum of {self.max_sessions} sessions; "
-                               "close one or wait for idle ones to expire.")
+            raise SessionLimit(
+                f"the service already holds its maximum of {self.max_sessions} sessions; "
+                "close one or wait for idle ones to expire."
+            )
         if self.max_per_owner is not None and self._owners[owner] >= self.max_per_owner:
-            raise SessionLimit(f"this client already holds its maximum of {self.max_per_owner} sessions; "
-                               "close one first.")
+            raise SessionLimit(
+                f"this client already holds its maximum of {self.max_per_owner} sessions; close one first."
+            )
         self._owners[owner] += 1  # counted before the wait for a sandbox: concurrent opens see it
         try:
             stack = contextlib.AsyncExitStack()

@@ -156,9 +156,7 @@ def _git_debs(client: docker.DockerClient, folder: Path) -> list[Path]:
     """Debian packages git needs beyond what the sandbox image has, downloaded with the host's
     apt (the image is Debian bookworm, like the hosts codeworld supports)."""
     if shutil.which("apt-get") is None or shutil.which("apt-cache") is None:
-        raise RuntimeError(
-            "building the SWE base image needs Debian's apt on the host, to fetch git's packages."
-        )
+        raise RuntimeError("building the SWE base image needs Debian's apt on the host, to fetch git's packages.")
     installed = set(
         client.containers.run(
             SANDBOX_BASE, ["dpkg-query", "-W", "-f", "${Package}\\n"], remove=True, network_mode="none"
@@ -182,8 +180,7 @@ def _git_debs(client: docker.DockerClient, folder: Path) -> list[Path]:
         "apt-cache depends",
     )
     names = sorted(
-        {line.split(":")[0] for line in tree.splitlines() if line and not line.startswith((" ", "<"))}
-        - installed
+        {line.split(":")[0] for line in tree.splitlines() if line and not line.startswith((" ", "<"))} - installed
     )
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.deb"):
@@ -208,8 +205,7 @@ def ensure_swe_base(cache: Path, echo: Callable[[str], None] = print) -> str:
         client.images.get(SANDBOX_BASE)
     except docker.errors.ImageNotFound:
         raise RuntimeError(
-            f"the sandbox image {SANDBOX_BASE} does not exist; build it first with "
-            "`codeworld sandbox build-image`."
+            f"the sandbox image {SANDBOX_BASE} does not exist; build it first with `codeworld sandbox build-image`."
         ) from None
     echo(f"codeworld: building {SWE_BASE} (git from Debian, the conda activation script) ...")
     with tempfile.TemporaryDirectory(prefix="codeworld-swe-base-") as tmp:
@@ -223,9 +219,7 @@ def ensure_swe_base(cache: Path, echo: Callable[[str], None] = print) -> str:
             f"chmod 755 {CONDA_ROOT}/bin/activate; rm -rf /var/cache/apt/archives/*.deb; git --version"
         )
         changes = [f"LABEL codeworld.swe.base.packages={','.join(names)}", f"LABEL {RECIPE_LABEL}={recipe}"]
-        logs = _in_container(
-            client, SANDBOX_BASE, script, {debs: "/mnt/debs", shim: "/mnt/shim"}, (SWE_BASE, changes)
-        )
+        logs = _in_container(client, SANDBOX_BASE, script, {debs: "/mnt/debs", shim: "/mnt/shim"}, (SWE_BASE, changes))
     echo(f"codeworld: {SWE_BASE} ready ({logs.strip().splitlines()[-1]}).")
     return client.images.get(SWE_BASE).id
 
@@ -287,21 +281,15 @@ def build_instance_image(
     image = client.images.get(tag)
     seconds = time.perf_counter() - start
     echo(f"codeworld: {tag} ready in {seconds:.1f} s ({image.attrs['Size'] / 1e6:.0f} MB).")
-    return BuiltImage(
-        tag=tag, image_id=image.id, cached=False, seconds=seconds, size_mb=image.attrs["Size"] / 1e6
-    )
+    return BuiltImage(tag=tag, image_id=image.id, cached=False, seconds=seconds, size_mb=image.attrs["Size"] / 1e6)
 
 
-def _write_testbed(
-    folder: Path, tree: dict[str, bytes], executables: set[str], task: SWETask, package: str
-) -> None:
+def _write_testbed(folder: Path, tree: dict[str, bytes], executables: set[str], task: SWETask, package: str) -> None:
     """The repository as a git repository whose commit stands for `task.base_commit`."""
     for rel, data in tree.items():
         parts = rel.split("/")
         if not _SAFE_PATH.match(rel) or ".." in parts or ".git" in parts:
-            raise ValueError(
-                f"the sdist of {package} holds the path {rel[:200]!r}, which cannot be part of /testbed."
-            )
+            raise ValueError(f"the sdist of {package} holds the path {rel[:200]!r}, which cannot be part of /testbed.")
         path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -358,14 +346,10 @@ def _write_env(ctx: Path, task: SWETask, package: str, deps: Path | None, roots:
         (bin_dir / "pytest").write_text(_PYTEST_SCRIPT)
         (bin_dir / "pytest").chmod(0o755)
     name, version = parse_spec(package)
-    (site / "codeworld_testbed.pth").write_text(
-        "".join(f"{REPO_DIR}/{r}".removesuffix("/.") + "\n" for r in roots)
-    )
+    (site / "codeworld_testbed.pth").write_text("".join(f"{REPO_DIR}/{r}".removesuffix("/.") + "\n" for r in roots))
     meta = site / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
     meta.mkdir()
     (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (meta / "INSTALLER").write_text("codeworld\n")
     (meta / "RECORD").write_text("")
-    (meta / "direct_url.json").write_text(
-        json.dumps({"url": f"file://{REPO_DIR}", "dir_info": {"editable": True}})
-    )
+    (meta / "direct_url.json").write_text(json.dumps({"url": f"file://{REPO_DIR}", "dir_info": {"editable": True}}))

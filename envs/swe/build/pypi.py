@@ -39,8 +39,19 @@ def fetch_sdist(spec: str, cache: Path) -> Path:
         if _normalise(found.name.removesuffix(".tar.gz")) == wanted:
             return found
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "--dest", tmp, f"{name}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            tmp,
+            f"{name}=={version}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = list(Path(tmp).glob("*.tar.gz"))
         if proc.returncode != 0 or not got:
@@ -58,8 +69,18 @@ def fetch_deps(requirements: list[str], cache: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--only-binary", ":all:",
-               "--target", tmp, *requirements]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--only-binary",
+            ":all:",
+            "--target",
+            tmp,
+            *requirements,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             why = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
@@ -92,8 +113,11 @@ def executable_paths(tarball: Path, prefix: str = "") -> set[str]:
     Django's `tests/runtests.py`), by path relative to `prefix`."""
     lead = prefix.strip("/") + "/" if prefix.strip("/") else ""
     with tarfile.open(tarball, "r:gz") as tar:
-        return {m.name.removeprefix("./")[len(lead):] for m in tar
-                if m.isfile() and m.mode & 0o111 and m.name.removeprefix("./").startswith(lead)}
+        return {
+            m.name.removeprefix("./")[len(lead) :]
+            for m in tar
+            if m.isfile() and m.mode & 0o111 and m.name.removeprefix("./").startswith(lead)
+        }
 
 
 def sdist_prefix(tarball: Path) -> str:

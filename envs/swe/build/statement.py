@@ -50,6 +50,9 @@ def write_statement(package: str, version: str, failing: list[str], log: str) ->
         excerpt = sections.get(_section_title(test), [])
         if excerpt:
             lines += ["", f"Output of `{test}`:", "```", *excerpt[-MAX_EXCERPT_LINES:], "```"]
-    lines += ["", "Fix the library code so that these tests pass again without breaking the other "
-              "tests. Do not change the tests."]
+    lines += [
+        "",
+        "Fix the library code so that these tests pass again without breaking the other "
+        "tests. Do not change the tests.",
+    ]
     return "\n".join(lines)

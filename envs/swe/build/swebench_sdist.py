@@ -50,6 +50,10 @@ def from_sdist(task: SWETask, package: str, deps: list[str], cache: Path, out_di
     found, tree = sdist_tree(task, package, cache)
     sdist = Path(shutil.copy2(found, sources))
     bundle = Path(shutil.copy2(fetch_deps(deps, cache), sources)) if deps else None
-    source = SourceSpec(tarball=str(sdist), prefix=sdist_prefix(sdist), deps=str(bundle) if bundle else None,
-                        pythonpath=import_roots(tree))
+    source = SourceSpec(
+        tarball=str(sdist),
+        prefix=sdist_prefix(sdist),
+        deps=str(bundle) if bundle else None,
+        pythonpath=import_roots(tree),
+    )
     return task.model_copy(update={"source": source})

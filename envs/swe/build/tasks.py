@@ -85,9 +85,13 @@ def detect_layout(tree: dict[str, bytes], package: str) -> Layout:
     """The sdist's layout; ValueError naming the package when it ships no tests or no code."""
     tests = sorted(p for p in tree if is_test_file(p))
     source = sorted(
-        p for p in tree
-        if p.endswith(".py") and p not in tests and PurePosixPath(p).name not in ("setup.py", "conftest.py")
-        and not (set(PurePosixPath(p).parts[:-1]) & _NOT_SOURCE_DIRS) and "egg-info" not in p
+        p
+        for p in tree
+        if p.endswith(".py")
+        and p not in tests
+        and PurePosixPath(p).name not in ("setup.py", "conftest.py")
+        and not (set(PurePosixPath(p).parts[:-1]) & _NOT_SOURCE_DIRS)
+        and "egg-info" not in p
     )
     if not tests:
         raise ValueError(f"The sdist of {package} ships no test files (test_*.py or tests/), so no tasks can be built.")
@@ -95,8 +99,12 @@ def detect_layout(tree: dict[str, bytes], package: str) -> Layout:
         raise ValueError(f"The sdist of {package} has no Python source files to mutate.")
     config = [p for p in tree if PurePosixPath(p).name in _CONFIG_FILES]
     src_layout = any(p.startswith("src/") for p in source)
-    return Layout(source_files=source, test_files=tests, trusted_files=sorted(set(tests) | set(config)),
-                  pythonpath=["src"] if src_layout else ["."])
+    return Layout(
+        source_files=source,
+        test_files=tests,
+        trusted_files=sorted(set(tests) | set(config)),
+        pythonpath=["src"] if src_layout else ["."],
+    )
 
 
 async def run_suite(task: SWETask, pool: SessionPool, timeout_s: float) -> tuple[dict[str, str], str, bool]:
@@ -122,16 +130,35 @@ async def run_suite(task: SWETask, pool: SessionPool, timeout_s: float) -> tuple
 def _template(cfg: BuildConfig, sdist: Path, layout: Layout, deps: Path | None) -> SWETask:
     name, version = parse_spec(cfg.package)
     return SWETask(
-        instance_id=f"{name}-{version}", repo=name, version=version, problem_statement="",
-        base_commit=f"sha256:{sha256_file(sdist)}", FAIL_TO_PASS=[], PASS_TO_PASS=[], image=cfg.image,
-        source=SourceSpec(tarball=str(sdist), prefix=sdist_prefix(sdist), pythonpath=layout.pythonpath,
-                          deps=str(deps) if deps else None),
-        test_cmd=TEST_CMD, test_files=layout.test_files, trusted_files=layout.trusted_files,
+        instance_id=f"{name}-{version}",
+        repo=name,
+        version=version,
+        problem_statement="",
+        base_commit=f"sha256:{sha256_file(sdist)}",
+        FAIL_TO_PASS=[],
+        PASS_TO_PASS=[],
+        image=cfg.image,
+        source=SourceSpec(
+            tarball=str(sdist),
+            prefix=sdist_prefix(sdist),
+            pythonpath=layout.pythonpath,
+            deps=str(deps) if deps else None,
+        ),
+        test_cmd=TEST_CMD,
+        test_files=layout.test_files,
+        trusted_files=layout.trusted_files,
     )
 
 
-async def _try_mutant(index: int, mutation: Mutation, template: SWETask, base: dict[str, bytes],
-                      passing: list[str], cfg: BuildConfig, pool: SessionPool) -> SWETask | None:
+async def _try_mutant(
+    index: int,
+    mutation: Mutation,
+    template: SWETask,
+    base: dict[str, bytes],
+    passing: list[str],
+    cfg: BuildConfig,
+    pool: SessionPool,
+) -> SWETask | None:
     """The task made from `mutation`, or None when it breaks no test, too many, or hangs."""
     original = base[mutation.path]
     setup = file_diff(mutation.path, original, mutation.source.encode())
@@ -142,14 +169,16 @@ async def _try_mutant(index: int, mutation: Mutation, template: SWETask, base: d
     if not clean or not 1 <= len(failing) <= cfg.max_failing:
         return None
     files = sorted({t.split("::")[0] for t in failing})
-    return task.model_copy(update={
-        "instance_id": f"{template.instance_id}-m{index:04d}",
-        "problem_statement": write_statement(template.repo, template.version, failing, log),
-        "patch": file_diff(mutation.path, mutation.source.encode(), original),
-        "FAIL_TO_PASS": failing,
-        "PASS_TO_PASS": [t for t in passing if t not in failing and t.split("::")[0] in files],
-        "test_files": files,
-    })
+    return task.model_copy(
+        update={
+            "instance_id": f"{template.instance_id}-m{index:04d}",
+            "problem_statement": write_statement(template.repo, template.version, failing, log),
+            "patch": file_diff(mutation.path, mutation.source.encode(), original),
+            "FAIL_TO_PASS": failing,
+            "PASS_TO_PASS": [t for t in passing if t not in failing and t.split("::")[0] in files],
+            "test_files": files,
+        }
+    )
 
 
 async def build_tasks(cfg: BuildConfig, pool: SessionPool, workers: int = 2) -> list[SWETask]:
@@ -177,4 +206,3 @@ async def build_tasks(cfg: BuildConfig, pool: SessionPool, workers: int = 2) -> 
     built = built[: cfg.n]
     write_swe_tasks(built, cfg.out)
     return built
-

@@ -73,35 +73,54 @@ def main(model_dir: str) -> None:
     cfg = load_config(None, [f"model.path={model_dir}", "placement.engines=separate", "envs=[{name: arithmetic}]"])
     placement = reserve(cfg)
     plan = placement.plan
-    engine = RolloutWorker.remote_actor(EngineConfig(model_path=model_dir, max_model_len=128),
-                                        **placement.options(plan.engines[0]))
+    engine = RolloutWorker.remote_actor(
+        EngineConfig(model_path=model_dir, max_model_len=128), **placement.options(plan.engines[0])
+    )
     learner = LearnerGroup(model_dir, cfg.learner.model_copy(update={"lr": 1e-2}), cfg.algorithm, 1.0, 0, placement)
     ray.get(engine.get_version.remote())
     learner.connect_engines([engine], [1], cfg.weights, "float32")
     rng = np.random.default_rng(0)
-    samples = [TrainSample(input_ids=np.array(PROMPT + list(rng.integers(3, 400, 8))), prompt_len=len(PROMPT),
-                           loss_mask=np.ones(8), sampler_logprobs=np.full(8, -6.0), advantage=a)
-               for a in (1.0, -1.0, 0.5, -0.5)]
+    samples = [
+        TrainSample(
+            input_ids=np.array(PROMPT + list(rng.integers(3, 400, 8))),
+            prompt_len=len(PROMPT),
+            loss_mask=np.ones(8),
+            sampler_logprobs=np.full(8, -6.0),
+            advantage=a,
+        )
+        for a in (1.0, -1.0, 0.5, -0.5)
+    ]
     learner.train_step([samples])
     stats = learner.broadcast(1)
     sampling = Sampling(n=4, max_tokens=16, seed=3)
     gens = ray.get(engine.generate.remote(PROMPT, sampling))
     state = learner.full_state_dict()
-    diff = max(float(np.abs(reference_logprobs(model_dir, state, g.token_ids) - np.array(g.logprobs)).max())
-               for g in gens)
+    diff = max(
+        float(np.abs(reference_logprobs(model_dir, state, g.token_ids) - np.array(g.logprobs)).max()) for g in gens
+    )
     on_learner_node = NodeAffinitySchedulingStrategy(plan.learner[0].node.node_id, soft=False)
     sender = Sender.options(scheduling_strategy=on_learner_node).remote(model_dir, state)
     refused = ray.get(sender.push.remote(engine, 2, True))
     after = ray.get(engine.generate.remote(PROMPT, sampling))
-    print(json.dumps({
-        "learner_node": plan.learner[0].node.address, "engine_node": plan.engines[0].node.address,
-        "transport": plan.transport(cfg.weights.transport), "push_s": stats.seconds, "push_bytes": stats.bytes,
-        "versions": sorted({v for g in gens for v in g.versions}), "max_logprob_diff": diff,
-        "refused": refused, "version_after_refusal": ray.get(engine.get_version.remote()),
-        "same_samples_after_refusal": [g.token_ids for g in after] == [g.token_ids for g in gens],
-        "same_logprobs_after_refusal": [g.logprobs for g in after] == [g.logprobs for g in gens],
-        "accepted_after_refusal": ray.get(sender.push.remote(engine, 3, False)) is None,
-        "version_at_end": ray.get(engine.get_version.remote())}))
+    print(
+        json.dumps(
+            {
+                "learner_node": plan.learner[0].node.address,
+                "engine_node": plan.engines[0].node.address,
+                "transport": plan.transport(cfg.weights.transport),
+                "push_s": stats.seconds,
+                "push_bytes": stats.bytes,
+                "versions": sorted({v for g in gens for v in g.versions}),
+                "max_logprob_diff": diff,
+                "refused": refused,
+                "version_after_refusal": ray.get(engine.get_version.remote()),
+                "same_samples_after_refusal": [g.token_ids for g in after] == [g.token_ids for g in gens],
+                "same_logprobs_after_refusal": [g.logprobs for g in after] == [g.logprobs for g in gens],
+                "accepted_after_refusal": ray.get(sender.push.remote(engine, 3, False)) is None,
+                "version_at_end": ray.get(engine.get_version.remote()),
+            }
+        )
+    )
     learner.shutdown()
     placement.remove()
 

@@ -35,7 +35,5 @@ class ReplyLengthSandboxed(Environment):
         count = "import sys; print(len(sys.stdin.buffer.read()))"
         result = await pool.run(ExecRequest(command=["python3", "-c", count], stdin=action.text.encode()))
         if result.status is not Status.OK:
-            return StepResult(done=True, reward=None,
-                              info={"status": result.status.value, "error": result.error})
-        return StepResult(done=True, reward=int(result.stdout) / 40,
-                          info={"status": "ok", "sandbox_s": result.wall_s})
+            return StepResult(done=True, reward=None, info={"status": result.status.value, "error": result.error})
+        return StepResult(done=True, reward=int(result.stdout) / 40, info={"status": "ok", "sandbox_s": result.wall_s})

@@ -162,13 +162,24 @@ async def test_full_apps_release_format(tmp_path: Path) -> None:
     """A row of the full APPS release (JSON-string `input_output` and `solutions`) loads and
     its gold solution passes, for both test styles."""
     rows = [
-        {"problem_id": 1, "question": "Print a+b.", "starter_code": "", "difficulty": "introductory",
-         "input_output": json.dumps({"inputs": ["1 2\n", "5 5\n"], "outputs": ["3\n", "10\n"]}),
-         "solutions": json.dumps(["a, b = map(int, input().split())\nprint(a + b)\n"])},
-        {"problem_id": 2, "question": "Return the pair swapped.", "starter_code": "def swap(a, b):\n",
-         "difficulty": "introductory", "input_output": json.dumps(
-             {"fn_name": "swap", "inputs": [[1, "x"], [[1], 2]], "outputs": [[["x", 1]], [[2, [1]]]]}),
-         "solutions": json.dumps(["def swap(a, b):\n    return (b, a)\n"])},
+        {
+            "problem_id": 1,
+            "question": "Print a+b.",
+            "starter_code": "",
+            "difficulty": "introductory",
+            "input_output": json.dumps({"inputs": ["1 2\n", "5 5\n"], "outputs": ["3\n", "10\n"]}),
+            "solutions": json.dumps(["a, b = map(int, input().split())\nprint(a + b)\n"]),
+        },
+        {
+            "problem_id": 2,
+            "question": "Return the pair swapped.",
+            "starter_code": "def swap(a, b):\n",
+            "difficulty": "introductory",
+            "input_output": json.dumps(
+                {"fn_name": "swap", "inputs": [[1, "x"], [[1], 2]], "outputs": [[["x", 1]], [[2, [1]]]]}
+            ),
+            "solutions": json.dumps(["def swap(a, b):\n    return (b, a)\n"]),
+        },
     ]
     path = tmp_path / "apps_full.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

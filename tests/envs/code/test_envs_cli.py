@@ -47,11 +47,17 @@ def test_validate_humaneval_prints_counts_and_per_sample_lines(tmp_path: Path) -
 def test_grade_counts_pass_fail_and_errors(tmp_path: Path) -> None:
     preds = tmp_path / "preds.jsonl"
     gold = next(json.loads(line) for line in (data_root() / "mbpp" / "mbpp.jsonl").open())["code"]
-    preds.write_text("\n".join(json.dumps(p) for p in [
-        {"task_id": "mbpp/1", "output": f"```python\n{gold}\n```"},
-        {"task_id": "mbpp/2", "output": "```python\ndef similar_elements(a, b):\n    return ()\n```"},
-        {"task_id": "mbpp/99999", "output": "x"},
-    ]) + "\n")
+    preds.write_text(
+        "\n".join(
+            json.dumps(p)
+            for p in [
+                {"task_id": "mbpp/1", "output": f"```python\n{gold}\n```"},
+                {"task_id": "mbpp/2", "output": "```python\ndef similar_elements(a, b):\n    return ()\n```"},
+                {"task_id": "mbpp/99999", "output": "x"},
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "graded.jsonl"
     counts = summary(cli("grade", "mbpp", "--predictions", str(preds), "--params", DOCKER, "--out", str(out)))
     assert counts == {"env": "mbpp", "n": 3, "passed": 1, "failed": 1, "errors": 1}
@@ -62,10 +68,15 @@ def test_grade_counts_pass_fail_and_errors(tmp_path: Path) -> None:
 
 def test_grade_math_answers(tmp_path: Path) -> None:
     preds = tmp_path / "preds.jsonl"
-    preds.write_text(json.dumps({"task_id": "gsm8k-0", "output": "She makes \\boxed{18} dollars."}) + "\n"
-                     + json.dumps({"task_id": "gsm8k-1", "output": "#### 3"}) + "\n")
-    counts = summary(cli("grade", "math", "--data", str(data_root() / "gsm8k" / "test.jsonl"),
-                         "--predictions", str(preds)))
+    preds.write_text(
+        json.dumps({"task_id": "gsm8k-0", "output": "She makes \\boxed{18} dollars."})
+        + "\n"
+        + json.dumps({"task_id": "gsm8k-1", "output": "#### 3"})
+        + "\n"
+    )
+    counts = summary(
+        cli("grade", "math", "--data", str(data_root() / "gsm8k" / "test.jsonl"), "--predictions", str(preds))
+    )
     assert counts == {"env": "math", "n": 2, "passed": 1, "failed": 1, "errors": 0}
 
 

@@ -37,13 +37,24 @@ def rec(n):
     return 1 + rec(n - 1)
 """
 
-FACT_3 = ["2: n=3", "3: acc=1, n=3", "4: acc=1, k=2, n=3", "3: acc=2, k=2, n=3",
-          "4: acc=2, k=3, n=3", "3: acc=6, k=3, n=3", "5: acc=6, k=3, n=3", "return: 6"]
+FACT_3 = [
+    "2: n=3",
+    "3: acc=1, n=3",
+    "4: acc=1, k=2, n=3",
+    "3: acc=2, k=2, n=3",
+    "4: acc=2, k=3, n=3",
+    "3: acc=6, k=3, n=3",
+    "5: acc=6, k=3, n=3",
+    "return: 6",
+]
 
 
 def _task(entry: str, call: str) -> Task:
-    return Task(id=f"trace/{call}", prompt=[Message(role="user", content="trace it")],
-                hidden={"program": PROGRAM, "entry": entry, "call": call})
+    return Task(
+        id=f"trace/{call}",
+        prompt=[Message(role="user", content="trace it")],
+        hidden={"program": PROGRAM, "entry": entry, "call": call},
+    )
 
 
 def _reply(steps: list[str]) -> str:
@@ -67,8 +78,14 @@ async def test_ground_truth_from_the_sandbox_matches_the_hand_trace() -> None:
 async def test_exceptions_and_recursion_in_the_trace() -> None:
     env = ENV(PARAMS)
     await env.reset(_task("safe_div", "safe_div(1, 0)"))
-    assert await env.ground_truth() == ["9: a=1, b=0", "10: a=1, b=0", "exception: ZeroDivisionError",
-                                        "11: a=1, b=0", "12: a=1, b=0", "return: None"]
+    assert await env.ground_truth() == [
+        "9: a=1, b=0",
+        "10: a=1, b=0",
+        "exception: ZeroDivisionError",
+        "11: a=1, b=0",
+        "12: a=1, b=0",
+        "return: None",
+    ]
     await env.reset(_task("rec", "rec(2)"))
     assert await env.ground_truth() == ["16: n=2", "18: n=2", "return: 2"]  # inner calls untraced
 
@@ -78,8 +95,13 @@ async def test_long_executions_are_cut_to_max_steps() -> None:
     params = PARAMS.model_copy(update={"max_steps": 5})
     env = ENV(params)
     await env.reset(_task("fact", "fact(30)"))
-    assert await env.ground_truth() == ["2: n=30", "3: acc=1, n=30", "4: acc=1, k=2, n=30",
-                                        "3: acc=2, k=2, n=30", "4: acc=2, k=3, n=30"]
+    assert await env.ground_truth() == [
+        "2: n=30",
+        "3: acc=1, n=30",
+        "4: acc=1, k=2, n=30",
+        "3: acc=2, k=2, n=30",
+        "4: acc=2, k=3, n=30",
+    ]
 
 
 @MODULE_LOOP
@@ -128,16 +150,22 @@ async def test_a_tracer_report_that_is_not_one_gives_no_reward_and_no_exception(
     after the tracer's own report) is validated: a line that is not a tracer report means no
     ground truth (reward None), never an exception out of `step`."""
     program = f"import atexit\natexit.register(lambda: print({TAILS[name]!r}))\n" + PROGRAM
-    task = Task(id=f"trace/{name}", prompt=[Message(role="user", content="trace it")],
-                hidden={"program": program, "entry": "fact", "call": "fact(3)"})
+    task = Task(
+        id=f"trace/{name}",
+        prompt=[Message(role="user", content="trace it")],
+        hidden={"program": program, "entry": "fact", "call": "fact(3)"},
+    )
     [result] = await run_episode(ENV, PARAMS, task, _reply(FACT_3))
     assert result.done and result.reward is None and "malformed" in result.info["error"], result.info
 
 
 @MODULE_LOOP
 async def test_a_traced_program_that_prints_still_has_its_ground_truth() -> None:
-    task = Task(id="trace/prints", prompt=[Message(role="user", content="trace it")],
-                hidden={"program": "print('loading')\n" + PROGRAM, "entry": "fact", "call": "fact(3)"})
+    task = Task(
+        id="trace/prints",
+        prompt=[Message(role="user", content="trace it")],
+        hidden={"program": "print('loading')\n" + PROGRAM, "entry": "fact", "call": "fact(3)"},
+    )
     shifted = [(int(n) + 1, rest) for n, _, rest in (s.partition(":") for s in FACT_3[:-1])]
     steps = [f"{n}:{rest}" for n, rest in shifted] + FACT_3[-1:]  # one line printed before PROGRAM
     [result] = await run_episode(ENV, PARAMS, task, _reply(steps))

@@ -11,9 +11,11 @@ from envs.code import MBPPEnv
 from envs.code_datasets import asserts_to_tests
 
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
-TASK = Task(id="add", prompt=[Message(role="user", content="add")],
-            hidden={"tests": asserts_to_tests("assert add(1, 2) == 3", "add").model_dump(), "prefix": "",
-                    "gold": None})
+TASK = Task(
+    id="add",
+    prompt=[Message(role="user", content="add")],
+    hidden={"tests": asserts_to_tests("assert add(1, 2) == 3", "add").model_dump(), "prefix": "", "gold": None},
+)
 REPLY = "```python\ndef add(a, b):\n    return a + b\n```"
 RLIMIT_ONLY = {"backend": "local", "local_isolation": "rlimit"}
 DOCKER = {"sandbox": {"backend": "docker"}}

@@ -82,8 +82,9 @@ def toolz_tasks(toolz_task_file: Path) -> list[SWETask]:
 def inflection_tasks(tmp_path_factory: pytest.TempPathFactory) -> list[SWETask]:
     """Two tasks built from inflection 0.5.1 by the `codeworld swe build-tasks` command."""
     out = tmp_path_factory.mktemp("inflection") / "inflection.jsonl"
-    summary = run_cli("swe", "build-tasks", "--package", "inflection==0.5.1", "--n", "2",
-                      "--out", str(out), "--cache", str(CACHE)).summary
+    summary = run_cli(
+        "swe", "build-tasks", "--package", "inflection==0.5.1", "--n", "2", "--out", str(out), "--cache", str(CACHE)
+    ).summary
     assert summary["built"] == 2 and summary["out"] == str(out)
     return load_swe_tasks(out)
 
@@ -98,8 +99,7 @@ LITE = data_root() / "swebench_lite"
 FLASK_2_0 = ["Werkzeug==2.3.7", "Jinja2==3.0.1", "itsdangerous==2.1.2", "click==8.0.1", "MarkupSafe==2.1.3"]
 FLASK_2_2 = ["Werkzeug==2.3.7", "Jinja2==3.1.2", "itsdangerous==2.1.2", "click==8.1.3", "MarkupSafe==2.1.3"]
 OFFICIAL: dict[str, tuple[str, str, list[str]]] = {
-    "marshmallow-code__marshmallow-1359": ("dev.json", "marshmallow==3.0.0",
-                                           ["pytz==2024.1", "simplejson==3.19.2"]),
+    "marshmallow-code__marshmallow-1359": ("dev.json", "marshmallow==3.0.0", ["pytz==2024.1", "simplejson==3.19.2"]),
     "pydicom__pydicom-1256": ("dev.json", "pydicom==2.1.0", []),
     "pydicom__pydicom-1694": ("dev.json", "pydicom==2.3.0", []),
     "pallets__flask-4992": ("test.json", "flask==2.2.3", FLASK_2_2),
@@ -125,8 +125,18 @@ def official_images(official_tasks: dict[str, SWETask]) -> dict[str, str]:
     """Instance -> its official-layout image, built by `codeworld swe build-image` (cached)."""
     images = {}
     for instance, (data, package, deps) in OFFICIAL.items():
-        args = ["swe", "build-image", "--data", str(LITE / data), "--instance", instance,
-                "--package", package, "--cache", str(CACHE)]
+        args = [
+            "swe",
+            "build-image",
+            "--data",
+            str(LITE / data),
+            "--instance",
+            instance,
+            "--package",
+            package,
+            "--cache",
+            str(CACHE),
+        ]
         summary = run_cli(*args, *[a for dep in deps for a in ("--dep", dep)]).summary
         assert summary["tag"] == task_image(official_tasks[instance], OFFICIAL_PARAMS)
         images[instance] = summary["tag"]
@@ -137,4 +147,3 @@ async def official_pool(task: SWETask) -> SandboxPool:
     """This loop's shared pool for an official-layout task, as its episodes get it."""
     profile, images = task_pool_options(task, OFFICIAL_PARAMS)
     return await shared_pool("docker", task_image(task, OFFICIAL_PARAMS), 2, None, profile, images)
-

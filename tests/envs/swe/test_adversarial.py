@@ -20,13 +20,13 @@ from workers.sandbox import SandboxPool
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 # A pytest plugin that reports every test as passed: what each hijack below tries to load.
-PLUGIN = b'''import pytest
+PLUGIN = b"""import pytest
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     outcome.get_result().outcome = "passed"
-'''
+"""
 
 
 def _new(files: dict[str, bytes]) -> str:
@@ -52,41 +52,62 @@ def hijacks(task: SWETask) -> dict[str, str]:
     first = task.test_files[0]
     dist = "cw_evil-1.0.dist-info"
     return {
-        "pytest package at the root": _new({"pytest/__init__.py": b"# shadows pytest\n",
-                                             "pytest/__main__.py": _fake_pytest(task)}),
+        "pytest package at the root": _new(
+            {"pytest/__init__.py": b"# shadows pytest\n", "pytest/__main__.py": _fake_pytest(task)}
+        ),
         "pytest module at the root": _new({"pytest.py": _fake_pytest(task)}),
-        "pytest.ini loading a plugin": _new({"pytest.ini": b"[pytest]\naddopts = -p cw_evil_plugin\n",
-                                             "cw_evil_plugin.py": PLUGIN}),
-        "tox.ini beside the tests": _new({f"{test_dir}/tox.ini": b"[pytest]\naddopts = -p cw_evil_plugin\n",
-                                          "cw_evil_plugin.py": PLUGIN}),
-        "setup.cfg beside the tests": _new({
-            f"{test_dir}/setup.cfg": b"[tool:pytest]\naddopts = -p cw_evil_plugin\n",
-                                            "cw_evil_plugin.py": PLUGIN}),
-        "entry point in a dist-info": _new({
-            f"{dist}/METADATA": b"Metadata-Version: 2.1\nName: cw-evil\nVersion: 1.0\n",
-            f"{dist}/entry_points.txt": b"[pytest11]\ncw_evil = cw_evil_plugin\n",
-            "cw_evil_plugin.py": PLUGIN}),
+        "pytest.ini loading a plugin": _new(
+            {"pytest.ini": b"[pytest]\naddopts = -p cw_evil_plugin\n", "cw_evil_plugin.py": PLUGIN}
+        ),
+        "tox.ini beside the tests": _new(
+            {f"{test_dir}/tox.ini": b"[pytest]\naddopts = -p cw_evil_plugin\n", "cw_evil_plugin.py": PLUGIN}
+        ),
+        "setup.cfg beside the tests": _new(
+            {f"{test_dir}/setup.cfg": b"[tool:pytest]\naddopts = -p cw_evil_plugin\n", "cw_evil_plugin.py": PLUGIN}
+        ),
+        "entry point in a dist-info": _new(
+            {
+                f"{dist}/METADATA": b"Metadata-Version: 2.1\nName: cw-evil\nVersion: 1.0\n",
+                f"{dist}/entry_points.txt": b"[pytest11]\ncw_evil = cw_evil_plugin\n",
+                "cw_evil_plugin.py": PLUGIN,
+            }
+        ),
         "trusted test through a double slash": _respell(stub, first, first.replace("/", "//", 1)),
         "trusted test through ./": _respell(stub, first, "./" + first),
-        "trusted test git-quoted": stub.replace(f"a/{first}", f'"a/{first[:-2]}\\160y"')
-                                       .replace(f"b/{first}", f'"b/{first[:-2]}\\160y"'),
+        "trusted test git-quoted": stub.replace(f"a/{first}", f'"a/{first[:-2]}\\160y"').replace(
+            f"b/{first}", f'"b/{first[:-2]}\\160y"'
+        ),
         "trusted test under another prefix": "".join(
             line.replace(f"--- a/{first}", f"--- x/{first}").replace(f"+++ b/{first}", f"+++ y/{first}")
-            for line in stub.splitlines(keepends=True) if not line.startswith("diff --git")),
-        "trusted test renamed over": (f"diff --git a/{first}.orig b/{first}\nsimilarity index 100%\n"
-                                      f"rename from {first}.orig\nrename to {first}\n"),
+            for line in stub.splitlines(keepends=True)
+            if not line.startswith("diff --git")
+        ),
+        "trusted test renamed over": (
+            f"diff --git a/{first}.orig b/{first}\nsimilarity index 100%\nrename from {first}.orig\nrename to {first}\n"
+        ),
         "trusted test's folder made a symlink": (
             "diff --git a/lnk b/lnk\nnew file mode 120000\n--- /dev/null\n"
-            f"+++ b/lnk\n@@ -0,0 +1 @@\n+{test_dir}\n\\ No newline at end of file\n"),
+            f"+++ b/lnk\n@@ -0,0 +1 @@\n+{test_dir}\n\\ No newline at end of file\n"
+        ),
         "a .. path": _new({f"{test_dir}/../{first.rsplit('/', 1)[1]}": b"def test_x():\n    pass\n"}),
     }
 
 
-HIJACKS = ["pytest package at the root", "pytest module at the root", "pytest.ini loading a plugin",
-           "tox.ini beside the tests", "setup.cfg beside the tests", "entry point in a dist-info",
-           "trusted test through a double slash", "trusted test through ./", "trusted test git-quoted",
-           "trusted test under another prefix", "trusted test renamed over",
-           "trusted test's folder made a symlink", "a .. path"]
+HIJACKS = [
+    "pytest package at the root",
+    "pytest module at the root",
+    "pytest.ini loading a plugin",
+    "tox.ini beside the tests",
+    "setup.cfg beside the tests",
+    "entry point in a dist-info",
+    "trusted test through a double slash",
+    "trusted test through ./",
+    "trusted test git-quoted",
+    "trusted test under another prefix",
+    "trusted test renamed over",
+    "trusted test's folder made a symlink",
+    "a .. path",
+]
 
 
 async def test_the_hijack_list_is_complete(built_tasks: list[SWETask]) -> None:
@@ -129,8 +150,11 @@ def _folder_with_files(task: SWETask) -> tuple[str, list[str]]:
     for path in tree:
         if "/" in path and path.endswith(".py"):
             folders.setdefault(path.rsplit("/", 1)[0], []).append(path)
-    return next((d, sorted(f)) for d, f in sorted(folders.items())
-                if len(f) >= 2 and not any(t.startswith(d + "/") for t in trusted))
+    return next(
+        (d, sorted(f))
+        for d, f in sorted(folders.items())
+        if len(f) >= 2 and not any(t.startswith(d + "/") for t in trusted)
+    )
 
 
 async def test_diffs_the_sandbox_tree_cannot_take_score_0(built_tasks, swe_pool) -> None:
@@ -147,6 +171,7 @@ async def test_diffs_the_sandbox_tree_cannot_take_score_0(built_tasks, swe_pool)
 
 
 # ------------------------------------------------------------------------------- the environment
+
 
 def act(text: str) -> Action:
     return Action(text=text, token_ids=[1, 2, 3])
@@ -184,8 +209,10 @@ async def test_a_forged_exit_marker_is_an_unknown_exit_status(built_tasks, mark:
 
 SHADOWS = {
     "json that exits": ("json.py", "raise SystemExit(3)"),
-    "json that prints garbage": ("json.py", "print('not json')\ndef dump(*a, **k): print('[1')\n"
-                                            "def dumps(*a, **k): return '[1'\ndef load(f): return {}\n"),
+    "json that prints garbage": (
+        "json.py",
+        "print('not json')\ndef dump(*a, **k): print('[1')\ndef dumps(*a, **k): return '[1'\ndef load(f): return {}\n",
+    ),
     "base64 that raises": ("base64.py", "raise ImportError('shadowed')"),
     "shutil that exits": ("shutil.py", "import os\nos._exit(0)"),
 }
@@ -200,8 +227,7 @@ async def test_modules_planted_beside_the_helper_are_not_imported(built_tasks, n
     module, source = SHADOWS[name]
     plant = f"cat > ../{module} <<'EOF'\n{source}\nEOF\ncp ../{module} ./{module}"
     (patched, _, search, replace) = _gold_edit(task)
-    edit = act(f"<tool: edit>\n{patched}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n"
-               ">>>>>>> REPLACE\n</tool>")
+    edit = act(f"<tool: edit>\n{patched}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n</tool>")
     results = await _episode(task, bash(plant), act(f"<tool: view>\n{patched}\n1 3\n</tool>"), edit, SUBMIT)
     assert [r.done for r in results] == [False, False, False, True], results[-1].info
     assert results[2].observation.messages[0].content.startswith(f"Edited {patched}.")
@@ -218,8 +244,9 @@ def _gold_edit(task: SWETask) -> tuple[str, int, str, str]:
     return patched.path, 0, search, replace
 
 
-@pytest.mark.parametrize("command", ["kill -9 -1", "kill -9 -1; sleep 5",
-                                     "python3 -c 'import os, signal; os.kill(-1, signal.SIGKILL)'"])
+@pytest.mark.parametrize(
+    "command", ["kill -9 -1", "kill -9 -1; sleep 5", "python3 -c 'import os, signal; os.kill(-1, signal.SIGKILL)'"]
+)
 async def test_killing_everything_scores_0_not_a_dropped_sample(built_tasks, command: str) -> None:
     """The sandbox layer says the program killed its agent (today) or the kill never reaches the
     agent (after the sandbox core's rewrite): either way the policy gets 0, never None."""

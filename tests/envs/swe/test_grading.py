@@ -20,18 +20,17 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 TASK_INDEXES = range(5)
 
 # A conftest.py that reports every test as passed: the classic way to fake a green run.
-HIJACK = b'''import pytest
+HIJACK = b"""import pytest
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     report.outcome = "passed"
-'''
+"""
 
 
-def stub_tests_diff(task: SWETask, tree: dict[str, bytes] | None = None,
-                    test_files: list[str] | None = None) -> str:
+def stub_tests_diff(task: SWETask, tree: dict[str, bytes] | None = None, test_files: list[str] | None = None) -> str:
     """A diff that empties the body of every FAIL_TO_PASS test (keeping decorators, so the test
     ids stay the same): if applied, those tests would pass whatever the code does. `tree`: the
     files to start from (default: the task's base), `test_files`: where the tests are."""

@@ -37,8 +37,14 @@ def _by_kind():
 
 def test_every_kind_is_produced_and_changes_exactly_one_line():
     found = _by_kind()
-    assert set(found) == {"flip_comparison", "off_by_one", "swap_operands", "drop_return",
-                          "negate_condition", "swap_boolop"}
+    assert set(found) == {
+        "flip_comparison",
+        "off_by_one",
+        "swap_operands",
+        "drop_return",
+        "negate_condition",
+        "swap_boolop",
+    }
     for group in found.values():
         for m in group:
             changed = [i for i, (a, b) in enumerate(zip(SOURCE.splitlines(), m.source.splitlines())) if a != b]
@@ -90,8 +96,13 @@ def test_empty_files_created_and_deleted_survive_the_round_trip():
 
 def test_drop_protected_removes_trusted_tests_and_hijack_files_only():
     old = {"pkg/a.py": b"x = 1\n", "tests/test_a.py": b"def test(): assert 0\n"}
-    new = {"pkg/a.py": b"x = 2\n", "tests/test_a.py": b"def test(): pass\n", "conftest.py": b"evil\n",
-           "pkg/sitecustomize.py": b"evil\n", "pkg/helper.py": b"ok\n"}
+    new = {
+        "pkg/a.py": b"x = 2\n",
+        "tests/test_a.py": b"def test(): pass\n",
+        "conftest.py": b"evil\n",
+        "pkg/sitecustomize.py": b"evil\n",
+        "pkg/helper.py": b"ok\n",
+    }
     kept, dropped = drop_protected(tree_diff(old, new), trusted={"tests/test_a.py"})
     assert sorted(dropped) == ["conftest.py", "pkg/sitecustomize.py", "tests/test_a.py"]
     assert touched_paths(kept)[1] == ["pkg/a.py", "pkg/helper.py"]
@@ -113,7 +124,9 @@ def test_paths_outside_the_repository_are_refused_before_touching_the_host(path)
 
 
 def test_a_diff_creating_a_symlink_is_refused():
-    diff = ("diff --git a/link b/link\nnew file mode 120000\n--- /dev/null\n+++ b/link\n@@ -0,0 +1 @@\n"
-            "+/etc/hostname\n\\ No newline at end of file\n")
+    diff = (
+        "diff --git a/link b/link\nnew file mode 120000\n--- /dev/null\n+++ b/link\n@@ -0,0 +1 @@\n"
+        "+/etc/hostname\n\\ No newline at end of file\n"
+    )
     with pytest.raises(PatchError, match="symbolic link"):
         apply_diff({}, diff)

@@ -71,9 +71,7 @@ def swebench_report(task: SWETask, image: str, diff: str, log: str, tmp: Path) -
     (tmp / "log.txt").write_text(log)
     spec = official.test_spec(task, image)
     prediction = {"instance_id": task.instance_id, "model_patch": diff, "model_name_or_path": "t"}
-    return get_eval_report(spec, prediction, str(tmp / "log.txt"), include_tests_status=True)[
-        task.instance_id
-    ]
+    return get_eval_report(spec, prediction, str(tmp / "log.txt"), include_tests_status=True)[task.instance_id]
 
 
 def official_harness(
@@ -99,9 +97,7 @@ def official_harness(
 
 
 @pytest.mark.parametrize("instance", list(OFFICIAL))
-async def test_verdicts_equal_swebenchs_own(
-    instance: str, official_tasks, official_images, tmp_path, monkeypatch
-):
+async def test_verdicts_equal_swebenchs_own(instance: str, official_tasks, official_images, tmp_path, monkeypatch):
     task, image = official_tasks[instance], official_images[instance]
     pool = await official_pool(task)
     for name, (diff, expected) in cases(task).items():
@@ -159,8 +155,7 @@ async def test_an_episode_edits_testbed_and_a_fresh_sandbox_grades_it(official_t
         out = await env.step(act("<tool: bash>\npwd && git status --short && which python\n</tool>"))
         text = out.observation.messages[0].content
         assert text.startswith("/testbed\n/opt/miniconda3/envs/testbed/bin/python\n[exit code 0]"), text
-        edit = (f"<tool: edit>\n{patched.path}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n"
-                ">>>>>>> REPLACE\n</tool>")
+        edit = f"<tool: edit>\n{patched.path}\n<<<<<<< SEARCH\n{search}\n=======\n{replace}\n>>>>>>> REPLACE\n</tool>"
         out = await env.step(act(edit))
         assert out.observation.messages[0].content.startswith(f"Edited {patched.path}.")
         out = await env.step(

@@ -24,19 +24,33 @@ def long_context_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def test_swe_episodes_train_one_step(tmp_path: Path, long_context_tiny_model: str, official_images: dict,
-                                     redis_url: str, ray_session: None) -> None:
+def test_swe_episodes_train_one_step(
+    tmp_path: Path, long_context_tiny_model: str, official_images: dict, redis_url: str, ray_session: None
+) -> None:
     instance = "marshmallow-code__marshmallow-1359"
     rows = [r for r in json.loads((LITE / "dev.json").read_text()) if r["instance_id"] == instance]
     task_file = tmp_path / "official.jsonl"
     task_file.write_text(json.dumps(rows[0]) + "\n")
     params = "{max_turns: 2, pool_size: 2, pull_images: false}"
-    cfg = load_config(None, [
-        "run.name=swe-loop", f"run.dir={tmp_path / 'run'}", "run.steps=1", "run.record_batches=true",
-        f"model.path={long_context_tiny_model}", "rollout.max_tokens=16", "rollout.max_model_len=3072",
-        "algorithm.group_size=2", "algorithm.batch_size=2", "learner.world_size=1",
-        "logging.trackers=[]", "logging.progress=false", f"bus.redis_url={redis_url}",
-        f"envs=[{{name: swe, data: {task_file}, params: {params}}}]"])
+    cfg = load_config(
+        None,
+        [
+            "run.name=swe-loop",
+            f"run.dir={tmp_path / 'run'}",
+            "run.steps=1",
+            "run.record_batches=true",
+            f"model.path={long_context_tiny_model}",
+            "rollout.max_tokens=16",
+            "rollout.max_model_len=3072",
+            "algorithm.group_size=2",
+            "algorithm.batch_size=2",
+            "learner.world_size=1",
+            "logging.trackers=[]",
+            "logging.progress=false",
+            f"bus.redis_url={redis_url}",
+            f"envs=[{{name: swe, data: {task_file}, params: {params}}}]",
+        ],
+    )
     summary = asyncio.run(run_training(cfg))
     # All-zero groups carry no gradient and are counted as such; none lost its reward.
     assert summary.steps == 1 and summary.dropped["no_reward"] == 0

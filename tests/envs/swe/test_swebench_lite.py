@@ -21,8 +21,24 @@ INSTANCE = "marshmallow-code__marshmallow-1359"
 @pytest.fixture(scope="module")
 def marshmallow_task_file(tmp_path_factory, swe_cli, swe_cache):
     out = tmp_path_factory.mktemp("lite") / "marshmallow.jsonl"
-    summary = swe_cli("swe", "from-sdist", "--data", str(DEV), "--id", INSTANCE, "--package", "marshmallow==3.0.0",
-                      "--dep", "pytz", "--dep", "simplejson", "--out", str(out), "--cache", str(swe_cache)).summary
+    summary = swe_cli(
+        "swe",
+        "from-sdist",
+        "--data",
+        str(DEV),
+        "--id",
+        INSTANCE,
+        "--package",
+        "marshmallow==3.0.0",
+        "--dep",
+        "pytz",
+        "--dep",
+        "simplejson",
+        "--out",
+        str(out),
+        "--cache",
+        str(swe_cache),
+    ).summary
     assert summary == {"instance_id": INSTANCE, "package": "marshmallow==3.0.0", "out": str(out)}
     return out
 
@@ -46,8 +62,18 @@ async def test_no_change_leaves_the_instance_unresolved(marshmallow_task_file, s
 async def test_instance_without_its_image_names_the_missing_image(swe_cli):
     """The image is looked for under a template that names a closed loopback port: not on this
     node, and the pull fails at once (no traffic leaves the machine)."""
-    run = swe_cli("swe", "grade", "--data", str(DEV), "--id", INSTANCE, "--gold", "--image-template",
-                  "127.0.0.1:9/{name}", check=False)
+    run = swe_cli(
+        "swe",
+        "grade",
+        "--data",
+        str(DEV),
+        "--id",
+        INSTANCE,
+        "--gold",
+        "--image-template",
+        "127.0.0.1:9/{name}",
+        check=False,
+    )
     assert run.summary == {"n": 1, "passed": 0, "failed": 0, "errors": 1}
     assert "127.0.0.1:9/sweb.eval.x86_64.marshmallow-code_1776_marshmallow-1359:latest" in run.proc.stderr
     assert "could not be pulled" in run.proc.stderr and "codeworld swe build-image" in run.proc.stderr
@@ -55,7 +81,20 @@ async def test_instance_without_its_image_names_the_missing_image(swe_cli):
 
 async def test_sdist_that_is_not_the_repository_is_refused(tmp_path, swe_cli, swe_cache):
     wrong = "marshmallow-code__marshmallow-1343"  # a 2.20 instance; 3.0.0's files differ
-    run = swe_cli("swe", "from-sdist", "--data", str(DEV), "--id", wrong, "--package", "marshmallow==3.0.0",
-                  "--out", str(tmp_path / "x.jsonl"), "--cache", str(swe_cache), check=False)
+    run = swe_cli(
+        "swe",
+        "from-sdist",
+        "--data",
+        str(DEV),
+        "--id",
+        wrong,
+        "--package",
+        "marshmallow==3.0.0",
+        "--out",
+        str(tmp_path / "x.jsonl"),
+        "--cache",
+        str(swe_cache),
+        check=False,
+    )
     assert run.proc.returncode == 1 and not (tmp_path / "x.jsonl").exists()
     assert f"is not the repository of {wrong}" in run.proc.stderr and "does not apply" in run.proc.stderr

@@ -44,9 +44,15 @@ def test_official_image_name_follows_docker_hub_naming():
 
 
 def test_a_bad_record_is_named(tmp_path):
-    rows = [json.loads(line) for line in [json.dumps({"instance_id": "x", "repo": "r", "problem_statement": "p",
-                                                       "FAIL_TO_PASS": "[]", "PASS_TO_PASS": "[]"}),
-                                           json.dumps({"instance_id": "y", "repo": "r"})]]
+    rows = [
+        json.loads(line)
+        for line in [
+            json.dumps(
+                {"instance_id": "x", "repo": "r", "problem_statement": "p", "FAIL_TO_PASS": "[]", "PASS_TO_PASS": "[]"}
+            ),
+            json.dumps({"instance_id": "y", "repo": "r"}),
+        ]
+    ]
     path = tmp_path / "tasks.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     message = r"tasks.jsonl: record 1 \(y\) is not a swe-bench task \(problem_statement: Field required\)"
@@ -57,8 +63,20 @@ def test_a_bad_record_is_named(tmp_path):
 
 
 def test_layout_detection_separates_code_tests_and_config():
-    tree = {p: b"" for p in ["src/pkg/__init__.py", "src/pkg/core.py", "tests/test_core.py", "tests/helpers.py",
-                             "docs/conf.py", "setup.py", "conftest.py", "pyproject.toml", "pkg_test.py"]}
+    tree = {
+        p: b""
+        for p in [
+            "src/pkg/__init__.py",
+            "src/pkg/core.py",
+            "tests/test_core.py",
+            "tests/helpers.py",
+            "docs/conf.py",
+            "setup.py",
+            "conftest.py",
+            "pyproject.toml",
+            "pkg_test.py",
+        ]
+    }
     layout = detect_layout(tree, "pkg==1.0")
     assert layout.source_files == ["src/pkg/__init__.py", "src/pkg/core.py"]
     assert layout.test_files == ["pkg_test.py", "tests/helpers.py", "tests/test_core.py"]
@@ -72,9 +90,25 @@ def test_layout_detection_separates_code_tests_and_config():
 def test_statement_quotes_real_pytest_failures(tmp_path):
     (tmp_path / "test_demo.py").write_text(
         "import pytest\n\nclass TestBox:\n    def test_size(self):\n        assert len([1, 2]) == 3\n\n"
-        "@pytest.mark.parametrize('n', [1])\ndef test_param(n):\n    assert n == 2\n\ndef test_ok():\n    pass\n")
-    log = subprocess.run([sys.executable, "-m", "pytest", "-rA", "--tb=short", "-p", "no:cacheprovider",
-                          "-p", "no:asyncio", "test_demo.py"], cwd=tmp_path, capture_output=True, text=True).stdout
+        "@pytest.mark.parametrize('n', [1])\ndef test_param(n):\n    assert n == 2\n\ndef test_ok():\n    pass\n"
+    )
+    log = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-rA",
+            "--tb=short",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:asyncio",
+            "test_demo.py",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert set(failure_sections(log)) == {"TestBox.test_size", "test_param[1]"}
     failing = ["test_demo.py::TestBox::test_size", "test_demo.py::test_param[1]"]
     text = write_statement("demo", "1.0", failing, log)

@@ -66,9 +66,7 @@ def _write(tmp_path: Path, rows: list[object]) -> Path:
 def test_unknown_fields_are_ignored_and_a_missing_one_names_the_row(tmp_path: Path) -> None:
     gym = [json.loads(line) for line in (DATA / "swe_gym_shaped.jsonl").read_text().splitlines()]
     smith = [json.loads(line) for line in (DATA / "swe_smith_shaped.jsonl").read_text().splitlines()]
-    assert load_swe_tasks(
-        _write(tmp_path, [{**gym[0], "difficulty": "<15 min", "nested": {"x": [1]}}]), "swe-gym"
-    )
+    assert load_swe_tasks(_write(tmp_path, [{**gym[0], "difficulty": "<15 min", "nested": {"x": [1]}}]), "swe-gym")
     broken = {k: v for k, v in gym[1].items() if k != "FAIL_TO_PASS"}
     with pytest.raises(
         ValueError,
@@ -82,17 +80,17 @@ def test_unknown_fields_are_ignored_and_a_missing_one_names_the_row(tmp_path: Pa
     with pytest.raises(ValueError, match=r"record 0 is not a JSON object"):
         load_swe_tasks(_write(tmp_path, [["a list"]]))
     binary = {**smith[1], "patch": "diff --git a/x.bin b/x.bin\nBinary files a/x.bin and b/x.bin differ\n"}
-    with pytest.raises(
-        ValueError, match=r"codeworld_constructed__2\) is not a swe-smith task: its patch cannot be"
-    ):
+    with pytest.raises(ValueError, match=r"codeworld_constructed__2\) is not a swe-smith task: its patch cannot be"):
         load_swe_tasks(_write(tmp_path, [binary]))
 
 
 def test_a_row_with_its_own_image_and_eval_script_keeps_them(tmp_path: Path) -> None:
     """SWE-bench 5.x task repositories publish each instance's image and evaluation script."""
     row = json.loads((DATA / "swe_gym_shaped.jsonl").read_text().splitlines()[0])
-    script = ("#!/bin/bash\nset -uxo pipefail\ncd /testbed\n: '>>>>> Start Test Output'\npytest -rA\n"
-              ": '>>>>> End Test Output'\n")
+    script = (
+        "#!/bin/bash\nset -uxo pipefail\ncd /testbed\n: '>>>>> Start Test Output'\npytest -rA\n"
+        ": '>>>>> End Test Output'\n"
+    )
     (task,) = load_swe_tasks(
         _write(
             tmp_path,
@@ -119,9 +117,7 @@ def test_the_written_eval_script_is_swebenchs_layout() -> None:
     reset = f"git checkout {task.base_commit} tests/test_fields.py"
     apply = next(i for i, line in enumerate(lines) if line.startswith("git apply -v - <<'EOF_"))
     start, end = lines.index(": '>>>>> Start Test Output'"), lines.index(": '>>>>> End Test Output'")
-    assert lines.index(reset) < apply < start and lines[start + 1 : end] == [
-        "pytest -rA tests/test_fields.py"
-    ]
+    assert lines.index(reset) < apply < start and lines[start + 1 : end] == ["pytest -rA tests/test_fields.py"]
     assert lines[-1] == reset and lines.count(reset) == 2
 
 
@@ -135,9 +131,7 @@ def test_image_templates_map_names_and_a_bad_one_names_the_setting() -> None:
         task_image(task, SWEParams(image_template="10.0.0.2:5000/mirror/{name}"))
         == "10.0.0.2:5000/mirror/sweb.eval.x86_64.pydicom_1776_pydicom-1256:latest"
     )
-    assert (
-        task_image(task, SWEParams(image_template="swe/{docker_id}:v1")) == "swe/pydicom_1776_pydicom-1256:v1"
-    )
+    assert task_image(task, SWEParams(image_template="swe/{docker_id}:v1")) == "swe/pydicom_1776_pydicom-1256:v1"
     for bad in ("{nope}", "Registry/{name}", "{image} extra", "a/{name}:{name}", "{0}"):
         with pytest.raises(ValidationError, match="params.image_template"):
             SWEParams(image_template=bad)

@@ -24,7 +24,8 @@ _TESTBED_SETUP = (
     " && printf '#!/bin/sh\necho run\n' > /testbed/run.sh && chmod 755 /testbed/run.sh"
     " && echo keep > /testbed/readonly.txt && chmod 444 /testbed/readonly.txt"
     " && ln -s pkg/__init__.py /testbed/link.py && echo x > /testbed/pkg/deep/er/leaf.txt"
-    " && chmod -R o+rX /testbed")
+    " && chmod -R o+rX /testbed"
+)
 
 PROBE = r"""
 import hashlib, json, os
@@ -82,10 +83,15 @@ def clean_view(pool: SandboxPool) -> dict:
 
 
 PRISTINE_TESTBED = [
-    ["link.py", "0o120777", "pkg/__init__.py"], ["pkg", "0o40755", ""],
-    ["readonly.txt", "0o100444", "f660a7996dea"], ["run.sh", "0o100755", "a4e0317eafab"],
-    ["pkg/__init__.py", "0o100644", "e13df8c44af5"], ["pkg/deep", "0o40755", ""],
-    ["pkg/deep/er", "0o40755", ""], ["pkg/deep/er/leaf.txt", "0o100644", "73cb3858a687"]]
+    ["link.py", "0o120777", "pkg/__init__.py"],
+    ["pkg", "0o40755", ""],
+    ["readonly.txt", "0o100444", "f660a7996dea"],
+    ["run.sh", "0o100755", "a4e0317eafab"],
+    ["pkg/__init__.py", "0o100644", "e13df8c44af5"],
+    ["pkg/deep", "0o40755", ""],
+    ["pkg/deep/er", "0o40755", ""],
+    ["pkg/deep/er/leaf.txt", "0o100644", "73cb3858a687"],
+]
 """PROBE's view of TESTBED_IMAGE's /testbed."""
 
 
@@ -97,8 +103,7 @@ def ensure_testbed_image() -> str:
         return TESTBED_IMAGE
     except docker.errors.ImageNotFound:
         pass
-    container = client.containers.run(DEFAULT_IMAGE, ["sh", "-c", _TESTBED_SETUP], detach=True,
-                                      network_mode="none")
+    container = client.containers.run(DEFAULT_IMAGE, ["sh", "-c", _TESTBED_SETUP], detach=True, network_mode="none")
     try:
         assert container.wait()["StatusCode"] == 0, container.logs()
         repository, tag = TESTBED_IMAGE.split(":")
@@ -112,8 +117,9 @@ def ensure_testbed_image() -> str:
 def make_pool(kind: str, size: int = 2) -> SandboxPool:
     """A pool of one of BACKENDS, or of WRITABLE (Docker, TESTBED_IMAGE, TESTBED_PROFILE)."""
     if kind == WRITABLE:
-        return SandboxPool(backend="docker", image=ensure_testbed_image(), size=size, limits=TEST_LIMITS,
-                           profile=TESTBED_PROFILE)
+        return SandboxPool(
+            backend="docker", image=ensure_testbed_image(), size=size, limits=TEST_LIMITS, profile=TESTBED_PROFILE
+        )
     return SandboxPool(backend=kind, size=size, limits=TEST_LIMITS)  # type: ignore[arg-type]
 
 

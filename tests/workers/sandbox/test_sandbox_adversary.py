@@ -46,7 +46,8 @@ def zombie_leader():
 """
 SURVIVORS = {
     # A forked child in a session of its own ends its main thread; its thread plants files later.
-    "forked_zombie_leader": _LINGER + """
+    "forked_zombie_leader": _LINGER
+    + """
 if os.fork() == 0:
     os.setsid()
     zombie_leader()
@@ -54,7 +55,8 @@ time.sleep(0.3)
 print("done")
 """,
     # The same two forks down, so that it is reparented (to the launcher, a subreaper).
-    "grandchild_zombie_leader": _LINGER + """
+    "grandchild_zombie_leader": _LINGER
+    + """
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
@@ -65,10 +67,14 @@ time.sleep(0.3)
 print("done")
 """,
     # The survivor's thread forks a fresh, ordinary process later, from beyond the cleanup.
-    "zombie_leader_that_respawns": _LINGER.replace("time.sleep(600)", """if os.fork() == 0:
+    "zombie_leader_that_respawns": _LINGER.replace(
+        "time.sleep(600)",
+        """if os.fork() == 0:
         os.setsid()
         time.sleep(600)
-    time.sleep(600)""") + """
+    time.sleep(600)""",
+    )
+    + """
 if os.fork() == 0:
     os.setsid()
     zombie_leader()
@@ -76,7 +82,8 @@ time.sleep(0.3)
 print("done")
 """,
     # Several survivors at once, in their own process groups.
-    "many_zombie_leaders": _LINGER + """
+    "many_zombie_leaders": _LINGER
+    + """
 for _ in range(5):
     if os.fork() == 0:
         os.setpgid(0, 0)
@@ -113,8 +120,9 @@ async def test_a_survivor_of_the_program_itself_ends_with_the_run(pool: SandboxP
     """The program's own main thread ends with the raw exit syscall: the run waits for its
     threads, ends at its deadline, and nothing of it remains."""
     code = (_LINGER + "\nprint('bye', flush=True)\nzombie_leader()\n").replace("DELAY", "0.5")
-    result = await pool.run(ExecRequest(command=["python3", "-c", code.replace("SYS_EXIT", str(SYS_EXIT))],
-                                        timeout_s=2))
+    result = await pool.run(
+        ExecRequest(command=["python3", "-c", code.replace("SYS_EXIT", str(SYS_EXIT))], timeout_s=2)
+    )
     assert result.status is Status.TIMEOUT and result.stdout == b"bye\n", result
     await asyncio.sleep(1.0)
     assert await asyncio.gather(probe(pool), probe(pool)) == [CLEAN_VIEW, CLEAN_VIEW]
@@ -145,20 +153,26 @@ def plant(folder, names):
 """
 POISONS = {
     # Every module the launcher imports, as files in the work dir (its old working directory).
-    "modules_in_the_work_dir": ("plant('/work', [m + '.py' for m in ('json', 'socket', 'select', 'struct', 'signal', "
-                                "'errno', 'io', 'stat', 'runpy', 'traceback', 'types', 'atexit', 'resource', 'gc')])",
-                                True),
+    "modules_in_the_work_dir": (
+        "plant('/work', [m + '.py' for m in ('json', 'socket', 'select', 'struct', 'signal', "
+        "'errno', 'io', 'stat', 'runpy', 'traceback', 'types', 'atexit', 'resource', 'gc')])",
+        True,
+    ),
     # A package directory that shadows ctypes (the launcher's first import).
     "ctypes_package": ("plant('/work/ctypes', ['__init__.py'])", True),
     # A user site directory under HOME (= /work) with a .pth line and usercustomize.
-    "user_site": ("plant('/work/.local/lib/python3.11/site-packages', ['usercustomize.py'])\n"
-                  "open('/work/.local/lib/python3.11/site-packages/x.pth', 'w').write("
-                  "'import builtins; builtins.CODEWORLD_POISONED = True\\n')", True),
+    "user_site": (
+        "plant('/work/.local/lib/python3.11/site-packages', ['usercustomize.py'])\n"
+        "open('/work/.local/lib/python3.11/site-packages/x.pth', 'w').write("
+        "'import builtins; builtins.CODEWORLD_POISONED = True\\n')",
+        True,
+    ),
     # What the agent would import lazily when the session next sends or fetches files.
     "agent_lazy_imports": ("plant('/work', ['tarfile.py', 'shutil.py', 'copy.py', 'warnings.py'])", False),
 }
-CHECK = ("import builtins, os\n"
-         "print(getattr(builtins, 'CODEWORLD_POISONED', False), sorted(f for f in os.listdir('/tmp')))")
+CHECK = (
+    "import builtins, os\nprint(getattr(builtins, 'CODEWORLD_POISONED', False), sorted(f for f in os.listdir('/tmp')))"
+)
 
 
 @pytest.mark.parametrize("name", list(POISONS))
@@ -167,7 +181,11 @@ async def test_files_a_program_leaves_never_poison_the_launcher(pool: SandboxPoo
     marked) kills the launcher: a dead one used to be restarted in the work dir, before the wipe.
     Later programs must fork from clean code: on the fast path they inherit the launcher's memory."""
     plant, kill = POISONS[name]
-    attack = _PLANT.replace("PAYLOAD", repr(_PAYLOAD)) + plant + _LAUNCHER + """
+    attack = (
+        _PLANT.replace("PAYLOAD", repr(_PAYLOAD))
+        + plant
+        + _LAUNCHER
+        + """
 for pid in (zygote,) if DO_KILL else ():
     try:
         os.kill(pid, signal.SIGKILL)
@@ -175,6 +193,7 @@ for pid in (zygote,) if DO_KILL else ():
         pass
 print("planted")
 """.replace("DO_KILL", str(kill))
+    )
     async with pool.session() as box:
         planted = await box.exec(ExecRequest(command=["python3", "-c", attack]))
         assert planted.stdout == b"planted\n", planted.stderr.decode()
@@ -188,7 +207,9 @@ print("planted")
 
 
 # --------------------------------------------------------------------------------- launcher limits
-_TAMPER = _LAUNCHER + """
+_TAMPER = (
+    _LAUNCHER
+    + """
 import resource
 out = []
 def attempt(label, fn):
@@ -201,6 +222,7 @@ for who, pid in (("zygote", zygote), ("agent", agent)):
     ATTEMPTS
 print(" ".join(out))
 """
+)
 TAMPERING = {
     "open_files": "attempt(who + ':nofile', lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, (4, 4)))",
     "file_size": "attempt(who + ':fsize', lambda: resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, 0)))",
@@ -221,9 +243,18 @@ async def test_programs_cannot_limit_or_reschedule_the_launcher(pool: SandboxPoo
     result = await pool.run(ExecRequest(command=["python3", "-c", attack], timeout_s=5))
     assert result.status is Status.OK, result
     assert b"CHANGED" not in result.stdout and result.stdout.count(b"blocked") == 2, result.stdout
-    checks = await asyncio.gather(*(pool.run(ExecRequest(
-        command=["python3", "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, os.getppid()), 6 * 7)"],
-        files={"big.txt": b"x" * 1000}, timeout_s=5)) for _ in range(4)))
+    checks = await asyncio.gather(
+        *(
+            pool.run(
+                ExecRequest(
+                    command=["python3", "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, os.getppid()), 6 * 7)"],
+                    files={"big.txt": b"x" * 1000},
+                    timeout_s=5,
+                )
+            )
+            for _ in range(4)
+        )
+    )
     assert [(c.status, c.stdout) for c in checks] == [(Status.OK, b"0 42\n")] * 4, checks
 
 
@@ -387,8 +418,15 @@ async def test_memory_exhaustion_that_takes_the_agent_is_the_programs(backend: s
     processes smaller than the agent (here the host makes the agent the certain pick). The kill
     count shows it: the program's fault, a RUNTIME_ERROR that broke the sandbox, never a dropped
     sample nor a retry."""
-    hog = ExecRequest(command=["python3", "-c", "open('/proc/self/oom_score_adj', 'w').write('0')\n"
-                               "x = []\nwhile True: x.append(bytearray(1 << 20))"], timeout_s=30, memory_mb=128)
+    hog = ExecRequest(
+        command=[
+            "python3",
+            "-c",
+            "open('/proc/self/oom_score_adj', 'w').write('0')\nx = []\nwhile True: x.append(bytearray(1 << 20))",
+        ],
+        timeout_s=30,
+        memory_mb=128,
+    )
     async with SandboxPool(backend=backend, size=1, limits=TEST_LIMITS) as pool:
         assert (await pool.run(FAST)).status is Status.OK
         Path(f"/proc/{_agent(_only_box(pool))}/oom_score_adj").write_text("1000")
@@ -410,10 +448,14 @@ async def test_sandboxes_are_recycled_after_a_number_of_tasks(backend: str) -> N
 
 
 # ------------------------------------------------------------------- the three attacks, 500 times
-_COMBINED = _PLANT.replace("PAYLOAD", repr(_PAYLOAD)) + """
+_COMBINED = (
+    _PLANT.replace("PAYLOAD", repr(_PAYLOAD))
+    + """
 plant('/work', ['json.py', 'runpy.py', 'types.py', 'tarfile.py'])
 plant('/work/ctypes', ['__init__.py'])
-""" + _LAUNCHER + """
+"""
+    + _LAUNCHER
+    + """
 import ctypes, resource, threading, time
 for pid in (zygote, agent):
     for attack in (lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, (4, 4)),
@@ -439,9 +481,12 @@ if os.fork() == 0:
 time.sleep(0.01)
 print("attacked")
 """.replace("SYS_EXIT", str(SYS_EXIT))
-_AFTER = PROBE.replace('print(json.dumps({"procs": procs, "files": files, "ipc": ipc}))',
-                       'import builtins\nprint(json.dumps({"procs": procs, "files": files, "ipc": ipc, '
-                       '"poisoned": getattr(builtins, "CODEWORLD_POISONED", False)}))')
+)
+_AFTER = PROBE.replace(
+    'print(json.dumps({"procs": procs, "files": files, "ipc": ipc}))',
+    'import builtins\nprint(json.dumps({"procs": procs, "files": files, "ipc": ipc, '
+    '"poisoned": getattr(builtins, "CODEWORLD_POISONED", False)}))',
+)
 
 
 async def test_500_attacks_leave_no_survivor_and_no_poisoned_run(backend: str) -> None:
@@ -458,8 +503,10 @@ async def test_500_attacks_leave_no_survivor_and_no_poisoned_run(backend: str) -
             poisoned += view["poisoned"]
             survivors += view is not None and (view["procs"] != [] or any(view["files"].values()))
         stats = pool.stats()
-    print(f"\n500 attacks on {backend}: {survivors} surviving, {poisoned} poisoned; "
-          f"{stats.replaced} sandboxes replaced, {stats.sandbox_errors} sandbox errors")
+    print(
+        f"\n500 attacks on {backend}: {survivors} surviving, {poisoned} poisoned; "
+        f"{stats.replaced} sandboxes replaced, {stats.sandbox_errors} sandbox errors"
+    )
     assert (survivors, poisoned, stats.sandbox_errors) == (0, 0, 0)
 
 
@@ -529,22 +576,27 @@ def _run_unprivileged(tmp_path: Path) -> dict:
 
     site = tmp_path / "site"
     for module in (workers, pydantic, pydantic_core, annotated_types, typing_inspection):
-        shutil.copytree(os.path.dirname(module.__file__), site / module.__name__,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            os.path.dirname(module.__file__), site / module.__name__, ignore=shutil.ignore_patterns("__pycache__")
+        )
     shutil.copy(typing_extensions.__file__, site)
     tamper = _TAMPER.replace("ATTEMPTS", TAMPERING["open_files"])
     survivor = SURVIVORS["forked_zombie_leader"].replace("DELAY", "1.0").replace("SYS_EXIT", str(SYS_EXIT))
-    script = (_UNPRIVILEGED.replace("TAMPER", repr(tamper)).replace("SURVIVOR", repr(survivor))
-              .replace("PROBE", repr(PROBE)))
+    script = (
+        _UNPRIVILEGED.replace("TAMPER", repr(tamper)).replace("SURVIVOR", repr(survivor)).replace("PROBE", repr(PROBE))
+    )
     (tmp_path / "main.py").write_text(script)
     os.chmod(tmp_path, 0o755)
     for path in tmp_path.rglob("*"):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
     python = shutil.which("python3", path="/usr/bin:/bin")  # a system interpreter anyone can run
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python,
-                           str(tmp_path / "main.py")], capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(site)},
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, str(tmp_path / "main.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(site)},
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
-

@@ -21,13 +21,22 @@ print(pickle.loads(pickle.dumps(Point(3))), os.environ["GREETING"], os.getcwd())
 print(sys.stdin.read().upper(), end="")
 """
 
-COUNT_SLEEPS = ("import os\nprint(sum(1 for p in os.listdir('/proc') if p.isdigit() and "
-                "open('/proc/%s/cmdline' % p, 'rb').read().startswith(b'sleep')))")
+COUNT_SLEEPS = (
+    "import os\nprint(sum(1 for p in os.listdir('/proc') if p.isdigit() and "
+    "open('/proc/%s/cmdline' % p, 'rb').read().startswith(b'sleep')))"
+)
 
 
 async def test_echo_program_with_files_and_stdin(pool: SandboxPool) -> None:
-    r = await pool.run(ExecRequest(command=["python3", "main.py"], files={"main.py": b"print(input())"},
-                                   stdin=b"hi\n", timeout_s=5.0, memory_mb=256))
+    r = await pool.run(
+        ExecRequest(
+            command=["python3", "main.py"],
+            files={"main.py": b"print(input())"},
+            stdin=b"hi\n",
+            timeout_s=5.0,
+            memory_mb=256,
+        )
+    )
     assert (r.status, r.exit_code, r.stdout, r.stderr, r.stdout_truncated) == (Status.OK, 0, b"hi\n", b"", False)
     assert r.isolation == (Isolation.DOCKER if pool.backend_name == "docker" else Isolation.BWRAP_CGROUP)
     assert 0 < r.wall_s < 5
@@ -35,22 +44,33 @@ async def test_echo_program_with_files_and_stdin(pool: SandboxPool) -> None:
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "exec"])
 async def test_fast_path_behaves_like_a_fresh_interpreter(pool: SandboxPool, fast: bool) -> None:
-    r = await pool.run(ExecRequest(command=["python3", "sub/prog.py", "a", "b"], files={"sub/prog.py": PARITY.encode()},
-                                   stdin=b"shout\n", env={"GREETING": "hello"}, fast_path=fast))
+    r = await pool.run(
+        ExecRequest(
+            command=["python3", "sub/prog.py", "a", "b"],
+            files={"sub/prog.py": PARITY.encode()},
+            stdin=b"shout\n",
+            env={"GREETING": "hello"},
+            fast_path=fast,
+        )
+    )
     assert r.status is Status.OK, r.stderr
     assert r.stdout.decode().splitlines() == ["__main__ ['a', 'b'] True", "Point(x=3) hello /work", "SHOUT"]
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "exec"])
-@pytest.mark.parametrize(("code", "exit_code", "stderr_has"), [
-    ("import sys; sys.exit(3)", 3, b""),
-    ("import sys; sys.exit('bye')", 1, b"bye"),
-    ("def f():\n    raise ValueError('boom')\nf()", 1, b"ValueError: boom"),
-    ("import os; os.kill(os.getpid(), 9)", -9, b""),
-    ("x = (", 1, b"SyntaxError"),
-])
-async def test_failures_report_exit_code_and_stderr(pool: SandboxPool, code: str, exit_code: int,
-                                                    stderr_has: bytes, fast: bool) -> None:
+@pytest.mark.parametrize(
+    ("code", "exit_code", "stderr_has"),
+    [
+        ("import sys; sys.exit(3)", 3, b""),
+        ("import sys; sys.exit('bye')", 1, b"bye"),
+        ("def f():\n    raise ValueError('boom')\nf()", 1, b"ValueError: boom"),
+        ("import os; os.kill(os.getpid(), 9)", -9, b""),
+        ("x = (", 1, b"SyntaxError"),
+    ],
+)
+async def test_failures_report_exit_code_and_stderr(
+    pool: SandboxPool, code: str, exit_code: int, stderr_has: bytes, fast: bool
+) -> None:
     r = await pool.run(ExecRequest(command=["python3", "-c", code], fast_path=fast))
     assert (r.status, r.exit_code) == (Status.RUNTIME_ERROR, exit_code), r
     assert stderr_has in r.stderr
@@ -58,8 +78,11 @@ async def test_failures_report_exit_code_and_stderr(pool: SandboxPool, code: str
 
 
 async def test_module_and_shell_and_shebang(pool: SandboxPool) -> None:
-    files = {"pkg/__init__.py": b"", "pkg/__main__.py": b"import sys; print('mod', sys.argv[1:])",
-             "run.sh": b"#!/bin/sh\necho shell $1\n"}
+    files = {
+        "pkg/__init__.py": b"",
+        "pkg/__main__.py": b"import sys; print('mod', sys.argv[1:])",
+        "run.sh": b"#!/bin/sh\necho shell $1\n",
+    }
     r = await pool.run(ExecRequest(command=["sh", "-c", "python3 -m pkg x && ./run.sh y"], files=files))
     assert r.stdout == b"mod ['x']\nshell y\n", r.stderr
     r = await pool.run(ExecRequest(command=["python3", "-m", "pkg", "z"], files=files))

@@ -75,10 +75,16 @@ def _dead_owner(pool_id: str) -> Owner:
 async def test_reaper_removes_dead_owners_containers_and_spares_live_ones() -> None:
     client = docker.from_env()
     keep = ["python3", "-c", "import time; time.sleep(600)"]
-    dead = client.containers.run(IMAGE, keep, detach=True, network_mode="none",
-                                 labels={LABEL: "1", **owner_labels(_dead_owner("deadpool0001"))})
-    live = client.containers.run(IMAGE, keep, detach=True, network_mode="none",
-                                 labels={LABEL: "1", **owner_labels(Owner.current("livepool0001"))})
+    dead = client.containers.run(
+        IMAGE, keep, detach=True, network_mode="none", labels={LABEL: "1", **owner_labels(_dead_owner("deadpool0001"))}
+    )
+    live = client.containers.run(
+        IMAGE,
+        keep,
+        detach=True,
+        network_mode="none",
+        labels={LABEL: "1", **owner_labels(Owner.current("livepool0001"))},
+    )
     try:
         async with SandboxPool(backend="docker", size=1, limits=TEST_LIMITS):
             ids = {c["Id"] for c in client.api.containers(all=True, filters={"label": f"{LABEL}=1"})}
@@ -102,8 +108,12 @@ asyncio.run(main())
 
 
 def _start_trainer(backend: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", TRAINER, backend], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[3])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TRAINER, backend],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[3],
+    )
     return proc, proc.stdout.readline().strip()
 
 
@@ -171,8 +181,7 @@ async def test_docker_daemon_restart_mid_run() -> None:
     await pool.start()
     stopped = False
     try:
-        runs = [asyncio.ensure_future(pool.run(ExecRequest(command=["sleep", "60"], timeout_s=90)))
-                for _ in range(2)]
+        runs = [asyncio.ensure_future(pool.run(ExecRequest(command=["sleep", "60"], timeout_s=90))) for _ in range(2)]
         await asyncio.sleep(1.0)
         dockerd = _dockerd_pid()
         os.kill(dockerd, signal.SIGTERM)

@@ -14,8 +14,16 @@ import pytest
 
 from collections.abc import AsyncIterator
 
-from sandbox_testkit import (BACKENDS, WRITABLE, clean_view, host_fd_count, make_pool, pool_containers, probe,
-                             sandbox_uid_processes)
+from sandbox_testkit import (
+    BACKENDS,
+    WRITABLE,
+    clean_view,
+    host_fd_count,
+    make_pool,
+    pool_containers,
+    probe,
+    sandbox_uid_processes,
+)
 from workers.sandbox import ExecRequest, ExecResult, SandboxPool, Status
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -67,40 +75,87 @@ CASES = [
     Case("sleep_forever", "import time; time.sleep(10**6)", Status.TIMEOUT, timeout_s=1.0),
     Case("memory_bomb_sudden", "x = b'x' * (2 << 30)", Status.OOM, memory_mb=128),
     Case("memory_bomb_gradual", "l = []\nwhile True: l.append(b'x' * (1 << 20))", Status.OOM, memory_mb=128),
-    Case("fd_exhaustion", "fs = []\ntry:\n    while True: fs.append(open('/dev/null'))\nexcept OSError as e:\n"
-         "    print(len(fs), e.errno)", Status.OK,
-         lambda r: (int(r.stdout.split()[0]) <= 256) and r.stdout.split()[1] == b"24" or pytest.fail(repr(r.stdout))),
-    Case("thread_bomb", "import threading, time\nn = 0\ntry:\n    while True:\n"
-         "        threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); n += 1\n"
-         "except RuntimeError:\n    print(n)", Status.OK,
-         lambda r: int(r.stdout) < 96 or pytest.fail(repr(r.stdout))),
-    Case("disk_fill", "import os\nfor d in ['/work', '/tmp', '/dev/shm', '/var/tmp', '/run', '/home', '/',\n"
-         "          '/dev/mqueue', '/testbed', '/.codeworld/pristine/0']:\n"
-         "    n = 0\n    try:\n        with open(os.path.join(d, 'fill'), 'wb') as f:\n"
-         "            while n < (1 << 30):\n                f.write(b'x' * (1 << 20)); f.flush(); n += 1 << 20\n"
-         "    except OSError as e:\n        pass\n    print(d, n >> 20)", Status.OK,
-         lambda r: all(int(mb) <= 64 for _, mb in (line.split() for line in r.stdout.decode().splitlines()))
-         or pytest.fail(repr(r.stdout))),
-    Case("setsid_orphan", "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1.0)\n"
-         "    open('/work/late_orphan', 'w').write('x')\n    os._exit(0)\nprint('parent done')",
-         Status.OK, probe_delay_s=1.5),
-    Case("double_fork_daemon", "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-         "        time.sleep(1.0)\n        open('/tmp/late_daemon', 'w').write('x')\n"
-         "        print('late', flush=True)\n"
-         "    os._exit(0)\nos.wait()\nprint('parent done')", Status.OK,
-         lambda r: r.stdout == b"parent done\n" or pytest.fail(repr(r.stdout)), probe_delay_s=1.5),
-    Case("stdout_50mb_one_write", "import sys; sys.stdout.buffer.write(b'x' * 50_000_000)", Status.OUTPUT_LIMIT,
-         truncated_at_cap),
-    Case("ten_million_lines", "import sys\nw = sys.stdout.write\nfor _ in range(10**7): w('\\n')",
-         Status.OUTPUT_LIMIT, truncated_at_cap),
-    *[Case(f"exactly_{n >> 10}k", f"import sys; sys.stdout.buffer.write((bytes(range(256)) * {n // 256 + 1})[:{n}])",
-           Status.OK, exact_stdout(n)) for n in (64 << 10, 128 << 10, CAP)],
-    Case("huge_stderr_small_stdout", "import sys; sys.stderr.buffer.write(b'e' * 30_000_000); print('answer')",
-         Status.OK, lambda r: (r.stdout == b"answer\n" and r.stderr_truncated and len(r.stderr) == CAP)
-         or pytest.fail(repr(r.stdout))),
-    Case("invalid_utf8_and_nul", "import sys; sys.stdout.buffer.write(b'\\xff\\xfe\\x00abc\\x00\\xc3')",
-         Status.OK, lambda r: r.stdout == b"\xff\xfe\x00abc\x00\xc3" or pytest.fail(repr(r.stdout))),
-    Case("network", TRY + """
+    Case(
+        "fd_exhaustion",
+        "fs = []\ntry:\n    while True: fs.append(open('/dev/null'))\nexcept OSError as e:\n"
+        "    print(len(fs), e.errno)",
+        Status.OK,
+        lambda r: (int(r.stdout.split()[0]) <= 256) and r.stdout.split()[1] == b"24" or pytest.fail(repr(r.stdout)),
+    ),
+    Case(
+        "thread_bomb",
+        "import threading, time\nn = 0\ntry:\n    while True:\n"
+        "        threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); n += 1\n"
+        "except RuntimeError:\n    print(n)",
+        Status.OK,
+        lambda r: int(r.stdout) < 96 or pytest.fail(repr(r.stdout)),
+    ),
+    Case(
+        "disk_fill",
+        "import os\nfor d in ['/work', '/tmp', '/dev/shm', '/var/tmp', '/run', '/home', '/',\n"
+        "          '/dev/mqueue', '/testbed', '/.codeworld/pristine/0']:\n"
+        "    n = 0\n    try:\n        with open(os.path.join(d, 'fill'), 'wb') as f:\n"
+        "            while n < (1 << 30):\n                f.write(b'x' * (1 << 20)); f.flush(); n += 1 << 20\n"
+        "    except OSError as e:\n        pass\n    print(d, n >> 20)",
+        Status.OK,
+        lambda r: all(int(mb) <= 64 for _, mb in (line.split() for line in r.stdout.decode().splitlines()))
+        or pytest.fail(repr(r.stdout)),
+    ),
+    Case(
+        "setsid_orphan",
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(1.0)\n"
+        "    open('/work/late_orphan', 'w').write('x')\n    os._exit(0)\nprint('parent done')",
+        Status.OK,
+        probe_delay_s=1.5,
+    ),
+    Case(
+        "double_fork_daemon",
+        "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        "        time.sleep(1.0)\n        open('/tmp/late_daemon', 'w').write('x')\n"
+        "        print('late', flush=True)\n"
+        "    os._exit(0)\nos.wait()\nprint('parent done')",
+        Status.OK,
+        lambda r: r.stdout == b"parent done\n" or pytest.fail(repr(r.stdout)),
+        probe_delay_s=1.5,
+    ),
+    Case(
+        "stdout_50mb_one_write",
+        "import sys; sys.stdout.buffer.write(b'x' * 50_000_000)",
+        Status.OUTPUT_LIMIT,
+        truncated_at_cap,
+    ),
+    Case(
+        "ten_million_lines",
+        "import sys\nw = sys.stdout.write\nfor _ in range(10**7): w('\\n')",
+        Status.OUTPUT_LIMIT,
+        truncated_at_cap,
+    ),
+    *[
+        Case(
+            f"exactly_{n >> 10}k",
+            f"import sys; sys.stdout.buffer.write((bytes(range(256)) * {n // 256 + 1})[:{n}])",
+            Status.OK,
+            exact_stdout(n),
+        )
+        for n in (64 << 10, 128 << 10, CAP)
+    ],
+    Case(
+        "huge_stderr_small_stdout",
+        "import sys; sys.stderr.buffer.write(b'e' * 30_000_000); print('answer')",
+        Status.OK,
+        lambda r: (r.stdout == b"answer\n" and r.stderr_truncated and len(r.stderr) == CAP)
+        or pytest.fail(repr(r.stdout)),
+    ),
+    Case(
+        "invalid_utf8_and_nul",
+        "import sys; sys.stdout.buffer.write(b'\\xff\\xfe\\x00abc\\x00\\xc3')",
+        Status.OK,
+        lambda r: r.stdout == b"\xff\xfe\x00abc\x00\xc3" or pytest.fail(repr(r.stdout)),
+    ),
+    Case(
+        "network",
+        TRY
+        + """
 attempt("tcp", lambda: socket.create_connection(("1.1.1.1", 80), timeout=1))
 attempt("dns", lambda: socket.getaddrinfo("pypi.org", 443))
 def udp():
@@ -120,8 +175,14 @@ def docker_sock():
             pass
     return False
 attempt("docker_socket", docker_sock)
-""", Status.OK, blocked_lines),
-    Case("system_writes", TRY + """
+""",
+        Status.OK,
+        blocked_lines,
+    ),
+    Case(
+        "system_writes",
+        TRY
+        + """
 import sysconfig, site
 def write(path):
     with open(path, "a") as f:
@@ -132,8 +193,14 @@ attempt("usr", lambda: write("/usr/bin/owned"))
 attempt("site_packages", lambda: write(sysconfig.get_paths()["purelib"] + "/owned.py"))
 for i, path in enumerate(site.getsitepackages()):
     attempt("site_%d" % i, lambda: write(path + "/owned.pth"))
-""", Status.OK, blocked_lines),
-    Case("privilege", TRY + """
+""",
+        Status.OK,
+        blocked_lines,
+    ),
+    Case(
+        "privilege",
+        TRY
+        + """
 libc = ctypes.CDLL(None, use_errno=True)
 attempt("setuid", lambda: os.setuid(0))
 attempt("unshare_user", lambda: libc.unshare(0x10000000))
@@ -141,14 +208,25 @@ attempt("unshare_mount", lambda: libc.unshare(0x00020000))
 attempt("mount", lambda: libc.mount(b"none", b"/work", b"tmpfs", 0, None))
 attempt("ptrace_pid1", lambda: libc.ptrace(16, 1, 0, 0))
 attempt("ptrace_launcher", lambda: libc.ptrace(16, os.getppid(), 0, 0))
-""", Status.OK, blocked_lines),
-    Case("sysv_ipc_leftover", "import ctypes\nlibc = ctypes.CDLL(None)\nshmid = libc.shmget(0, 4096, 0o1600)\n"
-         "print(shmid >= 0)", Status.OK, lambda r: r.stdout == b"True\n" or pytest.fail(repr(r.stdout))),
-    Case("stdin_100mb",
-         "import hashlib, sys\nd = sys.stdin.buffer.read()\nprint(len(d), hashlib.sha256(d).hexdigest())",
-         Status.OK,
-         lambda r: r.stdout.split() == [b"104857600", hashlib.sha256(b"s" * (100 << 20)).hexdigest().encode()]
-         or pytest.fail(repr(r.stdout)), stdin=b"s" * (100 << 20), timeout_s=60),
+""",
+        Status.OK,
+        blocked_lines,
+    ),
+    Case(
+        "sysv_ipc_leftover",
+        "import ctypes\nlibc = ctypes.CDLL(None)\nshmid = libc.shmget(0, 4096, 0o1600)\nprint(shmid >= 0)",
+        Status.OK,
+        lambda r: r.stdout == b"True\n" or pytest.fail(repr(r.stdout)),
+    ),
+    Case(
+        "stdin_100mb",
+        "import hashlib, sys\nd = sys.stdin.buffer.read()\nprint(len(d), hashlib.sha256(d).hexdigest())",
+        Status.OK,
+        lambda r: r.stdout.split() == [b"104857600", hashlib.sha256(b"s" * (100 << 20)).hexdigest().encode()]
+        or pytest.fail(repr(r.stdout)),
+        stdin=b"s" * (100 << 20),
+        timeout_s=60,
+    ),
 ]
 
 
@@ -168,8 +246,11 @@ def baseline(pool: SandboxPool) -> dict:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 async def test_hostile_case(pool: SandboxPool, baseline: dict, case: Case) -> None:
     started = time.monotonic()
-    result = await pool.run(ExecRequest(command=["python3", "-c", case.code], stdin=case.stdin,
-                                        timeout_s=case.timeout_s, memory_mb=case.memory_mb))
+    result = await pool.run(
+        ExecRequest(
+            command=["python3", "-c", case.code], stdin=case.stdin, timeout_s=case.timeout_s, memory_mb=case.memory_mb
+        )
+    )
     elapsed = time.monotonic() - started
     assert result.status is case.expect, (result.status, result.exit_code, result.stderr[-500:], result.error)
     case.check(result)
@@ -195,8 +276,11 @@ async def test_fork_bomb_leaves_other_sandboxes_running(pool: SandboxPool) -> No
 
 async def test_symlinks_in_files_are_never_followed(pool: SandboxPool) -> None:
     async with pool.session() as box:
-        made = await box.exec(ExecRequest(command=["sh", "-c", "ln -s /etc/passwd passwd_link; ln -s /tmp tmp_link; "
-                                                   "echo inside > real.txt"]))
+        made = await box.exec(
+            ExecRequest(
+                command=["sh", "-c", "ln -s /etc/passwd passwd_link; ln -s /tmp tmp_link; echo inside > real.txt"]
+            )
+        )
         assert made.status is Status.OK
         with pytest.raises(ValueError):
             await box.put_files({"tmp_link/planted": b"x"})

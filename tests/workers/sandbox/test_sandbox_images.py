@@ -38,9 +38,7 @@ def _free_port() -> int:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`127.0.0.1:PORT` of a registry serving from a temporary folder (Docker trusts loopback
     registries over plain HTTP)."""
-    assert REGISTRY, (
-        "docker-registry is not installed (make test installs it: deploy/setup/services.sh registry)"
-    )
+    assert REGISTRY, "docker-registry is not installed (make test installs it: deploy/setup/services.sh registry)"
     folder = tmp_path_factory.mktemp("registry")
     port = _free_port()
     config = folder / "config.yml"
@@ -48,9 +46,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {folder / 'data'}\n"
         f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n"
     )
-    proc = subprocess.Popen(
-        [REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
             try:
@@ -128,9 +124,7 @@ async def test_a_missing_image_is_named_and_never_pulled_unasked(registry: str, 
     assert not _present(ref)
 
 
-def test_the_least_recently_used_image_goes_beyond_the_budget_but_never_one_in_use(
-    registry, tmp_path
-) -> None:
+def test_the_least_recently_used_image_goes_beyond_the_budget_but_never_one_in_use(registry, tmp_path) -> None:
     refs = [_pushed(registry, f"lru-{i}", 20) for i in range(3)]
     client = docker.from_env()
     size_gb = client.images.get(DEFAULT_IMAGE).attrs["Size"] / (1 << 30)
@@ -179,26 +173,30 @@ def test_content_volumes_of_removed_images_are_pruned(registry: str, tmp_path: P
     client.close()
 
 
-
 def test_codeworld_swe_pull_fetches_a_task_files_images(registry: str, tmp_path: Path) -> None:
     """`codeworld swe pull` with a template naming the loopback registry: the first run pulls, the
     second finds the image present, an instance whose image the registry lacks fails by name."""
     rows = json.loads((data_root() / "swebench_lite" / "dev.json").read_text())
     data = tmp_path / "tasks.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows
-                            if r["instance_id"] == "pydicom__pydicom-1256"))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows if r["instance_id"] == "pydicom__pydicom-1256"))
     ref = _pushed(registry, "pydicom_1776_pydicom-1256", 1)
     env = {**os.environ, "CODEWORLD_CACHE": str(tmp_path / "cache")}
 
     def pull(tag: str) -> subprocess.CompletedProcess[str]:
         template = f"{registry}/codeworld-test/{{docker_id}}:{tag}"
-        argv = [str(Path(sys.executable).parent / "codeworld"), "swe", "pull", "--data", str(data),
-                "--image-template", template]
+        argv = [
+            str(Path(sys.executable).parent / "codeworld"),
+            "swe",
+            "pull",
+            "--data",
+            str(data),
+            "--image-template",
+            template,
+        ]
         return subprocess.run(argv, capture_output=True, text=True, env=env)
 
     first, second, missing = pull("1"), pull("1"), pull("2")
-    assert first.stdout.splitlines()[-1] == '{"images": 1, "present": 0, "pulled": 1, "failed": 0}', \
-        first.stderr
+    assert first.stdout.splitlines()[-1] == '{"images": 1, "present": 0, "pulled": 1, "failed": 0}', first.stderr
     assert second.stdout.splitlines()[-1] == '{"images": 1, "present": 1, "pulled": 0, "failed": 0}'
     assert missing.returncode == 1
     assert f"{registry}/codeworld-test/pydicom_1776_pydicom-1256:2" in missing.stderr

@@ -33,7 +33,8 @@ print(kind.decode(), int(pid) == spare)
 
 
 def test_a_program_reaped_before_its_taken_note_is_still_reported() -> None:
-    proc = subprocess.run([sys.executable, "-c", REAPED_BEFORE_NOTED], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", REAPED_BEFORE_NOTED], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["E", "True"], proc.stdout

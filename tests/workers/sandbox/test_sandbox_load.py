@@ -35,9 +35,11 @@ async def test_200_concurrent_runs(backend: str) -> None:
         stats = pool.stats()
         assert stats.sandbox_errors == 0 and stats.max_waiting <= CALLS and stats.waiting == 0
         p50, p99 = latencies[CALLS // 2], latencies[int(CALLS * 0.99) - 1]
-        print(f"\n{backend}: {CALLS} concurrent runs on 4 sandboxes in {elapsed:.2f} s "
-              f"({CALLS / elapsed:.0f}/s); latency p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, "
-              f"mean {statistics.mean(latencies) * 1e3:.0f} ms; most waiting {stats.max_waiting}")
+        print(
+            f"\n{backend}: {CALLS} concurrent runs on 4 sandboxes in {elapsed:.2f} s "
+            f"({CALLS / elapsed:.0f}/s); latency p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, "
+            f"mean {statistics.mean(latencies) * 1e3:.0f} ms; most waiting {stats.max_waiting}"
+        )
 
 
 async def test_queue_bound_refuses_beyond_max_waiting() -> None:

@@ -94,8 +94,9 @@ async def test_an_environment_chooses_its_pool_by_config(monkeypatch: pytest.Mon
     with pytest.raises(SandboxUnavailable, match=r"needs its token in \$CODEWORLD_SANDBOX_TOKEN"):
         await open_pool(SandboxService(kind="http", url="http://127.0.0.1:9"), "local", "img", 1, SandboxLimits(), None)
     monkeypatch.setenv("CODEWORLD_SANDBOX_TOKEN", TOKEN)
-    client = await open_pool(SandboxService(kind="http", url="http://127.0.0.1:9"), "local", "img", 1,
-                             SandboxLimits(), None)
+    client = await open_pool(
+        SandboxService(kind="http", url="http://127.0.0.1:9"), "local", "img", 1, SandboxLimits(), None
+    )
     try:  # nothing listens there: an infrastructure failure, not an exception
         assert (await client.run(ExecRequest(command=["true"]))).status is Status.SANDBOX_ERROR
     finally:

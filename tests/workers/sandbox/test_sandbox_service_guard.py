@@ -51,15 +51,34 @@ async def serve(**overrides) -> AsyncIterator[str]:
         await serving
 
 
-ROUTES = [("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc"), ("GET", "/openapi.json"),
-          ("GET", "/v1/stats"), ("POST", "/v1/run"), ("POST", "/v1/sessions"),
-          ("POST", "/v1/sessions/x/exec"),
-          ("POST", "/v1/sessions/x/put"), ("POST", "/v1/sessions/x/get"), ("DELETE", "/v1/sessions/x"),
-          ("GET", "/no/such/route"), ("PUT", "/v1/run"), ("OPTIONS", "/v1/run"), ("HEAD", "/docs")]
-BAD_CREDENTIALS = [{}, {"Authorization": "Bearer"}, {"Authorization": "Bearer wrong-token-0123456789"},
-                   {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"},
-                   {"Authorization": f"Bearer {TOKEN[:-1]}"}, {"Authorization": TOKEN},
-                   {"X-Token": TOKEN}, {"Authorization": f"Bearer {TOKEN},Bearer {TOKEN}"}]
+ROUTES = [
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v1/stats"),
+    ("POST", "/v1/run"),
+    ("POST", "/v1/sessions"),
+    ("POST", "/v1/sessions/x/exec"),
+    ("POST", "/v1/sessions/x/put"),
+    ("POST", "/v1/sessions/x/get"),
+    ("DELETE", "/v1/sessions/x"),
+    ("GET", "/no/such/route"),
+    ("PUT", "/v1/run"),
+    ("OPTIONS", "/v1/run"),
+    ("HEAD", "/docs"),
+]
+BAD_CREDENTIALS = [
+    {},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Bearer wrong-token-0123456789"},
+    {"Authorization": f"Basic {TOKEN}"},
+    {"Authorization": f"Bearer {TOKEN}x"},
+    {"Authorization": f"Bearer {TOKEN[:-1]}"},
+    {"Authorization": TOKEN},
+    {"X-Token": TOKEN},
+    {"Authorization": f"Bearer {TOKEN},Bearer {TOKEN}"},
+]
 
 
 async def test_every_route_needs_the_token() -> None:
@@ -90,8 +109,10 @@ async def _raw_post(url: str, chunks: list[bytes], finish: bool, length: int | N
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
-    writer.write(f"POST /v1/run HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
-                 f"Content-Type: application/json\r\n{framing}\r\n\r\n".encode())
+    writer.write(
+        f"POST /v1/run HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\n{framing}\r\n\r\n".encode()
+    )
     for chunk in chunks:
         writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if length is None else chunk)
     if finish:
@@ -109,10 +130,10 @@ async def test_bodies_over_the_cap_get_413_whether_declared_or_streamed() -> Non
         declared = await http.post("/v1/run", content=_run_body(8193), headers=JSON)
         assert declared.status_code == 413 and "8192 bytes" in declared.json()["detail"]
         body = _run_body(20_000)
-        streamed = await _raw_post(url, [body[i:i + 1000] for i in range(0, len(body), 1000)], finish=False)
+        streamed = await _raw_post(url, [body[i : i + 1000] for i in range(0, len(body), 1000)], finish=False)
         assert streamed.startswith(b"HTTP/1.1 413"), streamed[:200]
         body = _run_body(6000)
-        small = await _raw_post(url, [body[i:i + 1000] for i in range(0, len(body), 1000)], finish=True)
+        small = await _raw_post(url, [body[i : i + 1000] for i in range(0, len(body), 1000)], finish=True)
         assert small.startswith(b"HTTP/1.1 200"), small[:300]
         # A huge declared size is refused before a byte of the body is read.
         assert (await _raw_post(url, [], finish=False, length=99_999_999_999)).startswith(b"HTTP/1.1 413")

@@ -59,13 +59,11 @@ async def test_writes_outside_the_writable_paths_fail(pool: SandboxPool) -> None
 
 ATTACKS = {
     "edit, delete, add": "echo evil >> pkg/__init__.py; rm run.sh; echo new > pkg/new.py; mkdir -p a/b/c",
-    "modes and links": "chmod 000 pkg/deep; chmod 777 readonly.txt; ln -sf /etc/passwd link.py; "
-                       "ln -s /work w",
+    "modes and links": "chmod 000 pkg/deep; chmod 777 readonly.txt; ln -sf /etc/passwd link.py; ln -s /work w",
     "special files": 'mkfifo pkg/fifo; mkdir locked && touch locked/x && chmod 0 locked; python3 -c "'
     "import socket; s = socket.socket(socket.AF_UNIX); s.bind('sock')\"",
     "fill to the cap": "dd if=/dev/zero of=big bs=1M count=100 2>/dev/null; ls",
-    "a late writer": "echo now > now.txt; (sleep 0.5; echo late > late.txt) & "
-                     "setsid sh -c 'sleep 0.6; echo x > l2' &",
+    "a late writer": "echo now > now.txt; (sleep 0.5; echo late > late.txt) & setsid sh -c 'sleep 0.6; echo x > l2' &",
     "lock the root": "chmod 000 /testbed",
     "swap the tree": "cd / && mv /testbed/pkg /testbed/pkg2 && mkdir /testbed/pkg && echo 'VALUE = 2' > "
     "/testbed/pkg/__init__.py",
