@@ -70,28 +70,20 @@ async def open_pool(
         if not token:
             raise SandboxUnavailable(f"the sandbox service at {service.url} needs its token in ${service.token_env}.")
         return SandboxClient(service.url or "", token)
+    pool_class: Any = SandboxPool
     if kind == "ray":
         from workers.sandbox.ray_pool import RaySandboxPool
 
-        pool: Any = RaySandboxPool(
-            backend=backend,
-            image=image,
-            size=size,
-            limits=limits,
-            local_isolation=local_isolation,
-            profile=profile,
-            images=images,
-        )
-    else:
-        pool = SandboxPool(
-            backend=backend,
-            image=image,
-            size=size,
-            limits=limits,
-            local_isolation=local_isolation,
-            profile=profile,
-            images=images,
-        )
+        pool_class = RaySandboxPool
+    pool = pool_class(
+        backend=backend,
+        image=image,
+        size=size,
+        limits=limits,
+        local_isolation=local_isolation,
+        profile=profile,
+        images=images,
+    )
     await pool.start()
     return pool
 
