@@ -12,7 +12,11 @@ Invariants (unit-tested alone, in tests/rl/test_buffer.py):
   version it was admitted at has passed). When generation keeps up, a deeper pipeline buys no speed
   and only ages the samples (measured: the learner, taking the oldest groups first, then trained on
   samples as old as the bound, and learned less per step); the bound is for the slow groups of
-  long episodes, which must not stall the others.
+  long episodes, which must not stall the others. Under dynamic sampling the look-ahead counts the
+  groups expected to be trained: a running group counts by the share of recent groups that were
+  kept, so when half are replaced twice as many run at once (within the hard bound). Counting every
+  running group starved generation: at `batch_size` 35 with 45 % replaced, half as many groups ran
+  as without dynamic sampling at the same draws per step, and a step took 1.73 s instead of 1.34.
 * Assembly: a group is complete when `group_size` of its trajectories (the number its episodes
   published) have arrived; groups are handed to the learner in the order they completed, so one
   slow episode never stalls the others.
@@ -69,6 +73,8 @@ class GroupBuffer:
     _done_ids: list[str] = field(default_factory=list)
     _replaced: int = 0
     """Groups replaced under dynamic sampling since the version last advanced."""
+    _kept_share: float = 1.0
+    """Moving average (over about four batches of groups) of the share of complete groups not replaced."""
 
     # ------------------------------------------------------------------ admission
     def can_admit(self) -> bool:
@@ -76,9 +82,11 @@ class GroupBuffer:
         untrained = self.admitted - self.retired - self.version * a.batch_size
         depth = min(a.max_staleness, a.lookahead) + 1
         stragglers = sum(1 for v in self._admitted_at.values() if v < self.version)
+        # Under dynamic sampling a running group, straggler or not, counts by its chance to be kept.
+        expected = untrained - self.in_flight * (1.0 - self._kept_share)
         return (
             untrained < (a.max_staleness + 1) * a.batch_size
-            and untrained < depth * a.batch_size + stragglers
+            and expected < depth * a.batch_size + stragglers * self._kept_share
             and self.in_flight * a.group_size < self.max_concurrent_episodes
         )
 
@@ -131,6 +139,9 @@ class GroupBuffer:
     def _judge(self, items: list[tuple[str, Trajectory]]) -> None:
         ids, trajs = [e for e, _ in items], [t for _, t in items]
         reason = self.reject_reason(trajs)
+        if self.algo.dynamic_sampling:
+            replaced = reason == "zero_variance"
+            self._kept_share += ((not replaced) - self._kept_share) / (4 * self.algo.batch_size)
         if reason is None:
             self._ready.append(ReadyGroup(trajs, ids))
             return
@@ -202,6 +213,7 @@ class GroupBuffer:
             "in_flight": self.in_flight,
             "ready": len(self._ready),
             "retired_by": dict(self.retired_by),
+            "kept_share": round(self._kept_share, 3),
             "partial": [
                 {
                     "group": g,

@@ -180,3 +180,26 @@ def test_fast_generation_trains_samples_one_version_old_whatever_the_bound() -> 
             ages += [step - min(t.min_version for t in g) for g in groups]
             buf.advance(step + 1)
         assert max(ages) <= 1, (staleness, ages)
+
+
+def test_dynamic_sampling_still_runs_a_batch_ahead_when_half_the_groups_are_replaced() -> None:
+    """Counting every running group against the look-ahead, when half of them would be replaced,
+    left no informative batch ahead: generation and learning took turns (samples trained at age
+    0), and on the demo a step took 1.73 s instead of 1.34 at the same draws per step. A running
+    group now counts by the share of recent groups kept, so the pipeline ages samples as without
+    dynamic sampling (about one version) and stays within the hard bound."""
+    ages: dict[bool, list[int]] = {}
+    for dynamic in (False, True):
+        algo = AlgorithmSection(batch_size=4, group_size=2, max_staleness=4, dynamic_sampling=dynamic)
+        buf, drawn, ages[dynamic] = GroupBuffer(algo), 0, []
+        for step in range(40):
+            for index in admit_all(buf):  # generation keeps up: every admitted group completes at once
+                drawn += 1
+                publish(buf, index, buf.version, [1.0, 1.0] if drawn % 2 else [0.0, 1.0])
+                assert buf.in_flight + buf.ready <= (algo.max_staleness + 1) * algo.batch_size
+            groups, _ = buf.take(4)
+            assert len(groups) == 4
+            ages[dynamic] += [step - min(t.min_version for t in g) for g in groups]
+            buf.advance(step + 1)
+    assert max(ages[True]) <= 1 and sum(ages[True]) / len(ages[True]) >= 0.75, ages[True]
+    assert sum(ages[False]) / len(ages[False]) >= 0.75  # the same overlap as without it
