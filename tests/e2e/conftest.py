@@ -41,3 +41,18 @@ class SlowReplyEnv(ReplyLengthEnv):
     async def reset(self, task: Task) -> Observation:
         self._task_id = task.id
         return await super().reset(task)
+
+
+@register_env("test-half-flat")
+class HalfFlatEnv(ReplyLengthEnv):
+    """ReplyLengthEnv whose even-numbered tasks reward every reply alike (1.0): about half the
+    groups carry no signal, as on the demo."""
+
+    async def reset(self, task: Task) -> Observation:
+        self._flat = int(task.id[1:]) % 2 == 0
+        return await super().reset(task)
+
+    async def step(self, action: Action) -> StepResult:
+        if self._flat:
+            return StepResult(done=True, reward=1.0)
+        return await super().step(action)

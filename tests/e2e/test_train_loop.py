@@ -22,7 +22,7 @@ from rl.orchestrator import load_recorded, run_training
 REPO = Path(__file__).resolve().parents[2]
 
 
-def sync_config(tmp_path: Path, model: str, redis_url: str, steps: int):
+def sync_config(tmp_path: Path, model: str, redis_url: str, steps: int, *overrides: str):
     return load_config(
         None,
         [
@@ -42,6 +42,7 @@ def sync_config(tmp_path: Path, model: str, redis_url: str, steps: int):
             "logging.progress=false",
             "envs=[{name: test-reply-length}]",
             f"bus.redis_url={redis_url}",
+            *overrides,
         ],
     )
 
@@ -142,6 +143,30 @@ def test_staleness_zero_matches_a_plain_synchronous_loop(
     assert len(rows) == steps and (cfg.run.dir / "reward_curve.png").stat().st_size > 1000
     first = json.loads(rows[0])
     assert "train/mismatch_kl" in first and first["train/staleness/0"] == 16
+
+
+def test_dynamic_sampling_replaces_groups_without_signal_in_the_loop(
+    tmp_path: Path, tiny_model: str, redis_url: str, ray_session: None
+) -> None:
+    """Half the tasks reward every reply alike. Under dynamic sampling their groups are replaced,
+    counted and written to the ledger, and each step trains `batch_size` groups that all carry a
+    signal, sampled within the staleness bound."""
+    steps = 3
+    extra = ["envs=[{name: test-half-flat}]", "algorithm.dynamic_sampling=true", "algorithm.max_staleness=1"]
+    cfg = sync_config(tmp_path, tiny_model, redis_url, steps, *extra, "learner.world_size=1")
+    assert asyncio.run(run_training(cfg)).steps == steps
+    for step in range(1, steps + 1):
+        groups = collections.defaultdict(list)
+        for t in load_recorded(cfg.run.dir / "batches" / f"step_{step:06d}.msgpack"):
+            groups[t.group_id].append(t)
+            assert step - 1 - int(t.policy_versions[t.loss_mask == 1].min()) <= cfg.algorithm.effective_max_age
+        assert len(groups) == cfg.algorithm.batch_size
+        assert all(len({t.reward for t in g}) > 1 for g in groups.values())
+    rows = [json.loads(r) for r in (cfg.run.dir / "metrics.jsonl").read_text().splitlines()]
+    replaced = sum(r.get("train/dropped/zero_variance_replaced", 0) for r in rows)
+    ledger = [json.loads(r) for r in (cfg.run.dir / "ledger.jsonl").read_text().splitlines()]
+    in_ledger = sum(1 for r in ledger if r.get("reason") == "zero_variance")
+    assert replaced >= cfg.algorithm.group_size and in_ledger >= replaced
 
 
 def _service_pids() -> set[int]:
