@@ -40,6 +40,10 @@ from rl.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
+KEPT_SHARE_BATCHES = 4
+"""Batches of groups the kept share is averaged over: over one, its noise let samples age to 2
+versions where they age to 1 without dynamic sampling (tests/rl/test_buffer.py)."""
+
 
 @dataclass
 class ReadyGroup:
@@ -74,7 +78,7 @@ class GroupBuffer:
     _replaced: int = 0
     """Groups replaced under dynamic sampling since the version last advanced."""
     _kept_share: float = 1.0
-    """Moving average (over about four batches of groups) of the share of complete groups not replaced."""
+    """Moving average (over `KEPT_SHARE_BATCHES` batches) of the share of complete groups not replaced."""
 
     # ------------------------------------------------------------------ admission
     def can_admit(self) -> bool:
@@ -141,7 +145,7 @@ class GroupBuffer:
         reason = self.reject_reason(trajs)
         if self.algo.dynamic_sampling:
             replaced = reason == "zero_variance"
-            self._kept_share += ((not replaced) - self._kept_share) / (4 * self.algo.batch_size)
+            self._kept_share += ((not replaced) - self._kept_share) / (KEPT_SHARE_BATCHES * self.algo.batch_size)
         if reason is None:
             self._ready.append(ReadyGroup(trajs, ids))
             return

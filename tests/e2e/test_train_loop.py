@@ -152,8 +152,8 @@ def test_dynamic_sampling_replaces_groups_without_signal_in_the_loop(
     counted and written to the ledger, and each step trains `batch_size` groups that all carry a
     signal, sampled within the staleness bound."""
     steps = 3
-    extra = ["envs=[{name: test-half-flat}]", "algorithm.dynamic_sampling=true", "algorithm.max_staleness=1"]
-    cfg = sync_config(tmp_path, tiny_model, redis_url, steps, *extra, "learner.world_size=1")
+    overrides = ["envs=[{name: test-half-flat}]", "algorithm.dynamic_sampling=true", "algorithm.max_staleness=1"]
+    cfg = sync_config(tmp_path, tiny_model, redis_url, steps, *overrides, "learner.world_size=1")
     assert asyncio.run(run_training(cfg)).steps == steps
     for step in range(1, steps + 1):
         groups = collections.defaultdict(list)
